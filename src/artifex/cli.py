@@ -1,0 +1,243 @@
+"""The ``artifex`` command: generate, demo, models, presets.
+
+The CLI only builds a ``GenerationRequest`` and an ``OptimizationConfig`` and hands them
+to the engine; it knows nothing about how generation works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from artifex import __version__
+from artifex.config import OptimizationConfig
+from artifex.env import VARIABLES, read_env
+from artifex.errors import ArtifexError
+from artifex.models.registry import MODELS, get_model
+from artifex.presets import PRESETS, get_preset, pick_size
+
+log = logging.getLogger("artifex")
+
+DEMO_PROMPT = "a red kite flying over a golden beach at sunset, slow motion, cinematic"
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT (e.g. 1280x704), got {text!r}") from None
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimization (OptimizationConfig; also settable in a TOML file with --config)")
+    g.add_argument("--config", type=Path, help="TOML file of OptimizationConfig fields")
+    for name, (default, help_text, choices) in OptimizationConfig.field_help().items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            g.add_argument(flag, dest=f"opt_{name}", action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_text} (default: {default})")
+        else:
+            kind = {int: int, float: float, str: str}.get(type(default), float)
+            g.add_argument(flag, dest=f"opt_{name}", type=kind, default=None, choices=choices,
+                           help=f"{help_text} (default: {default})")
+
+
+def build_config(args: argparse.Namespace, preset: str | None = None) -> OptimizationConfig:
+    """defaults < preset optimizations < $ARTIFEX_CONFIG < --config < flags."""
+    config = OptimizationConfig()
+    if preset:
+        config = config.merged(get_preset(preset).optimizations)
+    env = read_env()
+    if env.config:
+        config = OptimizationConfig.from_toml(env.config, config)
+    if getattr(args, "config", None):
+        config = OptimizationConfig.from_toml(args.config, config)
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    return config.merged(flags)
+
+
+def _progress_printer():
+    """A tqdm bar over the denoising steps, and one line per other stage."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def on_event(e) -> None:
+        if e.stage == "denoise":
+            bar = state.get("bar")
+            if bar is None:
+                bar = state["bar"] = tqdm(total=e.total, desc="denoise", unit="step", file=sys.stderr)
+            bar.update(e.step - bar.n)
+            bar.set_postfix(expert="high" if e.expert == 0 else "low", t=f"{e.timestep:.0f}", refresh=False)
+            if e.step == e.total:
+                bar.close()
+        elif e.stage != "done":
+            print(f"[{e.elapsed_s:7.2f}s] {e.stage}", file=sys.stderr)
+
+    return on_event
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from artifex.engine.pipeline import Engine
+    from artifex.engine.request import GenerationRequest
+
+    width, height = args.size if args.size else (None, None)
+    request = GenerationRequest(
+        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
+        width=width, height=height, frames=args.frames, steps=args.steps, guidance=args.guidance,
+        guidance_low=args.guidance_low, shift=args.shift, seed=args.seed, preset=args.preset,
+        output=str(args.output) if args.output else None,
+    )
+    # Check the request before spending time on loading weights.
+    from artifex.engine.request import resolve_request
+
+    resolve_request(request)
+    config = build_config(args, args.preset)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    engine = Engine.load(args.model, checkpoint=args.checkpoint, config=config,
+                         single_files={"transformer": args.transformer_file, "transformer_2": args.transformer_2_file,
+                                       "vae": args.vae_file})
+    result = engine.generate(request, on_event=_progress_printer(), output_dir=args.output_dir)
+    _report(result)
+    return 0
+
+
+def _report(result) -> None:
+    t = result.timings
+    s = result.settings
+    print(f"{s.model}: {s.width}x{s.height}, {s.frames} frames, {s.steps} steps, seed {s.seed}; "
+          f"denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s, total {t['total']:.2f}s", file=sys.stderr)
+    if result.switch_step is not None:
+        print(f"experts: high-noise for steps 0-{result.switch_step - 1}, low-noise from step {result.switch_step}",
+              file=sys.stderr)
+    print(f"sidecar: {result.sidecar_path}", file=sys.stderr)
+    print(result.video_path)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from artifex.engine.pipeline import Engine
+    from artifex.engine.request import GenerationRequest
+
+    output = args.output or read_env().output_dir / "demo.mp4"
+    print(f"artifex demo: {args.model} (random tiny weights, built offline) on this machine", file=sys.stderr)
+    engine = Engine.load(args.model, config=build_config(args))
+    spec = engine.spec
+    request = GenerationRequest(model=spec.name, prompt=args.prompt, seed=args.seed, frames=args.frames,
+                                output=str(output))
+    result = engine.generate(request, on_event=_progress_printer())
+    _report(result)
+    print(f"demo video written to {Path(result.video_path).resolve()}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps({n: s.summary() for n, s in MODELS.items()}, indent=2))
+        return 0
+    rows = [("model", "task", "experts", "steps", "shift", "guidance", "boundary", "fps", "frames", "sizes (WxH)",
+             "checkpoint")]
+    for s in MODELS.values():
+        rows.append((
+            s.name, s.task + ("" if s.runnable else " (spec only)"), str(s.experts), str(s.steps), f"{s.shift:g}",
+            "/".join(f"{g:g}" for g in s.guidance), f"{s.boundary:g}" if s.boundary else "-", str(s.fps),
+            str(s.frames), " ".join(f"{w}x{h}" for w, h in s.sizes),
+            s.hub_id or ("built-in tiny" if s.tiny else "-"),
+        ))
+    _table(rows)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    specs = [get_model(args.model)] if args.model else [m for m in MODELS.values() if m.runnable]
+    rows = [("model", "preset", "steps", "size", "frames", "guidance", "optimizations", "description")]
+    for spec in specs:
+        for p in PRESETS.values():
+            w, h = pick_size(spec, p.size)
+            opts = ", ".join(f"{k}={v}" for k, v in p.optimizations.items()) or "-"
+            rows.append((spec.name, p.name, str(p.steps(spec)), f"{w}x{h}", str(p.num_frames(spec)),
+                         "/".join(f"{g:g}" for g in spec.guidance), opts, p.description))
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env_help = "\n".join(f"  {k}: {v}" for k, v in VARIABLES.items())
+    parser = argparse.ArgumentParser(
+        prog="artifex", description="Fast inference for the Wan2.2 video generation models.",
+        epilog=f"environment variables:\n{env_help}", formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"artifex {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a video from a prompt (and an image)")
+    g.add_argument("--model", required=True, help=f"one of: {', '.join(n for n, s in MODELS.items() if s.runnable)}")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt")
+    g.add_argument("--image", help="conditioning image (required by i2v models, optional for ti2v)")
+    g.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    g.add_argument("--size", type=_size, help="WIDTHxHEIGHT, e.g. 1280x704 (default: preset or model)")
+    g.add_argument("--frames", type=int, help="number of frames, 4n+1")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance", type=float, help="CFG scale (the high-noise expert's for A14B)")
+    g.add_argument("--guidance-low", type=float, help="CFG scale of the low-noise expert (A14B)")
+    g.add_argument("--shift", type=float, help="flow-matching sigma shift")
+    g.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the sidecar)")
+    g.add_argument("--output", type=Path, help="mp4 path (default: a new file in the output directory)")
+    g.add_argument("--output-dir", type=Path,
+                   help="output directory (default: $ARTIFEX_OUTPUT_DIR or ./artifex-output)")
+    g.add_argument("--checkpoint", help="diffusers-format directory or hub id (default: the model's published one)")
+    g.add_argument("--transformer-file", help="single-file safetensors replacing transformer/ weights")
+    g.add_argument("--transformer-2-file", help="single-file safetensors replacing transformer_2/ weights (A14B)")
+    g.add_argument("--vae-file", help="single-file safetensors replacing vae/ weights")
+    _add_config_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="generate a short clip with a built-in tiny model (no download, CPU is fine)")
+    d.add_argument("--model", default="tiny-ti2v",
+                   choices=[n for n, s in MODELS.items() if s.tiny and s.image != "required"])
+    d.add_argument("--prompt", default=DEMO_PROMPT)
+    d.add_argument("--frames", type=int, default=49)
+    d.add_argument("--seed", type=int, default=42)
+    d.add_argument("--output", type=Path, help="mp4 path (default: artifex-output/demo.mp4)")
+    _add_config_flags(d)
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="list the known models and their defaults")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("presets", help="show what each quality preset means for each model")
+    p.add_argument("--model")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else read_env().log_level,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ArtifexError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

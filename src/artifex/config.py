@@ -1,0 +1,182 @@
+"""One validated configuration: ``OptimizationConfig``.
+
+It carries every knob of the original setup guide, under the guide's names, and says
+for each what it does here. A field is either wired to the mechanism that acts on it or
+refused with a clear "not supported yet"; nothing is silently ignored.
+
+Configuration is data: it prints as TOML, hashes to a stable key (for compile and
+autotune caches), and merges in one order: defaults < preset < config file < CLI flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from artifex.errors import InvalidRequestError, NotSupportedYetError
+
+log = logging.getLogger("artifex")
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+EXPERT_RESIDENCY = ("auto", "resident", "swap")
+
+
+def _f(default: Any, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class OptimizationConfig:
+    """How to run a model on this machine. Field docs become the CLI help."""
+
+    precision: str = _f(
+        "bf16",
+        "compute precision of the DiT and text encoder (the guide's use_fp16); the VAE runs in fp32",
+        PRECISIONS,
+    )
+    tf32: bool = _f(True, "allow TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer)")
+    device: str = _f("auto", "where to run: auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    use_flash_attention: bool = _f(
+        False, "use FlashAttention-3 kernels (not supported yet: arrives with the attention engine)"
+    )
+    use_xformers: bool = _f(False, "use xFormers attention (not supported yet: arrives with the attention engine)")
+    attention_slicing: int = _f(
+        0, "split attention queries into N chunks to save memory; 0 = off (not supported yet for N > 0)"
+    )
+    flash_attention_scale: float | None = _f(
+        None, "softmax scale override; default 1/sqrt(head_dim) (not supported yet)"
+    )
+    flash_attention_causal: bool = _f(False, "causal attention mask (not supported yet; Wan is bidirectional)")
+    flash_attention_dropout: float = _f(0.0, "attention dropout probability (not supported yet; inference uses 0)")
+    use_channels_last: bool = _f(False, "run the VAE in channels_last_3d memory format")
+    use_torch_compile: bool = _f(False, "torch.compile the repeated transformer blocks (regional compile)")
+    offload_to_cpu: bool = _f(
+        False, "keep models in CPU memory and move each to the GPU only while it runs (model-level offload)"
+    )
+    experts: str = _f(
+        "auto",
+        "A14B expert placement: resident (both on the GPU), swap (one at a time, swapped once at the "
+        "MoE switch), auto (resident when memory allows)",
+        EXPERT_RESIDENCY,
+    )
+    vae_slicing: bool = _f(False, "decode a batch of videos one video at a time")
+    vae_tiling: bool = _f(False, "decode the VAE in spatial tiles to cut its peak memory")
+    max_batch_size: int = _f(
+        1, "most DiT passes run as one batch; 2 runs CFG's conditional and unconditional passes together"
+    )
+    gradient_checkpointing: bool = _f(
+        False, "accepted for compatibility with the guide; has no effect at inference (a warning says so)"
+    )
+
+    # -- validation --------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise InvalidRequestError(f.name, f"unknown value {value!r}", choices)
+            kind = str(f.type)
+            if kind == "bool" and not isinstance(value, bool):
+                raise InvalidRequestError(f.name, f"must be true or false, got {value!r}")
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidRequestError(f.name, f"must be an integer, got {value!r}")
+            if kind == "str" and not isinstance(value, str):
+                raise InvalidRequestError(f.name, f"must be a string, got {value!r}")
+            if kind.startswith("float") and value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise InvalidRequestError(f.name, f"must be a number, got {value!r}")
+        if self.max_batch_size < 1:
+            raise InvalidRequestError("max_batch_size", f"must be >= 1, got {self.max_batch_size}")
+        if self.attention_slicing < 0:
+            raise InvalidRequestError("attention_slicing", f"must be >= 0, got {self.attention_slicing}")
+        if not (0.0 <= self.flash_attention_dropout < 1.0):
+            raise InvalidRequestError("flash_attention_dropout", "must be in [0, 1)")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise InvalidRequestError("device", f"unknown device {dev!r}", "auto, cpu, cuda, cuda:N")
+
+    def check_supported(self) -> list[str]:
+        """Refuse what this version cannot do yet; return warnings for fields with no effect."""
+        unsupported = []
+        if self.use_flash_attention:
+            unsupported.append("use_flash_attention")
+        if self.use_xformers:
+            unsupported.append("use_xformers")
+        if self.attention_slicing:
+            unsupported.append("attention_slicing")
+        if self.flash_attention_scale is not None:
+            unsupported.append("flash_attention_scale")
+        if self.flash_attention_causal:
+            unsupported.append("flash_attention_causal")
+        if self.flash_attention_dropout:
+            unsupported.append("flash_attention_dropout")
+        if unsupported:
+            raise NotSupportedYetError(
+                f"not supported yet: {', '.join(unsupported)}. Attention runs through PyTorch SDPA "
+                "(which picks FlashAttention-2, memory-efficient or cuDNN kernels itself on CUDA); the "
+                "attention engine that selects FA3/xFormers/sliced attention is not built yet. "
+                "Leave these fields at their defaults."
+            )
+        warnings = []
+        if self.gradient_checkpointing:
+            warnings.append("gradient_checkpointing has no effect at inference (no gradients are computed)")
+        return warnings
+
+    # -- data in and out ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def hash(self) -> str:
+        """A short stable key of every field (for caches keyed by configuration)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_toml(self) -> str:
+        lines = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                lines.append(f"# {f.name} =   # {f.metadata['help']}")
+                continue
+            lines.append(f"{f.name} = {json.dumps(v)}")
+        return "\n".join(lines) + "\n"
+
+    def merged(self, overrides: dict[str, Any]) -> OptimizationConfig:
+        """A copy with ``overrides`` applied; unknown keys are an error naming the allowed ones."""
+        known = {f.name for f in fields(self)}
+        overrides = dict(overrides)
+        if "use_fp16" in overrides:  # the setup guide's name for the precision switch
+            overrides["precision"] = "fp16" if _as_bool("use_fp16", overrides.pop("use_fp16")) else "fp32"
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise InvalidRequestError(unknown[0], "unknown configuration field", sorted(known | {"use_fp16"}))
+        return replace(self, **overrides)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: OptimizationConfig | None = None) -> OptimizationConfig:
+        """Read a TOML file: top-level keys, or the same keys under an ``[optimization]`` table."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise InvalidRequestError("config", f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidRequestError("config", f"{path} is not valid TOML: {e}") from None
+        if "optimization" in data:
+            data = data["optimization"]
+        return (base or cls()).merged(data)
+
+    @classmethod
+    def field_help(cls) -> dict[str, tuple[Any, str, tuple | None]]:
+        return {f.name: (f.default, f.metadata["help"], f.metadata.get("choices")) for f in fields(cls)}
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise InvalidRequestError(name, f"must be true or false, got {value!r}")

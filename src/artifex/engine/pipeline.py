@@ -1,0 +1,396 @@
+"""The engine: encode text -> prepare latents -> denoise -> decode -> mp4.
+
+Rule for this file: it holds the common path only, and reads like the algorithm.
+Rare features (offload policies, parallel layouts, other attention kernels) enter
+through functions defined elsewhere and chosen by the plan; no per-feature branches
+inside the denoising loop beyond the MoE switch and CFG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from artifex.config import OptimizationConfig
+from artifex.engine.plan import Plan, make_plan
+from artifex.engine.request import GenerationRequest, Settings, resolve_request
+from artifex.engine.video import to_uint8_frames, write_mp4
+from artifex.env import read_env
+from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
+from artifex.models.registry import ModelSpec, get_model
+from artifex.sysinfo import device_info, peak_memory, reset_peak_memory, versions
+
+log = logging.getLogger("artifex")
+
+
+@dataclass
+class ProgressEvent:
+    """One step of progress. ``stage`` is one of load, encode_text, encode_image, denoise, decode, write, done."""
+
+    stage: str
+    step: int
+    total: int
+    elapsed_s: float
+    timestep: float | None = None
+    expert: int | None = None
+
+
+EventCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class GenerationResult:
+    video_path: Path
+    sidecar_path: Path
+    settings: Settings
+    plan: Plan
+    timings: dict[str, float]
+    peak_memory: dict
+    experts_per_step: list[int]
+    switch_step: int | None  # first step run by the low-noise expert (A14B), else None
+    latents: torch.Tensor = field(repr=False)  # final latents, CPU float32
+    sidecar: dict = field(repr=False, default_factory=dict)
+
+
+def expert_schedule(timesteps: torch.Tensor, boundary: float | None, num_train_timesteps: int) -> list[int]:
+    """Which expert runs each step: 0 (high-noise) while t >= boundary * T, then 1 (low-noise)."""
+    if boundary is None:
+        return [0] * len(timesteps)
+    return [0 if float(t) >= boundary * num_train_timesteps else 1 for t in timesteps]
+
+
+def clean_prompt(text: str) -> str:
+    """Repair mojibake (ftfy), undo HTML escapes, collapse whitespace: what Wan's text encoder saw in training."""
+    import ftfy
+
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())
+
+
+def initial_noise(spec: ModelSpec, settings: Settings) -> torch.Tensor:
+    """The seeded starting latents (drawn on the CPU, so a seed means the same noise on every device)."""
+    shape = (1, *spec.latent_shape(settings.width, settings.height, settings.frames))
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(settings.seed), dtype=torch.float32)
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """Resize to cover (width, height), centre-crop, and scale to [-1, 1]: (1, 3, H, W)."""
+    scale = max(width / image.width, height / image.height)
+    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    im = image.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - width) // 2, (h - height) // 2
+    im = im.crop((left, top, left + width, top + height))
+    arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+    return arr.permute(2, 0, 1).unsqueeze(0)
+
+
+class Engine:
+    """A loaded model and its plan; ``generate`` turns requests into mp4 files."""
+
+    def __init__(self, spec: ModelSpec, components: Components, plan: Plan, config: OptimizationConfig,
+                 load_s: float = 0.0):
+        self.spec, self.c, self.plan, self.config = spec, components, plan, config
+        self.device = torch.device(plan.device)
+        self.dtype = DTYPES[plan.precision]
+        self.load_s = load_s
+        self._place_models()
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str, checkpoint: str | None = None, config: OptimizationConfig | None = None,
+             single_files: dict[str, str | None] | None = None) -> Engine:
+        """Load ``model`` (a registry name) from ``checkpoint`` (directory or hub id; default: the
+        model's published checkpoint, or the built-in tiny one) and plan how to run it."""
+        start = time.perf_counter()
+        spec = get_model(model)
+        config = config or OptimizationConfig()
+        config.check_supported()
+        _quiet_libraries()
+        path = resolve_checkpoint(spec, checkpoint, read_env().home)
+        components = load_components(spec, path, config.precision, single_files)
+        for w in components.info.warnings:
+            log.warning(w)
+        plan = make_plan(spec, config, components.info)
+        for r in plan.reasons:
+            log.info("plan: %s", r)
+        engine = cls(spec, components, plan, config, load_s=time.perf_counter() - start)
+        return engine
+
+    def _place_models(self) -> None:
+        c, p = self.c, self.plan
+        if p.vae_tiling:
+            c.vae.enable_tiling()
+        if p.vae_slicing:
+            c.vae.enable_slicing()
+        if p.channels_last:
+            for param in c.vae.parameters():
+                if param.dim() == 5:
+                    param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+        if p.compile:
+            for expert in c.experts:
+                expert.compile_repeated_blocks(fullgraph=True)
+        if p.placement == "model_offload":
+            return  # everything waits on the CPU; _on_device moves each model while it runs
+        c.text_encoder.to(self.device)
+        c.vae.to(self.device)
+        c.experts[0].to(self.device)
+        for expert in c.experts[1:]:
+            expert.to(self.device if p.placement == "resident" else "cpu")
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module):
+        """Run ``module`` on the device; under model offload, move it there and back."""
+        if self.plan.placement == "model_offload":
+            module.to(self.device)
+            try:
+                yield module
+            finally:
+                module.to("cpu")
+        else:
+            yield module
+
+    def _activate_expert(self, index: int) -> None:
+        """Expert swap: move the other expert out before this one comes in (once, at the switch)."""
+        if self.plan.placement == "resident":
+            return
+        for i, expert in enumerate(self.c.experts):
+            if i != index:
+                expert.to("cpu")
+        self.c.experts[index].to(self.device)
+
+    # -- stages ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """UMT5 embeddings, zeroed past each prompt's length: (len(prompts), text_len, text_dim)."""
+        tok = self.c.tokenizer
+        cleaned = [clean_prompt(p) for p in prompts]
+        batch = tok(cleaned, padding="max_length", max_length=self.spec.text_len, truncation=True,
+                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        with self._on_device(self.c.text_encoder) as enc:
+            ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+            hidden = enc(ids, mask).last_hidden_state
+        hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)  # padding positions carry zeros
+        return hidden.to(self.dtype)
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """VAE-encode pixels (1, 3, F, H, W) in [-1, 1] to normalized latents (mode of the posterior)."""
+        vae = self.c.vae
+        with self._on_device(vae):
+            z = vae.encode(video.to(self.device, torch.float32)).latent_dist.mode()
+        mean, std = self._latent_stats(z)
+        return (z - mean) / std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents -> pixels (1, 3, F, H, W) in [-1, 1]."""
+        vae = self.c.vae
+        mean, std = self._latent_stats(latents)
+        z = (latents * std + mean).to(torch.float32)
+        if self.plan.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
+        with self._on_device(vae):
+            return vae.decode(z, return_dict=False)[0]
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.c.vae.config
+        shape = (1, cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32, device=like.device).view(shape)
+        std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=like.device).view(shape)
+        return mean, std
+
+    def make_scheduler(self, shift: float):
+        from diffusers import UniPCMultistepScheduler
+
+        cfg = {k: v for k, v in self.c.scheduler_config.items() if not k.startswith("_")}
+        cfg.update(flow_shift=shift, use_flow_sigmas=True, prediction_type="flow_prediction")
+        return UniPCMultistepScheduler.from_config(cfg)
+
+    # -- the whole generation -------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, request: GenerationRequest, on_event: EventCallback | None = None,
+                 output_dir: str | Path | None = None) -> GenerationResult:
+        spec = self.spec
+        if get_model(request.model) is not spec:
+            raise ValueError(f"this engine runs {spec.name}, the request asks for {request.model}")
+        spec, s, image = resolve_request(request)
+        for w in s.warnings:
+            log.warning(w)
+        emit = on_event or (lambda e: None)
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        reset_peak_memory(self.device)
+
+        def stage_done(name: str, since: float) -> float:
+            now = time.perf_counter()
+            timings[name] = round(now - since, 4)
+            return now
+
+        with _matmul_precision(self.plan.tf32):
+            # 1. Text: conditional and (if any expert uses CFG) unconditional embeddings.
+            emit(ProgressEvent("encode_text", 0, 1, 0.0))
+            use_cfg = [g > 1.0 for g in s.guidance]
+            prompts = [s.prompt] + ([s.negative_prompt] if any(use_cfg) else [])
+            embeds = self.encode_text(prompts)  # (1 or 2, text_len, text_dim)
+            cond, uncond = embeds[:1], embeds[1:2]
+            t = stage_done("encode_text", t0)
+
+            # 2. Latents: seeded noise (1, z, T', H', W') and the image condition, if any.
+            latents = initial_noise(spec, s).to(self.device)
+            condition = frame_mask = None
+            if image is not None:
+                emit(ProgressEvent("encode_image", 0, 1, time.perf_counter() - t0))
+                pixels = image_to_tensor(image, s.width, s.height).unsqueeze(2)  # (1, 3, 1, H, W)
+                if spec.expand_timesteps:  # TI2V: the image is the first latent frame
+                    condition = self.encode_video(pixels)
+                    frame_mask = torch.ones_like(latents[:, :1])
+                    frame_mask[:, :, 0] = 0  # 0 where the image holds the frame
+                else:  # I2V: mask channels + the encoded [image, black frames...] video
+                    video = torch.cat([pixels, pixels.new_zeros(1, 3, s.frames - 1, s.height, s.width)], dim=2)
+                    condition = torch.cat([self._i2v_mask(latents), self.encode_video(video)], dim=1)
+                t = stage_done("encode_image", t)
+
+            # 3. Denoise: flow-matching UniPC, the MoE switch at the boundary, CFG per expert.
+            scheduler = self.make_scheduler(s.shift)
+            scheduler.set_timesteps(s.steps, device=self.device)
+            timesteps = scheduler.timesteps
+            experts = expert_schedule(timesteps, self.c.info.boundary_ratio, scheduler.config.num_train_timesteps)
+            active = None
+            for i, ts in enumerate(timesteps):
+                expert = experts[i]
+                if expert != active:
+                    self._activate_expert(expert)
+                    active = expert
+                x = latents
+                if frame_mask is not None:
+                    x = (1 - frame_mask) * condition + frame_mask * latents
+                elif condition is not None:
+                    x = torch.cat([latents, condition], dim=1)
+                timestep = self._timestep(ts, frame_mask, latents)
+                with self._on_device(self.c.experts[expert]) as model:
+                    noise = self._predict(model, x.to(self.dtype), timestep, cond, uncond,
+                                          s.guidance[expert] if use_cfg[expert] else None)
+                latents = scheduler.step(noise, ts, latents, return_dict=False)[0]
+                emit(ProgressEvent("denoise", i + 1, len(timesteps), time.perf_counter() - t0,
+                                   timestep=float(ts), expert=expert))
+            if frame_mask is not None:
+                latents = (1 - frame_mask) * condition + frame_mask * latents
+            t = stage_done("denoise", t)
+
+            # 4. Decode to pixels, then uint8 frames (T, H, W, 3).
+            emit(ProgressEvent("decode", 0, 1, time.perf_counter() - t0))
+            frames = to_uint8_frames(self.decode(latents))
+            t = stage_done("decode", t)
+
+        # 5. Write the mp4 and its sidecar.
+        emit(ProgressEvent("write", 0, 1, time.perf_counter() - t0))
+        video_path = Path(s.output) if s.output else _default_output(output_dir, spec.name, s.seed)
+        write_mp4(frames, video_path, fps=s.fps)
+        stage_done("write", t)
+        timings["total"] = round(time.perf_counter() - t0, 4)
+        switch = experts.index(1) if 1 in experts else None
+        result = GenerationResult(
+            video_path=video_path, sidecar_path=video_path.with_suffix(".json"), settings=s, plan=self.plan,
+            timings=timings, peak_memory=peak_memory(self.device), experts_per_step=experts, switch_step=switch,
+            latents=latents.float().cpu(),
+        )
+        result.sidecar = self._sidecar(request, result)
+        _write_json(result.sidecar_path, result.sidecar)
+        emit(ProgressEvent("done", 1, 1, timings["total"]))
+        return result
+
+    def _i2v_mask(self, latents: torch.Tensor) -> torch.Tensor:
+        """I2V's 4-channel mask: 1 for the latent slots holding the given first frame, else 0."""
+        _, _, t, h, w = latents.shape
+        stride = self.spec.vae.temporal_stride
+        mask = torch.zeros(1, stride, t, h, w, device=latents.device)
+        mask[:, :, 0] = 1  # the first pixel frame, repeated to fill the first latent frame's slots
+        return mask
+
+    def _timestep(self, ts: torch.Tensor, frame_mask: torch.Tensor | None, latents: torch.Tensor) -> torch.Tensor:
+        """One timestep per video; TI2V with an image: one per token, 0 on the given frame."""
+        if frame_mask is None:
+            return ts.expand(latents.shape[0])
+        _, ph, pw = self.spec.transformer.patch
+        return (frame_mask[0, 0][:, ::ph, ::pw] * ts).flatten().unsqueeze(0)  # (1, tokens)
+
+    def _predict(self, model, x, timestep, cond, uncond, guidance: float | None) -> torch.Tensor:
+        """The flow prediction, with classifier-free guidance when ``guidance`` is set (fp32 result)."""
+        if guidance is None:
+            return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0].float()
+        if self.plan.cfg_batch == 2:
+            both = model(hidden_states=torch.cat([x, x]), timestep=torch.cat([timestep, timestep]),
+                         encoder_hidden_states=torch.cat([cond, uncond]), return_dict=False)[0].float()
+            pos, neg = both.chunk(2)
+        else:
+            pos = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0].float()
+            neg = model(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False)[0].float()
+        return neg + guidance * (pos - neg)
+
+    def _sidecar(self, request: GenerationRequest, r: GenerationResult) -> dict:
+        _, t, h, w = self.spec.latent_shape(r.settings.width, r.settings.height, r.settings.frames)
+        return {
+            "artifex_sidecar": 1,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "video": {"path": r.video_path.name, "codec": "h264", "pix_fmt": "yuv420p", "fps": r.settings.fps,
+                      "frames": r.settings.frames, "width": r.settings.width, "height": r.settings.height},
+            "request": request.to_dict(),
+            "settings": r.settings.to_dict(),
+            "seed": r.settings.seed,
+            "model": {"name": self.spec.name, "checkpoint": str(self.c.info.path),
+                      "boundary_ratio": self.c.info.boundary_ratio, "latent_shape": [self.spec.vae.z_dim, t, h, w],
+                      "tokens_per_forward": self.spec.tokens(r.settings.width, r.settings.height, r.settings.frames)},
+            "experts_per_step": r.experts_per_step,
+            "switch_step": r.switch_step,
+            "plan": r.plan.to_dict(),
+            "config": self.config.to_dict(),
+            "timings_s": {"load": round(self.load_s, 4), **r.timings},
+            "peak_memory": r.peak_memory,
+            "versions": versions(),
+            "device": device_info(self.device),
+        }
+
+
+@contextlib.contextmanager
+def _matmul_precision(tf32: bool):
+    """TF32 for fp32 matmuls/convs for the length of one generation, then restore."""
+    old = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old[0])
+        torch.backends.cudnn.allow_tf32 = old[1]
+
+
+def _default_output(output_dir: str | Path | None, model: str, seed: int) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return Path(output_dir or read_env().output_dir) / f"{model}-{stamp}-seed{seed}.mp4"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _quiet_libraries() -> None:
+    """Loading bars of diffusers/transformers would interleave with ours."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()

@@ -1,0 +1,234 @@
+"""The typed request every door builds (CLI, HTTP, Ray) and its validated, resolved form.
+
+``GenerationRequest`` is what a user asked for: plain JSON-able fields, most optional.
+``resolve_request`` fills the gaps from the preset and the model's defaults, checks
+every field, and returns ``Settings``: the exact values the engine will run with.
+Sizes and frame counts are validated, never rounded.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from artifex.errors import InvalidRequestError, NotSupportedYetError
+from artifex.models.registry import ModelSpec, get_model
+from artifex.presets import Preset, get_preset, pick_size
+
+# RoPE tables of the Wan DiT cover 1024 positions per axis (rope_max_seq_len).
+_MAX_POSITIONS = 1024
+MAX_SEED = 2**32 - 1
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate. Unset fields come from the preset, then from the model."""
+
+    model: str
+    prompt: str
+    negative_prompt: str | None = None
+    image: str | None = None  # path of a conditioning image (TI2V optional, I2V required)
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    steps: int | None = None
+    guidance: float | None = None  # the only scale, or the high-noise expert's (A14B)
+    guidance_low: float | None = None  # the low-noise expert's scale (A14B)
+    shift: float | None = None
+    seed: int | None = None
+    preset: str | None = None
+    output: str | None = None  # mp4 path; default: a fresh name in the output directory
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidRequestError(unknown[0], "unknown request field", sorted(known))
+        for required in ("model", "prompt"):
+            if required not in data:
+                raise InvalidRequestError(required, "is required")
+        return cls(**data)
+
+
+# Used when a request gives none; a plain list of what Wan videos should not look like.
+DEFAULT_NEGATIVE_PROMPT = (
+    "blurry, low quality, jpeg artifacts, watermark, subtitles, text, static frame, frozen motion, "
+    "overexposed, washed out colors, deformed body, extra fingers, distorted face, cluttered background"
+)
+
+
+@dataclass
+class Settings:
+    """The resolved, validated values a generation runs with."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    image: str | None
+    width: int
+    height: int
+    frames: int
+    steps: int
+    guidance: tuple[float, ...]  # per expert, high-noise first
+    shift: float
+    seed: int
+    fps: int
+    preset: str | None
+    output: str | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["guidance"] = list(self.guidance)
+        return d
+
+
+def _nearest_valid(value: int, multiple: int, offset: int = 0) -> str:
+    lo = (value - offset) // multiple * multiple + offset
+    cands = sorted({c for c in (lo, lo + multiple) if c > 0})
+    return ", ".join(str(c) for c in cands)
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(name, f"must be an integer, got {value!r}")
+    return value
+
+
+def _num(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(name, f"must be a number, got {value!r}")
+    return float(value)
+
+
+def open_image(path: str) -> Image.Image:
+    """Open and fully decode an image; an unreadable file is an error naming it."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidRequestError("image", f"{path} does not exist")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InvalidRequestError(
+            "image", f"{path} is not a readable image ({e})", "PNG, JPEG, WebP, BMP and other formats Pillow decodes"
+        ) from None
+
+
+def check_size(spec: ModelSpec, width: int, height: int) -> list[str]:
+    """Errors for sizes the model cannot run; a warning for sizes it was not trained on."""
+    m = spec.spatial_multiple
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0:
+            raise InvalidRequestError(name, f"must be positive, got {v}")
+        if v % m:
+            raise InvalidRequestError(
+                name, f"{v} is not a multiple of {m} ({spec.name}: VAE stride x patch); nearest valid: "
+                      f"{_nearest_valid(v, m)}")
+        if v // m > _MAX_POSITIONS:
+            raise InvalidRequestError(name, f"{v} exceeds the model's position table", f"at most {m * _MAX_POSITIONS}")
+    if (width, height) not in spec.sizes:
+        trained = ", ".join(f"{w}x{h}" for w, h in spec.sizes)
+        return [f"{width}x{height} is not a size {spec.name} was trained on ({trained}); quality may suffer"]
+    return []
+
+
+def check_frames(spec: ModelSpec, frames: int) -> None:
+    s = spec.vae.temporal_stride
+    if frames < 1 or (frames - 1) % s:
+        raise InvalidRequestError(
+            "frames", f"must be {s}n+1 (the VAE packs {s} frames per latent frame after the first); "
+                      f"got {frames}; nearest valid: {_nearest_valid(max(frames, 1), s, 1)}")
+    if (frames - 1) // s + 1 > _MAX_POSITIONS:
+        raise InvalidRequestError("frames", f"{frames} exceeds the model's position table")
+
+
+def resolve_request(req: GenerationRequest) -> tuple[ModelSpec, Settings, Image.Image | None]:
+    """Validate ``req`` and fill every gap; returns the spec, the settings and the decoded image."""
+    spec = get_model(req.model)
+    if not spec.runnable:
+        raise NotSupportedYetError(f"{spec.name} is in the registry but its pipeline is not built yet; "
+                                   "runnable models: " + ", ".join(n for n in _runnable()))
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise InvalidRequestError("prompt", "must be a non-empty string")
+    preset: Preset | None = get_preset(req.preset) if req.preset else None
+
+    image = None
+    if req.image is not None:
+        if spec.image == "none":
+            others = ", ".join(n for n, s in _runnable().items() if s.image != "none" and s.tiny == spec.tiny)
+            raise InvalidRequestError("image", f"{spec.name} takes no image", f"models that do: {others}")
+        image = open_image(req.image)
+    elif spec.image == "required":
+        raise InvalidRequestError("image", f"{spec.name} generates from an image; pass one (--image PATH)")
+
+    warnings: list[str] = []
+    if (req.width is None) != (req.height is None):
+        raise InvalidRequestError("width" if req.width is None else "height",
+                                  "give both width and height, or neither")
+    if req.width is not None:
+        width, height = _int("width", req.width), _int("height", req.height)
+    else:
+        aspect = image.width / image.height if image is not None else None
+        width, height = pick_size(spec, preset.size if preset else "largest", aspect)
+    warnings += check_size(spec, width, height)
+
+    frames = _int("frames", req.frames) if req.frames is not None else (
+        preset.num_frames(spec) if preset else spec.frames)
+    check_frames(spec, frames)
+
+    steps = _int("steps", req.steps) if req.steps is not None else (preset.steps(spec) if preset else spec.steps)
+    if steps <= 0 or steps > 1000:
+        raise InvalidRequestError("steps", f"must be between 1 and 1000, got {steps}")
+
+    guidance = list(spec.guidance)
+    if req.guidance is not None:
+        guidance[0] = _num("guidance", req.guidance)
+        if spec.experts == 1:
+            guidance = guidance[:1]
+    if req.guidance_low is not None:
+        if spec.experts < 2:
+            raise InvalidRequestError("guidance_low", f"{spec.name} has one expert; use guidance only")
+        guidance[1] = _num("guidance_low", req.guidance_low)
+    for name, g in zip(("guidance", "guidance_low"), guidance):
+        if g < 0:
+            raise InvalidRequestError(name, f"must be >= 0 (1 or less turns classifier-free guidance off), got {g}")
+
+    shift = _num("shift", req.shift) if req.shift is not None else spec.shift
+    if shift <= 0:
+        raise InvalidRequestError("shift", f"must be > 0, got {shift}")
+
+    if req.seed is None:
+        seed = random.SystemRandom().randint(0, MAX_SEED)
+    else:
+        seed = _int("seed", req.seed)
+        if not 0 <= seed <= MAX_SEED:
+            raise InvalidRequestError("seed", f"must be in [0, {MAX_SEED}], got {seed}")
+
+    negative = req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+    if not isinstance(negative, str):
+        raise InvalidRequestError("negative_prompt", "must be a string")
+    if req.output is not None and not str(req.output).lower().endswith(".mp4"):
+        raise InvalidRequestError("output", f"must be an .mp4 path, got {req.output!r}")
+
+    settings = Settings(
+        model=spec.name, prompt=req.prompt, negative_prompt=negative, image=req.image, width=width, height=height,
+        frames=frames, steps=steps, guidance=tuple(guidance), shift=shift, seed=seed, fps=spec.fps,
+        preset=preset.name if preset else None, output=req.output, warnings=warnings,
+    )
+    return spec, settings, image
+
+
+def _runnable() -> dict[str, ModelSpec]:
+    from artifex.models.registry import MODELS
+
+    return {n: s for n, s in MODELS.items() if s.runnable}

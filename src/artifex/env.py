@@ -1,0 +1,33 @@
+"""The environment variables Artifex reads: a short fixed list, read here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+VARIABLES = {
+    "ARTIFEX_HOME": "cache folder for tiny checkpoints and (later) compile/autotune caches; default ~/.cache/artifex",
+    "ARTIFEX_OUTPUT_DIR": "where generated videos go when no --output is given; default ./artifex-output",
+    "ARTIFEX_CONFIG": "an OptimizationConfig TOML file read before --config and CLI flags",
+    "ARTIFEX_LOG_LEVEL": "logging level: DEBUG, INFO (default), WARNING, ERROR",
+}
+
+
+@dataclass(frozen=True)
+class Env:
+    home: Path
+    output_dir: Path
+    config: Path | None
+    log_level: str
+
+
+def read_env() -> Env:
+    home = os.environ.get("ARTIFEX_HOME") or str(Path.home() / ".cache" / "artifex")
+    cfg = os.environ.get("ARTIFEX_CONFIG")
+    return Env(
+        home=Path(home).expanduser(),
+        output_dir=Path(os.environ.get("ARTIFEX_OUTPUT_DIR") or "artifex-output"),
+        config=Path(cfg).expanduser() if cfg else None,
+        log_level=(os.environ.get("ARTIFEX_LOG_LEVEL") or "INFO").upper(),
+    )

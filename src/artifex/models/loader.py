@@ -1,0 +1,258 @@
+"""Find, check and load a Wan2.2 checkpoint in the diffusers layout.
+
+Sources, in the order tried: a tiny model (built on first use), a local directory, a
+Hugging Face hub id (downloaded when the network exists). Before any weights are read
+the checkpoint is checked against the chosen variant: folders, configs, every
+safetensors shard's header and length. Every problem is a ``CheckpointError`` naming
+the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from artifex.errors import CheckpointError
+from artifex.models.registry import MODELS, ModelSpec
+
+log = logging.getLogger("artifex")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MAX_HEADER = 100 * 1024 * 1024
+
+# component folder -> (weights stem, fields of config.json that must match the spec)
+_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+_TRANSFORMERS_WEIGHTS = "model"
+
+
+@dataclass
+class CheckpointInfo:
+    """What the checks learnt about a checkpoint before loading it."""
+
+    path: Path
+    weight_bytes: dict[str, int]
+    boundary_ratio: float | None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Components:
+    """The loaded parts of a pipeline: plain modules, placed on the CPU."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler_config: dict
+    experts: list[torch.nn.Module]  # [high-noise, low-noise] for A14B, [transformer] otherwise
+    info: CheckpointInfo
+
+
+# -- locating ----------------------------------------------------------------------------
+def resolve_checkpoint(spec: ModelSpec, source: str | None, cache_dir: Path) -> Path:
+    """A local directory holding the checkpoint of ``spec``."""
+    if source is None:
+        if spec.tiny:
+            from artifex.models.tiny import ensure_tiny_checkpoint
+
+            return ensure_tiny_checkpoint(spec, cache_dir)
+        if spec.hub_id is None:
+            raise CheckpointError(spec.name, "no published diffusers checkpoint; pass --checkpoint DIR")
+        source = spec.hub_id
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(path, "is a file; a checkpoint is a diffusers-format directory "
+                                        "(use --transformer-file/--vae-file for single files)")
+        return path
+    if _HUB_ID.match(source):
+        return _download(source)
+    raise CheckpointError(path, "does not exist (expected a diffusers-format directory or a hub id like "
+                                f"{spec.hub_id or 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'})")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                               "tokenizer/*", "*.index.json"]))
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise CheckpointError(repo_id, f"could not download from the Hugging Face hub ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else 'no details'}); download it "
+                                       "elsewhere and pass the local directory with --checkpoint") from None
+
+
+# -- checking ----------------------------------------------------------------------------
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(path, "is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "is not a JSON object")
+    return data
+
+
+def check_safetensors(path: Path) -> int:
+    """Validate a safetensors file's header against its length; return its tensor bytes."""
+    if not path.is_file():
+        raise CheckpointError(path, "is missing")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(path, f"is corrupt: {size} bytes is too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n < 2 or n > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(path, "is corrupt: not a safetensors file (bad header length)")
+        try:
+            meta = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(path, "is corrupt: its safetensors header is not valid JSON") from None
+    ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__" and isinstance(v, dict)]
+    data = max(ends, default=0)
+    if 8 + n + data != size:
+        raise CheckpointError(path, f"is truncated or corrupt: its header describes {8 + n + data} bytes, "
+                                    f"the file holds {size}")
+    return data
+
+
+def _check_weights(folder: Path, stem: str) -> int:
+    """Check the weights of one component folder (single file or index + shards)."""
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return check_safetensors(single)
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(index, "has no weight_map")
+        return sum(check_safetensors(folder / shard) for shard in sorted(set(weight_map.values())))
+    raise CheckpointError(folder, f"holds no weights: expected {single.name} or {index.name}")
+
+
+def _which_model(cfg: dict, role: str) -> str:
+    """Name the known variants whose architecture matches a transformer config (for error hints)."""
+    names = []
+    for spec in MODELS.values():
+        a = spec.transformer
+        if (cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("in_channels")) == (
+            a.layers, a.heads, a.in_channels
+        ):
+            names.append(spec.name)
+    return f" (it looks like {' or '.join(names)})" if names else ""
+
+
+def check_checkpoint(spec: ModelSpec, path: Path) -> CheckpointInfo:
+    """Check that ``path`` holds a loadable checkpoint of ``spec``, reading headers only."""
+    index = read_json(path / "model_index.json")
+    warnings: list[str] = []
+    cls = index.get("_class_name")
+    if cls != spec.pipeline_class:
+        raise CheckpointError(path / "model_index.json",
+                              f"_class_name is {cls!r}; {spec.name} checkpoints use {spec.pipeline_class!r}")
+    roles = ["transformer", "transformer_2"][: spec.experts]
+    if spec.experts == 1 and _declared(index, "transformer_2"):
+        raise CheckpointError(path / "model_index.json",
+                              f"declares transformer_2 (two experts); {spec.name} has one transformer")
+    weight_bytes: dict[str, int] = {}
+    for role in roles:
+        if not _declared(index, role):
+            raise CheckpointError(path / "model_index.json", f"does not declare {role}; {spec.name} needs it")
+        folder = path / role
+        if not folder.is_dir():
+            raise CheckpointError(folder, f"is missing ({spec.name} needs {', '.join(roles)})")
+        cfg = read_json(folder / "config.json")
+        want = spec.transformer.diffusers_config()
+        for key in ("in_channels", "out_channels", "num_layers", "num_attention_heads", "attention_head_dim",
+                    "ffn_dim", "text_dim"):
+            if cfg.get(key) != want[key]:
+                raise CheckpointError(folder / "config.json",
+                                      f"{key} is {cfg.get(key)}, but {spec.name} has {want[key]}: this is not a "
+                                      f"{spec.name} checkpoint{_which_model(cfg, role)}")
+        weight_bytes[role] = _check_weights(folder, _DIFFUSERS_WEIGHTS)
+    vae_cfg = read_json(path / "vae" / "config.json")
+    if vae_cfg.get("z_dim") != spec.vae.z_dim:
+        raise CheckpointError(path / "vae" / "config.json",
+                              f"z_dim is {vae_cfg.get('z_dim')}, but {spec.name} uses the {spec.vae.kind} VAE "
+                              f"with z_dim {spec.vae.z_dim}")
+    weight_bytes["vae"] = _check_weights(path / "vae", _DIFFUSERS_WEIGHTS)
+    read_json(path / "text_encoder" / "config.json")
+    weight_bytes["text_encoder"] = _check_weights(path / "text_encoder", _TRANSFORMERS_WEIGHTS)
+    tok = path / "tokenizer"
+    if not tok.is_dir() or not any(tok.iterdir()):
+        raise CheckpointError(tok, "is missing or empty")
+    read_json(path / "scheduler" / "scheduler_config.json")
+
+    boundary = index.get("boundary_ratio")
+    if spec.boundary is not None and boundary is not None and abs(boundary - spec.boundary) > 1e-9:
+        warnings.append(f"model_index.json boundary_ratio {boundary} differs from {spec.name}'s {spec.boundary}; "
+                        "using the checkpoint's")
+    return CheckpointInfo(path=path, weight_bytes=weight_bytes,
+                          boundary_ratio=boundary if boundary is not None else spec.boundary, warnings=warnings)
+
+
+def _declared(index: dict, role: str) -> bool:
+    entry = index.get(role)
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+
+
+# -- loading -----------------------------------------------------------------------------
+def load_components(
+    spec: ModelSpec,
+    path: Path,
+    precision: str = "bf16",
+    single_files: dict[str, str | None] | None = None,
+) -> Components:
+    """Load every component of a checked checkpoint onto the CPU.
+
+    The DiT experts and the text encoder load in ``precision`` (diffusers keeps the
+    modules its model classes list in ``_keep_in_fp32_modules`` in fp32); the VAE loads
+    in fp32. ``single_files`` maps "transformer", "transformer_2" or "vae" to a
+    single-file safetensors that replaces that component's weights (its config comes
+    from the checkpoint directory).
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    info = check_checkpoint(spec, path)
+    single_files = {k: v for k, v in (single_files or {}).items() if v}
+    for role, file in single_files.items():
+        if role == "transformer_2" and spec.experts < 2:
+            raise CheckpointError(file, f"{spec.name} has no transformer_2")
+        check_safetensors(Path(file))
+    dtype = DTYPES[precision]
+
+    def load(role: str, cls, subfolder: str, **kw):
+        try:
+            if role in single_files:
+                return cls.from_single_file(single_files[role], config=str(path), subfolder=subfolder, **kw)
+            return cls.from_pretrained(path, subfolder=subfolder, **kw)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            where = single_files.get(role) or path / subfolder
+            raise CheckpointError(where, f"could not be loaded as {cls.__name__}: {type(e).__name__}: {e}") from e
+
+    experts = [
+        load(role, WanTransformer3DModel, role, dtype=dtype).eval()
+        for role in ["transformer", "transformer_2"][: spec.experts]
+    ]
+    vae = load("vae", AutoencoderKLWan, "vae", dtype=torch.float32).eval()
+    try:
+        text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    except Exception as e:
+        raise CheckpointError(path / "text_encoder", f"could not be loaded: {type(e).__name__}: {e}") from e
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
+    return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                      scheduler_config=scheduler_config, experts=experts, info=info)

@@ -1,0 +1,140 @@
+"""Tiny Wan2.2 checkpoints built offline from the real diffusers/transformers classes.
+
+The weights are random but deterministic (seeded per component); the tokenizer is a
+small Unigram vocabulary made here, so nothing comes from the hub. The checkpoint is
+saved through the real diffusers pipeline class, which makes the layout on disk the
+same as the published ``*-Diffusers`` checkpoints, and it is loaded back through the
+same loader as real weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+from artifex.models.registry import ModelSpec
+
+# Bump when the construction below changes, so cached checkpoints are rebuilt.
+TINY_FORMAT = 1
+
+_WORDS = (
+    "a an the of and in on at with by to from over under into through across near cat dog bird horse fish "
+    "person man woman child robot car train boat city street forest ocean beach mountain river sky cloud rain "
+    "snow sun sunset sunrise night light fire water camera slow motion close up wide shot aerial walking "
+    "running flying swimming dancing red blue green yellow white black golden cinematic video 4k"
+).split()
+
+
+def build_tokenizer():
+    """A T5-style Unigram tokenizer (Metaspace, ``</s>`` appended, ``<pad>`` = 0)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    scores: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "\u2581": -2.0}
+    for ch in string.ascii_lowercase + string.digits + string.punctuation:
+        scores.setdefault(ch, -5.0)
+        scores.setdefault("\u2581" + ch, -4.0)
+    for w in _WORDS:
+        scores["\u2581" + w] = -1.0
+    tok = Tokenizer(models.Unigram(list(scores.items()), unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=512
+    )
+
+
+def build_components(spec: ModelSpec) -> dict:
+    """The pipeline components of a tiny spec, in fp32 with seeded random weights."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    assert spec.tiny, f"{spec.name} is not a tiny model"
+    tokenizer = build_tokenizer()
+    arch = spec.transformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer), d_model=arch.text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            )
+        ).eval()
+        torch.manual_seed(2)
+        if spec.vae.kind == "wan2.2":
+            vae = AutoencoderKLWan(
+                base_dim=8, decoder_base_dim=8, z_dim=spec.vae.z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                latents_mean=[0.0] * spec.vae.z_dim, latents_std=[1.0] * spec.vae.z_dim,
+            )
+        else:
+            vae = AutoencoderKLWan(
+                base_dim=8, z_dim=spec.vae.z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                temperal_downsample=[False, True, True],
+            )
+        transformers = []
+        for i in range(spec.experts):
+            torch.manual_seed(10 + i)
+            t = WanTransformer3DModel(**arch.diffusers_config())
+            # diffusers zero-initialises nothing that matters here, but the output projection of a
+            # fresh model is small; scale it so that tiny videos show visible motion.
+            with torch.no_grad():
+                t.proj_out.weight.mul_(4.0)
+            transformers.append(t.eval())
+
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=spec.shift
+    )
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": vae.eval(),
+        "scheduler": scheduler,
+        "transformer": transformers[0],
+        "transformer_2": transformers[1] if spec.experts == 2 else None,
+    }
+
+
+def save_tiny_checkpoint(spec: ModelSpec, path: str | Path) -> Path:
+    """Write a tiny checkpoint in the diffusers layout to ``path`` (created or replaced)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    comps = build_components(spec)
+    if spec.task == "i2v":
+        pipe = WanImageToVideoPipeline(
+            image_processor=None, image_encoder=None, boundary_ratio=spec.boundary, **comps
+        )
+    else:
+        pipe = WanPipeline(boundary_ratio=spec.boundary, expand_timesteps=spec.expand_timesteps, **comps)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=path.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def ensure_tiny_checkpoint(spec: ModelSpec, cache_dir: Path) -> Path:
+    """The cached tiny checkpoint of ``spec``, built on first use."""
+    path = cache_dir / "tiny" / f"{spec.name}-v{TINY_FORMAT}"
+    if not (path / "model_index.json").is_file():
+        save_tiny_checkpoint(spec, path)
+    return path

@@ -1,0 +1,67 @@
+"""Quality presets of the setup guide (Draft / Preview / Production / Cinema).
+
+A preset is relative to the model it is applied to: it scales the model's own step
+count, picks among the sizes that model was trained on, and turns optimizations on.
+Explicit request fields and config values always win over a preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from artifex.errors import InvalidRequestError
+from artifex.models.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    steps_scale: float
+    size: str  # "smallest" or "largest" trained size of the wanted orientation
+    frames: str  # "short" (about a third of the default length) or "default"
+    optimizations: dict = field(default_factory=dict)
+
+    def steps(self, spec: ModelSpec) -> int:
+        return max(4, round(spec.steps * self.steps_scale))
+
+    def num_frames(self, spec: ModelSpec) -> int:
+        if self.frames == "default":
+            return spec.frames
+        stride = spec.vae.temporal_stride
+        return max(1, round((spec.frames - 1) / 3 / stride)) * stride + 1
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("draft", "fast look at motion and framing: 30% of the steps, smallest size, short clip", 0.3,
+               "smallest", "short"),
+        Preset("preview", "half the steps at the smallest trained size, full length", 0.5, "smallest", "default"),
+        Preset("production", "the model's official settings at its largest size, compiled blocks", 1.0,
+               "largest", "default", {"use_torch_compile": True}),
+        Preset("cinema", "25% more steps than official at the largest size, compiled blocks", 1.25,
+               "largest", "default", {"use_torch_compile": True}),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    key = name.strip().lower()
+    if key not in PRESETS:
+        raise InvalidRequestError("preset", f"unknown preset {name!r}", PRESETS)
+    return PRESETS[key]
+
+
+def pick_size(spec: ModelSpec, which: str, aspect: float | None = None) -> tuple[int, int]:
+    """A trained (width, height): the smallest or largest of the orientation ``aspect`` suggests.
+
+    With an ``aspect`` (width/height of a conditioning image), the size whose aspect is
+    closest wins among those of the chosen area; without one, landscape.
+    """
+    target = 1.0 if aspect is None else aspect
+    oriented = [s for s in spec.sizes if (s[0] >= s[1]) == (target >= 1.0)] or list(spec.sizes)
+    areas = sorted({w * h for w, h in oriented})
+    area = areas[0] if which == "smallest" else areas[-1]
+    same_area = [s for s in oriented if s[0] * s[1] == area]
+    return min(same_area, key=lambda s: abs(s[0] / s[1] - (aspect or s[0] / s[1])))

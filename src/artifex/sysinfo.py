@@ -1,0 +1,48 @@
+"""What ran where: library versions and the device, for sidecars and benchmark reports."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from importlib import metadata
+
+import torch
+
+_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "av", "numpy", "safetensors", "tokenizers")
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in ("artifex",) + _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["cuda"] = torch.version.cuda
+    out["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    return out
+
+
+def device_info(device: torch.device | str) -> dict:
+    device = torch.device(device)
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        p = torch.cuda.get_device_properties(idx)
+        return {"type": "cuda", "name": p.name, "capability": f"sm{p.major}{p.minor}",
+                "memory_gib": round(p.total_memory / 2**30, 1), "index": idx}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory of this generation (CUDA) or of the whole process so far (CPU: max RSS)."""
+    if device.type == "cuda":
+        return {"gpu_max_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+                "gpu_max_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"cpu_process_max_rss_gib": round(rss_kib / 2**20, 3)}

@@ -1,0 +1,89 @@
+"""The artifex command, in-process and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+
+from artifex.cli import build_config, build_parser, main
+
+
+def test_models_and_presets_list(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ti2v-5b", "t2v-a14b", "i2v-a14b", "s2v-14b", "tiny-ti2v", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"):
+        assert name in out
+    assert main(["models", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["t2v-a14b"]["boundary"] == 0.875 and data["ti2v-5b"]["spatial_multiple"] == 32
+    assert main(["presets", "--model", "t2v-a14b"]) == 0
+    out = capsys.readouterr().out
+    assert "draft" in out and "832x480" in out and "1280x720" in out and "use_torch_compile=True" in out
+
+
+def test_generate_writes_mp4_with_progress(tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    code = main(["generate", "--model", "tiny-t2v-moe", "--prompt", "a dog running", "--size", "128x64",
+                 "--frames", "9", "--steps", "4", "--seed", "5", "--output", str(out), "--max-batch-size", "2"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert "denoise" in captured.err and "4/4" in captured.err and "low-noise from step" in captured.err
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 9
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["config"]["max_batch_size"] == 2 and side["plan"]["cfg_batch"] == 2
+
+
+def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path):
+    cases = [
+        (["--model", "tiny-t2v-moe", "--frames", "10"], "frames: must be 4n+1"),
+        (["--model", "tiny-t2v-moe", "--size", "100x64"], "width: 100 is not a multiple of 16"),
+        (["--model", "tiny-t2v-moe", "--steps", "0"], "steps: must be between 1 and 1000"),
+        (["--model", "tiny-t2v-moe", "--guidance", "-2"], "guidance: must be >= 0"),
+        (["--model", "wan9"], "model: unknown model 'wan9'"),
+        (["--model", "tiny-t2v-moe", "--preset", "ultra"], "preset: unknown preset 'ultra'"),
+        (["--model", "tiny-i2v-moe"], "image: tiny-i2v-moe generates from an image"),
+        (["--model", "tiny-i2v-moe", "--image", str(tmp_path / "no.png")], "no.png does not exist"),
+        (["--model", "tiny-t2v-moe", "--checkpoint", str(tmp_path / "nope")], "nope: does not exist"),
+        (["--model", "tiny-t2v-moe", "--attention-slicing", "4"], "not supported yet: attention_slicing"),
+    ]
+    for args, message in cases:
+        assert main(["generate", "--prompt", "x", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err, (args, err)
+        assert "Traceback" not in err
+
+
+def test_config_precedence(tmp_path, monkeypatch):
+    env_cfg = tmp_path / "env.toml"
+    env_cfg.write_text("vae_tiling = true\nmax_batch_size = 2\n")
+    file_cfg = tmp_path / "file.toml"
+    file_cfg.write_text("max_batch_size = 3\nuse_torch_compile = false\n")
+    monkeypatch.setenv("ARTIFEX_CONFIG", str(env_cfg))
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--model", "m", "--prompt", "p", "--config", str(file_cfg),
+                              "--vae-slicing", "--precision", "fp32"])
+    cfg = build_config(args, preset="production")
+    # preset turned compile on, the file turned it off; env set tiling, file overrode batch; flags on top
+    assert (cfg.use_torch_compile, cfg.vae_tiling, cfg.max_batch_size, cfg.vae_slicing, cfg.precision) == (
+        False, True, 3, True, "fp32")
+
+
+def test_demo_runs_as_a_real_command(tmp_path):
+    out = tmp_path / "demo.mp4"
+    env = {**os.environ, "ARTIFEX_OUTPUT_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "artifex", "demo", "--frames", "17", "--output", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip().splitlines()[-1]) == out
+    assert "demo video written to" in proc.stderr
+    with av.open(str(out)) as c:
+        s = c.streams.video[0]
+        assert (s.codec_context.name, s.width, s.height) == ("h264", 256, 160)
+        assert sum(1 for _ in c.decode(s)) == 17

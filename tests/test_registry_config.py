@@ -1,0 +1,104 @@
+"""Model facts, presets and the validated OptimizationConfig."""
+
+from __future__ import annotations
+
+import pytest
+
+from artifex.config import OptimizationConfig
+from artifex.errors import InvalidRequestError, NotSupportedYetError
+from artifex.models.registry import MODELS, get_model
+from artifex.presets import PRESETS, get_preset, pick_size
+
+
+def test_token_counts_and_flops_match_design_facts():
+    ti2v, t2v = get_model("ti2v-5b"), get_model("t2v-a14b")
+    assert ti2v.tokens(1280, 704, 121) == 27_280
+    assert t2v.tokens(1280, 720, 81) == 75_600
+    assert t2v.tokens(832, 480, 81) == 32_760
+    assert ti2v.flops_per_forward(1280, 704, 121) == pytest.approx(0.51e15, rel=0.02)
+    assert t2v.flops_per_forward(1280, 720, 81) == pytest.approx(6.5e15, rel=0.02)
+
+
+def test_registry_holds_the_official_defaults():
+    t2v = get_model("t2v-a14b")
+    assert (t2v.steps, t2v.shift, t2v.guidance, t2v.boundary, t2v.fps, t2v.frames) == (40, 12.0, (4.0, 3.0), 0.875, 16, 81)
+    i2v = get_model("I2V-A14B")
+    assert (i2v.transformer.in_channels, i2v.boundary, i2v.guidance, i2v.image) == (36, 0.9, (3.5, 3.5), "required")
+    ti2v = get_model("ti2v-5b")
+    assert (ti2v.spatial_multiple, ti2v.vae.z_dim, ti2v.fps, ti2v.hub_id) == (
+        32, 48, 24, "Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+    assert get_model("s2v-14b").runnable is False
+    for spec in MODELS.values():
+        assert spec.transformer.head_dim * spec.transformer.heads == spec.transformer.dim
+        for w, h in spec.sizes:
+            assert w % spec.spatial_multiple == 0 and h % spec.spatial_multiple == 0, (spec.name, w, h)
+        assert (spec.frames - 1) % 4 == 0
+        if not spec.tiny:
+            assert spec.transformer.head_dim == 128
+
+
+def test_unknown_model_and_preset_list_the_allowed_names():
+    with pytest.raises(InvalidRequestError, match=r"model: unknown model 'wan3'.*t2v-a14b"):
+        get_model("wan3")
+    with pytest.raises(InvalidRequestError, match=r"preset: unknown preset 'ultra'.*draft, preview, production, cinema"):
+        get_preset("ultra")
+
+
+def test_presets_map_onto_each_models_trained_sizes():
+    t2v = get_model("t2v-a14b")
+    assert pick_size(t2v, "smallest") == (832, 480)
+    assert pick_size(t2v, "largest") == (1280, 720)
+    assert pick_size(t2v, "largest", aspect=0.6) == (720, 1280)
+    assert pick_size(get_model("ti2v-5b"), "smallest") == (1280, 704)  # TI2V has one trained size per orientation
+    draft = PRESETS["draft"]
+    assert draft.steps(t2v) == 12 and draft.num_frames(t2v) == 29 and (draft.num_frames(t2v) - 1) % 4 == 0
+    assert PRESETS["cinema"].steps(t2v) == 50
+    assert PRESETS["production"].steps(get_model("ti2v-5b")) == 50
+
+
+def test_config_validates_every_field():
+    with pytest.raises(InvalidRequestError, match=r"precision: unknown value 'fp8'.*bf16, fp16, fp32"):
+        OptimizationConfig(precision="fp8")
+    with pytest.raises(InvalidRequestError, match="max_batch_size: must be >= 1"):
+        OptimizationConfig(max_batch_size=0)
+    with pytest.raises(InvalidRequestError, match="use_torch_compile: must be true or false"):
+        OptimizationConfig(use_torch_compile="yes")
+    with pytest.raises(InvalidRequestError, match="device: unknown device 'gpu0'"):
+        OptimizationConfig(device="gpu0")
+    with pytest.raises(InvalidRequestError, match="flash_attention_dropout"):
+        OptimizationConfig(flash_attention_dropout=1.5)
+
+
+def test_config_from_toml_merges_and_rejects_unknown_keys(tmp_path):
+    f = tmp_path / "a.toml"
+    f.write_text("[optimization]\nvae_tiling = true\nmax_batch_size = 2\nuse_fp16 = true\n")
+    cfg = OptimizationConfig.from_toml(f)
+    assert (cfg.vae_tiling, cfg.max_batch_size, cfg.precision) == (True, 2, "fp16")
+    f.write_text("vae_tilling = true\n")
+    with pytest.raises(InvalidRequestError, match=r"vae_tilling: unknown configuration field.*vae_tiling"):
+        OptimizationConfig.from_toml(f)
+    f.write_text("vae_tiling = \n")
+    with pytest.raises(InvalidRequestError, match="not valid TOML"):
+        OptimizationConfig.from_toml(f)
+    with pytest.raises(InvalidRequestError, match="does not exist"):
+        OptimizationConfig.from_toml(tmp_path / "missing.toml")
+
+
+def test_config_round_trips_through_toml_and_hash_tracks_changes(tmp_path):
+    cfg = OptimizationConfig(vae_slicing=True, experts="swap")
+    f = tmp_path / "b.toml"
+    f.write_text(cfg.to_toml())
+    assert OptimizationConfig.from_toml(f) == cfg
+    assert OptimizationConfig.from_toml(f).hash() == cfg.hash()
+    assert cfg.merged({"vae_slicing": False}).hash() != cfg.hash()
+
+
+def test_fields_without_a_mechanism_are_refused_or_warned():
+    for field, value in [("use_flash_attention", True), ("use_xformers", True), ("attention_slicing", 4),
+                         ("flash_attention_scale", 0.1), ("flash_attention_causal", True),
+                         ("flash_attention_dropout", 0.1)]:
+        with pytest.raises(NotSupportedYetError, match=f"not supported yet: {field}"):
+            OptimizationConfig(**{field: value}).check_supported()
+    assert OptimizationConfig().check_supported() == []
+    warnings = OptimizationConfig(gradient_checkpointing=True).check_supported()
+    assert warnings and "no effect at inference" in warnings[0]
