@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub: everything is built locally
 import shutil
 from pathlib import Path
 

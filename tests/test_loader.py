@@ -115,3 +115,47 @@ def test_hub_id_without_network_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match=r"Wan-AI/Wan2.2-TI2V-5B-Diffusers: could not download"):
         resolve_checkpoint(get_model("ti2v-5b"), None, tmp_path)
+
+
+def _to_original_wan_keys(state: dict) -> dict:
+    """Write a diffusers Wan transformer state dict under the original Wan repository's key names."""
+    import re
+
+    renames = [("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+               ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+               ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+               ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+               ("condition_embedder.time_proj", "time_projection.1"), ("attn2", "cross_attn"), ("attn1", "self_attn"),
+               (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
+               ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), ("proj_out", "head.head")]
+    out = {}
+    for key, value in state.items():
+        new = key
+        for a, b in renames:
+            new = new.replace(a, b)
+        new = "head.modulation" if new == "scale_shift_table" else re.sub(r"\.scale_shift_table$", ".modulation", new)
+        new = new.replace(".norm2.", ".norm_swap.").replace(".norm3.", ".norm2.").replace(".norm_swap.", ".norm3.")
+        out[new] = value
+    return out
+
+
+def test_single_file_transformer_in_original_wan_format_loads(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    spec, path = get_model("tiny-t2v-moe"), tiny_checkpoint("tiny-t2v-moe")
+    state = load_file(path / "transformer_2" / "diffusion_pytorch_model.safetensors")
+    single = tmp_path / "low_noise_model.safetensors"
+    save_file(_to_original_wan_keys(state), single)
+    # The low-noise expert's weights, given as a single file, replace transformer/ (the high-noise one).
+    c = load_components(spec, path, "bf16", single_files={"transformer": str(single)})
+    ref = load_components(spec, path, "bf16")
+    got, want = c.experts[0].state_dict(), ref.experts[1].state_dict()
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in got)
+    assert c.experts[0].scale_shift_table.dtype == torch.float32
+    # a broken single file is named
+    single.write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match=r"low_noise_model.safetensors: is corrupt"):
+        load_components(spec, path, "bf16", single_files={"transformer": str(single)})
+    with pytest.raises(CheckpointError, match=r"tiny-ti2v has no transformer_2"):
+        load_components(get_model("tiny-ti2v"), tiny_checkpoint("tiny-ti2v"), single_files={"transformer_2": str(single)})

@@ -232,11 +232,14 @@ def load_components(
         check_safetensors(Path(file))
     dtype = DTYPES[precision]
 
-    def load(role: str, cls, subfolder: str, **kw):
+    def load(role: str, cls, subfolder: str, dtype: torch.dtype):
         try:
             if role in single_files:
-                return cls.from_single_file(single_files[role], config=str(path), subfolder=subfolder, **kw)
-            return cls.from_pretrained(path, subfolder=subfolder, **kw)
+                # Single files load in fp32, then cast here so the fp32-kept modules never lose precision.
+                model = cls.from_single_file(single_files[role], config=str(path), subfolder=subfolder,
+                                             torch_dtype=torch.float32)
+                return cast_keeping_fp32(model, dtype)
+            return cls.from_pretrained(path, subfolder=subfolder, dtype=dtype)
         except CheckpointError:
             raise
         except Exception as e:
@@ -244,10 +247,10 @@ def load_components(
             raise CheckpointError(where, f"could not be loaded as {cls.__name__}: {type(e).__name__}: {e}") from e
 
     experts = [
-        load(role, WanTransformer3DModel, role, dtype=dtype).eval()
+        load(role, WanTransformer3DModel, role, dtype).eval()
         for role in ["transformer", "transformer_2"][: spec.experts]
     ]
-    vae = load("vae", AutoencoderKLWan, "vae", dtype=torch.float32).eval()
+    vae = load("vae", AutoencoderKLWan, "vae", torch.float32).eval()
     try:
         text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
@@ -256,3 +259,13 @@ def load_components(
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                       scheduler_config=scheduler_config, experts=experts, info=info)
+
+
+def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast floating parameters and buffers to ``dtype``, leaving the modules the class lists in
+    ``_keep_in_fp32_modules`` in fp32 (the rule diffusers' from_pretrained applies)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not any(k in name.split(".") for k in keep):
+            tensor.data = tensor.data.to(dtype)
+    return model
