@@ -185,3 +185,14 @@ def test_bf16_default_stays_close_to_fp32(engine, tmp_path):
 def test_engine_refuses_a_request_for_another_model(engine, tmp_path):
     with pytest.raises(ValueError, match="this engine runs tiny-ti2v"):
         engine("tiny-ti2v").generate(GenerationRequest(model="tiny-t2v-moe", prompt="x"))
+
+
+def test_torch_compile_of_repeated_blocks_matches_eager(engine, tmp_path):
+    """use_torch_compile is wired: the blocks become compiled modules and the video stays the same."""
+    eager = generate(engine("tiny-t2v-moe", precision="fp32", tf32=False), tmp_path, "e.mp4", steps=3, frames=5)
+    eng = engine("tiny-t2v-moe", precision="fp32", tf32=False, use_torch_compile=True)
+    assert all(b._compiled_call_impl is not None for e in eng.c.experts for b in e.blocks)
+    assert engine("tiny-t2v-moe", precision="fp32", tf32=False).c.experts[0].blocks[0]._compiled_call_impl is None
+    compiled = generate(eng, tmp_path, "c.mp4", steps=3, frames=5)
+    assert _rel_l2(compiled.latents, eager.latents) < 1e-4
+    assert compiled.plan.compile is True
