@@ -196,3 +196,19 @@ def test_torch_compile_of_repeated_blocks_matches_eager(engine, tmp_path):
     compiled = generate(eng, tmp_path, "c.mp4", steps=3, frames=5)
     assert _rel_l2(compiled.latents, eager.latents) < 1e-4
     assert compiled.plan.compile is True
+
+
+def test_a_progress_callback_can_cancel_between_steps(engine, tmp_path):
+    from artifex.errors import GenerationCancelled
+
+    seen = []
+
+    def cancel_at_3(e):
+        seen.append(e.stage)
+        if e.stage == "denoise" and e.step == 3:
+            raise GenerationCancelled("stop")
+
+    with pytest.raises(GenerationCancelled):
+        generate(engine("tiny-ti2v"), tmp_path, "x.mp4", steps=6, frames=5, events=cancel_at_3)
+    assert seen.count("denoise") == 3 and "decode" not in seen
+    assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.json").exists()

@@ -41,3 +41,7 @@ class CheckpointError(ArtifexError):
 
 class NotSupportedYetError(ArtifexError):
     """A setting whose mechanism does not exist yet in this version of Artifex."""
+
+
+class GenerationCancelled(ArtifexError):
+    """Raised by a progress callback to stop a generation between steps; nothing is written."""

@@ -95,7 +95,12 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
 
 
 class Engine:
-    """A loaded model and its plan; ``generate`` turns requests into mp4 files."""
+    """A loaded model and its plan; ``generate`` turns requests into mp4 files.
+
+    ``generate`` reports progress through ``on_event``; a callback that raises
+    ``artifex.errors.GenerationCancelled`` stops the generation at that point (between
+    denoising steps, at the latest), and no video or sidecar is written.
+    """
 
     def __init__(self, spec: ModelSpec, components: Components, plan: Plan, config: OptimizationConfig,
                  load_s: float = 0.0):
