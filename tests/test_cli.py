@@ -51,7 +51,9 @@ def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path):
         (["--model", "tiny-i2v-moe"], "image: tiny-i2v-moe generates from an image"),
         (["--model", "tiny-i2v-moe", "--image", str(tmp_path / "no.png")], "no.png does not exist"),
         (["--model", "tiny-t2v-moe", "--checkpoint", str(tmp_path / "nope")], "nope: does not exist"),
-        (["--model", "tiny-t2v-moe", "--attention-slicing", "4"], "not supported yet: attention_slicing"),
+        (["--model", "tiny-t2v-moe", "--attention", "sdpa", "--use-flash-attention"],
+         "use_flash_attention: conflicts with attention='sdpa'"),
+        (["--model", "tiny-t2v-moe", "--attention", "fa3"], "attention backend 'fa3' cannot run here: needs CUDA"),
     ]
     for args, message in cases:
         assert main(["generate", "--prompt", "x", *args]) == 2, args
@@ -87,3 +89,30 @@ def test_demo_runs_as_a_real_command(tmp_path):
         s = c.streams.video[0]
         assert (s.codec_context.name, s.width, s.height) == ("h264", 256, 160)
         assert sum(1 for _ in c.decode(s)) == 17
+
+
+def test_doctor_reports_backends_and_environment(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "attention backends" in out and "sdpa-math" in out and "verified" in out
+    assert "PYTORCH_CUDA_ALLOC_CONF" in out and "TOKENIZERS_PARALLELISM" in out
+    assert main(["doctor", "--json", "--no-verify"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["backends"]) >= {"fa3", "fa2", "sdpa", "sdpa-cudnn", "flex", "sage", "xformers", "sliced"}
+    assert report["backends"]["sdpa"]["available"] is True
+    if report["device"]["type"] == "cpu":
+        assert "needs CUDA" in report["backends"]["fa3"]["reason"]
+
+
+def test_bench_attention_writes_json_and_markdown(tmp_path, capsys):
+    code = main(["bench", "attention", "--only-shapes", "--shape", "small=1x128x2x64", "--iters", "2",
+                 "--warmup", "1", "--output-dir", str(tmp_path), "--no-processor-check"])
+    assert code == 0
+    data = json.loads(next(tmp_path.glob("attention-*.json")).read_text())
+    assert {"device", "command", "date", "versions", "summary"} <= set(data)
+    s = data["summary"]
+    assert s["auto_backend"]["small"] in {r["backend"] for r in data["results"]}
+    assert s["best_tflops"]["small"] >= s["auto_tflops"]["small"] > 0 and s["matmul_peak_tflops"] > 0
+    assert "| small |" in next(tmp_path.glob("attention-*.md")).read_text()
+    assert main(["bench", "attention", "--only-shapes", "--shape", "bad=1x2x3"]) == 2
+    assert "shape must look like NAME=BxLxHxD" in capsys.readouterr().err

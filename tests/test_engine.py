@@ -90,6 +90,9 @@ def test_sidecar_holds_what_it_claims(engine, tmp_path):
     assert side["plan"]["placement"] == "resident" and side["plan"]["precision"] == "bf16"
     assert side["experts_per_step"] == r.experts_per_step and side["switch_step"] == r.switch_step
     assert side["model"]["tokens_per_forward"] == get_model("tiny-t2v-moe").tokens(160, 96, 9)
+    att = side["attention"]
+    assert att["requested"] == "auto" and att["chosen"] == att["chain"][0] and att["chain"][-1] == "sdpa-math"
+    assert att["shape"] == [1, side["model"]["tokens_per_forward"], 2, 32]
 
 
 def test_ti2v_text_and_image_modes(engine, tmp_path, image_file):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from artifex.config import OptimizationConfig
-from artifex.errors import InvalidRequestError, NotSupportedYetError
+from artifex.errors import InvalidRequestError
 from artifex.models.registry import MODELS, get_model
 from artifex.presets import PRESETS, get_preset, pick_size
 
@@ -93,12 +93,13 @@ def test_config_round_trips_through_toml_and_hash_tracks_changes(tmp_path):
     assert cfg.merged({"vae_slicing": False}).hash() != cfg.hash()
 
 
-def test_fields_without_a_mechanism_are_refused_or_warned():
-    for field, value in [("use_flash_attention", True), ("use_xformers", True), ("attention_slicing", 4),
-                         ("flash_attention_scale", 0.1), ("flash_attention_causal", True),
-                         ("flash_attention_dropout", 0.1)]:
-        with pytest.raises(NotSupportedYetError, match=f"not supported yet: {field}"):
-            OptimizationConfig(**{field: value}).check_supported()
+def test_fields_that_change_the_output_or_do_nothing_are_warned():
     assert OptimizationConfig().check_supported() == []
-    warnings = OptimizationConfig(gradient_checkpointing=True).check_supported()
-    assert warnings and "no effect at inference" in warnings[0]
+    for field, value, text in [("gradient_checkpointing", True, "no effect at inference"),
+                               ("flash_attention_causal", True, "bidirectional"),
+                               ("flash_attention_scale", 0.1, "1/sqrt(head_dim)"),
+                               ("flash_attention_dropout", 0.1, "random beyond the seed")]:
+        warnings = OptimizationConfig(**{field: value}).check_supported()
+        assert len(warnings) == 1 and text in warnings[0], field
+    with pytest.raises(InvalidRequestError, match=r"attention: unknown value 'flash'.*auto, fa3"):
+        OptimizationConfig(attention="flash")

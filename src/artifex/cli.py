@@ -15,7 +15,7 @@ from pathlib import Path
 from artifex import __version__
 from artifex.config import OptimizationConfig
 from artifex.env import VARIABLES, read_env
-from artifex.errors import ArtifexError
+from artifex.errors import ArtifexError, InvalidRequestError
 from artifex.models.registry import MODELS, get_model
 from artifex.presets import PRESETS, get_preset, pick_size
 
@@ -134,6 +134,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from artifex.doctor import diagnose, render
+
+    report = diagnose(args.dtype, run_verification=not args.no_verify)
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+    return 0
+
+
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    from artifex.bench import attention
+
+    shapes = {} if args.only_shapes else dict(attention.WAN_SHAPES)
+    for text in args.shape:
+        try:
+            name, shape = attention.parse_shape(text)
+        except ValueError as e:
+            raise InvalidRequestError("shape", str(e)) from None
+        shapes[name] = shape
+    if not shapes:
+        raise InvalidRequestError("shape", "no shapes to run: give --shape or drop --only-shapes")
+    data = attention.run(shapes, args.dtype, args.output_dir, args.warmup, args.iters,
+                         processor=not args.no_processor_check)
+    s = data["summary"]
+    for name in shapes:
+        print(f"{name}: auto -> {s['auto_backend'][name]} {s['auto_tflops'][name]} TFLOP/s; best "
+              f"{s['best_backend'][name]} {s['best_tflops'][name]}; default SDPA {s['sdpa_default_tflops'][name]}")
+    print("\n".join(data.get("files", [])))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({n: s.summary() for n, s in MODELS.items()}, indent=2))
@@ -214,6 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", type=Path, help="mp4 path (default: artifex-output/demo.mp4)")
     _add_config_flags(d)
     d.set_defaults(func=cmd_demo)
+
+    doc = sub.add_parser("doctor", help="GPU, versions, attention backends (verified), environment advice")
+    doc.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    doc.add_argument("--no-verify", action="store_true", help="probe only; skip the float64 verification")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=cmd_doctor)
+
+    bench = sub.add_parser("bench", help="benchmarks (run them on the GPU)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    ba = bsub.add_parser("attention", help="every attention backend at the Wan shapes")
+    ba.add_argument("--shape", action="append", default=[], help="extra shape NAME=BxLxHxD (repeatable)")
+    ba.add_argument("--only-shapes", action="store_true", help="skip the built-in Wan shapes")
+    ba.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ba.add_argument("--iters", type=int, default=10)
+    ba.add_argument("--warmup", type=int, default=3)
+    ba.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    ba.add_argument("--no-processor-check", action="store_true")
+    ba.set_defaults(func=cmd_bench_attention)
 
     m = sub.add_parser("models", help="list the known models and their defaults")
     m.add_argument("--json", action="store_true")

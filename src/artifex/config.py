@@ -18,12 +18,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from artifex.errors import InvalidRequestError, NotSupportedYetError
+from artifex.errors import InvalidRequestError
 
 log = logging.getLogger("artifex")
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 EXPERT_RESIDENCY = ("auto", "resident", "swap")
+ATTENTION_CHOICES = ("auto", "fa3", "fa4", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa", "flex",
+                     "sage", "xformers", "sliced", "sdpa-math")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):
@@ -41,18 +43,26 @@ class OptimizationConfig:
     )
     tf32: bool = _f(True, "allow TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer)")
     device: str = _f("auto", "where to run: auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    use_flash_attention: bool = _f(
-        False, "use FlashAttention-3 kernels (not supported yet: arrives with the attention engine)"
+    attention: str = _f(
+        "auto",
+        "attention backend: auto (fastest verified kernel on this GPU, chosen once per shape and cached) or one of "
+        "the names `artifex doctor` lists",
+        ATTENTION_CHOICES,
     )
-    use_xformers: bool = _f(False, "use xFormers attention (not supported yet: arrives with the attention engine)")
+    use_flash_attention: bool = _f(
+        False, "prefer FlashAttention-3, falling back to FA2, FA4, xFormers, then the fastest other verified kernel"
+    )
+    use_xformers: bool = _f(False, "prefer xFormers attention when it is installed and verified")
     attention_slicing: int = _f(
-        0, "split attention queries into N chunks to save memory; 0 = off (not supported yet for N > 0)"
+        0, "split attention queries into N chunks (the 'sliced' backend) to cut its memory; 0 = off"
     )
     flash_attention_scale: float | None = _f(
-        None, "softmax scale override; default 1/sqrt(head_dim) (not supported yet)"
+        None, "softmax scale override; default 1/sqrt(head_dim). Changes the model's output"
     )
-    flash_attention_causal: bool = _f(False, "causal attention mask (not supported yet; Wan is bidirectional)")
-    flash_attention_dropout: float = _f(0.0, "attention dropout probability (not supported yet; inference uses 0)")
+    flash_attention_causal: bool = _f(False, "causal attention mask; Wan is bidirectional, so this changes the output")
+    flash_attention_dropout: float = _f(
+        0.0, "attention dropout probability (only kernels that support dropout are used); inference uses 0"
+    )
     use_channels_last: bool = _f(False, "run the VAE in channels_last_3d memory format")
     use_torch_compile: bool = _f(False, "torch.compile the repeated transformer blocks (regional compile)")
     offload_to_cpu: bool = _f(
@@ -101,30 +111,18 @@ class OptimizationConfig:
             raise InvalidRequestError("device", f"unknown device {dev!r}", "auto, cpu, cuda, cuda:N")
 
     def check_supported(self) -> list[str]:
-        """Refuse what this version cannot do yet; return warnings for fields with no effect."""
-        unsupported = []
-        if self.use_flash_attention:
-            unsupported.append("use_flash_attention")
-        if self.use_xformers:
-            unsupported.append("use_xformers")
-        if self.attention_slicing:
-            unsupported.append("attention_slicing")
-        if self.flash_attention_scale is not None:
-            unsupported.append("flash_attention_scale")
-        if self.flash_attention_causal:
-            unsupported.append("flash_attention_causal")
-        if self.flash_attention_dropout:
-            unsupported.append("flash_attention_dropout")
-        if unsupported:
-            raise NotSupportedYetError(
-                f"not supported yet: {', '.join(unsupported)}. Attention runs through PyTorch SDPA "
-                "(which picks FlashAttention-2, memory-efficient or cuDNN kernels itself on CUDA); the "
-                "attention engine that selects FA3/xFormers/sliced attention is not built yet. "
-                "Leave these fields at their defaults."
-            )
+        """Warnings for fields that change the model's output or have no effect."""
         warnings = []
         if self.gradient_checkpointing:
             warnings.append("gradient_checkpointing has no effect at inference (no gradients are computed)")
+        if self.flash_attention_causal:
+            warnings.append("flash_attention_causal: Wan was trained with bidirectional attention; a causal mask "
+                            "changes what it generates")
+        if self.flash_attention_scale is not None:
+            warnings.append(f"flash_attention_scale={self.flash_attention_scale}: differs from the trained "
+                            "1/sqrt(head_dim) unless equal to it")
+        if self.flash_attention_dropout:
+            warnings.append("flash_attention_dropout > 0 makes inference random beyond the seed")
         return warnings
 
     # -- data in and out ---------------------------------------------------------------

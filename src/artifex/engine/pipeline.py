@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
 from artifex.engine.plan import Plan, make_plan
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
@@ -59,6 +60,7 @@ class GenerationResult:
     peak_memory: dict
     experts_per_step: list[int]
     switch_step: int | None  # first step run by the low-noise expert (A14B), else None
+    attention: Choice
     latents: torch.Tensor = field(repr=False)  # final latents, CPU float32
     sidecar: dict = field(repr=False, default_factory=dict)
 
@@ -108,6 +110,8 @@ class Engine:
         self.device = torch.device(plan.device)
         self.dtype = DTYPES[plan.precision]
         self.load_s = load_s
+        self.attention = runtime_from_config(config, read_env().home)
+        self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         self._place_models()
 
     # -- construction ----------------------------------------------------------------------
@@ -133,6 +137,7 @@ class Engine:
 
     def _place_models(self) -> None:
         c, p = self.c, self.plan
+        install(c.experts, self.attention)  # before compile, so compiled blocks call Artifex attention
         if p.vae_tiling:
             c.vae.enable_tiling()
         if p.vae_slicing:
@@ -266,6 +271,10 @@ class Engine:
                 t = stage_done("encode_image", t)
 
             # 3. Denoise: flow-matching UniPC, the MoE switch at the boundary, CFG per expert.
+            arch = spec.transformer
+            batch = self.plan.cfg_batch if any(use_cfg) else 1
+            tokens = spec.tokens(s.width, s.height, s.frames)
+            attention = self.attention.prepare((batch, tokens, arch.heads, arch.head_dim), self.dtype, self.device)
             scheduler = self.make_scheduler(s.shift)
             scheduler.set_timesteps(s.steps, device=self.device)
             timesteps = scheduler.timesteps
@@ -307,7 +316,7 @@ class Engine:
         result = GenerationResult(
             video_path=video_path, sidecar_path=video_path.with_suffix(".json"), settings=s, plan=self.plan,
             timings=timings, peak_memory=peak_memory(self.device), experts_per_step=experts, switch_step=switch,
-            latents=latents.float().cpu(),
+            attention=attention, latents=latents.float().cpu(),
         )
         result.sidecar = self._sidecar(request, result)
         _write_json(result.sidecar_path, result.sidecar)
@@ -358,6 +367,7 @@ class Engine:
             "experts_per_step": r.experts_per_step,
             "switch_step": r.switch_step,
             "plan": r.plan.to_dict(),
+            "attention": r.attention.to_dict(),
             "config": self.config.to_dict(),
             "timings_s": {"load": round(self.load_s, 4), **r.timings},
             "peak_memory": r.peak_memory,

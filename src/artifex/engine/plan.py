@@ -29,7 +29,7 @@ class Plan:
     device: str
     precision: str  # DiT and text encoder
     vae_precision: str
-    attention: str
+    attention: str  # as requested ("auto" or a backend); each result records the backend chosen per shape
     placement: str  # "resident", "expert_swap", "model_offload"
     cfg_batch: int  # 2: cond and uncond in one batch
     compile: bool
@@ -93,7 +93,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, info: CheckpointInfo)
         device=str(device),
         precision=config.precision,
         vae_precision="fp32",
-        attention="sdpa",
+        attention=config.attention,
         placement=placement,
         cfg_batch=cfg_batch,
         compile=config.use_torch_compile,

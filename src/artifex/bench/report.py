@@ -1,0 +1,65 @@
+"""Writing benchmark results: one JSON (device, command, date, versions, summary, ...) and a Markdown table."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from artifex.sysinfo import device_info, versions
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    m = re.search(r"(h100|h200|h20|a100|l40s|l4|a10g|4090|3090|b200)", name)
+    return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def header(device: torch.device) -> dict:
+    return {
+        "device": device_info(device),
+        "command": " ".join(shlex.quote(a) for a in ["artifex", *sys.argv[1:]]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """bf16 matmul throughput measured now on ``device`` (8192^3 on a GPU, 1024^3 on a CPU), median of runs."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for i in range(13):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:  # warm-up excluded
+            times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def write(out_dir: Path, stem: str, data: dict, markdown: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    js.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    md.write_text(markdown)
+    return [js, md]
+
+
+def md_table(rows: list[list[str]]) -> str:
+    head, *body = rows
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,154 @@
+"""Attention backends against a float64 reference, slicing, selection + cache, fallback, and the Wan processor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from artifex.attention import BACKENDS, AttentionRuntime, AttentionUnavailableError, install, select, verify
+from artifex.attention.ops import reset_runtime_failures, run_chain, runtime_failures
+from artifex.attention.select import reference_attention, rel_l2
+from artifex.errors import InvalidRequestError
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+RUNS_HERE = ["sdpa", "sdpa-math", "flex", "sliced"] + (["sdpa-flash"] if DEVICE.type == "cpu" else [])
+
+
+@pytest.fixture(autouse=True)
+def _clean_failures():
+    reset_runtime_failures()
+    yield
+    reset_runtime_failures()
+
+
+@pytest.mark.parametrize("name", RUNS_HERE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backends_that_run_here_match_the_float64_reference(name, dtype):
+    v = verify(name, DEVICE, dtype, head_dim=64)
+    assert v.ok, v.reason
+    assert v.rel_l2 is not None and v.rel_l2 < v.bound
+    assert verify(name, DEVICE, dtype, head_dim=64, causal=True).ok
+
+
+def test_gpu_only_backends_say_why_on_a_cpu():
+    if DEVICE.type != "cpu":
+        pytest.skip("CPU-only check")
+    for name in ("fa3", "fa2", "sdpa-cudnn", "xformers", "sage"):
+        v = verify(name, DEVICE, torch.bfloat16)
+        assert not v.ok and "needs CUDA" in v.reason
+
+
+@pytest.mark.parametrize("slices", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliced_equals_full_attention(slices, causal):
+    g = torch.Generator().manual_seed(slices)
+    q, k, v = (torch.randn(2, 64, 3, 32, generator=g) for _ in range(3))
+    full = BACKENDS["sdpa-math"].run(q, k, v, None, causal, 0.0, 0)
+    sliced = BACKENDS["sliced"].run(q, k, v, None, causal, 0.0, slices)
+    assert torch.allclose(sliced, full, atol=1e-5)
+
+
+def test_scale_and_causal_are_honoured():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=g) for _ in range(3))
+    for name in ("sdpa", "sliced", "flex"):
+        out = BACKENDS[name].run(q, k, v, 0.05, True, 0.0, 3)
+        assert rel_l2(out, reference_attention(q, k, v, 0.05, True)) < 1e-5, name
+
+
+def test_explicit_choice_is_honoured_or_refused_with_the_reason():
+    c = select("sdpa-math", DEVICE, torch.float32, (1, 64, 2, 32))
+    assert (c.chosen, c.source, c.chain) == ("sdpa-math", "explicit", ["sdpa-math"])
+    assert select("sliced", DEVICE, torch.float32, (1, 64, 2, 32), slices=4).chain == ["sliced", "sdpa-math"]
+    with pytest.raises(InvalidRequestError, match=r"attention: unknown attention backend 'flash9'.*auto, fa3"):
+        select("flash9", DEVICE, torch.float32, (1, 64, 2, 32))
+    if DEVICE.type == "cpu":
+        with pytest.raises(AttentionUnavailableError, match=r"'fa3' cannot run here: needs CUDA"):
+            select("fa3", DEVICE, torch.bfloat16, (1, 64, 2, 128))
+
+
+def test_auto_times_verified_backends_and_caches_the_choice(tmp_path):
+    cache = tmp_path / "attention-selection.json"
+    shape = (1, 96, 2, 32)
+    first = select("auto", DEVICE, torch.float32, shape, cache_path=cache)
+    assert first.source == "timed" and first.chosen in first.timings_ms
+    assert first.chosen == min(first.timings_ms, key=first.timings_ms.get)
+    assert first.chain[-1] == "sdpa-math" and set(first.timings_ms) <= set(first.chain)
+    stored = json.loads(cache.read_text())
+    assert len(stored["entries"]) == 1 and "96" in next(iter(stored["entries"]))
+    second = select("auto", DEVICE, torch.float32, shape, cache_path=cache)
+    assert second.source == "cache" and second.chosen == first.chosen
+    # another shape is another entry
+    select("auto", DEVICE, torch.float32, (1, 80, 2, 32), cache_path=cache)
+    assert len(json.loads(cache.read_text())["entries"]) == 2
+
+
+def test_a_corrupt_cache_is_rebuilt(tmp_path, caplog):
+    cache = tmp_path / "attention-selection.json"
+    cache.write_text("{ this is not json")
+    c = select("auto", DEVICE, torch.float32, (1, 64, 2, 32), cache_path=cache)
+    assert c.source == "timed"
+    assert "rebuilding" in caplog.text
+    assert json.loads(cache.read_text())["format"] == 1
+
+
+def test_flash_preference_falls_back_with_reasons():
+    c = select("auto", DEVICE, torch.bfloat16, (1, 64, 2, 128), prefer=["fa3", "fa2", "fa4", "xformers"])
+    if "fa3" not in c.chain:
+        assert "fa3" in c.rejected and c.rejected["fa3"]
+        assert c.chosen in BACKENDS and c.chain[-1] == "sdpa-math"
+
+
+def test_a_failing_backend_falls_back_at_runtime(monkeypatch, caplog):
+    calls = []
+
+    def boom(*args):
+        calls.append(1)
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(BACKENDS, "sdpa", dataclasses.replace(BACKENDS["sdpa"], run=boom))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g) for _ in range(3))
+    out = torch.ops.artifex.attention(q, k, v, "sdpa,sdpa-math", None, False, 0.0, 0)
+    assert rel_l2(out, reference_attention(q, k, v)) < 1e-5
+    assert "sdpa" in runtime_failures() and "kernel exploded" in caplog.text
+    run_chain(["sdpa", "sdpa-math"], q, k, v, None, False, 0.0, 0)
+    assert len(calls) == 1  # a failed backend is not retried in this process
+    # and auto no longer offers it
+    c = select("auto", DEVICE, torch.float32, (1, 32, 2, 16))
+    assert "sdpa" not in c.chain and "failed at runtime" in c.rejected["sdpa"]
+    with pytest.raises(AttentionUnavailableError, match="failed at runtime earlier"):
+        select("sdpa", DEVICE, torch.float32, (1, 32, 2, 16))
+
+
+def _tiny_wan(image_dim=None):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+                                 text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, image_dim=image_dim,
+                                 added_kv_proj_dim=64 if image_dim else None).to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "sliced", "flex", "sdpa-math"])
+@pytest.mark.parametrize("image_branch", [False, True])
+def test_wan_processor_matches_diffusers_processor(backend, image_branch):
+    model = _tiny_wan(image_dim=24 if image_branch else None)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 3, 8, 12, generator=g).to(DEVICE)
+    text = torch.randn(1, 512, 32, generator=g).to(DEVICE)
+    kw = dict(hidden_states=x, timestep=torch.tensor([500.0], device=DEVICE), encoder_hidden_states=text,
+              return_dict=False)
+    if image_branch:
+        kw["encoder_hidden_states_image"] = torch.randn(1, 257, 24, generator=g).to(DEVICE)
+    with torch.no_grad():
+        ref = model(**kw)[0]
+        runtime = AttentionRuntime(requested=backend, slices=3)
+        runtime.prepare((1, 72, 2, 32), torch.float32, DEVICE)
+        install([model], runtime)
+        out = model(**kw)[0]
+    assert type(model.blocks[0].attn1.processor).__name__ == "WanAttentionProcessor"
+    assert rel_l2(out, ref.double()) < 1e-4
