@@ -1,4 +1,4 @@
-"""The ``artifex`` command: generate, demo, models, presets.
+"""The ``artifex`` command: generate, demo, models, presets, doctor, bench.
 
 The CLI only builds a ``GenerationRequest`` and an ``OptimizationConfig`` and hands them
 to the engine; it knows nothing about how generation works.
@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--shape", action="append", default=[], help="extra shape NAME=BxLxHxD (repeatable)")
     ba.add_argument("--only-shapes", action="store_true", help="skip the built-in Wan shapes")
     ba.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    ba.add_argument("--iters", type=int, default=10)
-    ba.add_argument("--warmup", type=int, default=3)
+    ba.add_argument("--iters", type=int, default=30)
+    ba.add_argument("--warmup", type=int, default=10)
     ba.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     ba.add_argument("--no-processor-check", action="store_true")
     ba.set_defaults(func=cmd_bench_attention)
