@@ -102,9 +102,13 @@ def bench_shape(name, shape, dtype, device, peak, backends, warmup, iters) -> li
             continue
         mem = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else None
         tf = flops / (ms * 1e-3) / 1e12
-        rows.append(Row(name, bname, round(ms, 3), round(tf, 1), round(100 * tf / peak, 1),
-                        round(mem, 3) if mem is not None else None))
+        rows.append(Row(name, bname, _sig(ms), _sig(tf), _sig(100 * tf / peak), _sig(mem) if mem is not None else None))
     return rows
+
+
+def _sig(x: float) -> float:
+    """Four significant digits: keeps tiny CPU numbers non-zero and GPU numbers readable."""
+    return float(f"{x:.4g}")
 
 
 def processor_check(device: torch.device, dtype: torch.dtype, choice_chain: list[str], tokens_shape) -> dict:
@@ -154,7 +158,7 @@ def run(shapes: dict[str, tuple[int, int, int, int]], dtype_name: str = "bf16", 
         rows += shape_rows
         choice = select("auto", device, dtype, shape)
         auto[name] = choice.to_dict()
-        timed = {r.backend: r for r in shape_rows if r.tflops}
+        timed = {r.backend: r for r in shape_rows if r.tflops is not None}
         best = max(timed.values(), key=lambda r: r.tflops) if timed else None
         summary["auto_backend"][name] = choice.chosen
         summary["auto_tflops"][name] = timed[choice.chosen].tflops if choice.chosen in timed else None
@@ -163,7 +167,7 @@ def run(shapes: dict[str, tuple[int, int, int, int]], dtype_name: str = "bf16", 
         summary["sdpa_default_tflops"][name] = timed["sdpa"].tflops if "sdpa" in timed else None
         if best and summary["auto_tflops"][name]:
             summary["auto_within_pct_of_best"][name] = round(100 * (1 - summary["auto_tflops"][name] / best.tflops), 2)
-    summary["matmul_peak_tflops"] = round(peak, 1)
+    summary["matmul_peak_tflops"] = _sig(peak)
     data.update(summary=summary, dtype=dtype_name, shapes={k: list(v) for k, v in shapes.items()},
                 verification=verification, results=[r.__dict__ for r in rows], auto_choices=auto)
     if processor and device.type == "cuda":
@@ -220,7 +224,7 @@ def _chart(data: dict, path: Path) -> Path | None:
         log.warning("matplotlib is not installed: no PNG chart (pip install matplotlib)")
         return None
     shapes = list(data["shapes"])
-    backends = sorted({r["backend"] for r in data["results"] if r["tflops"]})
+    backends = sorted({r["backend"] for r in data["results"] if r["tflops"] is not None})
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / max(1, len(backends))
     for i, bname in enumerate(backends):

@@ -52,8 +52,8 @@ EventCallback = Callable[[ProgressEvent], None]
 
 @dataclass
 class GenerationResult:
-    video_path: Path
-    sidecar_path: Path
+    video_path: Path | None  # None on a rank that does not write (parallel layouts)
+    sidecar_path: Path | None
     settings: Settings
     plan: Plan
     timings: dict[str, float]
@@ -111,6 +111,10 @@ class Engine:
         self.dtype = DTYPES[plan.precision]
         self.load_s = load_s
         self.attention = runtime_from_config(config, read_env().home)
+        # Seams for parallel layouts (artifex.distributed): how one step's flow prediction is computed, and
+        # whether this process decodes and writes the video (one rank of a group does).
+        self.predict: Callable[..., torch.Tensor] = self._predict
+        self.writes_output = True
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         self._place_models()
 
@@ -292,14 +296,20 @@ class Engine:
                     x = torch.cat([latents, condition], dim=1)
                 timestep = self._timestep(ts, frame_mask, latents)
                 with self._on_device(self.c.experts[expert]) as model:
-                    noise = self._predict(model, x.to(self.dtype), timestep, cond, uncond,
-                                          s.guidance[expert] if use_cfg[expert] else None)
+                    noise = self.predict(model, x.to(self.dtype), timestep, cond, uncond,
+                                         s.guidance[expert] if use_cfg[expert] else None)
                 latents = scheduler.step(noise, ts, latents, return_dict=False)[0]
                 emit(ProgressEvent("denoise", i + 1, len(timesteps), time.perf_counter() - t0,
                                    timestep=float(ts), expert=expert))
             if frame_mask is not None:
                 latents = (1 - frame_mask) * condition + frame_mask * latents
             t = stage_done("denoise", t)
+            switch = experts.index(1) if 1 in experts else None
+            if not self.writes_output:  # another rank of a parallel group decodes and writes
+                return GenerationResult(
+                    video_path=None, sidecar_path=None, settings=s, plan=self.plan, timings=timings,
+                    peak_memory=peak_memory(self.device), experts_per_step=experts, switch_step=switch,
+                    attention=attention, latents=latents.float().cpu())
 
             # 4. Decode to pixels, then uint8 frames (T, H, W, 3).
             emit(ProgressEvent("decode", 0, 1, time.perf_counter() - t0))
@@ -312,7 +322,6 @@ class Engine:
         write_mp4(frames, video_path, fps=s.fps)
         stage_done("write", t)
         timings["total"] = round(time.perf_counter() - t0, 4)
-        switch = experts.index(1) if 1 in experts else None
         result = GenerationResult(
             video_path=video_path, sidecar_path=video_path.with_suffix(".json"), settings=s, plan=self.plan,
             timings=timings, peak_memory=peak_memory(self.device), experts_per_step=experts, switch_step=switch,
