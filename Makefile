@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/artifex demo
 
 test: $(STAMP)
+	bash scripts/install_test_deps.sh
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/python -m pytest -q
 

@@ -54,6 +54,8 @@ def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path):
         (["--model", "tiny-t2v-moe", "--attention", "sdpa", "--use-flash-attention"],
          "use_flash_attention: conflicts with attention='sdpa'"),
         (["--model", "tiny-t2v-moe", "--attention", "fa3"], "attention backend 'fa3' cannot run here: needs CUDA"),
+        (["--model", "tiny-t2v-moe", "--vram-budget", "24XB"], "vram_budget: cannot read '24XB'"),
+        (["--model", "tiny-t2v-moe", "--vram-budget", "1MB"], "vram_budget: 0.0 GiB is too little"),
     ]
     for args, message in cases:
         assert main(["generate", "--prompt", "x", *args]) == 2, args

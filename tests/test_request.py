@@ -26,6 +26,7 @@ def resolve(**kw):
     (dict(steps=0), r"steps: must be between 1 and 1000, got 0"),
     (dict(steps=-3), r"steps: must be between 1 and 1000"),
     (dict(steps=2.5), r"steps: must be an integer"),
+    (dict(steps=90), r"steps: 90 steps at shift 12 repeat integer timesteps.*at most 84 at this shift"),
     (dict(guidance=-1.0), r"guidance: must be >= 0"),
     (dict(guidance_low=-0.5), r"guidance_low: must be >= 0"),
     (dict(model="ti2v-5b", guidance_low=2.0), r"guidance_low: ti2v-5b has one expert"),

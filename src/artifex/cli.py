@@ -1,4 +1,4 @@
-"""The ``artifex`` command: generate, demo, models, presets, doctor, bench.
+"""The ``artifex`` command: generate, demo, models, presets, plan, doctor, bench (and serve, monitor).
 
 The CLI only builds a ``GenerationRequest`` and an ``OptimizationConfig`` and hands them
 to the engine; it knows nothing about how generation works.
@@ -35,13 +35,12 @@ def _size(text: str) -> tuple[int, int]:
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimization (OptimizationConfig; also settable in a TOML file with --config)")
     g.add_argument("--config", type=Path, help="TOML file of OptimizationConfig fields")
-    for name, (default, help_text, choices) in OptimizationConfig.field_help().items():
+    for name, (default, help_text, choices, kind) in OptimizationConfig.field_help().items():
         flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
+        if kind is bool:
             g.add_argument(flag, dest=f"opt_{name}", action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help_text} (default: {default})")
         else:
-            kind = {int: int, float: float, str: str}.get(type(default), float)
             g.add_argument(flag, dest=f"opt_{name}", type=kind, default=None, choices=choices,
                            help=f"{help_text} (default: {default})")
 
@@ -164,6 +163,49 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from artifex.engine.memory import GIB, parse_budget, plan_memory, weights_of
+    from artifex.engine.request import check_frames, check_size
+    from artifex.models.configs import meta_components
+
+    spec = get_model(args.model)
+    width, height = args.size or spec.sizes[0]
+    frames = args.frames or spec.frames
+    check_size(spec, width, height)
+    check_frames(spec, frames)
+    budget = parse_budget(args.vram_budget)
+    weights = weights_of(*meta_components(spec, args.precision), fp8_weights=args.fp8_weights)
+    chosen, error, tiled = None, None, args.vae_tiling
+    try:
+        chosen, tiled, ests, _ = plan_memory(spec, weights, width, height, frames, args.cfg_batch, args.vae_tiling,
+                                             False, budget)
+    except InvalidRequestError as e:
+        error = str(e)
+        ests = plan_memory(spec, weights, width, height, frames, args.cfg_batch, True, False, None)[2]
+        tiled = True
+    chosen = chosen if budget is not None else None
+    if args.json:
+        print(json.dumps({"model": spec.name, "size": [width, height], "frames": frames, "budget_gib":
+                          budget / GIB if budget else None, "chosen": chosen, "vae_tiling": tiled, "error": error,
+                          "tiers": [e.to_dict() for e in ests]}, indent=2))
+    else:
+        print(f"{spec.name} {width}x{height}x{frames}, {args.precision}"
+              f"{', fp8 weights' if args.fp8_weights else ''}{', VAE tiled' if tiled else ''}; "
+              f"weights: text encoder {weights.text_encoder / GIB:.1f} GiB, VAE {weights.vae / GIB:.1f} GiB, "
+              f"experts {' + '.join(f'{x / GIB:.1f}' for x in weights.experts)} GiB")
+        rows = [("tier", "peak GiB", "encode_text", "denoise", "decode", "fits" if budget else "")]
+        for e in ests:
+            g = e.to_dict()["stages_gib"]
+            mark = "" if budget is None else ("<- auto" if e.tier == chosen else ("yes" if e.peak_bytes <= budget
+                                                                                   else "no"))
+            rows.append((e.tier, f"{e.peak_gib:.1f}", f"{g['encode_text']:.1f}", f"{g['denoise']:.1f}",
+                         f"{g['decode']:.1f}", mark))
+        _table(rows)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+    return 2 if error else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({n: s.summary() for n, s in MODELS.items()}, indent=2))
@@ -263,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--no-processor-check", action="store_true")
     ba.set_defaults(func=cmd_bench_attention)
 
+    pl = sub.add_parser("plan", help="predict peak GPU memory of each memory tier (runs nothing)")
+    pl.add_argument("--model", required=True)
+    pl.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's largest trained size)")
+    pl.add_argument("--frames", type=int)
+    pl.add_argument("--vram-budget", help="e.g. 24GB: marks the tiers that fit and the one auto would take")
+    pl.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    pl.add_argument("--fp8-weights", action="store_true")
+    pl.add_argument("--vae-tiling", action="store_true")
+    pl.add_argument("--cfg-batch", type=int, default=1, choices=[1, 2])
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
+
     m = sub.add_parser("models", help="list the known models and their defaults")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
@@ -270,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="show what each quality preset means for each model")
     p.add_argument("--model")
     p.set_defaults(func=cmd_presets)
+
+    from artifex.serve.cli import add_commands as add_serve_commands  # serve, monitor
+
+    add_serve_commands(sub)
     return parser
 
 

@@ -24,6 +24,7 @@ log = logging.getLogger("artifex")
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 EXPERT_RESIDENCY = ("auto", "resident", "swap")
+MEMORY_TIERS = ("auto", "resident", "text_offload", "expert_swap", "model_offload", "block_offload", "leaf_offload")
 ATTENTION_CHOICES = ("auto", "fa3", "fa4", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa", "flex",
                      "sage", "xformers", "sliced", "sdpa-math")
 
@@ -74,6 +75,16 @@ class OptimizationConfig:
         "MoE switch), auto (resident when memory allows)",
         EXPERT_RESIDENCY,
     )
+    memory_tier: str = _f(
+        "auto",
+        "where models live: resident, text_offload, expert_swap, model_offload, block_offload, leaf_offload "
+        "(fastest to leanest); auto = the fastest the memory planner fits in vram_budget",
+        MEMORY_TIERS,
+    )
+    vram_budget: str | None = _f(
+        None, "device memory to plan for and enforce, e.g. 24GB (GB = GiB); default: what the GPU has free"
+    )
+    fp8_weights: bool = _f(False, "store the DiT's linear weights in float8 and compute in precision")
     vae_slicing: bool = _f(False, "decode a batch of videos one video at a time")
     vae_tiling: bool = _f(False, "decode the VAE in spatial tiles to cut its peak memory")
     max_batch_size: int = _f(
@@ -95,7 +106,7 @@ class OptimizationConfig:
                 raise InvalidRequestError(f.name, f"must be true or false, got {value!r}")
             if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise InvalidRequestError(f.name, f"must be an integer, got {value!r}")
-            if kind == "str" and not isinstance(value, str):
+            if kind.startswith("str") and value is not None and not isinstance(value, str):
                 raise InvalidRequestError(f.name, f"must be a string, got {value!r}")
             if kind.startswith("float") and value is not None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -106,6 +117,10 @@ class OptimizationConfig:
             raise InvalidRequestError("attention_slicing", f"must be >= 0, got {self.attention_slicing}")
         if not (0.0 <= self.flash_attention_dropout < 1.0):
             raise InvalidRequestError("flash_attention_dropout", "must be in [0, 1)")
+        if self.vram_budget is not None:
+            from artifex.engine.memory import parse_budget
+
+            parse_budget(self.vram_budget)
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InvalidRequestError("device", f"unknown device {dev!r}", "auto, cpu, cuda, cuda:N")
@@ -170,8 +185,11 @@ class OptimizationConfig:
         return (base or cls()).merged(data)
 
     @classmethod
-    def field_help(cls) -> dict[str, tuple[Any, str, tuple | None]]:
-        return {f.name: (f.default, f.metadata["help"], f.metadata.get("choices")) for f in fields(cls)}
+    def field_help(cls) -> dict[str, tuple[Any, str, tuple | None, type]]:
+        """name -> (default, help, choices, value type) for building CLI flags."""
+        kinds = {"bool": bool, "int": int, "str": str, "float": float}
+        return {f.name: (f.default, f.metadata["help"], f.metadata.get("choices"),
+                         kinds[str(f.type).split(" |")[0]]) for f in fields(cls)}
 
 
 def _as_bool(name: str, value: Any) -> bool:

@@ -11,6 +11,8 @@ VARIABLES = {
     "ARTIFEX_OUTPUT_DIR": "where generated videos go when no --output is given; default ./artifex-output",
     "ARTIFEX_CONFIG": "an OptimizationConfig TOML file read before --config and CLI flags",
     "ARTIFEX_LOG_LEVEL": "logging level: DEBUG, INFO (default), WARNING, ERROR",
+    "ARTIFEX_API_TOKEN": "bearer token of `artifex serve` (and what `artifex monitor` sends); default: a generated "
+                         "one stored in the data directory",
 }
 
 
@@ -20,6 +22,7 @@ class Env:
     output_dir: Path
     config: Path | None
     log_level: str
+    api_token: str | None = None
 
 
 def read_env() -> Env:
@@ -30,4 +33,5 @@ def read_env() -> Env:
         output_dir=Path(os.environ.get("ARTIFEX_OUTPUT_DIR") or "artifex-output"),
         config=Path(cfg).expanduser() if cfg else None,
         log_level=(os.environ.get("ARTIFEX_LOG_LEVEL") or "INFO").upper(),
+        api_token=os.environ.get("ARTIFEX_API_TOKEN") or None,
     )

@@ -24,7 +24,9 @@ from PIL import Image
 
 from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
-from artifex.engine.plan import Plan, make_plan
+from artifex.engine.memory import plan_memory, tiers_for, weights_of
+from artifex.engine.placement import Placement
+from artifex.engine.plan import Plan, make_plan, memory_budget, requested_tier
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
 from artifex.engine.video import to_uint8_frames, write_mp4
 from artifex.env import read_env
@@ -61,6 +63,7 @@ class GenerationResult:
     experts_per_step: list[int]
     switch_step: int | None  # first step run by the low-noise expert (A14B), else None
     attention: Choice
+    memory: dict  # tier used, the planner's prediction, OOM step-downs
     latents: torch.Tensor = field(repr=False)  # final latents, CPU float32
     sidecar: dict = field(repr=False, default_factory=dict)
 
@@ -116,6 +119,8 @@ class Engine:
         self.predict: Callable[..., torch.Tensor] = self._predict
         self.writes_output = True
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
+        self.weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
+        self.placement = Placement(components, plan.placement, self.device, config.fp8_weights, self.dtype)
         self._place_models()
 
     # -- construction ----------------------------------------------------------------------
@@ -133,7 +138,7 @@ class Engine:
         components = load_components(spec, path, config.precision, single_files)
         for w in components.info.warnings:
             log.warning(w)
-        plan = make_plan(spec, config, components.info)
+        plan = make_plan(spec, config, components)
         for r in plan.reasons:
             log.info("plan: %s", r)
         engine = cls(spec, components, plan, config, load_s=time.perf_counter() - start)
@@ -153,34 +158,15 @@ class Engine:
         if p.compile:
             for expert in c.experts:
                 expert.compile_repeated_blocks(fullgraph=True)
-        if p.placement == "model_offload":
-            return  # everything waits on the CPU; _on_device moves each model while it runs
-        c.text_encoder.to(self.device)
-        c.vae.to(self.device)
-        c.experts[0].to(self.device)
-        for expert in c.experts[1:]:
-            expert.to(self.device if p.placement == "resident" else "cpu")
+        self.placement.apply()
 
-    @contextlib.contextmanager
-    def _on_device(self, module: torch.nn.Module):
-        """Run ``module`` on the device; under model offload, move it there and back."""
-        if self.plan.placement == "model_offload":
-            module.to(self.device)
-            try:
-                yield module
-            finally:
-                module.to("cpu")
-        else:
-            yield module
-
-    def _activate_expert(self, index: int) -> None:
-        """Expert swap: move the other expert out before this one comes in (once, at the switch)."""
-        if self.plan.placement == "resident":
-            return
-        for i, expert in enumerate(self.c.experts):
-            if i != index:
-                expert.to("cpu")
-        self.c.experts[index].to(self.device)
+    def _retier(self, tier: str) -> None:
+        """Move every model to the placement of ``tier`` (a planner decision or an OOM step-down)."""
+        self.placement.release()
+        self.placement = Placement(self.c, tier, self.device, self.config.fp8_weights, self.dtype)
+        self.placement._fp8_applied = self.config.fp8_weights  # layerwise casting stays on the modules
+        self.placement.apply()
+        self.plan.placement = tier
 
     # -- stages ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,7 +176,7 @@ class Engine:
         cleaned = [clean_prompt(p) for p in prompts]
         batch = tok(cleaned, padding="max_length", max_length=self.spec.text_len, truncation=True,
                     add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-        with self._on_device(self.c.text_encoder) as enc:
+        with self.placement.text_encoder() as enc:
             ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
             hidden = enc(ids, mask).last_hidden_state
         hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)  # padding positions carry zeros
@@ -199,8 +185,7 @@ class Engine:
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """VAE-encode pixels (1, 3, F, H, W) in [-1, 1] to normalized latents (mode of the posterior)."""
-        vae = self.c.vae
-        with self._on_device(vae):
+        with self.placement.vae() as vae:
             z = vae.encode(video.to(self.device, torch.float32)).latent_dist.mode()
         mean, std = self._latent_stats(z)
         return (z - mean) / std
@@ -208,12 +193,11 @@ class Engine:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents -> pixels (1, 3, F, H, W) in [-1, 1]."""
-        vae = self.c.vae
         mean, std = self._latent_stats(latents)
         z = (latents * std + mean).to(torch.float32)
         if self.plan.channels_last:
             z = z.contiguous(memory_format=torch.channels_last_3d)
-        with self._on_device(vae):
+        with self.placement.vae() as vae:
             return vae.decode(z, return_dict=False)[0]
 
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +227,7 @@ class Engine:
         emit = on_event or (lambda e: None)
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
+        memory = self._fit_memory(spec, s, image is not None)
         reset_peak_memory(self.device)
 
         def stage_done(name: str, since: float) -> float:
@@ -279,28 +264,12 @@ class Engine:
             batch = self.plan.cfg_batch if any(use_cfg) else 1
             tokens = spec.tokens(s.width, s.height, s.frames)
             attention = self.attention.prepare((batch, tokens, arch.heads, arch.head_dim), self.dtype, self.device)
-            scheduler = self.make_scheduler(s.shift)
-            scheduler.set_timesteps(s.steps, device=self.device)
-            timesteps = scheduler.timesteps
-            experts = expert_schedule(timesteps, self.c.info.boundary_ratio, scheduler.config.num_train_timesteps)
-            active = None
-            for i, ts in enumerate(timesteps):
-                expert = experts[i]
-                if expert != active:
-                    self._activate_expert(expert)
-                    active = expert
-                x = latents
-                if frame_mask is not None:
-                    x = (1 - frame_mask) * condition + frame_mask * latents
-                elif condition is not None:
-                    x = torch.cat([latents, condition], dim=1)
-                timestep = self._timestep(ts, frame_mask, latents)
-                with self._on_device(self.c.experts[expert]) as model:
-                    noise = self.predict(model, x.to(self.dtype), timestep, cond, uncond,
-                                         s.guidance[expert] if use_cfg[expert] else None)
-                latents = scheduler.step(noise, ts, latents, return_dict=False)[0]
-                emit(ProgressEvent("denoise", i + 1, len(timesteps), time.perf_counter() - t0,
-                                   timestep=float(ts), expert=expert))
+            noise0 = latents
+
+            def denoise():
+                return self._denoise(s, noise0, condition, frame_mask, cond, uncond, use_cfg, emit, t0)
+
+            latents, experts = self._stepping_down("denoise", denoise, memory)
             if frame_mask is not None:
                 latents = (1 - frame_mask) * condition + frame_mask * latents
             t = stage_done("denoise", t)
@@ -309,11 +278,12 @@ class Engine:
                 return GenerationResult(
                     video_path=None, sidecar_path=None, settings=s, plan=self.plan, timings=timings,
                     peak_memory=peak_memory(self.device), experts_per_step=experts, switch_step=switch,
-                    attention=attention, latents=latents.float().cpu())
+                    attention=attention, memory=memory, latents=latents.float().cpu())
 
             # 4. Decode to pixels, then uint8 frames (T, H, W, 3).
             emit(ProgressEvent("decode", 0, 1, time.perf_counter() - t0))
-            frames = to_uint8_frames(self.decode(latents))
+            self.placement.park_experts()
+            frames = self._stepping_down("decode", lambda: to_uint8_frames(self.decode(latents)), memory)
             t = stage_done("decode", t)
 
         # 5. Write the mp4 and its sidecar.
@@ -325,12 +295,77 @@ class Engine:
         result = GenerationResult(
             video_path=video_path, sidecar_path=video_path.with_suffix(".json"), settings=s, plan=self.plan,
             timings=timings, peak_memory=peak_memory(self.device), experts_per_step=experts, switch_step=switch,
-            attention=attention, latents=latents.float().cpu(),
+            attention=attention, memory=memory, latents=latents.float().cpu(),
         )
         result.sidecar = self._sidecar(request, result)
         _write_json(result.sidecar_path, result.sidecar)
         emit(ProgressEvent("done", 1, 1, timings["total"]))
         return result
+
+    def _denoise(self, s: Settings, latents, condition, frame_mask, cond, uncond, use_cfg, emit, t0):
+        """Flow-matching UniPC from ``latents``; the MoE switch at the boundary; CFG per expert."""
+        scheduler = self.make_scheduler(s.shift)
+        scheduler.set_timesteps(s.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        experts = expert_schedule(timesteps, self.c.info.boundary_ratio, scheduler.config.num_train_timesteps)
+        for i, ts in enumerate(timesteps):
+            expert = experts[i]
+            self.placement.activate_expert(expert)  # a no-op unless the expert changes and must be moved
+            x = latents
+            if frame_mask is not None:
+                x = (1 - frame_mask) * condition + frame_mask * latents
+            elif condition is not None:
+                x = torch.cat([latents, condition], dim=1)
+            timestep = self._timestep(ts, frame_mask, latents)
+            noise = self.predict(self.c.experts[expert], x.to(self.dtype), timestep, cond, uncond,
+                                 s.guidance[expert] if use_cfg[expert] else None)
+            latents = scheduler.step(noise, ts, latents, return_dict=False)[0]
+            emit(ProgressEvent("denoise", i + 1, len(timesteps), time.perf_counter() - t0,
+                               timestep=float(ts), expert=expert))
+        return latents, experts
+
+    def _fit_memory(self, spec: ModelSpec, s: Settings, per_token_timesteps: bool) -> dict:
+        """Plan memory for this request: the fastest tier within the budget, moved to before any work."""
+        budget = memory_budget(self.config, self.device)
+        tier, tiling, ests, reasons = plan_memory(spec, self.weights, s.width, s.height, s.frames, self.plan.cfg_batch,
+                                                  self.plan.vae_tiling, per_token_timesteps, budget,
+                                                  requested_tier(self.config))
+        info = {"budget_gib": round(budget / 2**30, 2) if budget else None, "step_downs": [],
+                "predicted": {e.tier: round(e.peak_gib, 2) for e in ests}}
+        for r in reasons:
+            log.info(r)
+        if tiling and not self.plan.vae_tiling:
+            self.c.vae.enable_tiling()
+            self.plan.vae_tiling = True
+        if tier != self.placement.tier:
+            self._retier(tier)
+        info["tier"] = self.placement.tier
+        info["predicted_peak_gib"] = info["predicted"].get(self.placement.tier)
+        return info
+
+    def _stepping_down(self, stage: str, run, memory: dict):
+        """Run a stage; on a device OOM free memory, take the next leaner tier (or tile the VAE), run it again."""
+        while True:
+            try:
+                return run()
+            except torch.OutOfMemoryError as e:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if stage == "decode" and not self.plan.vae_tiling:
+                    self.c.vae.enable_tiling()
+                    self.plan.vae_tiling = True
+                    step = {"stage": stage, "change": "vae_tiling on"}
+                else:
+                    tiers = tiers_for(self.spec)
+                    here = tiers.index(self.placement.tier)
+                    if here + 1 >= len(tiers):
+                        raise
+                    step = {"stage": stage, "change": f"{self.placement.tier} -> {tiers[here + 1]}"}
+                    self._retier(tiers[here + 1])
+                step["error"] = str(e).splitlines()[0][:200]
+                memory["step_downs"].append(step)
+                memory["tier"] = self.placement.tier
+                log.warning("out of memory in %s: %s, retrying the stage", stage, step["change"])
 
     def _i2v_mask(self, latents: torch.Tensor) -> torch.Tensor:
         """I2V's 4-channel mask: 1 for the latent slots holding the given first frame, else 0."""
@@ -377,6 +412,7 @@ class Engine:
             "switch_step": r.switch_step,
             "plan": r.plan.to_dict(),
             "attention": r.attention.to_dict(),
+            "memory": r.memory,
             "config": self.config.to_dict(),
             "timings_s": {"load": round(self.load_s, 4), **r.timings},
             "peak_memory": r.peak_memory,

@@ -14,14 +14,10 @@ import torch
 
 from artifex.config import OptimizationConfig
 from artifex.errors import InvalidRequestError
-from artifex.models.loader import CheckpointInfo
 from artifex.models.registry import ModelSpec
 
 log = logging.getLogger("artifex")
 
-# Activations, the VAE decode and allocator slack on top of the weights, as a share of the
-# weights; a deliberately rough guard until the memory planner exists.
-_HEADROOM = 0.35
 
 
 @dataclass
@@ -30,7 +26,7 @@ class Plan:
     precision: str  # DiT and text encoder
     vae_precision: str
     attention: str  # as requested ("auto" or a backend); each result records the backend chosen per shape
-    placement: str  # "resident", "expert_swap", "model_offload"
+    placement: str  # a memory tier (artifex.engine.placement.TIERS); a request may move to a leaner one
     cfg_batch: int  # 2: cond and uncond in one batch
     compile: bool
     tf32: bool
@@ -58,37 +54,52 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def make_plan(spec: ModelSpec, config: OptimizationConfig, info: CheckpointInfo) -> Plan:
+def requested_tier(config: OptimizationConfig) -> str:
+    """The memory tier the config asks for ("auto" unless a field names one)."""
+    if config.memory_tier != "auto":
+        return config.memory_tier
+    if config.offload_to_cpu:
+        return "model_offload"
+    return {"swap": "expert_swap", "resident": "resident"}.get(config.experts, "auto")
+
+
+def memory_budget(config: OptimizationConfig, device: torch.device) -> int | None:
+    """Bytes to plan for: vram_budget, else what the GPU has free; None on a CPU without a budget."""
+    from artifex.engine.memory import parse_budget
+
+    budget = parse_budget(config.vram_budget)
+    if budget is None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free + torch.cuda.memory_allocated(device)  # what this process holds is plannable too
+    return budget
+
+
+def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
     """Decide placement, batching and compile for ``spec`` under ``config`` on this machine."""
+    from artifex.engine.memory import plan_memory, weights_of
+
     reasons = list(config.check_supported())
     device = resolve_device(config.device)
-    total = sum(info.weight_bytes.values())
-
-    if config.offload_to_cpu:
-        placement = "model_offload"
-        reasons.append("offload_to_cpu: models wait in CPU memory and move to the device only while they run")
-    elif spec.experts < 2 or config.experts == "resident":
-        placement = "resident"
-    elif config.experts == "swap":
-        placement = "expert_swap"
-        reasons.append("experts=swap: one expert on the device at a time, swapped once at the MoE switch")
-    elif device.type != "cuda":
-        placement = "resident"
-    else:
-        free, _ = torch.cuda.mem_get_info(device)
-        need = total * (1 + _HEADROOM)
-        if need <= free:
-            placement = "resident"
-        else:
-            placement = "expert_swap"
-            reasons.append(f"both experts resident would need ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB "
-                           "free: one expert at a time, swapped once at the MoE switch")
-
+    requested = requested_tier(config)
     cfg_batch = 2 if config.max_batch_size >= 2 else 1
+    budget = memory_budget(config, device)
+    if budget is not None and device.type == "cuda" and config.vram_budget:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+        reasons.append(f"vram_budget {budget / 2**30:.1f} GiB enforced on {device}")
+    weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
+    w, h = spec.sizes[0]  # planned at the model's default size; each request is planned again at its own
+    placement, vae_tiling, _, why = plan_memory(spec, weights, w, h, spec.frames, cfg_batch, config.vae_tiling,
+                                                False, budget, requested)
+    reasons += why
+    if placement != "resident":
+        reasons.append(f"memory tier: {placement}")
     if cfg_batch == 2:
         reasons.append("max_batch_size >= 2: CFG's conditional and unconditional passes run as one batch")
     if config.use_torch_compile:
         reasons.append("use_torch_compile: repeated transformer blocks compiled (first steps include compile time)")
+    if config.fp8_weights:
+        reasons.append("fp8_weights: DiT linear weights stored in float8 e4m3, computed in " + config.precision)
     return Plan(
         device=str(device),
         precision=config.precision,
@@ -100,7 +111,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, info: CheckpointInfo)
         tf32=config.tf32,
         channels_last=config.use_channels_last,
         vae_slicing=config.vae_slicing,
-        vae_tiling=config.vae_tiling,
+        vae_tiling=vae_tiling,
         config_hash=config.hash(),
         reasons=reasons,
     )

@@ -8,6 +8,7 @@ Sizes and frame counts are validated, never rounded.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -206,6 +207,10 @@ def resolve_request(req: GenerationRequest) -> tuple[ModelSpec, Settings, Image.
     shift = _num("shift", req.shift) if req.shift is not None else spec.shift
     if shift <= 0:
         raise InvalidRequestError("shift", f"must be > 0, got {shift}")
+    limit = max_steps(shift)
+    if steps > limit:
+        raise InvalidRequestError("steps", f"{steps} steps at shift {shift:g} repeat integer timesteps, which the "
+                                           f"UniPC solver cannot step through", f"at most {limit} at this shift")
 
     if req.seed is None:
         seed = random.SystemRandom().randint(0, MAX_SEED)
@@ -226,6 +231,26 @@ def resolve_request(req: GenerationRequest) -> tuple[ModelSpec, Settings, Image.
         preset=preset.name if preset else None, output=req.output, warnings=warnings,
     )
     return spec, settings, image
+
+
+@functools.cache
+def max_steps(shift: float) -> int:
+    """The most steps whose shifted flow schedule keeps every integer timestep distinct (UniPC needs that)."""
+    from diffusers import UniPCMultistepScheduler
+
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+
+    def ok(n: int) -> bool:
+        sched.set_timesteps(n)
+        return len(set(sched.timesteps.tolist())) == n
+
+    lo, hi = 1, 1000
+    if ok(hi):
+        return hi
+    while hi - lo > 1:  # ok(lo) and not ok(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
 
 
 def _runnable() -> dict[str, ModelSpec]:

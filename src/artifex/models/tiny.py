@@ -56,7 +56,9 @@ def build_tokenizer():
 def build_components(spec: ModelSpec) -> dict:
     """The pipeline components of a tiny spec, in fp32 with seeded random weights."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import UMT5EncoderModel
+
+    from artifex.models.configs import text_encoder_config, vae_kwargs
 
     assert spec.tiny, f"{spec.name} is not a tiny model"
     tokenizer = build_tokenizer()
@@ -64,26 +66,9 @@ def build_components(spec: ModelSpec) -> dict:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer), d_model=arch.text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
-                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-            )
-        ).eval()
+        text_encoder = UMT5EncoderModel(text_encoder_config(spec, vocab_size=len(tokenizer))).eval()
         torch.manual_seed(2)
-        if spec.vae.kind == "wan2.2":
-            vae = AutoencoderKLWan(
-                base_dim=8, decoder_base_dim=8, z_dim=spec.vae.z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
-                patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
-                latents_mean=[0.0] * spec.vae.z_dim, latents_std=[1.0] * spec.vae.z_dim,
-            )
-        else:
-            vae = AutoencoderKLWan(
-                base_dim=8, z_dim=spec.vae.z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                temperal_downsample=[False, True, True],
-            )
+        vae = AutoencoderKLWan(**vae_kwargs(spec))
         transformers = []
         for i in range(spec.experts):
             torch.manual_seed(10 + i)

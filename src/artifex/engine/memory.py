@@ -1,0 +1,186 @@
+"""The memory planner: predicted peak device memory of each tier, and the fastest tier that fits.
+
+Peak = the most, over the stages (text encoding, denoising, VAE decode), of the weights
+on the device in that stage plus that stage's activations. Weights are counted exactly
+from the modules (or from the model classes instantiated on the meta device when
+nothing is loaded). Activations follow the shapes: the DiT's grow with tokens x width,
+the VAE decode's with the pixels of one frame (it decodes frame by frame with a cache),
+and the text encoder's are small. The per-token and per-pixel constants are fitted to
+stage peaks measured on the H100 (`artifex.bench.memory`, see benchmarks/results/LOG.md);
+`artifex plan` prints the table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from artifex.engine.placement import TIERS
+from artifex.errors import InvalidRequestError
+from artifex.models.registry import ModelSpec
+
+GIB = 2**30
+_UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20, "t": 2**40, "tb": 2**40,
+          "tib": 2**40}
+
+# Activation constants (bytes), fitted to stage peaks measured on the H100 (memory-stages-h100.json): DiT per
+# token and batch element, per unit of width and of FFN width (bf16, 2-block models at real widths: 84.4 KB/token
+# for TI2V-5B, 113.8 KB/token for A14B); VAE decode per output pixel of one frame (fp32, random weights at the real
+# configs), and the pixels a tiled decode works on at once with diffusers' default tiles.
+DIT_BYTES_PER_TOKEN_DIM = 15.0
+DIT_BYTES_PER_TOKEN_FFN = 2.67
+VAE_BYTES_PER_PIXEL = {"wan2.2": 23_600.0, "wan2.1": 22_560.0}
+VAE_TILE_PIXELS = {"wan2.2": 199_000, "wan2.1": 143_000}
+TEXT_ACTIVATION_BYTES = 0.45 * GIB
+SLACK = 1.08  # allocator rounding and fragmentation
+
+
+def parse_budget(text: str | int | float | None) -> int | None:
+    """'24GB', '24 GiB', '16000MB', '0.5TB' or a number of GiB -> bytes. GB and GiB both mean 2^30."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise InvalidRequestError("vram_budget", f"cannot read {text!r} as an amount of memory",
+                                      "a number with GB, GiB, MB, MiB or TB, e.g. 24GB")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if value <= 0:
+        raise InvalidRequestError("vram_budget", f"must be positive, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+@dataclass
+class Weights:
+    """Bytes of each component as it sits on the device."""
+
+    text_encoder: int
+    vae: int
+    experts: list[int]
+    expert_block: int  # the largest repeated block of an expert (block offload keeps ~2 on the device)
+    expert_leaf: int  # the largest single layer (leaf offload)
+    expert_rest: int  # expert parameters outside the repeated blocks (embeddings, output)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def weights_of(text_encoder, vae, experts, fp8_weights: bool = False) -> Weights:
+    def expert_bytes(e):
+        total = module_bytes(e)
+        if fp8_weights:  # linear weights stored in 1 byte
+            lin = sum(m.weight.numel() * (m.weight.element_size() - 1) for m in e.modules()
+                      if isinstance(m, torch.nn.Linear))
+            total -= lin
+        return total
+
+    blocks = list(experts[0].blocks)
+    block = max(expert_bytes(b) for b in blocks)
+    leaf = max(module_bytes(m) // (2 if fp8_weights else 1) for m in experts[0].modules()
+               if isinstance(m, torch.nn.Linear))
+    rest = expert_bytes(experts[0]) - sum(expert_bytes(b) for b in blocks)
+    return Weights(module_bytes(text_encoder), module_bytes(vae), [expert_bytes(e) for e in experts], block, leaf,
+                   rest)
+
+
+@dataclass
+class Estimate:
+    tier: str
+    peak_bytes: int
+    stages: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["peak_gib"] = round(self.peak_gib, 2)
+        d["stages_gib"] = {k: round(v / GIB, 2) for k, v in self.stages.items()}
+        del d["stages"]
+        return d
+
+
+def activations(spec: ModelSpec, width: int, height: int, frames: int, batch: int, vae_tiling: bool,
+                per_token_timesteps: bool) -> dict[str, int]:
+    a = spec.transformer
+    tokens = spec.tokens(width, height, frames)
+    dit = batch * tokens * (DIT_BYTES_PER_TOKEN_DIM * a.dim + DIT_BYTES_PER_TOKEN_FFN * a.ffn)
+    if per_token_timesteps:  # TI2V with an image: fp32 modulation per token (6 x dim) and its projection
+        dit += batch * tokens * 6 * a.dim * 4 * 2
+    pixels = min(width * height, VAE_TILE_PIXELS[spec.vae.kind]) if vae_tiling else width * height
+    video = 3 * frames * width * height * (4 + 1)  # fp32 decoded video + its uint8 frames
+    return {"encode_text": int(TEXT_ACTIVATION_BYTES), "denoise": int(dit),
+            "decode": int(VAE_BYTES_PER_PIXEL[spec.vae.kind] * pixels + video)}
+
+
+def estimate(spec: ModelSpec, w: Weights, tier: str, width: int, height: int, frames: int, batch: int = 1,
+             vae_tiling: bool = False, per_token_timesteps: bool = False) -> Estimate:
+    act = activations(spec, width, height, frames, batch, vae_tiling, per_token_timesteps)
+    all_experts, one_expert = sum(w.experts), max(w.experts)
+    if tier == "resident":
+        on = {"encode_text": w.text_encoder + w.vae + all_experts}
+        on["denoise"] = on["decode"] = on["encode_text"]
+    elif tier in ("text_offload", "expert_swap"):
+        experts = all_experts if tier == "text_offload" else one_expert
+        on = {"encode_text": w.text_encoder + w.vae + experts, "denoise": w.vae + experts, "decode": w.vae + experts}
+    elif tier == "model_offload":
+        on = {"encode_text": w.text_encoder, "denoise": one_expert, "decode": w.vae}
+    else:
+        streamed = 2 * (w.expert_block if tier == "block_offload" else w.expert_leaf) + w.expert_rest
+        on = {"encode_text": w.text_encoder, "denoise": streamed, "decode": w.vae}
+    stages = {k: int((on[k] + act[k]) * SLACK) for k in act}
+    return Estimate(tier, max(stages.values()), stages)
+
+
+def tiers_for(spec: ModelSpec) -> list[str]:
+    """The tiers that differ for this model (expert_swap only for the two-expert A14B)."""
+    return [t for t in TIERS if t != "expert_swap" or spec.experts == 2]
+
+
+def choose_tier(estimates: list[Estimate], budget: int, requested: str = "auto") -> tuple[str, list[str]]:
+    """The fastest tier whose predicted peak fits ``budget``; refusals say the numbers."""
+    by_tier = {e.tier: e for e in estimates}
+    if requested != "auto":
+        e = by_tier[requested]
+        if e.peak_bytes > budget:
+            fits = ", ".join(x.tier for x in estimates if x.peak_bytes <= budget) or "none"
+            raise InvalidRequestError("memory_tier", f"{requested} needs ~{e.peak_gib:.1f} GiB by the planner, over "
+                                                     f"the {budget / GIB:.1f} GiB budget; tiers that fit: {fits}")
+        return requested, []
+    for e in estimates:
+        if e.peak_bytes <= budget:
+            return e.tier, [f"memory: {e.tier} (~{e.peak_gib:.1f} GiB predicted) is the fastest tier within the "
+                            f"{budget / GIB:.1f} GiB budget"]
+    smallest = min(estimates, key=lambda e: e.peak_bytes)
+    raise InvalidRequestError("vram_budget", f"{budget / GIB:.1f} GiB is too little for this model, size and frame "
+                                             f"count even at {smallest.tier}: it needs ~{smallest.peak_gib:.1f} GiB "
+                                             "(try fp8_weights, vae_tiling, a smaller size or fewer frames)")
+
+
+def plan_memory(spec: ModelSpec, weights: Weights, width: int, height: int, frames: int, batch: int,
+                vae_tiling: bool, per_token_timesteps: bool, budget: int | None, requested: str = "auto"):
+    """(tier, vae_tiling, estimates, reasons): the fastest tier that fits, tiling the VAE only when no untiled
+    tier fits. Without a budget (a CPU) the requested tier, or resident."""
+    def table(tiling: bool) -> list[Estimate]:
+        return [estimate(spec, weights, t, width, height, frames, batch, tiling, per_token_timesteps)
+                for t in tiers_for(spec)]
+
+    ests = table(vae_tiling)
+    if budget is None:
+        return (requested if requested != "auto" else "resident"), vae_tiling, ests, []
+    try:
+        tier, reasons = choose_tier(ests, budget, requested)
+        return tier, vae_tiling, ests, reasons
+    except InvalidRequestError:
+        if vae_tiling:
+            raise
+    tiled = table(True)
+    tier, reasons = choose_tier(tiled, budget, requested)
+    return tier, True, tiled, reasons + ["memory: VAE tiling turned on: no tier fits the budget with a whole-frame "
+                                         "decode"]

@@ -1,0 +1,176 @@
+"""``artifex serve`` and ``artifex monitor``; registered on the main parser by ``add_commands``.
+
+Heavy imports (FastAPI, uvicorn, torch) happen inside the commands, so ``artifex --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from artifex.env import read_env
+from artifex.errors import InvalidRequestError
+
+log = logging.getLogger("artifex.serve")
+
+_FLAG_SETTINGS = ("host", "port", "max_queue", "max_steps", "max_frames", "max_width", "max_height", "max_attempts",
+                  "max_prompt_chars", "max_image_pixels")
+
+
+def default_data_dir() -> Path:
+    return read_env().home / "serve"
+
+
+def _checkpoint(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--checkpoint must look like MODEL=PATH_OR_HUB_ID, got {text!r}")
+    return name.strip().lower(), path
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        w, h, f = (int(x) for x in text.lower().split("x"))
+        return w, h, f
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"warm-up shape must look like WIDTHxHEIGHTxFRAMES, got {text!r}") from None
+
+
+def add_commands(sub) -> None:
+    """Register ``serve`` and ``monitor`` on the ``artifex`` subparsers."""
+    from artifex.cli import _add_config_flags
+
+    s = sub.add_parser("serve", help="run the HTTP video-generation service (jobs, progress, web page, metrics)",
+                       description="Serve models over HTTP: a persistent job queue (SQLite in the data directory), "
+                                   "progress as server-sent events, the OpenAI Videos API shape, a web page at /, "
+                                   "Prometheus /metrics. A bearer token is required unless --no-auth (loopback only).")
+    s.add_argument("--model", action="append", required=True, metavar="NAME",
+                   help="a model to serve (repeatable); tiny ones (tiny-ti2v, ...) run on a CPU")
+    s.add_argument("--checkpoint", action="append", type=_checkpoint, default=[], metavar="MODEL=PATH",
+                   help="checkpoint directory or hub id of a model (repeatable; default: the model's own)")
+    s.add_argument("--host", help="address to bind (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default: 8000)")
+    s.add_argument("--data-dir", type=Path, help="jobs database, outputs, uploads, token "
+                                                 "(default: $ARTIFEX_HOME/serve)")
+    s.add_argument("--token-file", type=Path, help="file holding the API token (default: $ARTIFEX_API_TOKEN, "
+                                                   "else <data dir>/api_token, generated on the first start)")
+    s.add_argument("--no-auth", action="store_true", help="no token (allowed only when --host is a loopback address)")
+    s.add_argument("--max-queue", type=int, help="queued jobs before 429 + Retry-After (default: 64)")
+    s.add_argument("--max-disk", help="disk cap for finished videos, e.g. 50G; oldest evicted first; 0 = none "
+                                      "(default: 50G)")
+    s.add_argument("--max-steps", type=int, help="request limit (default: 100)")
+    s.add_argument("--max-frames", type=int, help="request limit (default: 121)")
+    s.add_argument("--max-width", type=int, help="request limit (default: 1280)")
+    s.add_argument("--max-height", type=int, help="request limit (default: 1280)")
+    s.add_argument("--max-upload-mb", type=float, help="largest image upload (default: 20)")
+    s.add_argument("--max-image-pixels", type=int, help="largest image in pixels (default: 40 million)")
+    s.add_argument("--max-prompt-chars", type=int, help="longest prompt (default: 4000)")
+    s.add_argument("--max-attempts", type=int, help="runs of a job interrupted by crashes before it fails "
+                                                    "(default: 3)")
+    s.add_argument("--warmup-shape", action="append", type=_shape, default=[], metavar="WxHxF",
+                   help="warm up at this shape before ready (repeatable; default: each model's default shape)")
+    s.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
+    s.add_argument("--debug", action="store_true", help="verbose (DEBUG) logs")
+    s.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines (default: json)")
+    _add_config_flags(s)
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("monitor", help="show a running server's queue, jobs, stage times and GPU live")
+    m.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: http://127.0.0.1:8000)")
+    m.add_argument("--token-file", type=Path, help="file holding the API token (default: $ARTIFEX_API_TOKEN, "
+                                                   "else <data dir>/api_token)")
+    m.add_argument("--data-dir", type=Path, help="the server's data directory, to read its token "
+                                                 "(default: $ARTIFEX_HOME/serve)")
+    m.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    m.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    m.set_defaults(func=cmd_monitor)
+
+
+def build_serve_config(args: argparse.Namespace):
+    """(OptimizationConfig, ServeSettings): defaults < $ARTIFEX_CONFIG < --config < flags."""
+    from artifex.config import OptimizationConfig
+    from artifex.serve.settings import ServeSettings, load_config_file, parse_bytes
+
+    config, serve_file = OptimizationConfig(), {}
+    env = read_env()
+    for path in (env.config, getattr(args, "config", None)):
+        if path:
+            config, serve_file = load_config_file(path, config, serve_file)
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    config = config.merged(flags)
+
+    settings = ServeSettings(
+        models=tuple(dict.fromkeys(m.strip().lower() for m in args.model)),
+        data_dir=(args.data_dir or default_data_dir()).expanduser().resolve(),
+        checkpoints=dict(args.checkpoint), auth=not args.no_auth, token_file=args.token_file,
+    ).merged(serve_file)
+    overrides = {k: getattr(args, k) for k in _FLAG_SETTINGS if getattr(args, k) is not None}
+    if args.max_disk is not None:
+        overrides["max_disk"] = parse_bytes(args.max_disk, "max_disk")
+    if args.max_upload_mb is not None:
+        overrides["max_upload_bytes"] = int(args.max_upload_mb * 2**20)
+    if args.warmup_shape:
+        overrides["warmup_shapes"] = tuple(args.warmup_shape)
+    if args.no_warmup:
+        overrides["warmup"] = False
+    if args.debug:
+        overrides["debug"] = True
+    settings = settings.merged(overrides)
+    from artifex.models.registry import get_model
+
+    for name in settings.models:
+        if not get_model(name).runnable:
+            raise InvalidRequestError("model", f"{name} cannot be served: its pipeline is not built yet")
+    for name in settings.checkpoints:
+        if name not in settings.models:
+            raise InvalidRequestError("checkpoint", f"{name} is not among the served models", settings.models)
+    return config, settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from artifex.serve.auth import check_no_auth, resolve_token
+    from artifex.serve.logs import setup_logging
+
+    setup_logging(args.debug or getattr(args, "verbose", False), args.log_format, read_env().log_level)
+    config, settings = build_serve_config(args)
+    config.check_supported()
+    if not settings.auth:
+        check_no_auth(settings.host)
+        token = None
+    else:
+        token, source = resolve_token(settings.data_dir, settings.token_file)
+        log.info("API token from %s", source)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log.info("environment: %s", {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "TOKENIZERS_PARALLELISM",
+                                                               "CUDA_VISIBLE_DEVICES")})
+    log.debug("serve settings: %s; config: %s", settings, config.to_dict())
+
+    import uvicorn
+
+    from artifex.serve.app import create_app
+    from artifex.serve.service import Service
+
+    service = Service(settings, config, token)
+    app = create_app(service)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=True,
+                timeout_graceful_shutdown=3, server_header=False,
+                log_level="debug" if settings.debug else "info")
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from artifex.serve import monitor
+    from artifex.serve.auth import TOKEN_FILE_NAME
+
+    token = read_env().api_token
+    if not token:
+        path = args.token_file or (args.data_dir or default_data_dir()) / TOKEN_FILE_NAME
+        if path.exists():
+            token = path.read_text().strip()
+    try:
+        return monitor.run(args.url, token, args.interval, args.once)
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,210 @@
+"""Request bodies -> the fields of a ``GenerationRequest`` (+ the uploaded image's bytes).
+
+Two shapes arrive: Artifex's own (JSON or multipart form) and the OpenAI Videos API's
+(``prompt``, ``model``, ``seconds``, ``size``, ``input_reference``). Both end in the same
+typed request. Clients never name a file path: images come as uploads or data URLs and
+are stored under a name the server chooses (their SHA-256). Uploads are checked by
+decoding them with Pillow, not by their name or declared type.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from artifex.errors import InvalidRequestError
+
+
+class ApiError(Exception):
+    """An HTTP error answer: status, a machine-readable code, the field at fault and what is allowed."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None, allowed: Any = None,
+                 headers: dict[str, str] | None = None):
+        self.status, self.code, self.message, self.param = status, code, message, param
+        if allowed is not None and not isinstance(allowed, str):
+            allowed = ", ".join(str(a) for a in allowed)
+        self.allowed = allowed
+        self.headers = headers or {}
+        super().__init__(message)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "invalid_request_error"),
+                          "code": self.code, "param": self.param, "allowed": self.allowed}}
+
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+# name -> kind; the order is the order of the OpenAPI documentation.
+NATIVE_FIELDS: dict[str, type] = {
+    "model": str, "prompt": str, "negative_prompt": str, "preset": str, "size": str, "width": int, "height": int,
+    "frames": int, "steps": int, "guidance": float, "guidance_low": float, "shift": float, "seed": int,
+    "image": bytes,
+}
+OPENAI_FIELDS: dict[str, type] = {
+    "model": str, "prompt": str, "seconds": float, "size": str, "input_reference": bytes,
+    # Artifex extensions (the OpenAI client passes them through extra_body)
+    "negative_prompt": str, "preset": str, "steps": int, "seed": int, "guidance": float, "guidance_low": float,
+    "shift": float,
+}
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
+
+
+@dataclass
+class Submission:
+    fields: dict[str, Any]  # GenerationRequest fields (no image, no output)
+    image: bytes | None
+    api: str  # "artifex" or "openai"
+
+
+def parse_json(body: bytes) -> dict:
+    if not body.strip():
+        raise ApiError(400, "invalid_json", "body: the request body is empty; send a JSON object", "body")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "invalid_json", f"body: malformed JSON ({e})", "body") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", f"body: must be a JSON object, got {type(data).__name__}", "body")
+    return data
+
+
+def _coerce(name: str, value: Any, kind: type, from_form: bool) -> Any:
+    """Check (JSON) or parse (form text) one field's value."""
+    if value is None:
+        return None
+    if kind is bytes:
+        return value
+    if from_form and isinstance(value, str):
+        text = value.strip()
+        if kind is str:
+            return value
+        if text == "":
+            return None
+        try:
+            return int(text) if kind is int else float(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise InvalidRequestError(name, f"must be {what}, got {value!r}") from None
+    if kind is str:
+        if not isinstance(value, str):
+            raise InvalidRequestError(name, f"must be a string, got {json.dumps(value)}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidRequestError(name, f"must be an integer, got {json.dumps(value)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(name, f"must be a number, got {json.dumps(value)}")
+    return value
+
+
+def _check_fields(data: dict, allowed: dict[str, type], from_form: bool) -> dict:
+    if "output" in data:
+        raise InvalidRequestError("output", "the server decides where videos are written; clients cannot name paths")
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise InvalidRequestError(unknown[0], "unknown field", list(allowed))
+    return {k: _coerce(k, v, allowed[k], from_form) for k, v in data.items()}
+
+
+def _size(value: str, name: str = "size") -> tuple[int, int]:
+    try:
+        w, h = value.lower().replace(" ", "").split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise InvalidRequestError(name, f"must look like WIDTHxHEIGHT (e.g. 1280x704), got {value!r}") from None
+
+
+def data_url_bytes(value: Any, name: str) -> bytes:
+    """The bytes of a ``data:image/...;base64,...`` URL. Anything else (a path, a remote URL) is refused."""
+    if isinstance(value, dict):  # OpenAI's JSON form: {"image_url": "data:..."}
+        if set(value) - {"image_url"}:
+            raise InvalidRequestError(name, "only {\"image_url\": \"data:...\"} is accepted here",
+                                      "a data: URL, or a multipart file upload")
+        value = value.get("image_url")
+    if not isinstance(value, str) or not value.startswith("data:"):
+        raise InvalidRequestError(name, "send the image as a multipart file upload or a base64 data: URL; "
+                                        "file paths and remote URLs are not accepted",
+                                  "multipart file, data:image/...;base64,...")
+    head, _, payload = value.partition(",")
+    if ";base64" not in head:
+        raise InvalidRequestError(name, "data: URL must be base64-encoded (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(name, "data: URL holds invalid base64") from None
+
+
+def native_submission(data: dict, image: bytes | None, from_form: bool) -> Submission:
+    data = _check_fields(data, NATIVE_FIELDS, from_form)
+    raw_image = data.pop("image", None)
+    if raw_image is not None:
+        if image is not None:
+            raise InvalidRequestError("image", "give the image once")
+        image = raw_image if isinstance(raw_image, bytes) else data_url_bytes(raw_image, "image")
+    size = data.pop("size", None)
+    if size is not None:
+        if data.get("width") is not None or data.get("height") is not None:
+            raise InvalidRequestError("size", "give size or width/height, not both")
+        data["width"], data["height"] = _size(size)
+    fields = {k: v for k, v in data.items() if v is not None}
+    return Submission(fields=fields, image=image, api="artifex")
+
+
+def openai_submission(data: dict, image: bytes | None, from_form: bool, default_model: str,
+                      fps_of: Any) -> Submission:
+    """The OpenAI Videos API body -> a submission. ``seconds`` becomes frames = seconds * fps + 1."""
+    if isinstance(data.get("seconds"), str):  # the OpenAI clients send seconds as a string ("4")
+        data = {**data, "seconds": _coerce("seconds", data["seconds"], float, True)}
+    data = _check_fields(data, OPENAI_FIELDS, from_form)
+    raw = data.pop("input_reference", None)
+    if raw is not None:
+        if image is not None:
+            raise InvalidRequestError("input_reference", "give the image once")
+        image = raw if isinstance(raw, bytes) else data_url_bytes(raw, "input_reference")
+    fields: dict[str, Any] = {k: v for k, v in data.items() if v is not None and k not in ("seconds", "size")}
+    fields.setdefault("model", default_model)
+    if data.get("size") is not None:
+        fields["width"], fields["height"] = _size(data["size"])
+    seconds = data.get("seconds")
+    if seconds is not None:
+        fps = fps_of(fields["model"])
+        frames = seconds * fps
+        if seconds <= 0 or abs(frames - round(frames)) > 1e-6 or round(frames) % 4:
+            raise InvalidRequestError("seconds", f"{seconds:g} s at {fps} fps is not a whole number of 4-frame "
+                                                 f"latent steps", f"multiples of {4 / fps:g} s")
+        fields["frames"] = int(round(frames)) + 1
+    return Submission(fields=fields, image=image, api="openai")
+
+
+def check_image(data: bytes, max_bytes: int, max_pixels: int, name: str = "image") -> tuple[str, str]:
+    """Decode an upload fully; returns (sha256, extension). Not an image, too big, too many pixels: an error."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise InvalidRequestError(name, "the uploaded file is empty")
+    if len(data) > max_bytes:
+        raise ApiError(413, "upload_too_large", f"{name}: {len(data)} bytes is over this server's limit", name,
+                       f"at most {max_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or "?"
+            if fmt not in IMAGE_FORMATS:
+                raise InvalidRequestError(name, f"{fmt} images are not accepted", IMAGE_FORMATS)
+            w, h = im.size
+            if w * h > max_pixels:
+                raise InvalidRequestError(name, f"{w}x{h} has too many pixels", f"at most {max_pixels} pixels")
+            im.load()
+    except InvalidRequestError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidRequestError(name, f"the upload is not a readable image ({type(e).__name__}: {e})",
+                                  IMAGE_FORMATS) from None
+    return hashlib.sha256(data).hexdigest(), _EXT[fmt]

@@ -1,0 +1,314 @@
+"""The job table: SQLite in WAL mode, one row per job, the only durable state of the server.
+
+States: queued -> running -> succeeded | failed | cancelled; a succeeded job whose files
+were evicted by the disk cap becomes expired. A job found ``running`` at start-up was
+interrupted (crash, kill -9): it goes back to the queue in its old place and runs again.
+
+Every method takes the store's lock and runs one transaction, so the queue bound and the
+de-duplication check hold under any number of concurrent submissions.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
+ACTIVE = ("queued", "running")
+TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    model TEXT NOT NULL,
+    state TEXT NOT NULL,
+    request TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    warnings TEXT NOT NULL DEFAULT '[]',
+    image TEXT,
+    dedup_key TEXT,
+    api TEXT NOT NULL DEFAULT 'artifex',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    expired_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    timings TEXT,
+    output_bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, model, seq);
+CREATE INDEX IF NOT EXISTS jobs_dedup ON jobs(dedup_key);
+"""
+
+
+class QueueFull(Exception):
+    def __init__(self, depth: int):
+        self.depth = depth
+        super().__init__(f"the queue is full ({depth} jobs waiting)")
+
+
+@dataclass
+class Job:
+    seq: int
+    id: str
+    model: str
+    state: str
+    request: dict
+    settings: dict
+    warnings: list
+    image: str | None  # file name under the uploads directory
+    dedup_key: str | None
+    api: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    expired_at: float | None
+    attempts: int
+    cancel_requested: bool
+    error: dict | None
+    timings: dict | None
+    output_bytes: int
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        d = dict(row)
+        for key in ("request", "settings", "warnings", "error", "timings"):
+            d[key] = json.loads(d[key]) if d[key] is not None else None
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        return cls(**d)
+
+
+def new_job_id() -> str:
+    return "video_" + uuid.uuid4().hex
+
+
+class JobStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the client hears about it
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _tx(self):
+        store = self
+
+        class _Tx:
+            def __enter__(self):
+                store._lock.acquire()
+                store._db.execute("BEGIN IMMEDIATE")
+                return store._db
+
+            def __exit__(self, kind, exc, tb):
+                try:
+                    store._db.execute("COMMIT" if kind is None else "ROLLBACK")
+                finally:
+                    store._lock.release()
+
+        return _Tx()
+
+    def _one(self, sql: str, args: tuple = ()) -> Job | None:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return Job.from_row(row) if row else None
+
+    # -- submission --------------------------------------------------------------------------
+    def submit(self, *, model: str, request: dict, settings: dict, warnings: list, image: str | None,
+               dedup_key: str | None, api: str, max_queue: int) -> tuple[Job, bool]:
+        """Insert a queued job, or return the stored job of an identical request.
+
+        Returns (job, created). Raises ``QueueFull`` when ``max_queue`` jobs already wait.
+        """
+        with self._tx() as db:
+            if dedup_key:
+                row = db.execute(
+                    "SELECT * FROM jobs WHERE dedup_key = ? AND state IN ('queued', 'running', 'succeeded') "
+                    "ORDER BY seq DESC LIMIT 1", (dedup_key,)).fetchone()
+                if row:
+                    return Job.from_row(row), False
+            depth = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+            if depth >= max_queue:
+                raise QueueFull(depth)
+            job_id = new_job_id()
+            db.execute(
+                "INSERT INTO jobs (id, model, state, request, settings, warnings, image, dedup_key, api, created_at) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, model, json.dumps(request), json.dumps(settings), json.dumps(warnings), image, dedup_key,
+                 api, time.time()))
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return Job.from_row(row), True
+
+    # -- the worker's side -------------------------------------------------------------------
+    def claim(self, model: str) -> Job | None:
+        """The oldest queued job of ``model``, now running (attempts + 1); None if there is none."""
+        with self._tx() as db:
+            row = db.execute("SELECT seq FROM jobs WHERE state = 'queued' AND model = ? ORDER BY seq LIMIT 1",
+                             (model,)).fetchone()
+            if not row:
+                return None
+            db.execute("UPDATE jobs SET state = 'running', started_at = ?, attempts = attempts + 1 WHERE seq = ?",
+                       (time.time(), row[0]))
+            return Job.from_row(db.execute("SELECT * FROM jobs WHERE seq = ?", (row[0],)).fetchone())
+
+    def finish(self, job_id: str, state: str, *, error: dict | None = None, timings: dict | None = None,
+               output_bytes: int = 0) -> Job | None:
+        """Move a running job to a terminal state. None if the job is gone (deleted meanwhile)."""
+        assert state in TERMINAL
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, error = ?, timings = ?, output_bytes = ? "
+                "WHERE id = ? AND state = 'running'",
+                (state, time.time(), json.dumps(error) if error else None, json.dumps(timings) if timings else None,
+                 output_bytes, job_id))
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return Job.from_row(row) if row else None
+
+    def requeue(self, job_id: str) -> None:
+        """A running job stopped by a shutdown goes back to its place in the queue."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state = 'queued', started_at = NULL WHERE id = ? AND state = 'running'",
+                       (job_id,))
+
+    def recover(self, max_attempts: int) -> dict[str, list[str]]:
+        """At start-up: jobs left ``running`` by a crash are queued again (or cancelled/failed)."""
+        out: dict[str, list[str]] = {"requeued": [], "cancelled": [], "failed": []}
+        with self._tx() as db:
+            rows = db.execute("SELECT id, attempts, cancel_requested FROM jobs WHERE state = 'running'").fetchall()
+            now = time.time()
+            for job_id, attempts, cancel in rows:
+                if cancel:
+                    db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (now, job_id))
+                    out["cancelled"].append(job_id)
+                elif attempts >= max_attempts:
+                    err = {"code": "interrupted", "message": f"the server stopped during this job {attempts} times; "
+                                                             "not trying again"}
+                    db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                               (now, json.dumps(err), job_id))
+                    out["failed"].append(job_id)
+                else:
+                    db.execute("UPDATE jobs SET state = 'queued', started_at = NULL WHERE id = ?", (job_id,))
+                    out["requeued"].append(job_id)
+        return out
+
+    def fail_queued(self, model: str, error: dict) -> list[str]:
+        """Fail every queued job of ``model`` (its engine could not be loaded)."""
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'queued' AND model = ?", (model,))]
+            db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, error = ? "
+                       "WHERE state = 'queued' AND model = ?", (time.time(), json.dumps(error), model))
+        return ids
+
+    # -- the client's side -------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Queued: cancelled at once. Running: flagged; the worker stops it between steps."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ? AND state = 'queued'",
+                       (time.time(), job_id))
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (job_id,))
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return Job.from_row(row) if row else None
+
+    def delete(self, job_id: str) -> Job | None:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            return Job.from_row(row) if row else None
+
+    def list_jobs(self, *, state: str | None = None, model: str | None = None, limit: int = 20, offset: int = 0,
+             after_seq: int | None = None, newest_first: bool = True) -> tuple[list[Job], int]:
+        where, args = [], []
+        if state:
+            where.append("state = ?")
+            args.append(state)
+        if model:
+            where.append("model = ?")
+            args.append(model)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        page_where = list(where)
+        page_args: list[Any] = list(args)
+        if after_seq is not None:
+            page_where.append("seq < ?" if newest_first else "seq > ?")
+            page_args.append(after_seq)
+        page_clause = (" WHERE " + " AND ".join(page_where)) if page_where else ""
+        order = "DESC" if newest_first else "ASC"
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM jobs{clause}", args).fetchone()[0]
+            rows = self._db.execute(f"SELECT * FROM jobs{page_clause} ORDER BY seq {order} LIMIT ? OFFSET ?",
+                                    (*page_args, limit, offset)).fetchall()
+        return [Job.from_row(r) for r in rows], total
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        out = dict.fromkeys(STATES, 0)
+        out.update({s: n for s, n in rows})
+        return out
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+
+    def queue_position(self, job: Job) -> int:
+        """How many jobs of the same model run before this queued one (0: next)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE model = ? AND id != ? "
+                "AND (state = 'running' OR (state = 'queued' AND seq < ?))", (job.model, job.id, job.seq)).fetchone()[0]
+
+    def image_in_use(self, image: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM jobs WHERE image = ? AND state IN ('queued', 'running') LIMIT 1",
+                                    (image,)).fetchone() is not None
+
+    def active_images(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute(
+                "SELECT DISTINCT image FROM jobs WHERE image IS NOT NULL AND state IN ('queued', 'running')")}
+
+    # -- the disk cap ------------------------------------------------------------------------
+    def stored_bytes(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(SUM(output_bytes), 0) FROM jobs WHERE state = 'succeeded'"
+                                    ).fetchone()[0]
+
+    def evict(self, cap: int, keep: str | None = None) -> list[Job]:
+        """Mark the oldest finished results expired until the kept bytes fit ``cap``; returns them.
+
+        The newest result (``keep``) is never evicted, so a job always leaves its video behind.
+        """
+        evicted: list[Job] = []
+        with self._tx() as db:
+            total = db.execute("SELECT COALESCE(SUM(output_bytes), 0) FROM jobs WHERE state = 'succeeded'"
+                               ).fetchone()[0]
+            if total <= cap:
+                return evicted
+            rows = db.execute("SELECT * FROM jobs WHERE state = 'succeeded' AND id != ? ORDER BY finished_at, seq",
+                              (keep or "",)).fetchall()
+            now = time.time()
+            for row in rows:
+                if total <= cap:
+                    break
+                db.execute("UPDATE jobs SET state = 'expired', expired_at = ? WHERE seq = ?", (now, row["seq"]))
+                total -= row["output_bytes"]
+                evicted.append(Job.from_row(row))
+        return evicted

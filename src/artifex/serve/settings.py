@@ -1,0 +1,135 @@
+"""What a server runs with: address, models, data directory, queue and request limits.
+
+Limits can come from the ``[serve]`` table of the TOML file given with ``--config`` (or
+``$ARTIFEX_CONFIG``); command-line flags win. Every limit is checked here once, so a bad
+value stops the server at start-up with the field named, not at the first request.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from artifex.config import OptimizationConfig
+from artifex.errors import InvalidRequestError
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
+               "t": 2**40, "tb": 2**40}
+
+
+def parse_bytes(text: str | int, name: str = "max_disk") -> int:
+    """``"50G"``, ``"200MB"``, ``"30k"`` or a plain number of bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise InvalidRequestError(name, f"not a size: {text!r}", "a number of bytes, or with K, M, G, T (e.g. 50G)")
+        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if value < 0:
+        raise InvalidRequestError(name, f"must be >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything ``artifex serve`` needs besides the optimization config."""
+
+    models: tuple[str, ...]
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    checkpoints: dict[str, str] = field(default_factory=dict)  # model -> directory or hub id
+    auth: bool = True
+    token_file: Path | None = None
+    # queue and storage
+    max_queue: int = 64  # queued jobs (all models); beyond: 429 with Retry-After
+    max_disk: int = 50 * 2**30  # bytes of finished outputs kept; oldest evicted first; 0 = no cap
+    max_attempts: int = 3  # a job interrupted this many times (crashes) fails instead of running again
+    # request limits
+    max_steps: int = 100
+    max_frames: int = 121
+    max_width: int = 1280
+    max_height: int = 1280
+    max_upload_bytes: int = 20 * 2**20
+    max_image_pixels: int = 40_000_000
+    max_prompt_chars: int = 4000
+    # warm-up: one short generation per shape before /readyz says ready; () = the model's default shape
+    warmup: bool = True
+    warmup_shapes: tuple[tuple[int, int, int], ...] = ()
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise InvalidRequestError("model", "serve at least one model (--model NAME, repeatable)")
+        for name in ("max_queue", "max_steps", "max_frames", "max_width", "max_height", "max_upload_bytes",
+                     "max_image_pixels", "max_prompt_chars", "max_attempts"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidRequestError(name, f"must be a positive integer, got {v!r}")
+        if not 0 < self.port < 65536:
+            raise InvalidRequestError("port", f"must be in 1..65535, got {self.port}")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    def limits(self) -> dict[str, int]:
+        return {"max_steps": self.max_steps, "max_frames": self.max_frames, "max_width": self.max_width,
+                "max_height": self.max_height, "max_upload_bytes": self.max_upload_bytes,
+                "max_image_pixels": self.max_image_pixels, "max_prompt_chars": self.max_prompt_chars,
+                "max_queue": self.max_queue}
+
+    def merged(self, overrides: dict[str, Any]) -> ServeSettings:
+        """A copy with ``overrides`` (from a ``[serve]`` table or flags); unknown keys are an error."""
+        known = {f.name for f in fields(self)} - {"models", "data_dir", "checkpoints"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise InvalidRequestError(f"serve.{unknown[0]}", "unknown serve setting", sorted(known))
+        values = dict(overrides)
+        for key in ("max_disk", "max_upload_bytes"):
+            if key in values and isinstance(values[key], str):
+                values[key] = parse_bytes(values[key], key)
+        return replace(self, **values)
+
+
+def split_config_file(data: dict) -> tuple[dict, dict]:
+    """A TOML document -> (optimization fields, serve fields).
+
+    Optimization fields are top-level keys or an ``[optimization]`` table (as for
+    ``artifex generate``); serve fields are the ``[serve]`` table.
+    """
+    data = dict(data)
+    serve = data.pop("serve", {}) or {}
+    if not isinstance(serve, dict):
+        raise InvalidRequestError("serve", "must be a TOML table ([serve])")
+    optimization = data.pop("optimization", None)
+    if optimization is None:
+        optimization = data
+    elif data:
+        raise InvalidRequestError(sorted(data)[0], "put optimization fields under [optimization] or at the top, "
+                                                   "not both")
+    return optimization, serve
+
+
+def load_config_file(path: Path, config: OptimizationConfig, serve: dict) -> tuple[OptimizationConfig, dict]:
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InvalidRequestError("config", f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidRequestError("config", f"{path} is not valid TOML: {e}") from None
+    opt, srv = split_config_file(data)
+    return config.merged(opt), {**serve, **srv}

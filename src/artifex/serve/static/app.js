@@ -1,0 +1,264 @@
+// Artifex web page: plain JS, no build step. Talks only to its own origin.
+// The token stays in this origin's localStorage and goes out only in the Authorization header of
+// same-origin requests; videos are fetched with it and shown from blob: URLs (never a token in a URL).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "artifex.token";
+let token = localStorage.getItem(TOKEN_KEY) || "";
+let authRequired = true;
+let models = [];
+let watching = null; // AbortController of the current progress stream
+let videoUrl = null;
+
+function headers() {
+  return authRequired && token ? { Authorization: "Bearer " + token } : {};
+}
+
+class ApiFailure extends Error {
+  constructor(status, body) {
+    const e = (body && body.error) || {};
+    let text = e.message || ("HTTP " + status);
+    if (e.allowed) text += " (allowed: " + e.allowed + ")";
+    super(text);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) },
+                                       credentials: "same-origin" });
+  if (response.status === 401) {
+    showTokenBox("The token was not accepted.");
+    throw new ApiFailure(401, await response.json().catch(() => null));
+  }
+  if (!response.ok) throw new ApiFailure(response.status, await response.json().catch(() => null));
+  return response;
+}
+
+function showError(err) { $("error").textContent = err ? String(err.message || err) : ""; }
+
+function showTokenBox(message) {
+  $("token-box").hidden = false;
+  $("app").hidden = true;
+  if (message) showError(message);
+}
+
+async function start() {
+  const info = await (await fetch("/api/info")).json();
+  authRequired = info.auth_required;
+  if (authRequired && !token) { showTokenBox(); return; }
+  try {
+    await loadModels();
+  } catch (err) {
+    return;
+  }
+  $("token-box").hidden = true;
+  $("app").hidden = false;
+  refreshQueue();
+  setInterval(refreshQueue, 2000);
+  setInterval(refreshReady, 3000);
+  refreshReady();
+}
+
+async function refreshReady() {
+  const r = await fetch("/readyz").then((x) => x.json()).catch(() => null);
+  const badge = $("ready");
+  if (!r) { badge.textContent = "unreachable"; badge.className = "badge"; return; }
+  badge.textContent = r.ready ? "ready" : "warming up: " + Object.entries(r.models).map(
+    ([m, v]) => m + " " + v.status).join(", ");
+  badge.className = "badge " + (r.ready ? "ready" : "waiting");
+}
+
+async function loadModels() {
+  const data = await (await api("/api/models")).json();
+  models = data.models;
+  const select = $("model");
+  select.innerHTML = "";
+  for (const m of models) {
+    const o = document.createElement("option");
+    o.value = m.name;
+    o.textContent = m.name + " (" + m.task + ")";
+    select.appendChild(o);
+  }
+  onModelChange();
+}
+
+function currentModel() { return models.find((m) => m.name === $("model").value); }
+
+function onModelChange() {
+  const m = currentModel();
+  if (!m) return;
+  $("image-label").hidden = m.image === "none";
+  $("image-need").textContent = m.image === "required" ? "(required)" : "(optional)";
+  $("image").required = m.image === "required";
+  const size = $("size");
+  size.innerHTML = "";
+  const def = document.createElement("option");
+  def.value = "";
+  def.textContent = "preset / default";
+  size.appendChild(def);
+  for (const s of m.sizes) {
+    const o = document.createElement("option");
+    o.value = s;
+    o.textContent = s;
+    size.appendChild(o);
+  }
+  $("defaults").textContent = "defaults: " + m.defaults.steps + " steps, " + m.defaults.frames + " frames, " +
+    m.defaults.width + "x" + m.defaults.height + " at " + m.fps + " fps";
+}
+
+async function submit(event) {
+  event.preventDefault();
+  showError(null);
+  const form = new FormData();
+  const set = (name, value) => { if (value !== "" && value != null) form.append(name, value); };
+  set("model", $("model").value);
+  set("prompt", $("prompt").value);
+  set("negative_prompt", $("negative").value);
+  set("preset", $("preset").value);
+  set("size", $("size").value);
+  set("frames", $("frames").value);
+  set("steps", $("steps").value);
+  set("seed", $("seed").value);
+  const file = $("image").files[0];
+  if (file && !$("image-label").hidden) form.append("image", file);
+  $("submit").disabled = true;
+  try {
+    const job = await (await api("/api/jobs", { method: "POST", body: form })).json();
+    watch(job);
+    refreshQueue();
+  } catch (err) {
+    showError(err);
+  } finally {
+    $("submit").disabled = false;
+  }
+}
+
+function showJob(job) {
+  $("current").hidden = false;
+  $("job-id").textContent = job.id;
+  $("job-state").textContent = job.state;
+  const p = job.progress || {};
+  const bar = $("progress");
+  if (p.percent != null) bar.value = p.percent;
+  bar.dataset.updates = String(Number(bar.dataset.updates) + 1);
+  let text = p.stage || "";
+  if (p.stage === "denoise" && p.total) text += " " + p.step + "/" + p.total;
+  if (job.state === "queued" && job.queue_position != null) text += " (position " + job.queue_position + ")";
+  if (job.eta_s != null && job.state !== "succeeded") text += " · ETA " + job.eta_s.toFixed(1) + " s";
+  $("progress-text").textContent = text;
+  $("job-detail").textContent = job.error ? job.error.message : "";
+  $("cancel").hidden = !(job.state === "queued" || job.state === "running");
+}
+
+async function watch(job) {
+  if (watching) watching.abort();
+  const controller = new AbortController();
+  watching = controller;
+  $("progress").dataset.updates = "0";
+  $("result").hidden = true;
+  showJob(job);
+  if (!(job.state === "queued" || job.state === "running")) {
+    if (job.state === "succeeded") showVideo(job.id);
+    return;
+  }
+  try {
+    const response = await api("/api/jobs/" + job.id + "/events", { signal: controller.signal });
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        let name = "message";
+        let data = "";
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) name = line.slice(6).trim();
+          else if (line.startsWith("data:")) data += line.slice(5).trim();
+        }
+        if (!data) continue;
+        const update = JSON.parse(data);
+        if (name === "progress" || name === "done") showJob(update);
+        if (name === "done") {
+          if (update.state === "succeeded") showVideo(update.id);
+          refreshQueue();
+          return;
+        }
+      }
+    }
+  } catch (err) {
+    if (err.name !== "AbortError") showError(err);
+  }
+}
+
+async function showVideo(id) {
+  try {
+    const blob = await (await api("/api/jobs/" + id + "/video")).blob();
+    if (videoUrl) URL.revokeObjectURL(videoUrl);
+    videoUrl = URL.createObjectURL(blob);
+    const video = $("result-video");
+    video.src = videoUrl;
+    video.dataset.job = id;
+    const link = $("download");
+    link.href = videoUrl;
+    link.download = id + ".mp4";
+    $("result").hidden = false;
+  } catch (err) {
+    showError(err);
+  }
+}
+
+async function cancelCurrent() {
+  const id = $("job-id").textContent;
+  if (!id) return;
+  try {
+    showJob(await (await api("/api/jobs/" + id + "/cancel", { method: "POST" })).json());
+  } catch (err) {
+    showError(err);
+  }
+}
+
+async function refreshQueue() {
+  let data;
+  try {
+    data = await (await api("/api/jobs?limit=15")).json();
+  } catch (err) {
+    return;
+  }
+  const body = $("queue").querySelector("tbody");
+  body.innerHTML = "";
+  for (const job of data.jobs) {
+    const tr = document.createElement("tr");
+    tr.dataset.id = job.id;
+    const pct = job.progress && job.progress.percent != null ? job.progress.percent.toFixed(0) + "%" : "";
+    for (const text of [job.id.slice(0, 14) + "…", job.model, job.state, pct, (job.settings.prompt || "").slice(0, 60)]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.appendChild(td);
+    }
+    tr.className = "clickable";
+    tr.addEventListener("click", () => watch(job));
+    body.appendChild(tr);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    token = $("token").value.trim();
+    localStorage.setItem(TOKEN_KEY, token);
+    showError(null);
+    start();
+  });
+  $("gen-form").addEventListener("submit", submit);
+  $("model").addEventListener("change", onModelChange);
+  $("cancel").addEventListener("click", cancelCurrent);
+  start().catch(showError);
+});
