@@ -162,3 +162,33 @@ def test_plan_command_prints_the_table(capsys):
     assert main(["plan", "--model", "ti2v-5b", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["size"] == [1280, 704] and len(data["tiers"]) == 5
+
+
+def test_random_weight_components_run_through_the_engine(tmp_path):
+    """The benchmarks' random-weight builder gives components the engine runs like loaded ones."""
+    from artifex.engine.pipeline import Engine
+    from artifex.models.random_init import random_components
+
+    spec = get_model("tiny-t2v-moe")
+    engine = Engine.from_components(spec, random_components(spec, "fp32"), OptimizationConfig(precision="fp32"))
+    r = engine.generate(GenerationRequest(model=spec.name, prompt="x", seed=2, steps=2, frames=5,
+                                          output=str(tmp_path / "r.mp4")))
+    assert r.video_path.exists() and r.memory["tier"] == "resident"
+    assert r.sidecar["model"]["checkpoint"] == "random:tiny-t2v-moe"
+    assert engine.c.experts[0].blocks[0].attn1.to_q.weight.dtype == torch.float32
+
+
+def test_oom_step_down_can_be_turned_off(tmp_path):
+    from artifex.engine.pipeline import Engine
+
+    eng = Engine.load("tiny-t2v-moe", config=OptimizationConfig(precision="fp32"))
+    eng.oom_step_down = False  # as a parallel layout sets it
+
+    def fail(module, args):
+        raise torch.OutOfMemoryError("out of memory (injected)")
+
+    eng.c.experts[0].register_forward_pre_hook(fail)
+    with pytest.raises(torch.OutOfMemoryError):
+        eng.generate(GenerationRequest(model="tiny-t2v-moe", prompt="x", seed=1, steps=2, frames=5,
+                                       output=str(tmp_path / "v.mp4")))
+    assert eng.placement.tier == "resident"

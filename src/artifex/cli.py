@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     from artifex.serve.cli import add_commands as add_serve_commands  # serve, monitor
 
     add_serve_commands(sub)
+    from artifex.distributed.cli import add_commands as add_launch_command  # launch (torchrun)
+
+    add_launch_command(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -100,7 +101,7 @@ def calibrate(out_dir=None) -> dict:
         rows.append(fn(*args, device))
         log.info("%s", rows[-1])
         torch.cuda.empty_cache()
-    data = report.header(device)
+    data = report.header(device, prog="python -m artifex.bench.memory")
     errs = [abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in rows if r["measured_gib"] > 0.05]
     data.update(summary={"stage_max_rel_error": round(max(errs), 3)}, stages=rows)
     if out_dir is not None:
@@ -112,10 +113,78 @@ def calibrate(out_dir=None) -> dict:
     return data
 
 
+
+
+def generation_runs(model: str, budgets: list[str | None], steps: int | None = None, width: int | None = None,
+                    height: int | None = None, frames: int | None = None, out_dir=None) -> dict:
+    """Whole generations with random weights at real shapes, one per budget (None = the whole GPU): tier the
+    planner picked, its predicted peak, the measured peak, time per stage."""
+    import gc
+
+    from artifex.config import OptimizationConfig
+    from artifex.engine.pipeline import Engine
+    from artifex.engine.request import GenerationRequest
+    from artifex.models.random_init import random_components
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    spec = get_model(model)
+    components = random_components(spec, "bf16", build_device=device)
+    data = report.header(device, prog="python -m artifex.bench.memory")
+    runs = []
+    for budget in budgets:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+        engine = Engine.from_components(spec, components, OptimizationConfig(vram_budget=budget))
+        req = GenerationRequest(model=model, prompt="a red kite over a golden beach at sunset", seed=1, steps=steps,
+                                width=width, height=height, frames=frames,
+                                output=str(Path(out_dir or "/tmp") / f"mem-{budget}.mp4"))
+        r = engine.generate(req)
+        measured = r.peak_memory["gpu_max_allocated_gib"]
+        predicted = r.memory["predicted_peak_gib"]
+        runs.append({"budget": budget, "tier": r.memory["tier"], "vae_tiling": r.plan.vae_tiling,
+                     "step_downs": r.memory["step_downs"], "predicted_peak_gib": predicted,
+                     "measured_peak_gib": measured, "measured_reserved_gib": r.peak_memory["gpu_max_reserved_gib"],
+                     "planner_rel_error": round(abs(predicted - measured) / measured, 3),
+                     "timings_s": r.timings, "steps": r.settings.steps,
+                     "size": f"{r.settings.width}x{r.settings.height}x{r.settings.frames}"})
+        log.info("%s", runs[-1])
+        engine.placement.release()
+        del engine, r
+        gc.collect()
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    data.update(model=model, runs=runs, summary={
+        "planner_max_rel_error": max(x["planner_rel_error"] for x in runs),
+        **{f"{model}_{x['budget'] or 'unconstrained'}": {"peak_gib": x["measured_peak_gib"],
+                                                          "time_s": x["timings_s"]["total"], "tier": x["tier"]}
+           for x in runs}})
+    if out_dir is not None:
+        md = report.md_table([["budget", "tier", "VAE tiled", "predicted GiB", "measured GiB", "total s", "denoise s",
+                               "decode s"]] + [[str(x["budget"] or "whole GPU"), x["tier"], str(x["vae_tiling"]),
+                                                str(x["predicted_peak_gib"]), str(x["measured_peak_gib"]),
+                                                str(x["timings_s"]["total"]), str(x["timings_s"]["denoise"]),
+                                                str(x["timings_s"]["decode"])] for x in runs])
+        report.write(out_dir, f"memory-{model}-{report.device_slug(device)}", data,
+                     f"# Whole generations under memory budgets ({data['device']['name']})\n\n"
+                     f"`{data['command']}`\n\n{md}")
+    return data
+
+
 if __name__ == "__main__":
+    import argparse
     import json
-    import sys
     from pathlib import Path
 
+    ap = argparse.ArgumentParser(description="stage calibration, or whole generations under budgets")
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--runs", help="MODEL:BUDGET,BUDGET (budget 'none' = whole GPU), e.g. ti2v-5b:none,24GB")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--frames", type=int)
+    args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    print(json.dumps(calibrate(Path(sys.argv[1]) if len(sys.argv) > 1 else None), indent=1))
+    if args.runs:
+        model, budgets = args.runs.split(":")
+        result = generation_runs(model, [None if b == "none" else b for b in budgets.split(",")], args.steps,
+                                 frames=args.frames, out_dir=args.out_dir)
+    else:
+        result = calibrate(args.out_dir)
+    print(json.dumps(result["summary"], indent=1))

@@ -24,10 +24,11 @@ def device_slug(device: torch.device) -> str:
     return m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
-def header(device: torch.device) -> dict:
+def header(device: torch.device, prog: str = "artifex") -> dict:
+    """``prog`` names how the benchmark was started (the CLI, or ``python -m ...``) for the command line."""
     return {
         "device": device_info(device),
-        "command": " ".join(shlex.quote(a) for a in ["artifex", *sys.argv[1:]]),
+        "command": " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(),
     }

@@ -118,6 +118,9 @@ class Engine:
         # whether this process decodes and writes the video (one rank of a group does).
         self.predict: Callable[..., torch.Tensor] = self._predict
         self.writes_output = True
+        # An OOM step-down re-places models on this process alone; a parallel layout turns it off (the other
+        # ranks would wait in a collective while this one moves models).
+        self.oom_step_down = True
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         self.weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
         self.placement = Placement(components, plan.placement, self.device, config.fp8_weights, self.dtype)
@@ -138,11 +141,19 @@ class Engine:
         components = load_components(spec, path, config.precision, single_files)
         for w in components.info.warnings:
             log.warning(w)
+        return cls.from_components(spec, components, config, load_s=time.perf_counter() - start)
+
+    @classmethod
+    def from_components(cls, spec: ModelSpec, components: Components, config: OptimizationConfig | None = None,
+                        load_s: float = 0.0) -> Engine:
+        """An engine over components already in memory (loaded, or random weights for benchmarks)."""
+        config = config or OptimizationConfig()
+        config.check_supported()
+        _quiet_libraries()
         plan = make_plan(spec, config, components)
         for r in plan.reasons:
             log.info("plan: %s", r)
-        engine = cls(spec, components, plan, config, load_s=time.perf_counter() - start)
-        return engine
+        return cls(spec, components, plan, config, load_s=load_s)
 
     def _place_models(self) -> None:
         c, p = self.c, self.plan
@@ -349,6 +360,8 @@ class Engine:
             try:
                 return run()
             except torch.OutOfMemoryError as e:
+                if not self.oom_step_down:
+                    raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 if stage == "decode" and not self.plan.vae_tiling:

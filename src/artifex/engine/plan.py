@@ -41,8 +41,9 @@ class Plan:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device to run on, with an index for CUDA (some torch.cuda calls need one)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -51,6 +52,8 @@ def resolve_device(name: str) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InvalidRequestError("device", f"{name} does not exist",
                                       [f"cuda:{i}" for i in range(torch.cuda.device_count())])
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
