@@ -135,7 +135,6 @@ class Engine:
         start = time.perf_counter()
         spec = get_model(model)
         config = config or OptimizationConfig()
-        config.check_supported()
         _quiet_libraries()
         path = resolve_checkpoint(spec, checkpoint, read_env().home)
         components = load_components(spec, path, config.precision, single_files)
@@ -173,10 +172,7 @@ class Engine:
 
     def _retier(self, tier: str) -> None:
         """Move every model to the placement of ``tier`` (a planner decision or an OOM step-down)."""
-        self.placement.release()
-        self.placement = Placement(self.c, tier, self.device, self.config.fp8_weights, self.dtype)
-        self.placement._fp8_applied = self.config.fp8_weights  # layerwise casting stays on the modules
-        self.placement.apply()
+        self.placement.move_to(tier)
         self.plan.placement = tier
 
     # -- stages ----------------------------------------------------------------------------

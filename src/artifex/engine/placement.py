@@ -84,6 +84,14 @@ class Placement:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def move_to(self, tier: str) -> None:
+        """Change tier in place: undo the current one, apply ``tier`` (fp8 storage stays as it is)."""
+        if tier not in TIERS:
+            raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
+        self.release()
+        self.tier = tier
+        self.apply()
+
     def activate_expert(self, index: int) -> None:
         if self.tier in ("resident", *_GROUP_OFFLOAD) or index == self.active_expert:
             self.active_expert = index

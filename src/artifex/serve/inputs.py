@@ -142,13 +142,18 @@ def data_url_bytes(value: Any, name: str) -> bytes:
         raise InvalidRequestError(name, "data: URL holds invalid base64") from None
 
 
+def _one_image(in_body, uploaded: bytes | None, name: str) -> bytes | None:
+    """The image from the body field ``name`` (bytes or a data: URL) or the upload; both is an error."""
+    if in_body is None:
+        return uploaded
+    if uploaded is not None:
+        raise InvalidRequestError(name, "give the image once")
+    return in_body if isinstance(in_body, bytes) else data_url_bytes(in_body, name)
+
+
 def native_submission(data: dict, image: bytes | None, from_form: bool) -> Submission:
     data = _check_fields(data, NATIVE_FIELDS, from_form)
-    raw_image = data.pop("image", None)
-    if raw_image is not None:
-        if image is not None:
-            raise InvalidRequestError("image", "give the image once")
-        image = raw_image if isinstance(raw_image, bytes) else data_url_bytes(raw_image, "image")
+    image = _one_image(data.pop("image", None), image, "image")
     size = data.pop("size", None)
     if size is not None:
         if data.get("width") is not None or data.get("height") is not None:
@@ -164,11 +169,7 @@ def openai_submission(data: dict, image: bytes | None, from_form: bool, default_
     if isinstance(data.get("seconds"), str):  # the OpenAI clients send seconds as a string ("4")
         data = {**data, "seconds": _coerce("seconds", data["seconds"], float, True)}
     data = _check_fields(data, OPENAI_FIELDS, from_form)
-    raw = data.pop("input_reference", None)
-    if raw is not None:
-        if image is not None:
-            raise InvalidRequestError("input_reference", "give the image once")
-        image = raw if isinstance(raw, bytes) else data_url_bytes(raw, "input_reference")
+    image = _one_image(data.pop("input_reference", None), image, "input_reference")
     fields: dict[str, Any] = {k: v for k, v in data.items() if v is not None and k not in ("seconds", "size")}
     fields.setdefault("model", default_model)
     if data.get("size") is not None:
