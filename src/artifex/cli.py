@@ -163,6 +163,25 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from artifex.bench import memory
+    from artifex.engine.memory import parse_budget
+
+    if not torch.cuda.is_available():
+        raise InvalidRequestError("device", "artifex bench memory measures GPU memory; no CUDA GPU is visible")
+    budgets = [None if b == "none" else b for b in args.budgets.split(",")]
+    for b in budgets:
+        parse_budget(b)
+    w, h = args.size or (None, None)
+    data = memory.generation_runs(args.model, budgets, args.steps, w, h, args.frames, args.output_dir,
+                                  args.diffusers_steps)
+    memory.combine(args.output_dir)
+    print(json.dumps(data["summary"], indent=2))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from artifex.engine.memory import GIB, parse_budget, plan_memory, weights_of
     from artifex.engine.request import check_frames, check_size
@@ -304,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     ba.add_argument("--no-processor-check", action="store_true")
     ba.set_defaults(func=cmd_bench_attention)
+    bm = bsub.add_parser("memory", help="whole generations under VRAM budgets, random weights at real shapes (GPU)")
+    bm.add_argument("--model", default="ti2v-5b")
+    bm.add_argument("--budgets", default="none,24GB", help="comma-separated; none = the whole GPU")
+    bm.add_argument("--size", type=_size)
+    bm.add_argument("--frames", type=int)
+    bm.add_argument("--steps", type=int)
+    bm.add_argument("--diffusers-steps", type=int, default=0,
+                    help="also measure diffusers' default WanPipeline peak with this many steps")
+    bm.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    bm.set_defaults(func=cmd_bench_memory)
 
     pl = sub.add_parser("plan", help="predict peak GPU memory of each memory tier (runs nothing)")
     pl.add_argument("--model", required=True)

@@ -115,8 +115,36 @@ def calibrate(out_dir=None) -> dict:
 
 
 
+def diffusers_default_peak(spec, components, width: int, height: int, frames: int, steps: int, device) -> dict:
+    """diffusers' WanPipeline as its docs load it (bf16 DiT and UMT5 with fp32-kept modules, fp32 VAE), on the
+    same random components, everything on the GPU: its peak allocated memory. Peak memory does not depend on the
+    step count, so a few steps suffice."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.shift)
+    components.vae.disable_tiling()  # diffusers' default decodes whole frames
+    pipe = WanPipeline(tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
+                       scheduler=sched, transformer=components.experts[0],
+                       transformer_2=components.experts[1] if spec.experts == 2 else None,
+                       boundary_ratio=spec.boundary, expand_timesteps=spec.expand_timesteps).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        pipe(prompt="a red kite over a golden beach at sunset", height=height, width=width, num_frames=frames,
+             num_inference_steps=steps, guidance_scale=spec.guidance[0], output_type="np")
+    secs = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated(device) / GIB
+    for m in (components.text_encoder, components.vae, *components.experts):
+        m.to("cpu")
+    torch.cuda.empty_cache()
+    return {"peak_gib": round(peak, 3), "steps": steps, "seconds": round(secs, 2)}
+
+
 def generation_runs(model: str, budgets: list[str | None], steps: int | None = None, width: int | None = None,
-                    height: int | None = None, frames: int | None = None, out_dir=None) -> dict:
+                    height: int | None = None, frames: int | None = None, out_dir=None,
+                    diffusers_steps: int = 0) -> dict:
     """Whole generations with random weights at real shapes, one per budget (None = the whole GPU): tier the
     planner picked, its predicted peak, the measured peak, time per stage."""
     import gc
@@ -130,6 +158,10 @@ def generation_runs(model: str, budgets: list[str | None], steps: int | None = N
     spec = get_model(model)
     components = random_components(spec, "bf16", build_device=device)
     data = report.header(device, prog="python -m artifex.bench.memory")
+    if diffusers_steps:  # first, on the untouched components (our runs turn VAE tiling on for small budgets)
+        w, h = (width, height) if width else spec.sizes[0]
+        data["diffusers_default"] = diffusers_default_peak(spec, components, w, h, frames or spec.frames,
+                                                           diffusers_steps, device)
     runs = []
     for budget in budgets:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
@@ -154,7 +186,7 @@ def generation_runs(model: str, budgets: list[str | None], steps: int | None = N
     torch.cuda.set_per_process_memory_fraction(1.0, device)
     data.update(model=model, runs=runs, summary={
         "planner_max_rel_error": max(x["planner_rel_error"] for x in runs),
-        **{f"{model}_{x['budget'] or 'unconstrained'}": {"peak_gib": x["measured_peak_gib"],
+        **{f"{model}_{x['size']}_{x['budget'] or 'unconstrained'}": {"peak_gib": x["measured_peak_gib"],
                                                           "time_s": x["timings_s"]["total"], "tier": x["tier"]}
            for x in runs}})
     if out_dir is not None:
@@ -163,10 +195,73 @@ def generation_runs(model: str, budgets: list[str | None], steps: int | None = N
                                                 str(x["predicted_peak_gib"]), str(x["measured_peak_gib"]),
                                                 str(x["timings_s"]["total"]), str(x["timings_s"]["denoise"]),
                                                 str(x["timings_s"]["decode"])] for x in runs])
-        report.write(out_dir, f"memory-{model}-{report.device_slug(device)}", data,
+        size = runs[0]["size"].rsplit("x", 1)[0]
+        report.write(out_dir, f"memory-{model}-{size}-{report.device_slug(device)}", data,
                      f"# Whole generations under memory budgets ({data['device']['name']})\n\n"
                      f"`{data['command']}`\n\n{md}")
     return data
+
+
+# The issue's summary keys: (model, WxH, budget) of each run they name.
+_KEYS = {"ti2v5b_720p_24gb": ("ti2v-5b", "1280x704", "24GB"), "a14b_720p_24gb": ("t2v-a14b", "1280x720", "24GB"),
+         "a14b_480p_16gb": ("t2v-a14b", "832x480", "16GB")}
+
+
+def combine(out_dir: Path) -> dict:
+    """memory-<gpu>.json from the per-model run files in ``out_dir``: the named runs, the unconstrained TI2V
+    time, diffusers' default peak, the planner's largest error over every run."""
+    import json
+
+    files = sorted(out_dir.glob("memory-*-*x*-*.json"))
+    parts = [json.loads(f.read_text()) for f in files]
+    runs = [dict(r, model=p["model"]) for p in parts for r in p["runs"]]
+    summary: dict = {}
+    for key, (model, size, budget) in _KEYS.items():
+        hit = next((r for r in runs if r["model"] == model and r["size"].startswith(size) and r["budget"] == budget),
+                   None)
+        summary[key] = ({"peak_gib": hit["measured_peak_gib"], "time_s": hit["timings_s"]["total"],
+                         "tier": hit["tier"], "steps": hit["steps"]} if hit else None)
+    free = next((r for r in runs if r["model"] == "ti2v-5b" and r["budget"] is None), None)
+    summary["ti2v5b_720p_unconstrained_time_s"] = free["timings_s"]["total"] if free else None
+    dd = next((p["diffusers_default"] for p in parts if p["model"] == "ti2v-5b" and "diffusers_default" in p), None)
+    summary["diffusers_default_peak_gib"] = dd["peak_gib"] if dd else None
+    summary["planner_max_rel_error"] = max((r["planner_rel_error"] for r in runs), default=None)
+    base = parts[0] if parts else {}
+    data = {k: base.get(k) for k in ("device", "date", "versions")}
+    data.update(command="python -m artifex.bench.memory OUT --combine", sources=[f.name for f in files],
+                summary=summary, runs=runs, diffusers_default=dd)
+    slug = "h100" if "H100" in str((data.get("device") or {}).get("name")) else "gpu"
+    rows = [["model", "size", "budget", "tier", "steps", "predicted GiB", "measured GiB", "total s"]] + [
+        [r["model"], r["size"], str(r["budget"] or "whole GPU"), r["tier"], str(r["steps"]),
+         str(r["predicted_peak_gib"]), str(r["measured_peak_gib"]), str(r["timings_s"]["total"])] for r in runs]
+    md = (f"# Memory tiers ({(data.get('device') or {}).get('name')})\n\n" + report.md_table(rows) +
+          "\ndiffusers' default WanPipeline peak (TI2V-5B, same random weights): "
+          f"{summary['diffusers_default_peak_gib']} GiB; planner's largest error: {summary['planner_max_rel_error']}\n")
+    report.write(out_dir, f"memory-{slug}", data, md)
+    _chart(runs, out_dir / f"memory-{slug}.png")
+    return data
+
+
+def _chart(runs: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no PNG chart")
+        return
+    labels = [f"{r['model']}\n{r['size'].rsplit('x', 1)[0]}\n{r['budget'] or 'whole GPU'}" for r in runs]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = range(len(runs))
+    ax.bar([i - 0.2 for i in x], [r["predicted_peak_gib"] for r in runs], 0.4, label="planner")
+    ax.bar([i + 0.2 for i in x], [r["measured_peak_gib"] for r in runs], 0.4, label="measured")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("peak GiB (allocated)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
@@ -179,12 +274,19 @@ if __name__ == "__main__":
     ap.add_argument("--runs", help="MODEL:BUDGET,BUDGET (budget 'none' = whole GPU), e.g. ti2v-5b:none,24GB")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--frames", type=int)
+    ap.add_argument("--size", help="WxH")
+    ap.add_argument("--diffusers-steps", type=int, default=0, help="also measure diffusers' default peak")
+    ap.add_argument("--combine", action="store_true", help="merge OUT/memory-<model>-*.json into memory-<gpu>.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    if args.runs:
+    if args.combine:
+        result = combine(args.out_dir)
+    elif args.runs:
         model, budgets = args.runs.split(":")
+        w, h = (int(x) for x in args.size.split("x")) if args.size else (None, None)
         result = generation_runs(model, [None if b == "none" else b for b in budgets.split(",")], args.steps,
-                                 frames=args.frames, out_dir=args.out_dir)
+                                 w, h, args.frames, out_dir=args.out_dir, diffusers_steps=args.diffusers_steps)
+        combine(args.out_dir)
     else:
         result = calibrate(args.out_dir)
     print(json.dumps(result["summary"], indent=1))
