@@ -8,8 +8,8 @@ with the picked backend against diffusers' own processor on the same weights.
 
 from __future__ import annotations
 
+import itertools
 import logging
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import torch
 
 from artifex.attention.backends import BACKENDS, attention_flops, probe
 from artifex.attention.ops import LAST_RESORT
-from artifex.attention.select import DTYPE_NAMES, rel_l2, select, verify
+from artifex.attention.select import DTYPE_NAMES, _time_ms, rel_l2, select, verify
 from artifex.bench import report
 
 log = logging.getLogger("artifex")
@@ -53,25 +53,8 @@ def parse_shape(text: str) -> tuple[str, tuple[int, int, int, int]]:
 
 def _time(run, inputs, device, warmup: int, iters: int) -> float:
     """Median ms, cycling through several input sets so no cache holds the answer."""
-    for i in range(warmup):
-        run(*inputs[i % len(inputs)])
-    times = []
-    for i in range(iters):
-        q, k, v = inputs[i % len(inputs)]
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(q, k, v)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t = time.perf_counter()
-            run(q, k, v)
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    sets = itertools.cycle(inputs)
+    return _time_ms(lambda: run(*next(sets)), device, warmup, iters)
 
 
 def bench_shape(name, shape, dtype, device, peak, backends, warmup, iters) -> list[Row]:
