@@ -190,15 +190,29 @@ def test_engine_refuses_a_request_for_another_model(engine, tmp_path):
         engine("tiny-ti2v").generate(GenerationRequest(model="tiny-t2v-moe", prompt="x"))
 
 
-def test_torch_compile_of_repeated_blocks_matches_eager(engine, tmp_path):
-    """use_torch_compile is wired: the blocks become compiled modules and the video stays the same."""
+def test_torch_compile_of_the_blocks_matches_eager_without_recompiles(engine, tmp_path):
+    """use_torch_compile compiles one block function for all blocks of both experts: the video stays the same,
+    and a second request of the same shape compiles nothing new."""
+    import torch._dynamo
+
     eager = generate(engine("tiny-t2v-moe", precision="fp32", tf32=False), tmp_path, "e.mp4", steps=3, frames=5)
     eng = engine("tiny-t2v-moe", precision="fp32", tf32=False, use_torch_compile=True)
-    assert all(b._compiled_call_impl is not None for e in eng.c.experts for b in e.blocks)
-    assert engine("tiny-t2v-moe", precision="fp32", tf32=False).c.experts[0].blocks[0]._compiled_call_impl is None
-    compiled = generate(eng, tmp_path, "c.mp4", steps=3, frames=5)
+    cores = {b._artifex_core for e in eng.c.experts for b in e.blocks}
+    assert len(cores) == 1 and hasattr(next(iter(cores)), "_torchdynamo_orig_callable")
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph serves every block of both experts
+        compiled = generate(eng, tmp_path, "c.mp4", steps=3, frames=5)
+        again = generate(eng, tmp_path, "c2.mp4", steps=3, frames=5, seed=8, prompt="another prompt")
     assert _rel_l2(compiled.latents, eager.latents) < 1e-4
     assert compiled.plan.compile is True
+    assert not torch.equal(again.latents, compiled.latents)
+
+
+def test_diffusers_forward_with_compiled_repeated_blocks_still_works(engine, tmp_path):
+    eng = engine("tiny-ti2v", precision="fp32", tf32=False, use_torch_compile=True, fast_dit=False)
+    assert all(b._compiled_call_impl is not None for b in eng.c.experts[0].blocks)
+    fast = generate(engine("tiny-ti2v", precision="fp32", tf32=False), tmp_path, "f.mp4", steps=3, frames=5)
+    plain = generate(eng, tmp_path, "p.mp4", steps=3, frames=5)
+    assert _rel_l2(fast.latents, plain.latents) < 1e-4
 
 
 def test_a_progress_callback_can_cancel_between_steps(engine, tmp_path):

@@ -24,6 +24,7 @@ from PIL import Image
 
 from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
+from artifex.engine.dit import accelerate_model, clear_caches
 from artifex.engine.memory import plan_memory, tiers_for, weights_of
 from artifex.engine.placement import Placement
 from artifex.engine.plan import Plan, make_plan, memory_budget, requested_tier
@@ -121,6 +122,7 @@ class Engine:
         # An OOM step-down re-places models on this process alone; a parallel layout turns it off (the other
         # ranks would wait in a collective while this one moves models).
         self.oom_step_down = True
+        self._pair_memo: tuple | None = None
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         self.weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
         self.placement = Placement(components, plan.placement, self.device, config.fp8_weights, self.dtype)
@@ -165,8 +167,10 @@ class Engine:
             for param in c.vae.parameters():
                 if param.dim() == 5:
                     param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
-        if p.compile:
-            for expert in c.experts:
+        for expert in c.experts:
+            if p.fast_dit:
+                accelerate_model(expert, compile_blocks=p.compile)
+            elif p.compile:
                 expert.compile_repeated_blocks(fullgraph=True)
         self.placement.apply()
 
@@ -274,7 +278,12 @@ class Engine:
             noise0 = latents
 
             def denoise():
-                return self._denoise(s, noise0, condition, frame_mask, cond, uncond, use_cfg, emit, t0)
+                try:
+                    return self._denoise(s, noise0, condition, frame_mask, cond, uncond, use_cfg, emit, t0)
+                finally:  # the DiT's per-request caches (text K/V) hold this request's tensors
+                    self._pair_memo = None
+                    for expert in self.c.experts:
+                        clear_caches(expert)
 
             latents, experts = self._stepping_down("denoise", denoise, memory)
             if frame_mask is not None:
@@ -397,12 +406,18 @@ class Engine:
             return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0].float()
         if self.plan.cfg_batch == 2:
             both = model(hidden_states=torch.cat([x, x]), timestep=torch.cat([timestep, timestep]),
-                         encoder_hidden_states=torch.cat([cond, uncond]), return_dict=False)[0].float()
+                         encoder_hidden_states=self._pair(cond, uncond), return_dict=False)[0].float()
             pos, neg = both.chunk(2)
         else:
             pos = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0].float()
             neg = model(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False)[0].float()
         return neg + guidance * (pos - neg)
+
+    def _pair(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """cond and uncond as one batch, the same tensor for every step of a request (the DiT caches per tensor)."""
+        if self._pair_memo is None or self._pair_memo[0] is not cond or self._pair_memo[1] is not uncond:
+            self._pair_memo = (cond, uncond, torch.cat([cond, uncond]))
+        return self._pair_memo[2]
 
     def _sidecar(self, request: GenerationRequest, r: GenerationResult) -> dict:
         _, t, h, w = self.spec.latent_shape(r.settings.width, r.settings.height, r.settings.frames)

@@ -29,6 +29,7 @@ class Plan:
     placement: str  # a memory tier (artifex.engine.placement.TIERS); a request may move to a leaner one
     cfg_batch: int  # 2: cond and uncond in one batch
     compile: bool
+    fast_dit: bool
     tf32: bool
     channels_last: bool
     vae_slicing: bool
@@ -111,6 +112,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         placement=placement,
         cfg_batch=cfg_batch,
         compile=config.use_torch_compile,
+        fast_dit=config.fast_dit,
         tf32=config.tf32,
         channels_last=config.use_channels_last,
         vae_slicing=config.vae_slicing,

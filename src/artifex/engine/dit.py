@@ -1,0 +1,236 @@
+"""Artifex's Wan DiT forward: diffusers' ``WanTransformer3DModel`` math with the repeated work hoisted out.
+
+Rule for this file: the same model, numerically. Every change against diffusers' forward
+moves work that does not depend on the step out of the step, or fuses work without
+changing what is computed:
+
+- **modulation per distinct timestep**: diffusers embeds one timestep per token for TI2V
+  (27,280 rows of 6 x dim in fp32, 2 GB per forward at 720p); here each distinct timestep
+  is embedded once and tokens index their row (0 for an image-given frame, t elsewhere);
+- **text K/V per request**: the cross-attention keys and values depend only on the prompt
+  embeddings, so each block computes them on its first step for a given context tensor and
+  reuses them for every later step of the request (the engine passes the same tensor);
+- **RoPE tables per shape**: built once per latent shape (and per sequence shard), kept in
+  the compact (L, D/2) cos/sin form the fused kernel reads;
+- **fused QK RMSNorm + RoPE** (``artifex.kernels``: Triton on CUDA, a PyTorch twin elsewhere).
+
+It is applied from outside (``accelerate_model``): the model's and each block's ``forward``
+are replaced on the instance, and every weight is still reached through its module, so
+memory-tier hooks (group offload, fp8 layerwise casting), Ulysses' hooks and the
+attention runtime in each ``WanAttentionProcessor`` keep working. ``restore_model`` puts
+diffusers' forwards back. A block's tensor work is one function (``block_core``), the unit
+that ``torch.compile`` compiles once for all blocks of a model.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+
+from artifex.attention.processor import _TEXT_CONTEXT
+from artifex.kernels.qk_norm_rope import qk_norm_rope, rope_table
+
+
+@dataclass
+class Modulation:
+    """Timestep embeddings, one row per distinct timestep, and which row each token uses."""
+
+    rows: torch.Tensor  # (R, 6, dim): time_proj for each distinct timestep (the model's dtype)
+    temb: torch.Tensor  # (R, dim): time_embedder output for each distinct timestep
+    index: torch.Tensor | None  # (B, L) long into rows; None: row b for sample b (R == B)
+
+
+def per_token(table: torch.Tensor, rows: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """``table`` (1, k, dim) + ``rows`` (R, k, dim) in fp32, split into k tensors of (B, L, dim), or (B, 1, dim)
+    when each sample has one timestep. Under torch.compile the gather fuses into its consumers."""
+    mod = table.float() + rows.float()
+    if index is None:
+        return mod.unsqueeze(1).unbind(2)
+    return tuple(mod[:, j][index] for j in range(mod.shape[1]))
+
+
+class DiTState:
+    """Per-model caches: RoPE tables by latent shape, text context by context tensor."""
+
+    def __init__(self):
+        self.rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.context: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # (given, image, projected)
+
+    def clear(self) -> None:
+        self.rope.clear()
+        self.context.clear()
+
+
+def modulation(model, timestep: torch.Tensor, like: torch.Tensor) -> Modulation:
+    """Embed each distinct timestep once: (B,) -> one row per sample; (B, L) -> rows of the distinct values."""
+    index = None
+    values = timestep
+    if timestep.ndim == 2:
+        values, index = torch.unique(timestep, return_inverse=True)
+    ce = model.condition_embedder
+    t = ce.timesteps_proj(values)
+    dtype = next(iter(ce.time_embedder.parameters())).dtype
+    temb = ce.time_embedder(t.to(dtype) if t.dtype != dtype else t).type_as(like)
+    rows = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
+    return Modulation(rows=rows, temb=temb, index=index)
+
+
+def _rope(model, state: DiTState, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Hooks on ``rope`` (Ulysses keeps this rank's slice) are part of the key, so a layout change rebuilds.
+    key = (tuple(hidden_states.shape[2:]), hidden_states.device, tuple(model.rope._forward_hooks))
+    if key not in state.rope:
+        cos, sin = model.rope(hidden_states)  # (1, L, 1, D) each, interleaved pairs
+        state.rope[key] = rope_table(cos, sin)
+    return state.rope[key]
+
+
+def _context(model, state: DiTState, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+    """The projected context (image tokens first for I2V-style models), once per context tensor."""
+    for given, given_image, projected in state.context:
+        if given is text and given_image is image:
+            return projected
+    ce = model.condition_embedder
+    projected = ce.text_embedder(text)
+    if image is not None:
+        projected = torch.cat([ce.image_embedder(image), projected], dim=1)
+    state.context = [*state.context[-3:], (text, image, projected)]  # a request holds cond, uncond, both
+    return projected
+
+
+def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                  encoder_hidden_states_image: torch.Tensor | None = None, return_dict: bool = True,
+                  attention_kwargs: dict | None = None):
+    """Replaces ``WanTransformer3DModel.forward`` on an instance; same inputs, same output."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    state: DiTState = self._artifex_dit
+    b, _, f, h, w = hidden_states.shape
+    pt, ph, pw = self.config.patch_size
+    rope = _rope(self, state, hidden_states)
+    x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, L, dim)
+    context = _context(self, state, encoder_hidden_states, encoder_hidden_states_image)
+    mod = modulation(self, timestep, encoder_hidden_states)
+
+    for block in self.blocks:
+        x = block(x, context, mod, rope)
+
+    shift, scale = per_token(self.scale_shift_table, mod.temb.unsqueeze(1), mod.index)  # (B, L or 1, dim)
+    x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+    x = self.proj_out(x)  # (B, L, p_t * p_h * p_w * C)
+    x = x.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+    return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def block_forward(self, x: torch.Tensor, context: torch.Tensor, mod: Modulation,
+                  rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Replaces ``WanTransformerBlock.forward``: text K/V from the cache, then the block's tensor work."""
+    k_txt, v_txt, k_img, v_img = _cross_kv(self, context)
+    core = self._artifex_core
+    return core(self, x, mod.rows, mod.index, rope[0], rope[1], k_txt, v_txt, k_img, v_img)
+
+
+def _cross_kv(block, context: torch.Tensor):
+    """Cross-attention keys and values (B, S, H, D) for ``context``, computed once per context tensor."""
+    cached = block._artifex_kv
+    if cached is not None and cached[0] is context:
+        return cached[1]
+    attn = block.attn2
+    image = None
+    if attn.add_k_proj is not None:
+        split = context.shape[1] - _TEXT_CONTEXT
+        image, context_text = context[:, :split], context[:, split:]
+    else:
+        context_text = context
+    if attn.fused_projections:
+        k, v = attn.to_kv(context_text).chunk(2, dim=-1)
+    else:
+        k, v = attn.to_k(context_text), attn.to_v(context_text)
+    k = attn.norm_k(k)
+    k_img = v_img = None
+    if image is not None:
+        if attn.fused_projections:
+            k_img, v_img = attn.to_added_kv(image).chunk(2, dim=-1)
+        else:
+            k_img, v_img = attn.add_k_proj(image), attn.add_v_proj(image)
+        k_img = attn.norm_added_k(k_img).unflatten(2, (attn.heads, -1))
+        v_img = v_img.unflatten(2, (attn.heads, -1))
+    kv = (k.unflatten(2, (attn.heads, -1)), v.unflatten(2, (attn.heads, -1)), k_img, v_img)
+    block._artifex_kv = (context, kv)
+    return kv
+
+
+def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img):
+    """One Wan block on (B, L, dim) tokens; ``rows``/``index`` are the step's ``Modulation``."""
+    shift, scale, gate, c_shift, c_scale, c_gate = per_token(block.scale_shift_table, rows, index)
+
+    # 1. Self-attention: adaptive LayerNorm, q/k/v, fused QK RMSNorm + RoPE, attention, gated residual.
+    attn = block.attn1
+    h = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+    if attn.fused_projections:
+        q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+    q, k = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin, attn.heads)
+    o = attn.processor.runtime(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
+    x = (x.float() + attn.to_out[0](o) * gate).type_as(x)
+
+    # 2. Cross-attention on the cached text (and image) keys and values.
+    attn = block.attn2
+    h = block.norm2(x.float()).type_as(x)
+    q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+    o = attn.processor.runtime(q, k_txt, v_txt).flatten(2, 3).type_as(x)
+    if k_img is not None:
+        o = o + attn.processor.runtime(q, k_img, v_img).flatten(2, 3).type_as(x)
+    x = x + attn.to_out[0](o)
+
+    # 3. Feed-forward with adaptive LayerNorm and a gated residual.
+    h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+    return (x.float() + block.ffn(h).float() * c_gate).type_as(x)
+
+
+@functools.cache
+def compiled_block_core():
+    """``block_core`` compiled once per process: every block of every model shares its compiled graphs."""
+    return torch.compile(block_core, fullgraph=True, dynamic=False)
+
+
+def accelerate_model(model, compile_blocks: bool = False) -> None:
+    """Give ``model`` (a diffusers WanTransformer3DModel) Artifex's forward; idempotent.
+
+    Needs Artifex's ``WanAttentionProcessor`` on every attention layer (``attention.install``):
+    the blocks call the attention runtime it holds. ``compile_blocks`` compiles ``block_core``
+    once for the model (all blocks share the compiled code; shapes are static per request).
+    """
+    if getattr(model, "_artifex_dit", None) is None:
+        model._artifex_dit = DiTState()
+        model.forward = types.MethodType(model_forward, model)
+        for block in model.blocks:
+            block.forward = types.MethodType(block_forward, block)
+    core = compiled_block_core() if compile_blocks else block_core
+    for block in model.blocks:
+        block._artifex_kv = None
+        block._artifex_core = core
+
+
+def restore_model(model) -> None:
+    """Put diffusers' forwards back and drop the caches."""
+    if getattr(model, "_artifex_dit", None) is None:
+        return
+    for module in (model, *model.blocks):
+        module.__dict__.pop("forward", None)
+        for name in ("_artifex_kv", "_artifex_core"):
+            module.__dict__.pop(name, None)
+    del model._artifex_dit
+
+
+def clear_caches(model) -> None:
+    """Forget cached RoPE tables and text K/V (e.g. after weights or the attention layout change)."""
+    state = getattr(model, "_artifex_dit", None)
+    if state is not None:
+        state.clear()
+        for block in model.blocks:
+            block._artifex_kv = None

@@ -1,0 +1,1 @@
+"""Fused kernels, each with a plain-PyTorch twin (the twin runs on CPU and in tests)."""

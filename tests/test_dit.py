@@ -1,0 +1,134 @@
+"""Artifex's DiT forward against diffusers' WanTransformer3DModel forward (the plain path), on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from artifex.attention import install
+from artifex.attention.processor import AttentionRuntime
+from artifex.engine.dit import accelerate_model, clear_caches, modulation, restore_model
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _tiny(**extra) -> WanTransformer3DModel:
+    torch.manual_seed(0)
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+               text_dim=32, freq_dim=16, ffn_dim=64, num_layers=3, rope_max_seq_len=64)
+    cfg.update(extra)
+    model = WanTransformer3DModel(**cfg).eval()
+    with torch.no_grad():  # diffusers zero-initialises some tables; random values exercise every term
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _pair(**extra):
+    plain = _tiny(**extra)
+    fast = copy.deepcopy(plain)
+    install([fast], AttentionRuntime(chain="sdpa-math"))
+    accelerate_model(fast)
+    return plain, fast
+
+
+def _inputs(model, batch=2, frames=3, h=8, w=10, image_tokens=0):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, model.config.in_channels, frames, h, w, generator=g)
+    text = torch.randn(batch, 512, model.config.text_dim, generator=g)
+    image = torch.randn(batch, image_tokens, model.config.image_dim, generator=g) if image_tokens else None
+    return x, text, image
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_fast_forward_matches_diffusers(per_token):
+    """One timestep per sample (T2V, A14B) and TI2V's per-token timesteps (0 on the image-given frame)."""
+    plain, fast = _pair()
+    x, text, _ = _inputs(plain)
+    tokens = 3 * 4 * 5
+    if per_token:
+        t = torch.full((2, tokens), 700.0)
+        t[:, :20] = 0.0  # the first latent frame holds the given image
+    else:
+        t = torch.tensor([700.0, 300.0])
+    with torch.no_grad():
+        ref = plain(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        out = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert out.shape == ref.shape
+    assert _rel(out, ref) < 1e-5
+
+
+def test_image_context_branch_matches_diffusers():
+    """Wan2.1-style I2V: image tokens ahead of the 512 text tokens, with their own keys and values."""
+    plain, fast = _pair(image_dim=24, added_kv_proj_dim=24)
+    x, text, image = _inputs(plain, image_tokens=257)
+    t = torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        ref = plain(hidden_states=x, timestep=t, encoder_hidden_states=text, encoder_hidden_states_image=image,
+                    return_dict=False)[0]
+        out = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, encoder_hidden_states_image=image,
+                   return_dict=False)[0]
+    assert _rel(out, ref) < 1e-5
+
+
+def test_modulation_embeds_each_distinct_timestep_once():
+    model = _tiny()
+    t = torch.full((2, 60), 700.0)
+    t[:, :20] = 0.0
+    mod = modulation(model, t, torch.zeros(1))
+    assert mod.rows.shape == (2, 6, model.config.num_attention_heads * model.config.attention_head_dim)
+    assert mod.index.shape == (2, 60) and set(mod.index.unique().tolist()) == {0, 1}
+    assert mod.index[0, :20].eq(0).all() and mod.index[0, 20:].eq(1).all()  # rows sorted: 0 first, then 700
+
+
+def test_text_kv_is_computed_once_per_context_tensor_and_follows_a_new_one():
+    plain, fast = _pair()
+    x, text, _ = _inputs(plain)
+    t = torch.tensor([700.0, 700.0])
+    calls = []
+    fast.blocks[0].attn2.to_k.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
+    with torch.no_grad():
+        first = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        fast(hidden_states=x, timestep=t * 0.5, encoder_hidden_states=text, return_dict=False)
+        assert len(calls) == 1  # the second step reused the block's text K/V
+        other = text.flip(0)  # a new request: a new context tensor
+        out = fast(hidden_states=x, timestep=t, encoder_hidden_states=other, return_dict=False)[0]
+        ref = plain(hidden_states=x, timestep=t, encoder_hidden_states=other, return_dict=False)[0]
+        assert len(calls) == 2 and _rel(out, ref) < 1e-5
+        clear_caches(fast)
+        again = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert torch.equal(again, first)
+
+
+def test_restore_gives_diffusers_forward_back():
+    plain, fast = _pair()
+    restore_model(fast)
+    assert "forward" not in fast.__dict__ and all("forward" not in b.__dict__ for b in fast.blocks)
+    x, text, _ = _inputs(plain)
+    t = torch.tensor([100.0, 100.0])
+    with torch.no_grad():
+        a = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        b = plain(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("model,fields,with_image", [
+    ("tiny-ti2v", {}, True),                            # per-token timesteps through the engine
+    ("tiny-ti2v", {"max_batch_size": 2}, False),        # batched CFG: one context tensor for cond + uncond
+    ("tiny-t2v-moe", {"max_batch_size": 2}, False),     # both experts, each with its own text K/V
+])
+def test_engine_latents_match_diffusers_forward(engine, tmp_path, image_file, model, fields, with_image):
+    from artifex.engine.request import GenerationRequest
+
+    def run(**extra):
+        eng = engine(model, precision="fp32", tf32=False, **fields, **extra)
+        req = GenerationRequest(model=model, prompt="a lighthouse in fog", seed=3, steps=4, frames=9,
+                                image=str(image_file) if with_image else None, output=str(tmp_path / "v.mp4"))
+        return eng.generate(req).latents
+
+    assert _rel(run(), run(fast_dit=False)) < 1e-5
