@@ -182,6 +182,26 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_dit(args: argparse.Namespace) -> int:
+    from artifex.bench import dit
+    from artifex.engine.request import check_frames, check_size
+
+    spec = get_model(args.model)
+    w, h = args.size or spec.sizes[0]
+    frames = args.frames or spec.frames
+    for warning in check_size(spec, w, h):
+        print(f"warning: {warning}")
+    check_frames(spec, frames)
+    data = dit.run(args.model, w, h, frames, args.output_dir, args.warmup, args.iters, tuple(args.variants),
+                   compile_blocks=None if args.compile is None else args.compile == "on")
+    _table([("variant", "s/forward", "TFLOP/s", "% peak", "peak GiB", "rel L2")] + [
+        (r["variant"], str(r.get("s_per_forward", "-")), str(r.get("tflops", "-")), str(r.get("pct_matmul_peak", "-")),
+         str(r.get("peak_gib", "-")), str(r.get("rel_l2", r.get("note", "")))) for r in data["rows"]])
+    print(json.dumps(data["summary"], indent=2))
+    print("\n".join(data.get("files", [])))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from artifex.engine.memory import GIB, parse_budget, plan_memory, weights_of
     from artifex.engine.request import check_frames, check_size
@@ -263,6 +283,12 @@ def _table(rows: list[tuple[str, ...]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def dit_variants() -> tuple[str, ...]:
+    from artifex.bench.dit import VARIANTS
+
+    return VARIANTS
+
+
 def build_parser() -> argparse.ArgumentParser:
     env_help = "\n".join(f"  {k}: {v}" for k, v in VARIABLES.items())
     parser = argparse.ArgumentParser(
@@ -333,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also measure diffusers' default WanPipeline peak with this many steps")
     bm.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     bm.set_defaults(func=cmd_bench_memory)
+
+    bd = bsub.add_parser("dit", help="one DiT forward at a real shape: diffusers vs Artifex bf16 and fp8 (GPU)")
+    bd.add_argument("--model", default="ti2v-5b", help="ti2v-5b, t2v-a14b (one expert), or a tiny model on CPU")
+    bd.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's first trained size)")
+    bd.add_argument("--frames", type=int, help="4n+1 (default: the model's)")
+    bd.add_argument("--variants", nargs="+", default=list(dit_variants()), choices=dit_variants())
+    bd.add_argument("--warmup", type=int, default=3)
+    bd.add_argument("--iters", type=int, default=10)
+    bd.add_argument("--compile", choices=["on", "off"], help="compile the blocks (default: on with CUDA)")
+    bd.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    bd.set_defaults(func=cmd_bench_dit)
 
     pl = sub.add_parser("plan", help="predict peak GPU memory of each memory tier (runs nothing)")
     pl.add_argument("--model", required=True)

@@ -39,8 +39,12 @@ class OptimizationConfig:
 
     precision: str = _f(
         "bf16",
-        "compute precision of the DiT and text encoder (the guide's use_fp16); the VAE runs in fp32",
+        "compute precision of the DiT and text encoder (the guide's use_fp16); the VAE has vae_precision",
         PRECISIONS,
+    )
+    vae_precision: str = _f(
+        "fp32", "VAE precision: fp32 (the reference) or bf16 (about half the decode time and memory; "
+        "`artifex bench pipeline` reports its error against fp32)", ("fp32", "bf16"),
     )
     tf32: bool = _f(True, "allow TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer)")
     device: str = _f("auto", "where to run: auto (CUDA if present, else CPU), cpu, cuda, cuda:N")

@@ -114,8 +114,8 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
     context = _context(self, state, encoder_hidden_states, encoder_hidden_states_image)
     mod = modulation(self, timestep, encoder_hidden_states)
 
-    for block in self.blocks:
-        x = block(x, context, mod, rope)
+    for block in self.blocks:  # plain tuples, so hooks that move a block's inputs (split.py) see every tensor
+        x = block(x, context, (mod.rows, mod.index), rope)
 
     shift, scale = per_token(self.scale_shift_table, mod.temb.unsqueeze(1), mod.index)  # (B, L or 1, dim)
     x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
@@ -125,12 +125,12 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
-def block_forward(self, x: torch.Tensor, context: torch.Tensor, mod: Modulation,
+def block_forward(self, x: torch.Tensor, context: torch.Tensor, mod: tuple[torch.Tensor, torch.Tensor | None],
                   rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Replaces ``WanTransformerBlock.forward``: text K/V from the cache, then the block's tensor work."""
+    """Replaces ``WanTransformerBlock.forward``: text K/V from the cache, then the block's tensor work.
+    ``mod`` is a ``Modulation``'s (rows, index); ``rope`` the compact (cos, sin) tables."""
     k_txt, v_txt, k_img, v_img = _cross_kv(self, context)
-    core = self._artifex_core
-    return core(self, x, mod.rows, mod.index, rope[0], rope[1], k_txt, v_txt, k_img, v_img)
+    return self._artifex_core(self, x, mod[0], mod[1], rope[0], rope[1], k_txt, v_txt, k_img, v_img)
 
 
 def _cross_kv(block, context: torch.Tensor):

@@ -107,7 +107,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
     return Plan(
         device=str(device),
         precision=config.precision,
-        vae_precision="fp32",
+        vae_precision=config.vae_precision,
         attention=config.attention,
         placement=placement,
         cfg_batch=cfg_batch,

@@ -1,42 +1,119 @@
-"""mp4 output: H.264 (libx264, yuv420p) through PyAV, written atomically."""
+"""mp4 output: H.264 (libx264, yuv420p) through PyAV, written atomically, whole or as frames arrive."""
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> Path:
-    """Encode ``frames`` (T, H, W, 3) uint8 RGB as an H.264 mp4 at ``path``.
+class Mp4Stream:
+    """An H.264 mp4 written as frames arrive; the file appears at ``path`` only when ``close`` completes.
 
-    The file appears only when complete: it is written beside ``path`` and renamed.
+    ``background=True`` encodes on a thread: ``add`` queues the frames and returns at once,
+    so the encoder works while the caller (the VAE) produces the next frames. An error on
+    the thread surfaces at the next ``add`` or at ``close``; ``abort`` drops the partial file.
     """
-    import av
 
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial.mp4")
-    _, height, width, _ = frames.shape
+    def __init__(self, path: str | Path, fps: int, crf: int = 18, background: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.stem}.partial.mp4")
+        self.fps, self.crf = fps, crf
+        self.frames = 0
+        self._container = self._stream = None
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = queue.Queue(maxsize=4) if background else None
+        self._thread = threading.Thread(target=self._drain, daemon=True) if background else None
+        if self._thread:
+            self._thread.start()
+
+    def add(self, frames: np.ndarray) -> None:
+        """Append ``frames`` (T, H, W, 3) uint8 RGB."""
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+        self._raise()
+        if self._queue is None:
+            self._encode(frames)
+        else:
+            self._queue.put(frames)
+
+    def close(self) -> Path:
+        """Flush the encoder, finish the file and move it into place."""
+        try:
+            if self._queue is not None:
+                self._queue.put(None)
+                self._thread.join()
+                self._raise()
+            if self._container is None:
+                raise ValueError("no frames were written")
+            self._container.mux(self._stream.encode())
+            self._container.close()
+            self._container = None
+            os.replace(self.tmp, self.path)
+            return self.path
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop and remove the partial file (a no-op after a successful ``close``)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # noqa: BLE001 (a broken partial file is removed below either way)
+                pass
+            self._container = None
+        self.tmp.unlink(missing_ok=True)
+
+    def _open(self, height: int, width: int) -> None:
+        import av
+
+        self._container = av.open(str(self.tmp), mode="w", format="mp4", options={"movflags": "+faststart"})
+        self._stream = self._container.add_stream("libx264", rate=self.fps)
+        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
+        self._stream.options = {"crf": str(self.crf), "preset": "medium"}
+
+    def _encode(self, frames: np.ndarray) -> None:
+        import av
+
+        if self._container is None:
+            self._open(frames.shape[1], frames.shape[2])
+        for frame in frames:
+            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        self.frames += len(frames)
+
+    def _drain(self) -> None:
+        while (frames := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._encode(frames)
+                except BaseException as e:  # noqa: BLE001 (re-raised on the caller's thread)
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int, crf: int = 18) -> Path:
+    """Encode ``frames`` (T, H, W, 3) uint8 RGB as an H.264 mp4 at ``path`` (atomically)."""
+    out = Mp4Stream(path, fps, crf)
     try:
-        with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        out.add(frames)
+    except BaseException:
+        out.abort()
+        raise
+    return out.close()
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
+    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 (converted on the video's device, then copied)."""
     v = video[0].float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
     return v.permute(1, 2, 3, 0).contiguous().cpu().numpy()

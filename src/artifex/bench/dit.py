@@ -1,0 +1,268 @@
+"""``artifex bench dit``: one DiT forward at a real shape, diffusers against Artifex, in one run.
+
+Random weights at the model's real widths (bf16 with diffusers' fp32-kept modules, as
+``from_pretrained(torch_dtype=bf16)`` loads them). One model is built and reused by
+every variant, in this order, each on the same rotated inputs:
+
+- ``diffusers_default``: diffusers' own forward and attention processor, called as
+  WanPipeline calls it (TI2V: one timestep per token);
+- ``diffusers_best``: the same with cuDNN attention and ``compile_repeated_blocks``
+  (GPU only);
+- ``artifex_bf16``: Artifex's forward (``engine.dit``) with the attention backend
+  ``auto`` picks, blocks compiled;
+- ``artifex_fp8``: the same with fp8 GEMMs and fp8 attention (``artifex.kernels``), where
+  the GPU and the installed kernels allow.
+
+Each: median seconds per forward (CUDA events; the text context stays fixed across
+calls, as within a request, while latents and timesteps rotate over three sets), TFLOP/s
+and share of the bf16 matmul peak measured in the same run, peak memory, and the
+relative L2 of the output against ``diffusers_default`` on the same inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from artifex.bench import report
+from artifex.models.registry import get_model
+
+log = logging.getLogger("artifex")
+GIB = 2**30
+VARIANTS = ("diffusers_default", "diffusers_best", "artifex_bf16", "artifex_fp8")
+
+
+def _median_s(fn, inputs, device, warmup: int, iters: int) -> tuple[float, list]:
+    """Median seconds of ``fn(*inputs[i])`` over rotated inputs, and the outputs of the first pass per input."""
+    outs = [fn(*args) for args in inputs]  # first calls: compile, autotune, reference outputs
+    sets = itertools.cycle(inputs)
+    for _ in range(warmup):
+        fn(*next(sets))
+    times = []
+    for _ in range(iters):
+        args = next(sets)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), outs
+
+
+def build_model(model: str, device: torch.device, dtype: torch.dtype):
+    """The model's transformer with random weights at its real shape (one expert for A14B)."""
+    from diffusers import WanTransformer3DModel
+
+    from artifex.models.loader import cast_keeping_fp32
+
+    spec = get_model(model)
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = cast_keeping_fp32(WanTransformer3DModel(**spec.transformer.diffusers_config()), dtype).eval()
+    with torch.no_grad():  # diffusers zero-initialises the output head and some tables: make every term count
+        for p in m.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    return spec, m
+
+
+def inputs_for(spec, text_dim: int, width: int, height: int, frames: int, device, dtype, sets: int = 3):
+    """Rotating (latents, timestep) sets and one text context; TI2V also gets WanPipeline's per-token timesteps."""
+    g = torch.Generator(device).manual_seed(1)
+    _, t, h, w = spec.latent_shape(width, height, frames)
+    tokens = spec.tokens(width, height, frames)
+    text = torch.randn(1, spec.text_len, text_dim, generator=g, device=device, dtype=dtype)
+    out = []
+    for i in range(sets):
+        x = torch.randn(1, spec.transformer.in_channels, t, h, w, generator=g, device=device, dtype=dtype)
+        ts = torch.tensor([900.0 - 250 * i], device=device)
+        out.append((x, ts, ts.expand(1, tokens).contiguous() if spec.expand_timesteps else ts))
+    return text, out
+
+
+def _peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
+
+
+def run(model: str, width: int, height: int, frames: int, out_dir: Path | None = None, warmup: int = 3,
+        iters: int = 10, variants: tuple[str, ...] = VARIANTS, device: str | None = None,
+        compile_blocks: bool | None = None) -> dict:
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from artifex.attention import install, runtime_from_config
+    from artifex.config import OptimizationConfig
+    from artifex.engine.dit import accelerate_model, restore_model
+    from artifex.env import read_env
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    compile_blocks = dev.type == "cuda" if compile_blocks is None else compile_blocks
+    dtype = torch.bfloat16
+    spec, m = build_model(model, dev, dtype)
+    text, sets = inputs_for(spec, m.config.text_dim, width, height, frames, dev, dtype)
+    tokens = spec.tokens(width, height, frames)
+    flops = spec.flops_per_forward(width, height, frames)
+    peak = report.matmul_peak_tflops(dev)
+    data = report.header(dev)
+    data.update(model=model, size=f"{width}x{height}x{frames}", tokens=tokens, pflop_per_forward=round(flops / 1e15, 4),
+                matmul_peak_tflops=round(peak, 1), bf16_limit_s=round(flops / (peak * 1e12), 4),
+                warmup=warmup, iters=iters, compile=compile_blocks, rows=[])
+
+    def record(name: str, fn, per_token: bool, note: str = "") -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        def call(x, ts, ts_tokens):
+            with torch.no_grad():
+                return fn(hidden_states=x, timestep=ts_tokens if per_token else ts, encoder_hidden_states=text,
+                          return_dict=False)[0]
+
+        secs, outs = _median_s(call, sets, dev, warmup, iters)
+        row = {"variant": name, "s_per_forward": round(secs, 4), "tflops": round(flops / secs / 1e12, 1),
+               "pct_matmul_peak": round(100 * flops / secs / (peak * 1e12), 1), "peak_gib": _peak_gib(dev),
+               "note": note}
+        if reference:
+            row["rel_l2"] = float(max(_rel_l2(o, r) for o, r in zip(outs, reference)))
+        else:
+            reference.extend(o.float().cpu() for o in outs)
+            row["rel_l2"] = 0.0
+        data["rows"].append(row)
+        log.info("%s", row)
+
+    reference: list[torch.Tensor] = []
+    m.set_attn_processor(WanAttnProcessor())
+    record("diffusers_default", m, spec.expand_timesteps, "diffusers' forward and SDPA, as WanPipeline calls it")
+    if "diffusers_best" in variants:
+        if dev.type != "cuda":
+            data["rows"].append({"variant": "diffusers_best", "note": "skipped: cuDNN attention needs CUDA"})
+        else:
+            m.set_attention_backend("_native_cudnn")
+            m.compile_repeated_blocks(fullgraph=True)
+            record("diffusers_best", m, spec.expand_timesteps, "cuDNN attention + compile_repeated_blocks")
+            for b in m.blocks:  # back to eager modules; Artifex compiles its own block function
+                b._compiled_call_impl = None
+            m.reset_attention_backend()
+    runtime = runtime_from_config(OptimizationConfig(), read_env().home)
+    choice = runtime.prepare((1, tokens, spec.transformer.heads, spec.transformer.head_dim), dtype, dev)
+    data["attention_backend"] = choice.chosen
+    install([m], runtime)
+    accelerate_model(m, compile_blocks=compile_blocks)
+    if "artifex_bf16" in variants:
+        record("artifex_bf16", m, False, f"attention {choice.chosen}; compiled blocks: {compile_blocks}")
+    if "artifex_fp8" in variants:
+        _fp8_row(data, record, m, runtime, dev, dtype, tokens, spec, compile_blocks)
+    restore_model(m)
+    data["summary"] = summary_of(data)
+    if out_dir is not None:
+        data["files"] = [str(p) for p in write(out_dir, data, dev)]
+    return data
+
+
+def _fp8_row(data, record, m, runtime, dev, dtype, tokens, spec, compile_blocks) -> None:
+    try:
+        from artifex.kernels import fp8
+    except ImportError:
+        data["rows"].append({"variant": "artifex_fp8", "note": "skipped: artifex.kernels.fp8 is not available"})
+        return
+    ok, why = fp8.decide(dev)
+    if not ok:
+        data["rows"].append({"variant": "artifex_fp8", "note": f"skipped: {why}"})
+        return
+    rep = fp8.quantize_linears(m.blocks)  # in place: the bf16 weights are not needed after the bf16 row
+    record("artifex_fp8", m, False, f"fp8 e4m3 GEMMs ({rep})")
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    return round(((a - b).norm() / b.norm()).item(), 6)
+
+
+def summary_of(data: dict) -> dict:
+    rows = {r["variant"]: r for r in data["rows"] if "s_per_forward" in r}
+
+    def s(name):
+        return rows[name]["s_per_forward"] if name in rows else None
+
+    default = s("diffusers_default")
+    out = {"diffusers_default_s": default, "diffusers_best_s": s("diffusers_best"), "artifex_bf16_s": s("artifex_bf16"),
+           "artifex_fp8_s": s("artifex_fp8"), "bf16_limit_s": data["bf16_limit_s"],
+           "rel_l2_bf16": rows.get("artifex_bf16", {}).get("rel_l2"),
+           "rel_l2_fp8": rows.get("artifex_fp8", {}).get("rel_l2")}
+    for name in ("artifex_bf16", "artifex_fp8"):
+        if s(name) and default:
+            out[f"{name}_speedup"] = round(default / s(name), 3)
+    if s("artifex_bf16"):
+        out["artifex_bf16_over_limit"] = round(s("artifex_bf16") / data["bf16_limit_s"], 3)
+    return out
+
+
+def shape_key(model: str, width: int, height: int) -> str:
+    """The issue's summary keys: ti2v5b_720p, a14b_720p, a14b_480p; else model_WxH."""
+    short = {"ti2v-5b": "ti2v5b", "t2v-a14b": "a14b", "i2v-a14b": "a14b"}.get(model, model.replace("-", ""))
+    res = {(1280, 704): "720p", (704, 1280): "720p", (1280, 720): "720p", (832, 480): "480p"}.get((width, height))
+    return f"{short}_{res}" if res else f"{short}_{width}x{height}"
+
+
+def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
+    """Merge this shape into dit-<device>.json (one file holds every shape measured on that device)."""
+    import json
+
+    slug = report.device_slug(dev)
+    path = out_dir / f"dit-{slug}.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    key = shape_key(data["model"], *(int(v) for v in data["size"].split("x")[:2]))
+    shapes = {**merged.get("shapes", {}), key: data}
+    merged = {k: data[k] for k in ("device", "command", "date", "versions")}
+    merged["shapes"] = shapes
+    merged["summary"] = {k: v["summary"] for k, v in shapes.items()}
+    lines = [f"# DiT forward, diffusers vs Artifex ({data['device'].get('name')})\n"]
+    for k, d in shapes.items():
+        lines.append(f"\n## {k}: {d['model']} {d['size']}, {d['tokens']} tokens, {d['pflop_per_forward']} PFLOP; "
+                     f"bf16 limit {d['bf16_limit_s']} s at the measured {d['matmul_peak_tflops']} TFLOP/s\n\n"
+                     f"`{d['command']}` ({d['date']})\n\n")
+        lines.append(report.md_table([["variant", "s / forward", "TFLOP/s", "% of matmul peak", "peak GiB",
+                                       "rel L2 vs diffusers", "note"]] + [
+            [r["variant"], str(r.get("s_per_forward", "-")), str(r.get("tflops", "-")),
+             str(r.get("pct_matmul_peak", "-")), str(r.get("peak_gib", "-")), str(r.get("rel_l2", "-")),
+             r.get("note", "")] for r in d["rows"]]))
+    files = report.write(out_dir, f"dit-{slug}", merged, "".join(lines))
+    _chart(shapes, out_dir / f"dit-{slug}.png")
+    return files + [out_dir / f"dit-{slug}.png"]
+
+
+def _chart(shapes: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no PNG chart")
+        return
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 3.6), squeeze=False)
+    for ax, (key, d) in zip(axes[0], shapes.items()):
+        rows = [r for r in d["rows"] if "s_per_forward" in r]
+        ax.bar([r["variant"].replace("_", "\n") for r in rows], [r["s_per_forward"] for r in rows], color="tab:blue")
+        ax.axhline(d["bf16_limit_s"], color="tab:red", linestyle="--", label="bf16 matmul-peak limit")
+        ax.set_title(f"{key} ({d['tokens']} tokens)")
+        ax.set_ylabel("s per forward")
+        ax.legend(fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
