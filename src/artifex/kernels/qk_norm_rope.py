@@ -246,6 +246,8 @@ def qk_norm_rope(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: 
     fp32 table from ``rope_table``/``compact_rope`` (cheaper: build it once per shape).
     ``eps``: the norm's epsilon (Wan: 1e-6; None = ``torch.nn.RMSNorm``'s default).
     ``path``: None = ``decide`` (Triton on CUDA, else the twin), "triton" or "torch" to force one.
+    Callers that compile should decide once (``decide(device, dtype).path``, kept in the plan) and
+    pass it here, so the compiled region holds no lookup.
     """
     if path is None:
         path = decide(q.device, q.dtype).path
