@@ -25,8 +25,8 @@ log = logging.getLogger("artifex")
 PRECISIONS = ("bf16", "fp16", "fp32")
 EXPERT_RESIDENCY = ("auto", "resident", "swap")
 MEMORY_TIERS = ("auto", "resident", "text_offload", "expert_swap", "model_offload", "block_offload", "leaf_offload")
-ATTENTION_CHOICES = ("auto", "fa3", "fa4", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa", "flex",
-                     "sage", "xformers", "sliced", "sdpa-math")
+ATTENTION_CHOICES = ("auto", "fa3", "fa3-fp8", "fa4", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa",
+                     "flex", "sage", "xformers", "sliced", "sdpa-math")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):
@@ -51,7 +51,8 @@ class OptimizationConfig:
     attention: str = _f(
         "auto",
         "attention backend: auto (fastest verified kernel on this GPU, chosen once per shape and cached) or one of "
-        "the names `artifex doctor` lists",
+        "the names `artifex doctor` lists; fa3-fp8 (FlashAttention-3 on e4m3 q/k/v, Hopper) is faster but changes "
+        "the output by a few percent, so auto never picks it: name it to use it",
         ATTENTION_CHOICES,
     )
     use_flash_attention: bool = _f(
@@ -147,6 +148,9 @@ class OptimizationConfig:
                             "1/sqrt(head_dim) unless equal to it")
         if self.flash_attention_dropout:
             warnings.append("flash_attention_dropout > 0 makes inference random beyond the seed")
+        if self.attention == "fa3-fp8":
+            warnings.append("attention=fa3-fp8: q/k/v are rounded to float8 e4m3, so the output differs from bf16 "
+                            "attention by a few percent")
         return warnings
 
     # -- data in and out ---------------------------------------------------------------

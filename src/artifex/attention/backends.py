@@ -41,6 +41,7 @@ class Backend:
     dropout: bool = False
     module: str | None = None  # importable module the kernel lives in
     in_auto: bool = True  # considered by `auto` (sliced and math are explicit or last resort)
+    bound: float | None = None  # relative L2 allowed by verification, when looser than the dtype's (fp8)
 
 
 # -- kernels -----------------------------------------------------------------------------
@@ -59,6 +60,12 @@ def _fa3_module():
 
 def _fa3(q, k, v, scale, causal, dropout, slices):
     return _as_out(_fa3_module().flash_attn_func(q, k, v, softmax_scale=scale, causal=causal))
+
+
+def _fa3_fp8(q, k, v, scale, causal, dropout, slices):
+    from artifex.kernels.fp8_attention import fa3_fp8_attention
+
+    return fa3_fp8_attention(_fa3_module(), q, k, v, scale, causal, granularity="head")
 
 
 def _fa2(q, k, v, scale, causal, dropout, slices):
@@ -144,6 +151,10 @@ _ALL = [
     Backend("fa3", "FlashAttention-3 (Hopper), official build or the fa3-fwd wheel", _fa3,
             "pip install fa3-fwd (forward kernels, loads on torch 2.11), or build flash-attention/hopper",
             min_sm=90, max_sm=90, module="fa3"),
+    # fp8 changes numerics (rel L2 vs bf16 of a few percent), so `auto` never takes it: explicit opt-in only
+    Backend("fa3-fp8", "FlashAttention-3 with e4m3 q/k/v, per-(batch, head) amax scales, bf16 out (Hopper)",
+            _fa3_fp8, "pip install fa3-fwd (fp8 forward kernels, loads on torch 2.11), or build flash-attention/hopper",
+            min_sm=90, max_sm=90, module="fa3", in_auto=False, bound=0.1),
     Backend("fa4", "FlashAttention-4 (CuTe DSL, Hopper/Blackwell)", _fa4,
             "pip install flash-attn-4 / flash-attn with the cute interface", min_sm=90, module="flash_attn.cute"),
     Backend("fa2", "FlashAttention-2", _fa2, "pip install flash-attn --no-build-isolation (Ampere or newer)",

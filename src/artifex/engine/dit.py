@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from artifex.attention.processor import _TEXT_CONTEXT
-from artifex.kernels.qk_norm_rope import qk_norm_rope, rope_table
+from artifex.kernels.qk_norm_rope import compact_rope, decide, qk_norm_rope
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _rope(model, state: DiTState, hidden_states: torch.Tensor) -> tuple[torch.Te
     key = (tuple(hidden_states.shape[2:]), hidden_states.device, tuple(model.rope._forward_hooks))
     if key not in state.rope:
         cos, sin = model.rope(hidden_states)  # (1, L, 1, D) each, interleaved pairs
-        state.rope[key] = rope_table(cos, sin)
+        state.rope[key] = compact_rope(cos, sin)
     return state.rope[key]
 
 
@@ -114,8 +114,9 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
     context = _context(self, state, encoder_hidden_states, encoder_hidden_states_image)
     mod = modulation(self, timestep, encoder_hidden_states)
 
+    qk_path = decide(x.device, x.dtype).path  # Triton on CUDA, else the PyTorch twin (decided once per device)
     for block in self.blocks:  # plain tuples, so hooks that move a block's inputs (split.py) see every tensor
-        x = block(x, context, (mod.rows, mod.index), rope)
+        x = block(x, context, (mod.rows, mod.index), rope, qk_path)
 
     shift, scale = per_token(self.scale_shift_table, mod.temb.unsqueeze(1), mod.index)  # (B, L or 1, dim)
     x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
@@ -126,11 +127,12 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
 
 
 def block_forward(self, x: torch.Tensor, context: torch.Tensor, mod: tuple[torch.Tensor, torch.Tensor | None],
-                  rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                  rope: tuple[torch.Tensor, torch.Tensor], qk_path: str = "torch") -> torch.Tensor:
     """Replaces ``WanTransformerBlock.forward``: text K/V from the cache, then the block's tensor work.
-    ``mod`` is a ``Modulation``'s (rows, index); ``rope`` the compact (cos, sin) tables."""
+    ``mod`` is a ``Modulation``'s (rows, index); ``rope`` the compact (cos, sin) tables; ``qk_path`` which
+    QK-norm + RoPE implementation runs ("triton" or "torch")."""
     k_txt, v_txt, k_img, v_img = _cross_kv(self, context)
-    return self._artifex_core(self, x, mod[0], mod[1], rope[0], rope[1], k_txt, v_txt, k_img, v_img)
+    return self._artifex_core(self, x, mod[0], mod[1], rope[0], rope[1], k_txt, v_txt, k_img, v_img, qk_path)
 
 
 def _cross_kv(block, context: torch.Tensor):
@@ -163,7 +165,7 @@ def _cross_kv(block, context: torch.Tensor):
     return kv
 
 
-def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img):
+def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_path):
     """One Wan block on (B, L, dim) tokens; ``rows``/``index`` are the step's ``Modulation``."""
     shift, scale, gate, c_shift, c_scale, c_gate = per_token(block.scale_shift_table, rows, index)
 
@@ -174,7 +176,7 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img):
         q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
     else:
         q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
-    q, k = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin, attn.heads)
+    q, k = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin, attn.heads, qk_path)
     o = attn.processor.runtime(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
     x = (x.float() + attn.to_out[0](o) * gate).type_as(x)
 

@@ -1,20 +1,259 @@
-"""QK RMSNorm + Wan RoPE (placeholder twin; the Triton kernel lands with the kernels branch)."""
+"""Fused q/k RMS norm over all heads + Wan's rotary embedding, written once in (B, L, H, D).
+
+What it computes, for x in (q, k) with rows of width H*D (one token of one batch entry):
+
+    y = x * rsqrt(mean(x**2 over all H*D channels) + eps) * weight        (fp32)
+    for each head h and pair j:  (a, b) = (y[h, 2j], y[h, 2j+1])
+        out[h, 2j]   = a * cos[l, j] - b * sin[l, j]
+        out[h, 2j+1] = a * sin[l, j] + b * cos[l, j]
+    out is cast to x's dtype, laid out (B, L, H, D) contiguous, ready for attention.
+
+That is diffusers' ``WanAttnProcessor`` step ``norm_q``/``norm_k`` (``torch.nn.RMSNorm`` over
+``heads*head_dim``) followed by its ``apply_rotary_emb``, except that nothing is rounded to
+bf16 between the norm and the rotation (the fused path is the more precise one).
+
+- ``qk_norm_rope``: the API. Runs the Triton kernel on CUDA (one program per token row, q and
+  k in the same launch: grid (B*L, 2)), else the twin; ``path=`` forces one.
+- ``qk_norm_rope_torch``: the plain PyTorch twin with the same math; runs anywhere.
+- ``qk_norm_rope_triton``: the kernel launcher (also runs under ``TRITON_INTERPRET=1`` on CPU
+  tensors, which is how the tests check it without a GPU).
+- ``decide``: which path runs on a device and dtype, and why; made once per (device, dtype).
+- ``compact_rope`` / ``rope_table``: the rotary table the kernel reads, (L, D/2) fp32 cos and
+  sin, from what diffusers' ``WanRotaryPosEmbed`` returns ((1, L, 1, D), pairs repeated), or
+  straight from the rope module for a latent shape (build it once per shape, reuse per layer).
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from functools import cache
+
 import torch
 
+Tensor = torch.Tensor
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INSTALL = "pip install triton (bundled with CUDA builds of PyTorch)"
 
-def rope_table(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """diffusers' (1, L, 1, D) interleaved tables -> compact (L, D/2) fp32 cos and sin."""
-    return cos[0, :, 0, 0::2].float().contiguous(), sin[0, :, 0, 1::2].float().contiguous()
+try:  # Triton is optional: CPU builds of PyTorch come without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
 
 
-def qk_norm_rope(q, k, weight_q, weight_k, eps, cos, sin, heads):
-    def one(x, weight):
-        x = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps).unflatten(2, (heads, -1))
-        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-        c, s = cos[:, None, :], sin[:, None, :]
-        return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
+# -- the rotary table ---------------------------------------------------------------------
+def compact_rope(freqs_cos: Tensor, freqs_sin: Tensor) -> tuple[Tensor, Tensor]:
+    """(L, D/2) fp32 cos and sin from diffusers' (1, L, 1, D) tables (or pass compact ones through).
 
-    return one(q, weight_q), one(k, weight_k)
+    diffusers repeats each frequency for both members of a pair and reads ``cos[..., 0::2]`` and
+    ``sin[..., 1::2]``; this keeps exactly those entries.
+    """
+    if freqs_cos.dim() == 2 and freqs_sin.dim() == 2:
+        return freqs_cos.float().contiguous(), freqs_sin.float().contiguous()
+    if freqs_cos.dim() != 4 or freqs_cos.shape[0] != 1 or freqs_cos.shape[2] != 1:
+        raise ValueError(f"expected diffusers' rotary table of shape (1, L, 1, D), got {tuple(freqs_cos.shape)}")
+    if freqs_sin.shape != freqs_cos.shape:
+        raise ValueError(f"cos {tuple(freqs_cos.shape)} and sin {tuple(freqs_sin.shape)} differ in shape")
+    return (freqs_cos[0, :, 0, 0::2].float().contiguous(), freqs_sin[0, :, 0, 1::2].float().contiguous())
+
+
+def rope_table(rope: torch.nn.Module, latent_shape: tuple[int, ...], device: torch.device | str | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """The compact table for one latent shape (B, C, F, H, W) from a diffusers ``WanRotaryPosEmbed``.
+
+    The rope module only reads the shape, so no latent is needed; build this once per shape.
+    """
+    freqs_cos, freqs_sin = rope(torch.empty(tuple(latent_shape), device="meta"))
+    cos, sin = compact_rope(freqs_cos, freqs_sin)
+    return (cos.to(device), sin.to(device)) if device is not None else (cos, sin)
+
+
+# -- the decision -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decision:
+    path: str  # "triton" or "torch"
+    reason: str  # why this path (for "torch": why the kernel cannot run here)
+
+
+def _triton_blocker(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernel cannot run on ``device``/``dtype``, or None (the interpreter counts on CPU)."""
+    if triton is None:
+        return f"Triton is not installed ({INSTALL})"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} not supported (bf16, fp16, fp32)"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "needs CUDA (or TRITON_INTERPRET=1 for a slow interpreted check); this run is on CPU"
+    if device.type != "cuda":
+        return f"needs CUDA; this run is on {device.type.upper()}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if dtype == torch.bfloat16 and major < 8:
+        return f"bf16 needs sm80 or newer; this GPU is sm{major}{minor}"
+    return None
+
+
+@cache
+def _decide(device: str, dtype: torch.dtype) -> Decision:
+    dev = torch.device(device)
+    if dev.type != "cuda":  # the interpreter is a test tool, never the automatic choice
+        return Decision("torch", f"the Triton kernel needs CUDA; this run is on {dev.type.upper()}")
+    why = _triton_blocker(dev, dtype)
+    if why:
+        return Decision("torch", why)
+    return Decision("triton", f"Triton {triton.__version__} on {torch.cuda.get_device_name(dev)}")
+
+
+def decide(device: torch.device | str, dtype: torch.dtype) -> Decision:
+    """Which path ``qk_norm_rope`` takes on ``device`` for ``dtype``, and why (decided once, cached)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _decide(str(dev), dtype)
+
+
+# -- checks shared by both paths ----------------------------------------------------------
+def _shapes(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, heads: int, cos: Tensor
+            ) -> tuple[int, int, int]:
+    if q.dim() != 3 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, L, H*D); got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, n, width = q.shape
+    if width % heads or (width // heads) % 2:
+        raise ValueError(f"width {width} is not heads ({heads}) times an even head_dim")
+    d = width // heads
+    if weight_q.shape != (width,) or weight_k.shape != (width,):
+        raise ValueError(f"norm weights must be ({width},); got {tuple(weight_q.shape)}, {tuple(weight_k.shape)}")
+    if cos.shape != (n, d // 2):
+        raise ValueError(f"rotary table is {tuple(cos.shape)}; expected ({n}, {d // 2}) for {n} tokens, "
+                         f"head_dim {d}")
+    return b, n, d
+
+
+def _eps(eps: float | None, dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if eps is None else float(eps)  # torch.nn.RMSNorm's default
+
+
+# -- the twin -----------------------------------------------------------------------------
+def _norm_rope_torch(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()
+    a, b = y.unflatten(-1, (heads, -1, 2)).unbind(-1)  # (B, L, H, D/2) each
+    c, s = cos[:, None, :], sin[:, None, :]  # (L, 1, D/2)
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+def qk_norm_rope_torch(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float | None,
+                       cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """The plain PyTorch twin: same math as the kernel, fp32 inside, (B, L, H, D) out."""
+    cos, sin = compact_rope(cos, sin)
+    cos, sin = cos.to(q.device), sin.to(q.device)
+    _shapes(q, k, weight_q, weight_k, heads, cos)
+    e = _eps(eps, q.dtype)
+    return (_norm_rope_torch(q, weight_q, e, cos, sin, heads).contiguous(),
+            _norm_rope_torch(k, weight_k, e, cos, sin, heads).contiguous())
+
+
+# -- the kernel ---------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, row, seq_len, stride_b, stride_l, eps,
+                       HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
+        HALF: tl.constexpr = HEAD_DIM // 2
+        row64 = row.to(tl.int64)
+        bi = row64 // seq_len
+        li = row64 % seq_len
+        h = tl.arange(0, HEADS_P2)[:, None]
+        d = tl.arange(0, HEAD_DIM)[None, :]
+        col = h * HEAD_DIM + d  # (HEADS_P2, HEAD_DIM)
+        mask = (h < HEADS) & (d < HEAD_DIM)
+        x = tl.load(x_ptr + bi * stride_b + li * stride_l + col, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
+        mean_sq = tl.sum(tl.sum(x * x, axis=1), axis=0) / (HEADS * HEAD_DIM)
+        y = x * tl.rsqrt(mean_sq + eps) * w
+        a, b = tl.split(tl.reshape(y, (HEADS_P2, HALF, 2)))  # the interleaved pairs, in registers
+        j = tl.arange(0, HALF)
+        c = tl.load(cos_ptr + li * HALF + j)[None, :]
+        s = tl.load(sin_ptr + li * HALF + j)[None, :]
+        out = tl.reshape(tl.join(a * c - b * s, a * s + b * c), (HEADS_P2, HEAD_DIM))
+        tl.store(out_ptr + row64 * (HEADS * HEAD_DIM) + col, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, seq_len,
+                             q_stride_b, q_stride_l, k_stride_b, k_stride_l, eps,
+                             HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
+        row = tl.program_id(0)
+        if tl.program_id(1) == 0:
+            _norm_rope_row(q_ptr, wq_ptr, qo_ptr, cos_ptr, sin_ptr, row, seq_len, q_stride_b, q_stride_l, eps,
+                           HEADS, HEADS_P2, HEAD_DIM)
+        else:
+            _norm_rope_row(k_ptr, wk_ptr, ko_ptr, cos_ptr, sin_ptr, row, seq_len, k_stride_b, k_stride_l, eps,
+                           HEADS, HEADS_P2, HEAD_DIM)
+
+
+def _launch(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float, cos: Tensor, sin: Tensor,
+            heads: int) -> tuple[Tensor, Tensor]:
+    b, n, d = _shapes(q, k, weight_q, weight_k, heads, cos)
+    if d & (d - 1):
+        raise ValueError(f"the Triton kernel needs a power-of-two head_dim; got {d}")
+    if q.stride(2) != 1 or k.stride(2) != 1:  # rows may be strided (views of a fused qkv), channels not
+        q, k = q.contiguous(), k.contiguous()
+    q_out = torch.empty((b, n, heads, d), device=q.device, dtype=q.dtype)
+    k_out = torch.empty_like(q_out)
+    if b * n == 0:
+        return q_out, k_out
+    heads_p2 = triton.next_power_of_2(heads)
+    warps = 8 if heads_p2 * d >= 4096 else 4
+    _qk_norm_rope_kernel[(b * n, 2)](
+        q, k, weight_q.contiguous(), weight_k.contiguous(), q_out, k_out, cos, sin, n,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), eps,
+        HEADS=heads, HEADS_P2=heads_p2, HEAD_DIM=d, num_warps=warps)
+    return q_out, k_out
+
+
+# A custom op, so torch.compile treats the launch as one opaque call with a known output shape.
+@torch.library.custom_op("artifex::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float, cos: Tensor,
+                     sin: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    return _launch(q, k, weight_q, weight_k, eps, cos, sin, heads)
+
+
+@_qk_norm_rope_op.register_fake
+def _qk_norm_rope_fake(q, k, weight_q, weight_k, eps, cos, sin, heads):
+    b, n, width = q.shape
+    out = q.new_empty((b, n, heads, width // heads))
+    return out, torch.empty_like(out)
+
+
+def qk_norm_rope_triton(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float | None,
+                        cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """The Triton kernel: one launch for q and k; refuses with the reason when it cannot run here."""
+    why = _triton_blocker(q.device, q.dtype)
+    if why:
+        raise RuntimeError(f"qk_norm_rope Triton kernel cannot run: {why}")
+    cos, sin = compact_rope(cos, sin)
+    cos, sin = cos.to(q.device), sin.to(q.device)
+    return _qk_norm_rope_op(q, k, weight_q, weight_k, _eps(eps, q.dtype), cos, sin, heads)
+
+
+# -- the API ------------------------------------------------------------------------------
+def qk_norm_rope(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float | None, cos: Tensor,
+                 sin: Tensor, heads: int, path: str | None = None) -> tuple[Tensor, Tensor]:
+    """RMS-normalize q and k (B, L, H*D) over all heads, rotate pairs, return both as (B, L, H, D).
+
+    ``cos``/``sin``: diffusers' ``WanRotaryPosEmbed`` output ((1, L, 1, D)) or the compact (L, D/2)
+    fp32 table from ``rope_table``/``compact_rope`` (cheaper: build it once per shape).
+    ``eps``: the norm's epsilon (Wan: 1e-6; None = ``torch.nn.RMSNorm``'s default).
+    ``path``: None = ``decide`` (Triton on CUDA, else the twin), "triton" or "torch" to force one.
+    Callers that compile should decide once (``decide(device, dtype).path``, kept in the plan) and
+    pass it here, so the compiled region holds no lookup.
+    """
+    if path is None:
+        path = decide(q.device, q.dtype).path
+    if path == "triton":
+        return qk_norm_rope_triton(q, k, weight_q, weight_k, eps, cos, sin, heads)
+    if path == "torch":
+        return qk_norm_rope_torch(q, k, weight_q, weight_k, eps, cos, sin, heads)
+    raise ValueError(f"unknown path {path!r}; paths: triton, torch")
+

@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""GPU check of artifex.kernels: each fast path against its twin (relative L2) and timed, at real Wan shapes.
+
+    python scripts/check_kernels.py [--iters 30] [--warmup 5] [--only qk,fp8,attn] [--out result.json]
+
+Sections (each runs on its own; a failure is recorded in the JSON and the others still run):
+- qk: fused q/k RMS norm + rotary (Triton) vs its PyTorch twin and vs diffusers' unfused math,
+  TI2V-5B 720p shape (B=2, L=27280, 24 heads, D=128, bf16).
+- fp8: Fp8Linear (row-wise torch._scaled_mm, eager and compiled) vs the bf16 nn.Linear at the
+  TI2V-5B DiT GEMM shapes (27280 tokens).
+- attn: fa3-fp8 (per-head and per-tensor scales; with and without the quantization) vs bf16
+  FA3 / SDPA, TI2V-5B and A14B 720p shapes (rel L2 vs bf16, TFLOP/s).
+
+Timing: CUDA events, warm-up, median over --iters calls rotating 3 input sets (so no call reads
+what the previous one left in L2). Prints a line per measurement and one JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+SETS = 3
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def time_ms(fn, inputs: list, warmup: int, iters: int) -> float:
+    """Median ms of fn(*inputs[i % len(inputs)]) over iters calls, after warmup calls."""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*inputs[i % len(inputs)])
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def free() -> None:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+# -- fused q/k norm + rope ------------------------------------------------------------------
+def check_qk(args) -> dict:
+    from artifex.kernels import qk_norm_rope as qnr
+
+    b, n, h, d = 2, 27280, 24, 128
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    out = {"shape": [b, n, h, d], "dtype": "bf16", "decision": vars(qnr.decide(dev, dt))}
+    try:  # the real rotary table: TI2V-5B 1280x704x121 -> latent 31x44x80, patch (1, 2, 2)
+        from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+        rope = WanRotaryPosEmbed(d, (1, 2, 2), 1024)
+        freqs_cos, freqs_sin = (t.to(dev, torch.float32) for t in rope(torch.empty(1, 48, 31, 44, 80,
+                                                                                   device="meta")))
+        cos, sin = qnr.rope_table(rope, (1, 48, 31, 44, 80), dev)
+        out["rope"] = "diffusers WanRotaryPosEmbed"
+    except Exception as e:  # diffusers missing: a synthetic table of the same shape
+        ang = torch.rand(n, d // 2, device=dev) * 100
+        cos, sin = ang.cos(), ang.sin()
+        freqs_cos, freqs_sin = (t.repeat_interleave(2, -1)[None, :, None] for t in (cos, sin))
+        out["rope"] = f"synthetic ({type(e).__name__})"
+    g = torch.Generator(dev).manual_seed(0)
+    w = h * d
+    weight_q = (1 + 0.1 * torch.randn(w, device=dev, generator=g)).to(dt)
+    weight_k = (1 + 0.1 * torch.randn(w, device=dev, generator=g)).to(dt)
+    sets = [tuple(torch.randn(b, n, w, device=dev, dtype=dt, generator=g) * 2 for _ in range(2)) for _ in range(SETS)]
+    eps = 1e-6
+    norm_q, norm_k = (torch.nn.RMSNorm(w, eps=eps).to(dev, dt) for _ in range(2))
+    with torch.no_grad():
+        norm_q.weight.copy_(weight_q)
+        norm_k.weight.copy_(weight_k)
+
+    def diffusers_unfused(q, k):  # WanAttnProcessor: norm over all heads, unflatten, rotate pairs
+        def rotate(x):
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            c, s = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+            o = torch.empty_like(x)
+            o[..., 0::2] = x1 * c - x2 * s
+            o[..., 1::2] = x1 * s + x2 * c
+            return o.type_as(x)
+
+        return rotate(norm_q(q).unflatten(2, (h, -1))), rotate(norm_k(k).unflatten(2, (h, -1)))
+
+    def triton_path(q, k):
+        return qnr.qk_norm_rope(q, k, weight_q, weight_k, eps, cos, sin, h, path="triton")
+
+    def twin(q, k):
+        return qnr.qk_norm_rope(q, k, weight_q, weight_k, eps, cos, sin, h, path="torch")
+
+    with torch.no_grad():
+        q, k = sets[0]
+        exact = qnr.qk_norm_rope(q.float(), k.float(), weight_q, weight_k, eps, cos, sin, h, path="torch")
+        tq, tk = triton_path(q, k)
+        rq, rk = twin(q, k)
+        dq, dk = diffusers_unfused(q, k)
+        out["rel_l2_triton_vs_twin"] = max(rel_l2(tq, rq), rel_l2(tk, rk))
+        out["max_abs_triton_vs_twin"] = max((tq.float() - rq.float()).abs().max().item(),
+                                            (tk.float() - rk.float()).abs().max().item())
+        out["rel_l2_vs_fp32"] = {"triton": max(rel_l2(tq, exact[0]), rel_l2(tk, exact[1])),
+                                 "diffusers_unfused": max(rel_l2(dq, exact[0]), rel_l2(dk, exact[1]))}
+        # strided input (q, k as views of a fused qkv projection) gives the same result
+        qkv = torch.cat([q, k, q], dim=-1)
+        vq, vk = triton_path(*qkv.chunk(3, dim=-1)[:2])
+        out["strided_input_equal"] = bool(torch.equal(vq, tq) and torch.equal(vk, tk))
+        del qkv, vq, vk, exact
+        ms = {name: time_ms(fn, sets, args.warmup, args.iters)
+              for name, fn in (("triton", triton_path), ("twin", twin), ("diffusers_unfused", diffusers_unfused))}
+    moved = 2 * 2 * b * n * w * 2  # read q and k, write both, bf16
+    out["ms"] = ms
+    out["GB_per_s"] = {k_: moved / (v * 1e-3) / 1e9 for k_, v in ms.items()}
+    out["speedup_vs_diffusers"] = ms["diffusers_unfused"] / ms["triton"]
+    log(f"qk_norm_rope: triton {ms['triton']:.3f} ms, twin {ms['twin']:.3f} ms, diffusers {ms['diffusers_unfused']:.3f}"
+        f" ms; rel L2 triton vs twin {out['rel_l2_triton_vs_twin']:.2e}")
+    del sets
+    free()
+    return out
+
+
+# -- fp8 linear -------------------------------------------------------------------------------
+def check_fp8(args) -> dict:
+    from artifex.kernels import fp8
+
+    dev = torch.device("cuda")
+    out = {"decision": vars(fp8.decide(dev)), "shapes": []}
+    m = 27280
+    for k_in, n_out in ((3072, 3072), (3072, 14336), (14336, 3072)):
+        row = {"M": m, "K": k_in, "N": n_out}
+        try:
+            torch.manual_seed(0)
+            lin = torch.nn.Linear(k_in, n_out, device=dev, dtype=torch.bfloat16)
+            layer = fp8.Fp8Linear.from_linear(lin, path="scaled_mm")
+            sets = [(torch.randn(m, k_in, device=dev, dtype=torch.bfloat16),) for _ in range(SETS)]
+            with torch.no_grad():
+                x = sets[0][0]
+                ref32 = x.float() @ lin.weight.float().t() + lin.bias.float()
+                real, twin = layer(x), layer.forward_twin(x)
+                row["rel_l2_fp8_vs_fp32"] = rel_l2(real, ref32)
+                row["rel_l2_bf16_vs_fp32"] = rel_l2(lin(x), ref32)
+                row["rel_l2_fp8_vs_twin"] = rel_l2(real, twin)
+                del ref32, real, twin
+                values, scale = fp8.quantize_rows(x)
+                w8, ws = layer.weight_fp8.t(), layer.weight_scale[None, :]
+                bias = layer.bias.to(torch.bfloat16)
+                compiled = torch.compile(layer, dynamic=False)
+                ms = {"bf16_linear": time_ms(lin, sets, args.warmup, args.iters),
+                      "fp8_eager": time_ms(layer, sets, args.warmup, args.iters),
+                      "fp8_compiled": time_ms(compiled, sets, args.warmup + 2, args.iters),
+                      "scaled_mm_only": time_ms(lambda _x, a=values, sa=scale, w=w8, sw=ws, c=bias: torch._scaled_mm(
+                          a, w, scale_a=sa, scale_b=sw, bias=c, out_dtype=torch.bfloat16), sets, args.warmup,
+                          args.iters)}
+            flops = 2 * m * k_in * n_out
+            row["ms"] = ms
+            row["TFLOP_per_s"] = {k_: flops / (v * 1e-3) / 1e12 for k_, v in ms.items()}
+            log(f"fp8 {m}x{k_in}x{n_out}: " + ", ".join(f"{k_} {v:.0f}" for k_, v in row["TFLOP_per_s"].items())
+                + f" TFLOP/s; rel L2 vs fp32 {row['rel_l2_fp8_vs_fp32']:.3f} (bf16 {row['rel_l2_bf16_vs_fp32']:.4f})")
+            del sets, lin, layer, compiled, values
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            log(f"fp8 {m}x{k_in}x{n_out}: {row['error']}")
+        out["shapes"].append(row)
+        free()
+    return out
+
+
+# -- fp8 attention ----------------------------------------------------------------------------
+def check_attn(args) -> dict:
+    from artifex.attention.backends import BACKENDS, _fa3_module, attention_flops, probe
+    from artifex.kernels import fp8_attention as fa
+
+    dev = torch.device("cuda")
+    fa3 = _fa3_module()
+    out = {"fa3_module": getattr(fa3, "__name__", None),
+           "probe_fa3_fp8": probe(BACKENDS["fa3-fp8"], dev, torch.bfloat16, 128) or "ok", "shapes": []}
+    for label, shape in (("TI2V-5B 720p", (1, 27280, 24, 128)), ("A14B 720p", (1, 75600, 40, 128))):
+        b, n, h, d = shape
+        row = {"model": label, "shape": list(shape)}
+        flops = attention_flops(b, n, n, h, d)
+        try:
+            g = torch.Generator(dev).manual_seed(0)
+            sets = [tuple(torch.randn(shape, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+                    for _ in range(SETS)]
+            runs = {"sdpa_bf16": lambda q, k, v: BACKENDS["sdpa"].run(q, k, v, None, False, 0.0, 1)}
+            if fa3 is not None:
+                runs["fa3_bf16"] = lambda q, k, v: BACKENDS["fa3"].run(q, k, v, None, False, 0.0, 1)
+                for gran in fa.GRANULARITIES:
+                    runs[f"fa3_fp8_{gran}"] = (lambda gr: lambda q, k, v: fa.fa3_fp8_attention(
+                        fa3, q, k, v, granularity=gr))(gran)
+            with torch.no_grad():
+                q, k, v = sets[0]
+                outs = {name: fn(q, k, v) for name, fn in runs.items()}
+                base = "fa3_bf16" if "fa3_bf16" in outs else "sdpa_bf16"
+                row["baseline"] = base
+                row["rel_l2_vs_baseline"] = {name: rel_l2(o, outs[base]) for name, o in outs.items() if name != base}
+                row["finite"] = {name: bool(torch.isfinite(o).all()) for name, o in outs.items()}
+                del outs
+                ms = {name: time_ms(fn, sets, args.warmup, args.iters) for name, fn in runs.items()}
+                if fa3 is not None:  # the kernel alone, on inputs quantized beforehand
+                    for gran in fa.GRANULARITIES:
+                        pre = [tuple(x for t in s for x in fa.quantize_fp8(t, gran)) for s in sets]
+
+                        def kernel_only(q8, dq, k8, dk, v8, dv):
+                            return fa3.flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv)
+
+                        ms[f"fa3_fp8_{gran}_kernel_only"] = time_ms(kernel_only, pre, args.warmup, args.iters)
+                        del pre
+            row["ms"] = ms
+            row["TFLOP_per_s"] = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
+            log(f"attention {label}: " + ", ".join(f"{k_} {v:.0f}" for k_, v in row["TFLOP_per_s"].items())
+                + " TFLOP/s; rel L2 vs " + base + ": "
+                + ", ".join(f"{k_} {v:.4f}" for k_, v in row["rel_l2_vs_baseline"].items()))
+            del sets
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"[:500]
+            log(f"attention {label}: {row['error']}")
+        out["shapes"].append(row)
+        free()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--only", default="qk,fp8,attn", help="comma-separated sections: qk, fp8, attn")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+
+    result = {"script": "check_kernels", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+              "python": platform.python_version(), "iters": args.iters, "warmup": args.warmup}
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+    if not torch.cuda.is_available():
+        result["error"] = "no CUDA device: this script checks the GPU paths (the CPU tests cover the twins)"
+        print(json.dumps(result))
+        return 2
+    props = torch.cuda.get_device_properties(0)
+    result["gpu"] = f"{props.name} sm{props.major}{props.minor}"
+    sections = {"qk": check_qk, "fp8": check_fp8, "attn": check_attn}
+    for name in args.only.split(","):
+        name = name.strip()
+        if name not in sections:
+            result[name] = {"error": f"unknown section; sections: {', '.join(sections)}"}
+            continue
+        try:
+            result[name] = sections[name](args)
+        except Exception as e:
+            result[name] = {"error": f"{type(e).__name__}: {e}"[:500], "traceback": traceback.format_exc()[-2000:]}
+            log(f"{name}: {result[name]['error']}")
+        free()
+    line = json.dumps(result)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

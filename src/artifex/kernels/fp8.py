@@ -1,0 +1,228 @@
+"""An fp8 (e4m3) linear layer for Hopper, swapped into a model from outside.
+
+What ``Fp8Linear`` computes for x (..., K) and an nn.Linear's W (N, K), b (N,):
+
+    w_scale[n] = amax(|W[n, :]|) / 448          once, at swap time (per output channel, fp32)
+    W8 = e4m3(W / w_scale)
+    x_scale[m] = amax(|x[m, :]|) / 448          every call (per row = per token, fp32)
+    x8 = e4m3(x / x_scale)
+    y = bf16((x8 @ W8^T) * x_scale * w_scale^T + b), then cast to x's dtype
+
+- real path: ``torch._scaled_mm(x8, W8.t(), scale_a=(M, 1), scale_b=(1, N), bias=bf16 b,
+  out_dtype=bf16)``; on CUDA it needs x8 row-major, W8.t() column-major (W8 stored (N, K)
+  contiguous, so ``.t()`` is), K and N multiples of 16; row-wise scales need bf16 output.
+- twin: the same quantization, dequantized and multiplied with ``F.linear`` in x's dtype; runs
+  anywhere and is what the tests compare the real path with.
+- ``decide(device)``: which path runs, and why, checked once per device with a tiny real call.
+- ``quantize_linears(model, include, exclude)``: swaps matching nn.Linear layers for
+  Fp8Linear in place and reports what it swapped and what it skipped, with reasons. Models
+  stay plain nn.Modules; nothing inside their forward knows about fp8.
+
+The per-row activation quantization is plain PyTorch (abs, amax, divide, cast): eager it costs
+several passes over the activations; inside torch.compile'd blocks it fuses into one or two.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+_TINY = 1e-12  # floor of amax, so an all-zero row or channel gets a finite scale
+# Layers kept in their precision by default: embedders and the timestep projection (small, early,
+# sensitive), the final projection to latents, and anything named as a norm.
+DEFAULT_EXCLUDE = ("*embed*", "*time_proj*", "proj_out", "*norm*")
+
+
+# -- quantization -------------------------------------------------------------------------
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """e4m3 values and fp32 scales (..., 1), one scale per row (the last dim is reduced)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize(values: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return (values.to(torch.float32) * scale).to(dtype)
+
+
+# -- the decision -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decision:
+    path: str  # "scaled_mm" or "twin"
+    reason: str
+
+
+def _probe_scaled_mm(device: torch.device) -> str | None:
+    """Run one tiny row-wise scaled matmul on ``device``; the error, or None when it works."""
+    try:
+        a, sa = quantize_rows(torch.randn(16, 32, device=device))
+        w, sw = quantize_rows(torch.randn(16, 32, device=device))
+        out = torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sw.view(1, -1),
+                               bias=torch.zeros(16, device=device, dtype=torch.bfloat16), out_dtype=torch.bfloat16)
+        ref = dequantize(a, sa) @ dequantize(w, sw).t()
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        return None if err < 1e-2 else f"row-wise torch._scaled_mm is wrong here (relative L2 {err:.1e})"
+    except Exception as e:  # unsupported architecture, layout or build
+        return f"row-wise torch._scaled_mm failed: {type(e).__name__}: {e}"[:300]
+
+
+@cache
+def _decide(device: str) -> Decision:
+    dev = torch.device(device)
+    if not hasattr(torch, "_scaled_mm"):
+        return Decision("twin", f"torch {torch.__version__} has no torch._scaled_mm")
+    if dev.type != "cuda":
+        return Decision("twin", f"fp8 tensor cores need CUDA sm89+; this run is on {dev.type.upper()}")
+    major, minor = torch.cuda.get_device_capability(dev)
+    if (major, minor) < (8, 9):
+        return Decision("twin", f"fp8 matmul needs sm89 (Ada) or newer; this GPU is sm{major}{minor}")
+    why = _probe_scaled_mm(dev)
+    if why:
+        return Decision("twin", why)
+    return Decision("scaled_mm", f"row-wise torch._scaled_mm on {torch.cuda.get_device_name(dev)} (sm{major}{minor})")
+
+
+def decide(device: torch.device | str) -> Decision:
+    """Which path ``Fp8Linear`` takes on ``device``, and why (checked once per device, cached)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _decide(str(dev))
+
+
+# -- the layer ----------------------------------------------------------------------------
+class Fp8Linear(nn.Module):
+    """An nn.Linear with an e4m3 weight (per-output-channel scales) and per-token e4m3 activations.
+
+    ``path``: None = ``decide(x.device)`` at call time; "scaled_mm" or "twin" to force one.
+    The fp8 weight and its fp32 scale keep their dtypes through ``module.to(dtype)``; the bias
+    follows the model's dtype like any parameter.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 path: str | None = None):
+        super().__init__()
+        if in_features % 16 or out_features % 16:
+            raise ValueError(f"fp8 matmul needs both dims to be multiples of 16; got {in_features}x{out_features}")
+        self.in_features, self.out_features, self.path = in_features, out_features, path
+        self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, device=device, dtype=FP8))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, path: str | None = None) -> Fp8Linear:
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, path=path)
+        values, scale = quantize_rows(w)
+        layer.weight_fp8.copy_(values)
+        layer.weight_scale.copy_(scale.squeeze(1))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.weight_fp8, self.weight_scale[:, None], dtype)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype)/.half() must not cast the fp8 weight or its fp32 scale: move them, keep dtypes
+        kept = {name: self._buffers.pop(name) for name in ("weight_fp8", "weight_scale")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            target = fn(torch.empty(0, device=kept["weight_scale"].device)).device
+            for name, t in kept.items():
+                self._buffers[name] = t.to(target)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        path = self.path or decide(x.device).path
+        if path == "scaled_mm":
+            return self.forward_scaled_mm(x)
+        if path == "twin":
+            return self.forward_twin(x)
+        raise ValueError(f"unknown path {path!r}; paths: scaled_mm, twin")
+
+    def forward_scaled_mm(self, x: Tensor) -> Tensor:
+        """The real path: e4m3 x e4m3 on tensor cores, fp32 accumulation, bf16 out."""
+        rows = x.reshape(-1, self.in_features)
+        values, scale = quantize_rows(rows)
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        out = torch._scaled_mm(values, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale[None, :],
+                               bias=bias, out_dtype=torch.bfloat16)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def forward_twin(self, x: Tensor) -> Tensor:
+        """The twin: the same quantization, dequantized, F.linear in x's dtype, rounded through bf16."""
+        values, scale = quantize_rows(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = F.linear(dequantize(values, scale, x.dtype), self.dequantized_weight(x.dtype), bias)
+        return out.to(torch.bfloat16).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"weight=e4m3 per-channel, activations=e4m3 per-token, path={self.path or 'auto'}"
+
+
+# -- swapping -----------------------------------------------------------------------------
+@dataclass
+class Fp8Report:
+    swapped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer name -> why it stays as it is
+    bytes_before: int = 0  # weights of the swapped layers, before and after
+    bytes_after: int = 0
+
+    def summary(self) -> str:
+        return (f"fp8: {len(self.swapped)} linear layers swapped ({self.bytes_before / 2**20:.1f} MiB -> "
+                f"{self.bytes_after / 2**20:.1f} MiB), {len(self.skipped)} kept")
+
+
+def _why_not(name: str, layer: nn.Linear, include, exclude) -> str | None:
+    if not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return f"not matched by include {list(include)}"
+    hit = next((p for p in exclude if fnmatch.fnmatchcase(name, p)), None)
+    if hit:
+        return f"excluded by {hit!r}"
+    if layer.in_features % 16 or layer.out_features % 16:
+        return f"dims {layer.in_features}x{layer.out_features} are not multiples of 16"
+    if layer.weight.device.type == "meta":
+        return "weight is on the meta device (not loaded)"
+    if not layer.weight.dtype.is_floating_point or layer.weight.dtype.itemsize < 2:
+        return f"weight dtype {layer.weight.dtype} is not a 16/32-bit float"
+    return None
+
+
+def quantize_linears(module: nn.Module, include: tuple[str, ...] | list[str] = ("*",),
+                     exclude: tuple[str, ...] | list[str] = DEFAULT_EXCLUDE, path: str | None = None) -> Fp8Report:
+    """Swap the nn.Linear layers of ``module`` whose qualified names match ``include`` (glob patterns)
+    and none of ``exclude`` for ``Fp8Linear``, in place. Returns what was swapped and skipped."""
+    report = Fp8Report()
+    targets = []
+    for name, layer in module.named_modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        if not name:
+            report.skipped[name] = "the module itself is a Linear: use Fp8Linear.from_linear"
+            continue
+        why = _why_not(name, layer, include, exclude)
+        if why:
+            report.skipped[name] = why
+        else:
+            targets.append((name, layer))
+    for name, layer in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        new = Fp8Linear.from_linear(layer, path=path)
+        report.bytes_before += layer.weight.numel() * layer.weight.element_size()
+        report.bytes_after += new.weight_fp8.numel() + new.weight_scale.numel() * 4
+        setattr(parent, child, new)
+        report.swapped.append(name)
+    return report

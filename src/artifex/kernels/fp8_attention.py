@@ -1,0 +1,81 @@
+"""fp8 (e4m3) attention through FlashAttention-3's forward kernel, with its math twin.
+
+What ``fa3_fp8_attention`` computes for q (B, Lq, H, D), k and v (B, Lk, H, D), bf16/fp16:
+
+    for t in (q, k, v):  s_t[b, h] = amax(|t[b, :, h, :]|) / 448   (fp32; "tensor": one amax for all)
+                         t8 = e4m3(t / s_t)
+    out = FA3(t8 ..., q_descale=s_q, k_descale=s_k, v_descale=s_v)  -> bf16, cast to q's dtype
+
+FA3 multiplies the descales back in (scores by s_q*s_k, output by s_v) and also rounds the
+softmax probabilities to e4m3 before P@V. The twin ``fp8_attention_twin`` quantizes and
+dequantizes q, k, v the same way and runs SDPA in fp32: it carries the input quantization
+error, not FA3's internal P rounding, so the GPU check compares both against bf16.
+
+Which of this can run is the attention backend ``fa3-fp8``'s business (artifex.attention.backends:
+probe with reasons; never picked by ``auto``, since it changes numerics).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+GRANULARITIES = ("head", "tensor")
+_TINY = 1e-12
+
+
+def quantize_fp8(x: Tensor, granularity: str = "head") -> tuple[Tensor, Tensor]:
+    """e4m3 copy of x (B, L, H, D) and the fp32 descales FA3 takes, shape (B, H), contiguous.
+
+    granularity "head": one scale per (batch, head); "tensor": one for the whole tensor.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; one of {', '.join(GRANULARITIES)}")
+    b, _, h, _ = x.shape
+    dims = (1, 3) if granularity == "head" else (0, 1, 2, 3)
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=dims, dtype=torch.float32)  # max |x|, one pass
+    descale = (amax.clamp_min(_TINY) / FP8_MAX).expand(b, h).contiguous()  # (B, H)
+    values = (x.float() / descale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return values, descale
+
+
+def _dequantize(values: Tensor, descale: Tensor) -> Tensor:
+    return values.float() * descale[:, None, :, None]
+
+
+_compiled_quantize = None
+
+
+def _quantize(x: Tensor, granularity: str) -> tuple[Tensor, Tensor]:
+    """``quantize_fp8``, compiled on CUDA (fused into one read of x plus the fp8 write)."""
+    global _compiled_quantize
+    if not x.is_cuda:
+        return quantize_fp8(x, granularity)
+    if _compiled_quantize is None:
+        _compiled_quantize = torch.compile(quantize_fp8, dynamic=False)
+    return _compiled_quantize(x, granularity)
+
+
+def fa3_fp8_attention(fa3_module, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                      causal: bool = False, granularity: str = "head") -> Tensor:
+    """Quantize q, k, v to e4m3 and run FA3's forward with the descales; (B, Lq, H, D) in q's dtype.
+
+    ``fa3_module``: ``flash_attn_interface`` (official build) or ``fa3_fwd_interface`` (the fa3-fwd
+    wheel); both take ``q_descale``/``k_descale``/``v_descale`` of shape (batch, num_heads_k).
+    """
+    (q8, dq), (k8, dk), (v8, dv) = (_quantize(t, granularity) for t in (q, k, v))
+    out = fa3_module.flash_attn_func(q8, k8, v8, softmax_scale=scale, causal=causal, q_descale=dq, k_descale=dk,
+                                     v_descale=dv)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(q.dtype)
+
+
+def fp8_attention_twin(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, causal: bool = False,
+                       granularity: str = "head") -> Tensor:
+    """The math twin: q, k, v through e4m3 and back, then fp32 SDPA; (B, Lq, H, D) in q's dtype."""
+    deq = [_dequantize(*quantize_fp8(t, granularity)).transpose(1, 2) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*deq, is_causal=causal, scale=scale)
+    return out.transpose(1, 2).to(q.dtype)

@@ -1,0 +1,153 @@
+"""The fp8 linear: quantization, its twin against the full-precision linear, the real torch._scaled_mm path
+against the twin (where torch runs it on a CPU), and swapping into a tiny Wan transformer."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from artifex.kernels import fp8
+
+
+def _rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@functools.cache
+def _cpu_scaled_mm_blocker() -> str | None:
+    return fp8._probe_scaled_mm(torch.device("cpu"))
+
+
+def test_quantize_round_trip():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=g) * torch.logspace(-3, 3, 64)[:, None]  # rows of very different ranges
+    x[3] = 0.0
+    values, scale = fp8.quantize_rows(x)
+    assert values.dtype == torch.float8_e4m3fn and scale.shape == (64, 1) and scale.dtype == torch.float32
+    back = fp8.dequantize(values, scale)
+    assert torch.isfinite(back).all() and (back[3] == 0).all()
+    # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 relative; below its normal range the spacing is 2^-9
+    assert ((back - x).abs() <= x.abs() * 2**-4 + scale * 2**-9).all()
+    # each row's largest magnitude lands on e4m3's largest value and comes back as itself
+    torch.testing.assert_close(back.abs().amax(1), x.abs().amax(1), rtol=1e-6, atol=0)
+    assert _rel_l2(back, x) < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_twin_close_to_linear(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 256)
+    x = torch.randn(3, 77, 512)
+    ref = lin(x)  # fp32 reference
+    layer = fp8.Fp8Linear.from_linear(lin, path="twin").to(dtype)
+    out = layer(x.to(dtype))
+    assert out.dtype == dtype and out.shape == ref.shape
+    err, err_bf16 = _rel_l2(out, ref), _rel_l2(lin.to(dtype)(x.to(dtype)), ref)
+    print(f"fp8 twin ({dtype}) relative L2 vs fp32 linear: {err:.4f}; the {dtype} linear itself: {err_bf16:.4f}")
+    assert err < 0.05  # measured 0.036 (weights and activations both e4m3)
+    # the twin is the quantized operands' exact product, up to the final bf16 rounding
+    values, scale = fp8.quantize_rows(x.to(dtype))
+    exact = fp8.dequantize(values, scale) @ layer.dequantized_weight().t() + lin.bias
+    assert _rel_l2(out, exact) < 1e-2
+
+
+def test_scaled_mm_path_matches_twin_on_cpu():
+    why = _cpu_scaled_mm_blocker()
+    if why:
+        pytest.skip(f"torch {torch.__version__} cannot run fp8 torch._scaled_mm on a CPU: {why}")
+    torch.manual_seed(1)
+    lin = nn.Linear(384, 160).to(torch.bfloat16)
+    layer = fp8.Fp8Linear.from_linear(lin)
+    x = torch.randn(2, 45, 384, dtype=torch.bfloat16) * 3
+    real, twin = layer.forward_scaled_mm(x), layer.forward_twin(x)
+    assert real.dtype == torch.bfloat16 and real.shape == (2, 45, 160)
+    err = _rel_l2(real, twin)
+    print(f"torch._scaled_mm (CPU) vs twin relative L2: {err:.2e}")
+    assert err < 1e-2  # measured 3e-3: same quantized operands; the twin dequantizes to bf16 before its matmul
+    no_bias = fp8.Fp8Linear.from_linear(nn.Linear(384, 160, bias=False).to(torch.bfloat16))
+    assert _rel_l2(no_bias.forward_scaled_mm(x), no_bias.forward_twin(x)) < 1e-2
+
+
+def test_dtype_moves_keep_fp8_storage_and_state_dict_round_trips():
+    layer = fp8.Fp8Linear.from_linear(nn.Linear(64, 32))
+    layer.to(torch.bfloat16).to("cpu").half().float()
+    assert layer.weight_fp8.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.float32
+    fresh = fp8.Fp8Linear(64, 32)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(fresh.forward_twin(x), layer.forward_twin(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fp8.Fp8Linear(24, 32)
+
+
+def test_decide_on_cpu_and_explicit_paths():
+    d = fp8.decide("cpu")
+    assert d.path == "twin" and "CUDA" in d.reason
+    assert fp8.decide(torch.device("cpu")) is d
+    layer = fp8.Fp8Linear.from_linear(nn.Linear(32, 32), path="cuda")
+    with pytest.raises(ValueError, match="unknown path"):
+        layer(torch.randn(2, 32))
+
+
+def _tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+                                 text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, image_dim=24,
+                                 added_kv_proj_dim=64).eval()
+
+
+def _forward(model):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 3, 8, 12, generator=g)
+    text = torch.randn(1, 512, 32, generator=g)
+    image = torch.randn(1, 257, 24, generator=g)
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text,
+                     encoder_hidden_states_image=image, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("path", ["twin", "scaled_mm"])
+def test_quantize_linears_on_tiny_wan(path):
+    if path == "scaled_mm" and _cpu_scaled_mm_blocker():
+        pytest.skip(f"fp8 torch._scaled_mm does not run on this CPU: {_cpu_scaled_mm_blocker()}")
+    model = _tiny_wan()
+    ref = _forward(model)
+    swapped = copy.deepcopy(model)
+    report = fp8.quantize_linears(swapped, path=path)
+
+    # every linear of the transformer blocks, none of the embedders or the output projection
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(report.swapped) == {n for n in linears if n.startswith("blocks.")}
+    assert set(report.skipped) == linears - set(report.swapped)
+    assert "excluded" in report.skipped["proj_out"] and "excluded" in report.skipped[
+        "condition_embedder.time_embedder.linear_1"]
+    assert report.bytes_after < report.bytes_before / 3.5  # fp32 -> e4m3 plus a scale per channel
+    for name, m in swapped.named_modules():
+        if name in report.swapped:
+            assert isinstance(m, fp8.Fp8Linear)
+        else:  # norms, embedders, the patch embedding are the same classes as before
+            assert type(m) is type(model.get_submodule(name))
+
+    out = _forward(swapped)
+    err = _rel_l2(out, ref)
+    print(f"tiny Wan with fp8 linears ({path}), relative L2 of the output vs fp32: {err:.4f}")
+    assert err < 0.05, report.summary()
+
+
+def test_quantize_linears_reasons_for_skips():
+    model = _tiny_wan()
+    report = fp8.quantize_linears(model, include=["condition_embedder.*", "blocks.0.attn1.*"], exclude=())
+    # the image embedder's 24-wide layers cannot go through the fp8 matmul
+    assert "not multiples of 16" in report.skipped["condition_embedder.image_embedder.ff.net.0.proj"]
+    assert "not matched by include" in report.skipped["blocks.1.ffn.net.2"]
+    assert "blocks.0.attn1.to_q" in report.swapped and "condition_embedder.time_proj" in report.swapped
+    assert isinstance(model.blocks[0].attn1.to_out[0], fp8.Fp8Linear)
+    root = fp8.quantize_linears(nn.Linear(32, 32))
+    assert root.swapped == [] and "" in root.skipped

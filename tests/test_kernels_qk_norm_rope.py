@@ -1,0 +1,166 @@
+"""The fused q/k norm + rotary kernel: its twin against diffusers' Wan attention math, the kernel against the twin.
+
+The twin runs on CPU here. The Triton kernel is checked against the twin with Triton's
+interpreter (TRITON_INTERPRET=1, CPU tensors) in a subprocess, when Triton is installed;
+scripts/check_kernels.py does the same on a GPU at the real TI2V-5B shape.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from artifex.kernels import qk_norm_rope as qnr
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+HEADS, HEAD_DIM = 2, 32
+
+
+def _tiny_wan(dtype=torch.float32):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=16,
+                                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=1).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # random weights everywhere, norm weights included (they start at ones)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.dim() > 1 else 1.0))
+    return model.to(dtype)
+
+
+def _diffusers_qk(attn, hidden, rotary, monkeypatch):
+    """q and k exactly as diffusers' WanAttnProcessor hands them to attention (norms, then its rotary)."""
+    from diffusers.models.transformers import transformer_wan
+
+    seen = {}
+
+    def capture(query, key, value, **kwargs):
+        seen["q"], seen["k"] = query, key
+        return query
+
+    monkeypatch.setattr(transformer_wan, "dispatch_attention_fn", capture)
+    transformer_wan.WanAttnProcessor()(attn, hidden, rotary_emb=rotary)
+    return seen["q"], seen["k"]
+
+
+def _rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+LATENT = (1, 16, 3, 8, 12)  # (B, C, F, H, W) -> 3*4*6 = 72 tokens with patch (1, 2, 2)
+
+
+def test_twin_matches_diffusers_fp32(monkeypatch):
+    model = _tiny_wan()
+    attn = model.blocks[0].attn1
+    tokens = 3 * 4 * 6
+    hidden = torch.randn(2, tokens, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    rotary = model.rope(torch.empty(LATENT))
+    ref_q, ref_k = _diffusers_qk(attn, hidden, rotary, monkeypatch)
+
+    with torch.no_grad():
+        q, k = attn.to_q(hidden), attn.to_k(hidden)
+        for table in (rotary, qnr.rope_table(model.rope, LATENT)):  # diffusers' table and the compact one
+            out_q, out_k = qnr.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, *table,
+                                            HEADS)
+            assert out_q.shape == out_k.shape == (2, tokens, HEADS, HEAD_DIM) and out_q.is_contiguous()
+            # fp32 both sides; diffusers rotates with the float64 table, the twin with fp32: ~1e-7 apart
+            torch.testing.assert_close(out_q, ref_q, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out_k, ref_k, rtol=1e-5, atol=1e-5)
+
+
+def test_twin_bf16_at_least_as_accurate_as_diffusers(monkeypatch):
+    model = _tiny_wan(torch.bfloat16)
+    attn = model.blocks[0].attn1
+    hidden = torch.randn(1, 72, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(2)).bfloat16()
+    rotary = model.rope(torch.empty(LATENT))
+    ref_q, ref_k = _diffusers_qk(attn, hidden, rotary, monkeypatch)
+    with torch.no_grad():
+        q, k = attn.to_q(hidden), attn.to_k(hidden)
+        out_q, out_k = qnr.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, *rotary,
+                                        HEADS)
+        exact_q, exact_k = qnr.qk_norm_rope(q.float(), k.float(), attn.norm_q.weight, attn.norm_k.weight,
+                                            attn.norm_q.eps, *rotary, HEADS)
+    assert out_q.dtype == torch.bfloat16
+    for ours, theirs, exact in ((out_q, ref_q, exact_q), (out_k, ref_k, exact_k)):
+        assert _rel_l2(ours, theirs) < 1e-2  # bf16: diffusers rounds between norm and rotation, the twin does not
+        assert _rel_l2(ours, exact) <= _rel_l2(theirs, exact) * 1.05
+
+
+def test_rope_table_is_diffusers_pairs():
+    model = _tiny_wan()
+    freqs_cos, freqs_sin = model.rope(torch.empty(LATENT))
+    cos, sin = qnr.rope_table(model.rope, LATENT)
+    assert cos.shape == sin.shape == (72, HEAD_DIM // 2) and cos.dtype == torch.float32
+    # diffusers repeats each frequency for both members of a pair
+    torch.testing.assert_close(freqs_cos[0, :, 0].float(), cos.repeat_interleave(2, dim=-1))
+    torch.testing.assert_close(freqs_sin[0, :, 0].float(), sin.repeat_interleave(2, dim=-1))
+
+
+def test_bad_shapes_are_refused():
+    q = torch.randn(1, 4, 64)
+    w = torch.ones(64)
+    cos = sin = torch.ones(4, 16)
+    with pytest.raises(ValueError, match="head_dim"):
+        qnr.qk_norm_rope(q, q, w, w, 1e-6, cos, sin, heads=3)
+    with pytest.raises(ValueError, match="rotary table"):
+        qnr.qk_norm_rope(q, q, w, w, 1e-6, torch.ones(5, 16), torch.ones(5, 16), heads=2)
+    with pytest.raises(ValueError, match="unknown path"):
+        qnr.qk_norm_rope(q, q, w, w, 1e-6, cos, sin, heads=2, path="cuda")
+
+
+def test_decide_gives_reasons_on_cpu():
+    d = qnr.decide("cpu", torch.bfloat16)
+    assert d.path == "torch" and "CUDA" in d.reason
+    assert qnr.decide(torch.device("cpu"), torch.bfloat16) is d  # decided once
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="cannot run"):
+            qnr.qk_norm_rope(torch.randn(1, 4, 64), torch.randn(1, 4, 64), torch.ones(64), torch.ones(64), 1e-6,
+                             torch.ones(4, 16), torch.ones(4, 16), heads=2, path="triton")
+
+
+_INTERPRETED = r"""
+import json, torch
+from artifex.kernels import qk_norm_rope as qnr
+g = torch.Generator().manual_seed(0)
+results = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for heads, d, n in ((3, 32, 37), (2, 128, 9)):  # a non-power-of-two head count; Wan's head_dim
+        w = heads * d
+        qkv = torch.randn(2, n, 3 * w, generator=g) * 2  # q and k as strided views of a fused projection
+        q, k = (t.to(dtype) for t in qkv.chunk(3, dim=-1)[:2])
+        wq, wk = (torch.randn(w, generator=g).to(dtype) for _ in range(2))
+        ang = torch.randn(n, d // 2, generator=g)
+        args = (wq, wk, 1e-6, ang.cos(), ang.sin(), heads)
+        tq, tk = qnr.qk_norm_rope(q, k, *args, path="triton")
+        rq, rk = qnr.qk_norm_rope(q, k, *args, path="torch")
+        ulp = torch.finfo(dtype).eps
+        worst = max(((a.float() - b.float()).abs() / (b.float().abs() + 1)).max().item()  # relative, absolute below 1
+                    for a, b in ((tq, rq), (tk, rk)))
+        results[f"{dtype}|{heads}x{d}"] = {"worst_rel_in_ulps": worst / ulp, "shape_ok": tq.shape == (2, n, heads, d)}
+print("RESULT " + json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="Triton is not installed (CPU builds of PyTorch come without it); "
+                           "scripts/check_kernels.py checks the kernel on a GPU")
+def test_triton_kernel_matches_twin_interpreted():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    results = json.loads(line.removeprefix("RESULT "))
+    for key, r in results.items():
+        assert r["shape_ok"], key
+        # fp32 math on both sides: half types may differ by one output rounding, fp32 by a few ulps (sum order)
+        assert r["worst_rel_in_ulps"] <= (8 if key.startswith("torch.float32") else 1.01), (key, r)
