@@ -132,3 +132,51 @@ def test_engine_latents_match_diffusers_forward(engine, tmp_path, image_file, mo
         return eng.generate(req).latents
 
     assert _rel(run(), run(fast_dit=False)) < 1e-5
+
+
+def test_fp8_mode_is_refused_where_fp8_matmuls_cannot_run():
+    from artifex.config import OptimizationConfig
+    from artifex.engine.pipeline import Engine
+    from artifex.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="fp8 compute cannot run here"):
+        Engine.load("tiny-ti2v", config=OptimizationConfig(fp8="gemm", device="cpu"))
+    with pytest.raises(InvalidRequestError, match="fp8=all uses fa3-fp8"):
+        OptimizationConfig(fp8="all", attention="sdpa")
+
+
+def test_fp8_quantization_of_experts_reports_its_error_against_bf16(tiny_checkpoint):
+    """The probe's two forwards (bf16 weights, then e4m3) run for real; torch 2.13 runs row-wise
+    ``torch._scaled_mm`` on CPU, so the quantized path itself is exercised here."""
+    from artifex.engine.fp8 import quantize_experts
+    from artifex.kernels.fp8 import Fp8Linear
+    from artifex.models.loader import load_components
+    from artifex.models.registry import get_model
+
+    spec = get_model("tiny-t2v-moe")
+    comps = load_components(spec, tiny_checkpoint("tiny-t2v-moe"), "bf16")
+    try:
+        report = quantize_experts(spec, comps.experts, torch.device("cpu"), torch.bfloat16)
+    except RuntimeError as e:  # a torch build without CPU fp8 matmuls
+        pytest.skip(f"torch._scaled_mm does not run on this CPU: {e}")
+    assert [p["expert"] for p in report["probe"]] == [0, 1]
+    assert all(0 < p["rel_l2_vs_bf16"] < 0.1 for p in report["probe"])
+    for expert in comps.experts:
+        assert isinstance(expert.blocks[0].ffn.net[2], Fp8Linear)
+        assert isinstance(expert.blocks[0].attn1.to_q, Fp8Linear)
+        assert not isinstance(expert.proj_out, Fp8Linear)  # the output head keeps bf16
+
+
+def test_bench_dit_runs_on_a_tiny_model_and_writes_its_report(tmp_path):
+    import json
+
+    from artifex.cli import main
+
+    assert main(["bench", "dit", "--model", "tiny-ti2v", "--iters", "2", "--warmup", "1", "--compile", "off",
+                 "--output-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "dit-cpu.json").read_text())
+    assert {"device", "command", "date", "versions", "summary"} <= set(data)
+    row = data["summary"]["tinyti2v_256x160"]
+    assert row["diffusers_default_s"] > 0 and row["artifex_bf16_s"] > 0
+    assert row["rel_l2_bf16"] < 2e-2  # the same model in bf16, summed differently
+    assert (tmp_path / "dit-cpu.md").read_text().count("artifex_bf16") == 1

@@ -202,6 +202,22 @@ def cmd_bench_dit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from artifex.bench import pipeline
+    from artifex.engine.request import check_frames, check_size
+
+    spec = get_model(args.model)
+    w, h = args.size or spec.sizes[0]
+    for warning in check_size(spec, w, h):
+        print(f"warning: {warning}")
+    check_frames(spec, args.frames or spec.frames)
+    data = pipeline.run(args.model, args.output_dir, args.configs, args.diffusers, args.steps, w, h, args.frames,
+                        args.checkpoint, args.profile, append=args.append)
+    print(json.dumps(data["summary"], indent=2))
+    print("\n".join(data.get("files", [])))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from artifex.engine.memory import GIB, parse_budget, plan_memory, weights_of
     from artifex.engine.request import check_frames, check_size
@@ -370,6 +386,24 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--compile", choices=["on", "off"], help="compile the blocks (default: on with CUDA)")
     bd.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     bd.set_defaults(func=cmd_bench_dit)
+
+    bp = bsub.add_parser("pipeline", help="the whole generation (text, denoise, VAE, mp4): diffusers' WanPipeline "
+                         "vs Artifex, per-stage time and peak memory (GPU)")
+    bp.add_argument("--model", default="ti2v-5b")
+    bp.add_argument("--configs", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8", "default"],
+                    help="Artifex runs: bf16 (compiled, batched CFG, bf16 VAE), fp8 (the same + fp8=all), default "
+                         "(OptimizationConfig's defaults)")
+    bp.add_argument("--diffusers", default="full", choices=["full", "forwards", "off"],
+                    help="full: diffusers' whole run; forwards: 3 steps, denoise estimated x steps; off")
+    bp.add_argument("--steps", type=int)
+    bp.add_argument("--size", type=_size)
+    bp.add_argument("--frames", type=int)
+    bp.add_argument("--checkpoint", help="real weights (directory or hub id); default: random weights at real shapes")
+    bp.add_argument("--profile", type=Path, help="write a torch.profiler Chrome trace of a 2-step generation here")
+    bp.add_argument("--append", action="store_true",
+                    help="add these runs to an existing pipeline-<gpu>.json of the same settings (split long runs)")
+    bp.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    bp.set_defaults(func=cmd_bench_pipeline)
 
     pl = sub.add_parser("plan", help="predict peak GPU memory of each memory tier (runs nothing)")
     pl.add_argument("--model", required=True)

@@ -95,6 +95,11 @@ class OptimizationConfig:
         None, "device memory to plan for and enforce, e.g. 24GB (GB = GiB); default: what the GPU has free"
     )
     fp8_weights: bool = _f(False, "store the DiT's linear weights in float8 and compute in precision")
+    fp8: str = _f(
+        "off", "fp8 compute (Hopper/Ada): gemm = the DiT blocks' linear layers as e4m3 x e4m3 matmuls (per-token and "
+        "per-channel scales); all = also FlashAttention-3 on e4m3 q/k/v (fa3-fp8). Changes the output by a few "
+        "percent: each sidecar holds the error measured against bf16 at load", ("off", "gemm", "all"),
+    )
     vae_slicing: bool = _f(False, "decode a batch of videos one video at a time")
     vae_tiling: bool = _f(False, "decode the VAE in spatial tiles to cut its peak memory")
     max_batch_size: int = _f(
@@ -131,6 +136,11 @@ class OptimizationConfig:
             from artifex.engine.memory import parse_budget
 
             parse_budget(self.vram_budget)
+        if self.fp8 != "off" and self.fp8_weights:
+            raise InvalidRequestError("fp8", "fp8 compute already stores e4m3 weights; drop fp8_weights")
+        if self.fp8 == "all" and self.attention not in ("auto", "fa3-fp8"):
+            raise InvalidRequestError("fp8", f"fp8=all uses fa3-fp8 attention; attention={self.attention!r} "
+                                      "conflicts", ["gemm", "off"])
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InvalidRequestError("device", f"unknown device {dev!r}", "auto, cpu, cuda, cuda:N")
@@ -148,7 +158,7 @@ class OptimizationConfig:
                             "1/sqrt(head_dim) unless equal to it")
         if self.flash_attention_dropout:
             warnings.append("flash_attention_dropout > 0 makes inference random beyond the seed")
-        if self.attention == "fa3-fp8":
+        if self.attention == "fa3-fp8" or self.fp8 == "all":
             warnings.append("attention=fa3-fp8: q/k/v are rounded to float8 e4m3, so the output differs from bf16 "
                             "attention by a few percent")
         return warnings

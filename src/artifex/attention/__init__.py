@@ -17,6 +17,8 @@ __all__ = ["BACKENDS", "Backend", "AttentionRuntime", "AttentionUnavailableError
 def runtime_from_config(config: OptimizationConfig, cache_dir: Path | None) -> AttentionRuntime:
     """Map the config's attention fields (the guide's names included) onto one runtime."""
     requested, prefer = config.attention, []
+    if config.fp8 == "all":
+        requested = "fa3-fp8"
     if config.attention_slicing:
         if requested not in ("auto", "sliced"):
             raise InvalidRequestError("attention_slicing", f"conflicts with attention={requested!r}; "

@@ -34,7 +34,7 @@ from artifex.models.registry import get_model
 
 log = logging.getLogger("artifex")
 GIB = 2**30
-VARIANTS = ("diffusers_default", "diffusers_best", "artifex_bf16", "artifex_fp8")
+VARIANTS = ("diffusers_default", "diffusers_best", "artifex_bf16", "artifex_fp8")  # artifex_fp8 adds an fp8-GEMM row
 
 
 def _median_s(fn, inputs, device, warmup: int, iters: int) -> tuple[float, list]:
@@ -173,17 +173,28 @@ def run(model: str, width: int, height: int, frames: int, out_dir: Path | None =
 
 
 def _fp8_row(data, record, m, runtime, dev, dtype, tokens, spec, compile_blocks) -> None:
+    """fp8 GEMMs with bf16 attention, then fp8 GEMMs with fp8 attention (fa3-fp8), on the same model."""
+    from artifex.attention import install
+    from artifex.attention.processor import AttentionRuntime
+    from artifex.kernels import fp8
+
+    decision = fp8.decide(dev)
+    if decision.path != "scaled_mm":
+        data["rows"].append({"variant": "artifex_fp8", "note": f"skipped: {decision.reason}"})
+        return
+    rep = fp8.quantize_linears(m.blocks, path="scaled_mm")  # in place: the bf16 rows are done
+    data["fp8_layers"] = {"swapped": len(rep.swapped), "kept": rep.skipped}
+    record("artifex_fp8_gemm", m, False, f"{rep.summary()}; attention {runtime.chain.split(',')[0]} (bf16)")
+    fp8_attention = AttentionRuntime(requested="fa3-fp8")
     try:
-        from artifex.kernels import fp8
-    except ImportError:
-        data["rows"].append({"variant": "artifex_fp8", "note": "skipped: artifex.kernels.fp8 is not available"})
+        fp8_attention.check_explicit(dev, dtype, spec.transformer.head_dim)
+    except Exception as e:  # noqa: BLE001 (recorded: the row says why fp8 attention did not run)
+        data["rows"].append({"variant": "artifex_fp8", "note": f"fp8 attention skipped: {e}"})
         return
-    ok, why = fp8.decide(dev)
-    if not ok:
-        data["rows"].append({"variant": "artifex_fp8", "note": f"skipped: {why}"})
-        return
-    rep = fp8.quantize_linears(m.blocks)  # in place: the bf16 weights are not needed after the bf16 row
-    record("artifex_fp8", m, False, f"fp8 e4m3 GEMMs ({rep})")
+    fp8_attention.prepare((1, tokens, spec.transformer.heads, spec.transformer.head_dim), dtype, dev)
+    install([m], fp8_attention)
+    record("artifex_fp8", m, False, f"{rep.summary()}; attention fa3-fp8 (e4m3 q/k/v, per-head scales)")
+    install([m], runtime)
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -199,10 +210,12 @@ def summary_of(data: dict) -> dict:
 
     default = s("diffusers_default")
     out = {"diffusers_default_s": default, "diffusers_best_s": s("diffusers_best"), "artifex_bf16_s": s("artifex_bf16"),
-           "artifex_fp8_s": s("artifex_fp8"), "bf16_limit_s": data["bf16_limit_s"],
+           "artifex_fp8_s": s("artifex_fp8"), "artifex_fp8_gemm_s": s("artifex_fp8_gemm"),
+           "bf16_limit_s": data["bf16_limit_s"],
            "rel_l2_bf16": rows.get("artifex_bf16", {}).get("rel_l2"),
-           "rel_l2_fp8": rows.get("artifex_fp8", {}).get("rel_l2")}
-    for name in ("artifex_bf16", "artifex_fp8"):
+           "rel_l2_fp8": rows.get("artifex_fp8", {}).get("rel_l2"),
+           "rel_l2_fp8_gemm": rows.get("artifex_fp8_gemm", {}).get("rel_l2")}
+    for name in ("artifex_bf16", "artifex_fp8", "artifex_fp8_gemm"):
         if s(name) and default:
             out[f"{name}_speedup"] = round(default / s(name), 3)
     if s("artifex_bf16"):

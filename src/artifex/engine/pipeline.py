@@ -25,6 +25,7 @@ from PIL import Image
 from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
 from artifex.engine.dit import accelerate_model, clear_caches
+from artifex.engine.fp8 import check_fp8, quantize_experts
 from artifex.engine.memory import plan_memory, tiers_for, weights_of
 from artifex.engine.placement import Placement
 from artifex.engine.plan import Plan, make_plan, memory_budget, requested_tier
@@ -125,6 +126,9 @@ class Engine:
         self.oom_step_down = True
         self._pair_memo: tuple | None = None
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
+        check_fp8(config.fp8, self.device)
+        self.fp8_report = quantize_experts(spec, components.experts, self.device, self.dtype) \
+            if config.fp8 != "off" else None
         self.weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
         self.placement = Placement(components, plan.placement, self.device, config.fp8_weights, self.dtype)
         self._place_models()
@@ -459,6 +463,7 @@ class Engine:
             "plan": r.plan.to_dict(),
             "attention": r.attention.to_dict(),
             "memory": r.memory,
+            "fp8": self.fp8_report,
             "config": self.config.to_dict(),
             "timings_s": {"load": round(self.load_s, 4), **r.timings},
             "peak_memory": r.peak_memory,

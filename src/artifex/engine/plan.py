@@ -30,6 +30,7 @@ class Plan:
     cfg_batch: int  # 2: cond and uncond in one batch
     compile: bool
     fast_dit: bool
+    fp8: str  # off, gemm, all
     tf32: bool
     channels_last: bool
     vae_slicing: bool
@@ -102,6 +103,9 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         reasons.append("max_batch_size >= 2: CFG's conditional and unconditional passes run as one batch")
     if config.use_torch_compile:
         reasons.append("use_torch_compile: repeated transformer blocks compiled (first steps include compile time)")
+    if config.fp8 != "off":
+        reasons.append(f"fp8={config.fp8}: DiT block linears as e4m3 matmuls"
+                       + (", attention fa3-fp8" if config.fp8 == "all" else "") + "; error vs bf16 probed at load")
     if config.fp8_weights:
         reasons.append("fp8_weights: DiT linear weights stored in float8 e4m3, computed in " + config.precision)
     return Plan(
@@ -113,6 +117,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         cfg_batch=cfg_batch,
         compile=config.use_torch_compile,
         fast_dit=config.fast_dit,
+        fp8=config.fp8,
         tf32=config.tf32,
         channels_last=config.use_channels_last,
         vae_slicing=config.vae_slicing,

@@ -1,0 +1,326 @@
+"""``artifex bench pipeline``: the whole generation, diffusers' WanPipeline against Artifex, in one run.
+
+Text encoding, every denoising step, VAE decode and the mp4 write, at the model's default
+settings (size, frames, steps, CFG), with random weights at the real shapes unless a
+checkpoint is given. In order, on the same components:
+
+1. diffusers' WanPipeline as its docs load it (DiT and UMT5 in bf16 with the fp32-kept
+   modules, VAE in fp32, everything on the GPU), per-step times from its step callback,
+   frames written with the same PyAV writer (diffusers' ``export_to_video`` needs
+   imageio-ffmpeg or OpenCV); with ``--diffusers forwards`` only N DiT forwards are timed
+   and multiplied by the run's forward count (said so in the report);
+2. Artifex with each configuration asked for (default: bf16 and fp8), after one short
+   warm-up generation of the same shape (compile and autotune; its time is reported);
+3. the bf16 VAE's error against the fp32 VAE on Artifex's final latents (PSNR, rel L2).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from artifex.bench import report
+from artifex.models.registry import get_model
+
+log = logging.getLogger("artifex")
+GIB = 2**30
+PROMPT = "a red kite over a golden beach at sunset, waves rolling in, cinematic light"
+
+# name -> OptimizationConfig fields; "bf16" is Artifex's fastest lossless setup
+CONFIGS = {
+    "bf16": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16"},
+    "fp8": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16", "fp8": "all"},
+    "default": {},
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def diffusers_run(spec, components, width, height, frames, steps, device, out_dir: Path, mode: str = "full",
+                  forwards: int = 3) -> dict:
+    """diffusers' WanPipeline on ``components`` (moved to ``device`` and back); per-stage seconds and peak."""
+    import numpy as np
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from artifex.engine.video import write_mp4
+
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.shift)
+    components.vae.to(torch.float32).disable_tiling()
+    pipe = WanPipeline(tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
+                       scheduler=sched, transformer=components.experts[0],
+                       transformer_2=components.experts[1] if spec.experts == 2 else None,
+                       boundary_ratio=spec.boundary, expand_timesteps=spec.expand_timesteps).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    guidance = {"guidance_scale": spec.guidance[0]}
+    if spec.experts == 2:
+        guidance["guidance_scale_2"] = spec.guidance[1]
+    out: dict = {"mode": mode, "steps": steps}
+    marks: list[float] = []
+
+    def on_step(pipeline, i, t, kwargs):
+        _sync(device)
+        marks.append(time.perf_counter())
+        return kwargs
+
+    run_steps = steps if mode == "full" else forwards
+    with torch.no_grad():  # warm-up: one step at the same shape (CUDA/cuBLAS/cuDNN set-up, allocator)
+        pipe(prompt=PROMPT, height=height, width=width, num_frames=frames, num_inference_steps=1, **guidance)
+    marks.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        video = pipe(prompt=PROMPT, height=height, width=width, num_frames=frames, num_inference_steps=run_steps,
+                     callback_on_step_end=on_step, **guidance).frames  # output_type "np", as the docs use it
+    _sync(device)
+    t_end = time.perf_counter()
+    per_step = [b - a for a, b in zip(marks, marks[1:])]
+    step_s = sorted(per_step)[len(per_step) // 2] if per_step else marks[0] - t0
+    if mode == "full":
+        out["denoise_s"] = round(marks[-1] - t0 - _text_estimate(marks, t0, step_s), 2)
+        out["encode_text_s"] = round(_text_estimate(marks, t0, step_s), 2)
+        out["decode_s"] = round(t_end - marks[-1], 2)
+        t_w = time.perf_counter()
+        write_mp4((video[0] * 255).round().astype(np.uint8), out_dir / "diffusers.mp4", fps=spec.fps)
+        out["write_s"] = round(time.perf_counter() - t_w, 2)
+        out["total_s"] = round(time.perf_counter() - t0, 2)
+    else:
+        out["step_s"] = round(step_s, 3)
+        out["total_s"] = None
+        out["denoise_estimate_s"] = round(step_s * steps, 2)
+        out["note"] = (f"{forwards} steps run; denoise estimated as the median step ({step_s:.3f} s) x {steps} "
+                       "steps; decode/write not estimated")
+    out["median_step_s"] = round(step_s, 3)
+    out["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
+    del pipe, video
+    for m in (components.text_encoder, components.vae, *components.experts):
+        m.to("cpu")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _text_estimate(marks, t0, step_s) -> float:
+    """Time before the first step began: everything up to the first callback minus one step."""
+    return max(marks[0] - t0 - step_s, 0.0)
+
+
+def artifex_run(spec, components, fields: dict, width, height, frames, steps, device, out_dir: Path, name: str,
+                profile: Path | None = None) -> dict:
+    """A warm-up generation (2 steps, same shape), then the timed one; per-stage seconds, peak, sidecar bits."""
+    from artifex.config import OptimizationConfig
+    from artifex.engine.pipeline import Engine
+    from artifex.engine.request import GenerationRequest
+
+    engine = Engine.from_components(spec, components, OptimizationConfig(device=str(device), **fields))
+
+    def request(n, path, seed=1):
+        return GenerationRequest(model=spec.name, prompt=PROMPT, seed=seed, steps=n, width=width, height=height,
+                                 frames=frames, output=str(path))
+
+    t = time.perf_counter()
+    engine.generate(request(2, out_dir / f"warmup-{name}.mp4"))
+    warm = time.perf_counter() - t
+    r = engine.generate(request(steps, out_dir / f"artifex-{name}.mp4"))
+    row = {"config": name, "fields": fields, "warmup_s": round(warm, 2), "timings_s": r.timings,
+           "total_s": r.timings["total"], "denoise_s": r.timings["denoise"],
+           "vae_s": round(r.timings["decode"] + r.timings["write"], 3), "peak_gib": r.peak_memory.get(
+               "gpu_max_allocated_gib"), "attention": r.attention.chosen, "tier": r.memory["tier"],
+           "fp8": engine.fp8_report, "steps": r.settings.steps}
+    if profile is not None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            engine.generate(request(2, out_dir / f"profile-{name}.mp4"))
+        prof.export_chrome_trace(str(profile))
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=40)
+        profile.with_suffix(".txt").write_text(table)
+        row["profile"] = [str(profile), str(profile.with_suffix(".txt"))]
+    row["latents"] = r.latents
+    engine.placement.release()
+    return row
+
+
+def vae_error(spec, components, fp32_state: dict, latents: torch.Tensor, device) -> dict:
+    """Decode the same latents with the VAE in bf16 and in fp32 (its original fp32 weights, ``fp32_state``):
+    PSNR (8-bit scale) and rel L2 of the pixels."""
+    from artifex.config import OptimizationConfig
+    from artifex.engine.pipeline import Engine
+
+    pixels = {}
+    for precision in ("bf16", "fp32"):
+        components.vae.to(torch.float32).load_state_dict(fp32_state)
+        engine = Engine.from_components(spec, components, OptimizationConfig(device=str(device),
+                                                                             vae_precision=precision))
+        pixels[precision] = engine.decode(latents.to(device)).float().cpu()
+        engine.placement.release()
+    a, b = pixels["bf16"], pixels["fp32"]
+    mse = ((a - b) * 127.5).pow(2).mean().item()
+    return {"psnr_db": round(10 * math.log10(255**2 / mse), 2) if mse > 0 else None,
+            "rel_l2": round(((a - b).norm() / b.norm()).item(), 5)}
+
+
+def run(model: str, out_dir: Path, configs: list[str], diffusers: str = "full", steps: int | None = None,
+        width: int | None = None, height: int | None = None, frames: int | None = None,
+        checkpoint: str | None = None, profile: Path | None = None, device: str | None = None,
+        append: bool = False) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    spec = get_model(model)
+    w, h = (width, height) if width else spec.sizes[0]
+    frames, steps = frames or spec.frames, steps or spec.steps
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / "pipeline-videos"
+    work.mkdir(exist_ok=True)
+    if checkpoint:
+        from artifex.env import read_env
+        from artifex.models.loader import load_components, resolve_checkpoint
+
+        components = load_components(spec, resolve_checkpoint(spec, checkpoint, read_env().home), "bf16")
+        weights = str(checkpoint)
+    else:
+        from artifex.models.random_init import random_components
+
+        components = random_components(spec, "bf16", build_device=dev)
+        weights = "random (real shapes)"
+    vae_fp32 = {k: v.detach().clone() for k, v in components.vae.state_dict().items()}  # runs cast it in place
+    data = report.header(dev)
+    data.update(model=model, size=f"{w}x{h}x{frames}", steps=steps, guidance=list(spec.guidance), weights=weights,
+                prompt=PROMPT, runs=[])
+    if diffusers != "off":
+        data["diffusers"] = diffusers_run(spec, components, w, h, frames, steps, dev, work, diffusers)
+        log.info("diffusers: %s", data["diffusers"])
+    latents = None
+    for name in configs:
+        row = artifex_run(spec, components, CONFIGS[name], w, h, frames, steps, dev, work, name,
+                          profile if name == configs[0] else None)
+        if name == "bf16" or latents is None:
+            latents = row["latents"]
+        row.pop("latents")
+        data["runs"].append(row)
+        log.info("artifex %s: %s", name, row)
+        gc.collect()
+    if latents is not None and any(CONFIGS[n].get("vae_precision") == "bf16" for n in configs):
+        data["vae_bf16_vs_fp32"] = vae_error(spec, components, vae_fp32, latents, dev)
+    if data.get("vae_bf16_vs_fp32") is None:
+        data.pop("vae_bf16_vs_fp32", None)
+    if append:
+        data = merge_previous(out_dir / f"pipeline-{report.device_slug(dev)}.json", data)
+    data["summary"] = summary_of(data, spec, w, h, frames, steps)
+    data["files"] = [str(p) for p in write(out_dir, data, dev)]
+    return data
+
+
+def summary_key(model: str, w: int, h: int, frames: int, steps: int) -> str:
+    from artifex.bench.dit import shape_key
+
+    return f"{shape_key(model, w, h)}_{frames}f_{steps}steps"
+
+
+def summary_of(data: dict, spec, w, h, frames, steps) -> dict:
+    runs = {r["config"]: r for r in data["runs"]}
+    first = runs.get("bf16") or (data["runs"][0] if data["runs"] else None)
+    d = data.get("diffusers") or {}
+    named = {
+        "total_s": first and first["total_s"], "denoise_s": first and first["denoise_s"],
+        "vae_s": first and first["vae_s"], "peak_gib": first and first["peak_gib"],
+        "diffusers_total_s": d.get("total_s"), "diffusers_denoise_s": d.get("denoise_s") or d.get("denoise_estimate_s"),
+        "diffusers_peak_gib": d.get("peak_gib"),
+        "config": first and first["config"],
+    }
+    if "fp8" in runs:
+        named["fp8_total_s"] = runs["fp8"]["total_s"]
+        named["fp8_probe_rel_l2"] = [p["rel_l2_vs_bf16"] for p in (runs["fp8"]["fp8"] or {}).get("probe", [])]
+    if named["total_s"] and named["diffusers_total_s"]:
+        named["speedup"] = round(named["diffusers_total_s"] / named["total_s"], 3)
+    named["vae_bf16_psnr_db"] = (data.get("vae_bf16_vs_fp32") or {}).get("psnr_db")
+    return {summary_key(data["model"], w, h, frames, steps): named}
+
+
+def merge_previous(path: Path, data: dict) -> dict:
+    """``--append``: keep the runs (and diffusers' run) of an earlier file for the same model and settings, this
+    run's results replacing those of the same name."""
+    import json
+
+    if not path.exists():
+        return data
+    old = json.loads(path.read_text())
+    if (old.get("model"), old.get("size"), old.get("steps")) != (data["model"], data["size"], data["steps"]):
+        raise ValueError(f"{path} holds {old.get('model')} {old.get('size')} {old.get('steps')} steps; this run is "
+                         f"{data['model']} {data['size']} {data['steps']} steps: nothing to append to")
+    mine = {r["config"] for r in data["runs"]}
+    data["runs"] = [r for r in old.get("runs", []) if r["config"] not in mine] + data["runs"]
+    if "diffusers" not in data and "diffusers" in old:
+        data["diffusers"] = dict(old["diffusers"], from_command=old.get("command"), from_date=old.get("date"))
+    data.setdefault("vae_bf16_vs_fp32", old.get("vae_bf16_vs_fp32"))
+    data["appended_to"] = {"command": old.get("command"), "date": old.get("date")}
+    return data
+
+
+def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
+    slug = report.device_slug(dev)
+    d = data.get("diffusers")
+    rows = [["run", "total s", "text s", "denoise s", "decode s", "write s", "peak GiB", "warm-up s", "note"]]
+    if d:
+        rows.append(["diffusers WanPipeline", str(d.get("total_s")), str(d.get("encode_text_s", "-")),
+                     str(d.get("denoise_s", d.get("denoise_estimate_s"))), str(d.get("decode_s", "-")),
+                     str(d.get("write_s", "-")), str(d.get("peak_gib")), "-", d.get("note", "as its docs load it")])
+    for r in data["runs"]:
+        t = r["timings_s"]
+        note = f"attention {r['attention']}, tier {r['tier']}"
+        if r.get("fp8"):
+            note += f", fp8 probe rel L2 {[p['rel_l2_vs_bf16'] for p in r['fp8']['probe']]}"
+        rows.append([f"Artifex {r['config']}", str(r["total_s"]), str(t.get("encode_text")), str(t.get("denoise")),
+                     str(t.get("decode")), str(t.get("write")), str(r["peak_gib"]), str(r["warmup_s"]), note])
+    md = (f"# Whole generation, diffusers vs Artifex ({data['device'].get('name')})\n\n"
+          f"{data['model']} {data['size']}, {data['steps']} steps, CFG {data['guidance']}, weights: "
+          f"{data['weights']}\n\n`{data['command']}` ({data['date']})\n\n" + report.md_table(rows) +
+          f"\nVAE bf16 vs fp32 on the same latents: {data.get('vae_bf16_vs_fp32')}\n")
+    files = report.write(out_dir, f"pipeline-{slug}", data, md)
+    _chart(rows, out_dir / f"pipeline-{slug}.png")
+    return files + [out_dir / f"pipeline-{slug}.png"]
+
+
+def _chart(rows: list[list[str]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no PNG chart")
+        return
+
+    def num(x):
+        try:
+            return float(x)
+        except (TypeError, ValueError):
+            return 0.0
+
+    body = rows[1:]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(body) + 1.5))
+    left = [0.0] * len(body)
+    for col, label in ((2, "text"), (3, "denoise"), (4, "decode"), (5, "write")):
+        vals = [num(r[col]) for r in body]
+        ax.barh([r[0] for r in body], vals, left=left, label=label)
+        left = [a + b for a, b in zip(left, vals)]
+    ax.set_xlabel("seconds")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,65 @@
+"""The fp8 compute mode, applied to an engine's experts from outside, with its error measured at load.
+
+``fp8 = gemm``: every linear layer of the transformer blocks becomes an ``Fp8Linear``
+(e4m3 weights with per-output-channel scales, per-token e4m3 activations, row-wise
+``torch._scaled_mm``); ``fp8 = all`` also sends attention through ``fa3-fp8`` (e4m3 q/k/v
+with per-head scales). Embeddings, norms, the timestep MLP and the output head stay in
+the compute precision.
+
+Before an expert is quantized, one forward on a small fixed probe (random latents at a
+quarter of the model's default width and height, 5 frames, t = 500, random text) runs with
+the bf16 weights and again with the fp8 ones; the relative L2 between the two outputs goes
+into the plan and every sidecar. It is an indication measured on this model's weights, not a
+bound for every prompt; ``artifex bench dit`` reports the error at full size.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from artifex.errors import InvalidRequestError
+from artifex.kernels import fp8 as kernels
+
+log = logging.getLogger("artifex")
+
+
+def check_fp8(mode: str, device: torch.device) -> None:
+    """Refuse fp8 compute where row-wise fp8 matmuls cannot run, naming why."""
+    if mode == "off":
+        return
+    decision = kernels.decide(device)
+    if decision.path != "scaled_mm":
+        raise InvalidRequestError("fp8", f"fp8 compute cannot run here: {decision.reason}", ["off"])
+
+
+@torch.no_grad()
+def quantize_experts(spec, experts: list[torch.nn.Module], device: torch.device, dtype: torch.dtype) -> dict:
+    """Quantize every expert's block linears in place (on ``device``); returns the probe's report."""
+    report: dict = {"mode_layers": None, "probe": [], "probe_input": None}
+    w, h = spec.sizes[0]
+    w, h = max(w // 4 // spec.spatial_multiple, 1) * spec.spatial_multiple, \
+        max(h // 4 // spec.spatial_multiple, 1) * spec.spatial_multiple
+    _, t, lh, lw = spec.latent_shape(w, h, 5)
+    report["probe_input"] = f"{w}x{h}x5, t=500, seeded random latents and text"
+    g = torch.Generator("cpu").manual_seed(0)
+    for i, expert in enumerate(experts):
+        home = next(expert.parameters()).device
+        expert.to(device)
+        x = torch.randn(1, expert.config.in_channels, t, lh, lw, generator=g).to(device, dtype)
+        text = torch.randn(1, spec.text_len, expert.config.text_dim, generator=g).to(device, dtype)
+        step = torch.tensor([500.0], device=device)
+
+        def run(model=expert, x=x, text=text, step=step):
+            return model(hidden_states=x, timestep=step, encoder_hidden_states=text, return_dict=False)[0].float()
+
+        ref = run()
+        layers = kernels.quantize_linears(expert.blocks, path="scaled_mm")
+        out = run()
+        err = ((out - ref).norm() / ref.norm()).item()
+        report["probe"].append({"expert": i, "rel_l2_vs_bf16": round(err, 5)})
+        report["mode_layers"] = layers.summary()
+        log.info("fp8 expert %d: %s; probe rel L2 vs %s %.4f", i, layers.summary(), dtype, err)
+        expert.to(home)
+    return report
