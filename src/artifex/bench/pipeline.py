@@ -154,23 +154,34 @@ def artifex_run(spec, components, fields: dict, width, height, frames, steps, de
     return row
 
 
-def vae_error(spec, components, fp32_state: dict, latents: torch.Tensor, device) -> dict:
-    """Decode the same latents with the VAE in bf16 and in fp32 (its original fp32 weights, ``fp32_state``):
-    PSNR (8-bit scale) and rel L2 of the pixels."""
+def vae_variants(spec, components, fp32_state: dict, latents: torch.Tensor, device) -> dict:
+    """Decode the same latents with the VAE in fp32 (its original weights, ``fp32_state``), bf16, and bf16 in
+    channels_last_3d: seconds, peak GiB, and each one's PSNR (8-bit scale) and rel L2 against fp32."""
     from artifex.config import OptimizationConfig
     from artifex.engine.pipeline import Engine
 
-    pixels = {}
-    for precision in ("bf16", "fp32"):
+    pixels, out = {}, {}
+    for name, fields in (("fp32", {"vae_precision": "fp32"}), ("bf16", {"vae_precision": "bf16"}),
+                         ("bf16_channels_last", {"vae_precision": "bf16", "use_channels_last": True})):
         components.vae.to(torch.float32).load_state_dict(fp32_state)
-        engine = Engine.from_components(spec, components, OptimizationConfig(device=str(device),
-                                                                             vae_precision=precision))
-        pixels[precision] = engine.decode(latents.to(device)).float().cpu()
+        engine = Engine.from_components(spec, components, OptimizationConfig(device=str(device), **fields))
+        z = latents.to(device)
+        engine.decode(z[:, :, :2])  # warm-up: cuDNN picks its kernels for these shapes
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        pixels[name] = engine.decode(z).float().cpu()
+        _sync(device)
+        out[name] = {"seconds": round(time.perf_counter() - t, 2), "peak_gib": round(
+            torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None}
         engine.placement.release()
-    a, b = pixels["bf16"], pixels["fp32"]
-    mse = ((a - b) * 127.5).pow(2).mean().item()
-    return {"psnr_db": round(10 * math.log10(255**2 / mse), 2) if mse > 0 else None,
-            "rel_l2": round(((a - b).norm() / b.norm()).item(), 5)}
+    for name in ("bf16", "bf16_channels_last"):
+        a, b = pixels[name], pixels["fp32"]
+        mse = ((a - b) * 127.5).pow(2).mean().item()
+        out[name]["psnr_db_vs_fp32"] = round(10 * math.log10(255**2 / mse), 2) if mse > 0 else None
+        out[name]["rel_l2_vs_fp32"] = round(((a - b).norm() / b.norm()).item(), 5)
+    return out
 
 
 def run(model: str, out_dir: Path, configs: list[str], diffusers: str = "full", steps: int | None = None,
@@ -215,9 +226,7 @@ def run(model: str, out_dir: Path, configs: list[str], diffusers: str = "full", 
         log.info("artifex %s: %s", name, row)
         gc.collect()
     if latents is not None and any(CONFIGS[n].get("vae_precision") == "bf16" for n in configs):
-        data["vae_bf16_vs_fp32"] = vae_error(spec, components, vae_fp32, latents, dev)
-    if data.get("vae_bf16_vs_fp32") is None:
-        data.pop("vae_bf16_vs_fp32", None)
+        data["vae"] = vae_variants(spec, components, vae_fp32, latents, dev)
     if append:
         data = merge_previous(out_dir / f"pipeline-{report.device_slug(dev)}.json", data)
     data["summary"] = summary_of(data, spec, w, h, frames, steps)
@@ -247,7 +256,9 @@ def summary_of(data: dict, spec, w, h, frames, steps) -> dict:
         named["fp8_probe_rel_l2"] = [p["rel_l2_vs_bf16"] for p in (runs["fp8"]["fp8"] or {}).get("probe", [])]
     if named["total_s"] and named["diffusers_total_s"]:
         named["speedup"] = round(named["diffusers_total_s"] / named["total_s"], 3)
-    named["vae_bf16_psnr_db"] = (data.get("vae_bf16_vs_fp32") or {}).get("psnr_db")
+    vae = data.get("vae") or {}
+    named["vae_bf16_psnr_db"] = (vae.get("bf16") or {}).get("psnr_db_vs_fp32") or (
+        data.get("vae_bf16_vs_fp32") or {}).get("psnr_db")
     return {summary_key(data["model"], w, h, frames, steps): named}
 
 
@@ -266,7 +277,9 @@ def merge_previous(path: Path, data: dict) -> dict:
     data["runs"] = [r for r in old.get("runs", []) if r["config"] not in mine] + data["runs"]
     if "diffusers" not in data and "diffusers" in old:
         data["diffusers"] = dict(old["diffusers"], from_command=old.get("command"), from_date=old.get("date"))
-    data.setdefault("vae_bf16_vs_fp32", old.get("vae_bf16_vs_fp32"))
+    for key in ("vae", "vae_bf16_vs_fp32"):  # the VAE comparison of the earlier run, unless this one made its own
+        if key not in data and key in old:
+            data[key] = old[key]
     data["appended_to"] = {"command": old.get("command"), "date": old.get("date")}
     return data
 
@@ -289,7 +302,8 @@ def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
     md = (f"# Whole generation, diffusers vs Artifex ({data['device'].get('name')})\n\n"
           f"{data['model']} {data['size']}, {data['steps']} steps, CFG {data['guidance']}, weights: "
           f"{data['weights']}\n\n`{data['command']}` ({data['date']})\n\n" + report.md_table(rows) +
-          f"\nVAE bf16 vs fp32 on the same latents: {data.get('vae_bf16_vs_fp32')}\n")
+          f"\nVAE decode of the same latents (seconds, peak GiB, error against fp32): "
+          f"{data.get('vae') or data.get('vae_bf16_vs_fp32')}\n")
     files = report.write(out_dir, f"pipeline-{slug}", data, md)
     _chart(rows, out_dir / f"pipeline-{slug}.png")
     return files + [out_dir / f"pipeline-{slug}.png"]
