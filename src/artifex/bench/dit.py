@@ -142,6 +142,9 @@ def run(model: str, width: int, height: int, frames: int, out_dir: Path | None =
             row["rel_l2"] = 0.0
         data["rows"].append(row)
         log.info("%s", row)
+        if out_dir is not None:  # after every row, so a run cut short keeps what it measured
+            data["summary"] = summary_of(data)
+            write(out_dir, data, dev)
 
     reference: list[torch.Tensor] = []
     m.set_attn_processor(WanAttnProcessor())
