@@ -275,11 +275,34 @@ def main() -> int:
             result[name] = {"error": f"{type(e).__name__}: {e}"[:500], "traceback": traceback.format_exc()[-2000:]}
             log(f"{name}: {result[name]['error']}")
         free()
+    from artifex.bench.report import header
+
+    result.update(header(torch.device("cuda", 0), prog="python scripts/check_kernels.py"))
+    result["summary"] = summary_of(result)
     line = json.dumps(result)
     if args.out:
         args.out.write_text(line + "\n")
     print(line)
     return 0
+
+
+def summary_of(r: dict) -> dict:
+    """The headline figures of each section that ran (sections that failed are left out)."""
+    out: dict = {}
+    qk, f8, at = r.get("qk", {}), r.get("fp8", {}), r.get("attn", {})
+    if "ms" in qk:
+        out["qk_norm_rope_ms"] = {k: qk["ms"].get(k) for k in ("triton", "diffusers_unfused")}
+        out["qk_norm_rope_rel_l2_triton_vs_twin"] = qk.get("rel_l2_triton_vs_twin")
+    for s in f8.get("shapes", []):
+        key = f"{s['M']}x{s['K']}x{s['N']}"
+        out.setdefault("fp8_gemm_tflops_compiled", {})[key] = round(s["TFLOP_per_s"].get("fp8_compiled", 0), 1)
+        out.setdefault("bf16_gemm_tflops", {})[key] = round(s["TFLOP_per_s"].get("bf16_linear", 0), 1)
+    for s in at.get("shapes", []):
+        out.setdefault("fa3_fp8_head_tflops", {})[s["model"]] = round(s["TFLOP_per_s"].get("fa3_fp8_head", 0), 1)
+        out.setdefault("fa3_bf16_tflops", {})[s["model"]] = round(s["TFLOP_per_s"].get("fa3_bf16", 0), 1)
+        out.setdefault("fa3_fp8_rel_l2_vs_bf16", {})[s["model"]] = round(
+            s["rel_l2_vs_baseline"].get("fa3_fp8_head", 0), 4)
+    return out
 
 
 if __name__ == "__main__":
