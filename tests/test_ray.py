@@ -46,12 +46,27 @@ def cluster(tiny_checkpoint):
         assert "artifex cluster: running " in started.stderr and " start --head --port=" in started.stderr
         address = re.search(r"--address='([^']+)'", out).group(1)
         assert address.endswith(f":{port}")
+        _wait_for_status(address)
         yield address, dashboard
     finally:
         stopped = artifex("cluster", "stop")
         shutil.rmtree(temp, ignore_errors=True)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert "running " in stopped.stderr and " stop" in stopped.stderr
+
+
+def _wait_for_status(address: str, tries: int = 30) -> None:
+    """Ray reports 'No cluster status' for a few seconds after start: wait until its status lists resources."""
+    from artifex.distributed.cluster import auth_env, ray_executable
+
+    env, _ = auth_env()
+    for _ in range(tries):
+        r = subprocess.run([str(ray_executable()), "status", f"--address={address}"], capture_output=True, text=True,
+                           timeout=60, env=env)
+        if r.returncode == 0 and "CPU" in r.stdout:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"ray status never listed the cluster's resources: {r.stdout} {r.stderr}")
 
 
 def test_cluster_status_shows_ray_status_and_the_dashboard(cluster):

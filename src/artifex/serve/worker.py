@@ -211,6 +211,7 @@ class LocalRunner:
     def __init__(self, model: str, settings: ServeSettings, config: OptimizationConfig):
         self.model, self.settings, self.config = model, settings, config
         self.engine = None
+        self.devices: list[int] = []  # the CUDA device of the engine, if any
         self.identity = {"kind": "local", "node": os.uname().nodename, "pid": os.getpid(), "gpus": []}
 
     def load(self) -> float:
@@ -221,7 +222,8 @@ class LocalRunner:
             self.engine = Engine.load(self.model, checkpoint=self.settings.checkpoints.get(self.model),
                                       config=self.config)
         if self.engine.device.type == "cuda":
-            self.identity["gpus"] = [self.engine.device.index or 0]
+            self.devices = [self.engine.device.index or 0]
+            self.identity["gpus"] = [str(i) for i in self.devices]
         log.info("loaded %s; plan: %s", self.model, self.engine.plan.to_dict(), extra={"model": self.model})
         return time.perf_counter() - t0
 
@@ -235,7 +237,7 @@ class LocalRunner:
         return run_generation(self.engine, fields, on_progress)
 
     def health(self) -> dict:
-        return process_report(self.identity["gpus"])
+        return process_report(self.devices)
 
     def restart(self) -> None:
         raise RuntimeError("an engine in the server's own process cannot be restarted")
@@ -353,6 +355,7 @@ class ModelWorker:
         self.status = "failed"
         self.error = error
         log.error("model %s failed to load: %s", self.model, self.error, extra={"model": self.model})
+        self.runner.close()  # a Ray actor that cannot load gives its GPUs back
         while not self._stop.is_set():
             if not self.others_alive():  # another worker of this model may still run its jobs
                 failed = self.store.fail_queued(self.model, {"code": "model_unavailable",
