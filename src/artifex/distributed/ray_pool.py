@@ -44,6 +44,7 @@ from artifex.serve.worker import ProgressFn, WorkerLost, process_report, run_gen
 log = logging.getLogger("artifex.serve")
 
 POLL_S = 0.2  # how often the server asks a busy actor for progress
+REPORT_EVERY_S = 5.0  # and for its memory and load
 PLACE_TIMEOUT_S = 300.0  # an actor (or its GPU group) not placed in this time counts as lost
 MAX_GROUP = 2  # GPUs one engine can use: 1, or 2 through the two-device split
 
@@ -276,6 +277,8 @@ class RayExecutor:
         try:
             ray.get(pg.ready(), timeout=PLACE_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(pg)  # not left pending, to take GPUs later
+            self._groups.remove(pg)
             raise WorkerLost(f"no node had {group} free GPUs for {PLACE_TIMEOUT_S:.0f} s") from None
         return {"num_gpus": group, "num_cpus": 1,
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)}
@@ -302,6 +305,7 @@ class RayRunner:
         self.options: dict | None = None  # placement, kept across restarts (a placement group is reused)
         self.ship = False
         self.identity: dict = {"kind": "ray", "node": None, "pid": None, "gpus": []}
+        self.report: dict = {}  # the actor's last memory/load report: at health checks, and while it runs jobs
 
     def _call(self, method: str, *args, timeout: float | None = None):
         ray = import_ray()
@@ -346,6 +350,7 @@ class RayRunner:
             path = Path(fields["image"])
             image = (path.name, path.read_bytes())
         seen, cancelled = 0, False
+        report, report_due = None, time.monotonic() + REPORT_EVERY_S
 
         def forward(events) -> None:
             nonlocal seen, cancelled
@@ -370,6 +375,10 @@ class RayRunner:
                     forward(ray.get(self.actor.progress.remote(job_id, seen), timeout=30))
                 except ray.exceptions.GetTimeoutError:
                     pass
+                if report is None and time.monotonic() >= report_due:  # memory mid-job, without waiting for it
+                    report = self.actor.health.remote()
+                elif report is not None and ray.wait([report], timeout=0)[0]:
+                    self.report, report, report_due = ray.get(report), None, time.monotonic() + REPORT_EVERY_S
         except _lost_errors() as e:
             raise WorkerLost(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         except ray.exceptions.RayTaskError as e:  # a bug around the engine, not the job's fault alone
@@ -391,7 +400,8 @@ class RayRunner:
     def health(self) -> dict:
         ray = import_ray()
         try:
-            return self._call("health", timeout=30)
+            self.report = self._call("health", timeout=30)
+            return self.report
         except ray.exceptions.GetTimeoutError:
             raise WorkerLost("the actor did not answer its health check within 30 s") from None
 

@@ -3,7 +3,8 @@
 An engine lives where its executor puts it: in this process (``LocalExecutor``: one per
 served model) or in a Ray actor (``artifex.distributed.ray_pool.RayExecutor``: one per GPU
 group, several per model). Either way a ``ModelWorker`` thread drives it through a runner
-with the same five methods (load, warm_up, run, health, restart), pulls the oldest queued
+with the same five methods (load, warm_up, run, health, restart) and a ``report`` (memory
+and load) for the page and /metrics, pulls the oldest queued
 job of its model whenever its engine is free, and writes the outcome to the job store. A
 runner whose process died raises ``WorkerLost``: the attempt goes back to the store, which
 queues the job again for another worker, and this worker brings up a fresh engine.
@@ -239,6 +240,11 @@ class LocalRunner:
     def health(self) -> dict:
         return process_report(self.devices)
 
+    @property
+    def report(self) -> dict:
+        """Memory and load now (this process: cheap to read at any time)."""
+        return process_report(self.devices)
+
     def restart(self) -> None:
         raise RuntimeError("an engine in the server's own process cannot be restarted")
 
@@ -284,7 +290,6 @@ class ModelWorker:
         self.current: str | None = None
         self.jobs_done = 0
         self.restarts = 0
-        self.report: dict = {}  # the runner's last health report (memory, load)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"artifex-worker-{model}-{index}", daemon=True)
@@ -308,7 +313,7 @@ class ModelWorker:
         return {"model": self.model, "index": self.index, **self.runner.identity, "status": self.status,
                 "error": self.error, "busy": self.current is not None, "current_job": self.current,
                 "jobs_done": self.jobs_done, "restarts": self.restarts, "load_s": self.load_s,
-                "warmup_s": self.warmup_s, "report": self.report}
+                "warmup_s": self.warmup_s, "report": self.runner.report}
 
     def _run(self) -> None:
         tries = 0
@@ -342,7 +347,7 @@ class ModelWorker:
             self.warmup_s = round(self.runner.warm_up(self._stop.is_set), 3)
             log.info("warmed up %s (worker %d) in %.2fs", self.model, self.index, self.warmup_s,
                      extra={"model": self.model})
-        self.report = self.runner.health()
+        self.runner.health()
         self.status = "ready"
 
     def _replace(self) -> None:
@@ -374,7 +379,7 @@ class ModelWorker:
                 if time.monotonic() - checked > self.HEALTH_EVERY_S:
                     checked = time.monotonic()
                     try:
-                        self.report = self.runner.health()
+                        self.runner.health()
                     except WorkerLost as e:
                         log.warning("worker %s/%d failed its health check (%s); replacing it", self.model,
                                     self.index, e, extra={"model": self.model})
