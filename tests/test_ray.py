@@ -1,6 +1,7 @@
-"""Ray: a real local cluster started by ``artifex cluster start --head`` (CPU actors, tiny models), shared by
-the tests of this module and always stopped with ``artifex cluster stop``; ``artifex serve --ray`` against it,
-with an actor killed mid-job; the executor shipping files as it does from another node; bad input."""
+"""Ray: a real local cluster started by scripts/start_ray_cluster.sh (``artifex cluster start --head``), CPU
+actors and tiny models, shared by the tests of this module and always stopped with ``artifex cluster stop``;
+``artifex serve --ray`` against it, with an actor killed mid-job; the executor shipping files as it does from
+another node; bad input."""
 
 from __future__ import annotations
 
@@ -39,8 +40,12 @@ def cluster(tiny_checkpoint):
     temp = Path(tempfile.mkdtemp(prefix="axray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     port, dashboard = free_port(), free_port()
     try:
-        started = artifex("cluster", "start", "--head", "--port", str(port), "--dashboard-port", str(dashboard),
-                          "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", str(temp))
+        # through the setup guide's script: no HOST:PORT, so it starts a head (artifex cluster start --head ...)
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        started = subprocess.run(["bash", str(REPO / "scripts" / "start_ray_cluster.sh"), "--port", str(port),
+                                  "--dashboard-port", str(dashboard), "--num-cpus", "2", "--num-gpus", "0",
+                                  "--temp-dir", str(temp)], capture_output=True, text=True, timeout=120, cwd=REPO,
+                                 env={**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"})
         out = started.stdout + started.stderr
         assert started.returncode == 0, out
         assert "artifex cluster: running " in started.stderr and " start --head --port=" in started.stderr
