@@ -142,6 +142,10 @@ def test_serve_on_ray_actors_retries_the_job_of_a_killed_actor(cluster, tmp_path
         assert 'artifex_worker_restarts_total{model="tiny-t2v-moe"} 1' in metrics
         assert f'dashboard="http://127.0.0.1:{dashboard}"' in metrics and 'kind="ray"' in metrics
         assert re.search(r'artifex_worker_rss_bytes\{model="tiny-t2v-moe",worker="1",node="[^"]+"\} \d', metrics)
+        monitor = artifex("monitor", "--once", "--url", srv.url(""))
+        assert monitor.returncode == 0, monitor.stderr
+        assert f"engines: Ray actors (cluster {address}, dashboard http://127.0.0.1:{dashboard})" in monitor.stdout
+        assert monitor.stdout.count("worker tiny-t2v-moe/") == 2
 
         # cancel reaches the actor between steps; quick jobs keep flowing
         slow = srv.submit(**SLOW, prompt="cancel me", seed=3)
