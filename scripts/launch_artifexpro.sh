@@ -6,8 +6,8 @@
 #   scripts/launch_artifexpro.sh --model ti2v-5b --checkpoint ti2v-5b=/models/Wan2.2-TI2V-5B-Diffusers
 #   scripts/launch_artifexpro.sh --model tiny-ti2v --port 8080          # CPU, built-in tiny model
 #
-# The guide also started a Ray cluster here; that arrives with the distribution work
-# (scripts/start_ray_cluster.sh), so this script starts the single-machine service only.
+# The guide also started a Ray cluster here; that is scripts/start_ray_cluster.sh now, and this
+# script serves on it with --ray HEAD_IP:6379 (or --ray auto) among its arguments.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 

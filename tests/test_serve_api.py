@@ -338,6 +338,7 @@ def test_metrics_and_monitor(server):
     assert out.returncode == 0, out.stderr
     assert "queue: 0 / 50" in out.stdout and "tiny-i2v-moe ready" in out.stdout
     assert "succeeded" in out.stdout and "denoise" in out.stdout
+    assert "engines: in the server's process" in out.stdout and "worker tiny-ti2v/0 on " in out.stdout
     out = subprocess.run([sys.executable, "-m", "artifex", "monitor", "--once", "--url", server.url(""),
                           "--token-file", str(server.data_dir / "missing")], capture_output=True, text=True,
                          timeout=60, env=env)

@@ -431,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     from artifex.distributed.cli import add_commands as add_launch_command  # launch (torchrun)
 
     add_launch_command(sub)
+    from artifex.distributed.cluster import add_commands as add_cluster_commands  # cluster start|status|stop (Ray)
+
+    add_cluster_commands(sub)
     return parser
 
 

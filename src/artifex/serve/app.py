@@ -161,8 +161,8 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
         """200 once every served model is loaded and warmed up; 503 before (or if one failed to load)."""
-        models = {n: {"status": w.status, "error": w.error, "load_s": w.load_s, "warmup_s": w.warmup_s}
-                  for n, w in service.workers.items()}
+        models = {n: {"status": w.status, "error": w.error, "load_s": w.load_s, "warmup_s": w.warmup_s,
+                      "workers": [x.status for x in w.workers]} for n, w in service.workers.items()}
         ready = service.ready()
         return JSONResponse({"ready": ready, "models": models}, status_code=200 if ready else 503)
 
@@ -175,6 +175,12 @@ def create_app(service: Service) -> FastAPI:
     def metrics() -> PlainTextResponse:
         """Prometheus text format: queue depth, jobs by state, stage durations, GPU figures (NVML)."""
         return PlainTextResponse(service.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/api/workers", dependencies=auth, tags=["health"])
+    def workers() -> dict:
+        """Where the engines run (``executor``: local or ray, the Ray dashboard's address) and every worker:
+        status, busy or not, jobs finished, restarts, node, pid, GPUs, and its last memory/load report."""
+        return service.workers_view()
 
     # -- models ----------------------------------------------------------------------------------
     @app.get("/api/models", dependencies=auth, tags=["jobs"])

@@ -73,6 +73,16 @@ def add_commands(sub) -> None:
     s.add_argument("--warmup-shape", action="append", type=_shape, default=[], metavar="WxHxF",
                    help="warm up at this shape before ready (repeatable; default: each model's default shape)")
     s.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
+    r = s.add_argument_group("Ray cluster (pip install 'artifex[ray]')")
+    r.add_argument("--ray", metavar="auto|HOST:PORT",
+                   help="run the engines as Ray actors: auto = the cluster running on this machine, else a local "
+                        "one; HOST:PORT = the cluster of that head (artifex cluster start)")
+    r.add_argument("--ray-workers", type=int, metavar="N",
+                   help="actors per served model (default: every GPU group of the cluster, shared among the "
+                        "models; 1 on a cluster without GPUs)")
+    r.add_argument("--ray-gpus-per-worker", type=int, metavar="G",
+                   help="GPUs per actor: 1, 2 (the model split over two GPUs of one node), or 0 for CPU actors "
+                        "(default: 1 when the cluster has GPUs, else 0)")
     s.add_argument("--debug", action="store_true", help="verbose (DEBUG) logs")
     s.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines (default: json)")
     _add_config_flags(s)
@@ -153,12 +163,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from artifex.serve.app import create_app
     from artifex.serve.service import Service
 
-    service = Service(settings, config, token)
+    service = Service(settings, config, token, executor=build_executor(args, settings))
     app = create_app(service)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=True,
                 timeout_graceful_shutdown=3, server_header=False,
                 log_level="debug" if settings.debug else "info")
     return 0
+
+
+def build_executor(args: argparse.Namespace, settings):
+    """``--ray``: a started ``RayExecutor`` (connected, its groups checked); else None (engines in this process)."""
+    if not args.ray:
+        for flag in ("ray_workers", "ray_gpus_per_worker"):
+            if getattr(args, flag) is not None:
+                raise InvalidRequestError(flag, "is for Ray workers; add --ray auto or --ray HOST:PORT")
+        return None
+    from artifex.distributed.ray_pool import RayExecutor
+
+    executor = RayExecutor(args.ray, workers=args.ray_workers, gpus_per_worker=args.ray_gpus_per_worker)
+    executor.start(list(settings.models))
+    log.info("Ray cluster %s, dashboard %s", executor.gcs_address, executor.dashboard or "not running")
+    return executor
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:

@@ -186,6 +186,28 @@ class JobStore:
             db.execute("UPDATE jobs SET state = 'queued', started_at = NULL WHERE id = ? AND state = 'running'",
                        (job_id,))
 
+    def retry(self, job_id: str, error: dict, max_attempts: int) -> str | None:
+        """A running attempt failed through no fault of the job (its worker died): queue it again in its old
+        place, or fail it after ``max_attempts`` attempts, or cancel it if that was asked. Returns the new state."""
+        with self._tx() as db:
+            row = db.execute("SELECT attempts, cancel_requested FROM jobs WHERE id = ? AND state = 'running'",
+                             (job_id,)).fetchone()
+            if row is None:
+                return None
+            attempts, cancel = row
+            now = time.time()
+            if cancel:
+                db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (now, job_id))
+                return "cancelled"
+            if attempts >= max_attempts:
+                error = {**error, "message": f"{error['message']} (attempt {attempts} of {max_attempts}; "
+                                            "not trying again)"}
+                db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                           (now, json.dumps(error), job_id))
+                return "failed"
+            db.execute("UPDATE jobs SET state = 'queued', started_at = NULL WHERE id = ?", (job_id,))
+            return "queued"
+
     def recover(self, max_attempts: int) -> dict[str, list[str]]:
         """At start-up: jobs left ``running`` by a crash are queued again (or cancelled/failed)."""
         out: dict[str, list[str]] = {"requeued": [], "cancelled": [], "failed": []}

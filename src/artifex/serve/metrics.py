@@ -42,6 +42,7 @@ class Metrics:
         self.submissions: dict[str, int] = defaultdict(int)
         self.finished: dict[tuple[str, str], int] = defaultdict(int)
         self.job_seconds: dict[str, list[float]] = defaultdict(list)  # recent totals per model (for ETAs)
+        self.restarts: dict[str, int] = defaultdict(int)  # engines brought up again after their process died
 
     def observe_stage(self, model: str, stage: str, seconds: float) -> None:
         with self._lock:
@@ -62,6 +63,10 @@ class Metrics:
         for stage, seconds in (timings or {}).items():
             self.observe_stage(model, stage, float(seconds))
 
+    def count_restart(self, model: str) -> None:
+        with self._lock:
+            self.restarts[model] += 1
+
     def count_submission(self, result: str) -> None:
         with self._lock:
             self.submissions[result] += 1
@@ -76,7 +81,7 @@ class Metrics:
             return {k: h[-2] / h[-1] for k, h in self._stages.items() if h[-1]}
 
     def render(self, *, states: dict[str, int], queue_depth: int, max_queue: int, models: dict[str, str],
-               stored_bytes: int, max_disk: int, uptime_s: float) -> str:
+               stored_bytes: int, max_disk: int, uptime_s: float, workers: dict | None = None) -> str:
         out: list[str] = []
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -112,6 +117,8 @@ class Metrics:
                [("", stored_bytes)])
         metric("artifex_output_bytes_cap", "gauge", "Disk cap for finished videos (0: none).", [("", max_disk)])
         metric("artifex_uptime_seconds", "gauge", "Seconds since the server started.", [("", round(uptime_s, 3))])
+        if workers is not None:
+            self._render_workers(metric, workers)
         gpus = gpu_stats()
         if gpus:
             series = [
@@ -125,6 +132,38 @@ class Metrics:
                 metric(name, "gauge", help_text,
                        [(_labels(gpu=str(g["index"]), name=g["name"]), g[key]) for g in gpus if g.get(key) is not None])
         return "\n".join(out) + "\n"
+
+
+    def _render_workers(self, metric, view: dict) -> None:
+        """Per-worker series (one worker = one engine: in this process, or a Ray actor) and the executor."""
+        ex = view["executor"]
+        metric("artifex_executor_info", "gauge", "Where engines run (local or ray) and the Ray dashboard address.",
+               [(_labels(kind=ex["kind"], address=ex.get("address") or "", dashboard=ex.get("dashboard") or ""), 1)])
+        with self._lock:
+            restarts = sorted(self.restarts.items())
+        metric("artifex_worker_restarts_total", "counter", "Engines brought up again after their process died.",
+               [(_labels(model=m), n) for m, n in restarts])
+        rows = view["workers"]
+
+        def ids(w: dict, **more) -> str:
+            return _labels(model=w["model"], worker=str(w["index"]), node=w.get("node") or "", **more)
+
+        metric("artifex_worker_ready", "gauge", "1 when the worker's engine is loaded, warmed up and alive.",
+               [(ids(w), 1 if w["status"] == "ready" else 0) for w in rows])
+        metric("artifex_worker_busy", "gauge", "1 while the worker runs a job.",
+               [(ids(w), int(w["busy"])) for w in rows])
+        metric("artifex_worker_jobs_finished", "gauge", "Jobs the worker finished since it started.",
+               [(ids(w), w["jobs_done"]) for w in rows])
+        metric("artifex_worker_rss_bytes", "gauge", "Resident memory of the worker's process.",
+               [(ids(w), w["report"]["rss_bytes"]) for w in rows if w["report"].get("rss_bytes") is not None])
+        metric("artifex_worker_node_load1", "gauge", "One-minute load average of the worker's node.",
+               [(ids(w), w["report"]["loadavg_1m"]) for w in rows if w["report"].get("loadavg_1m") is not None])
+        for key, help_text in (("used_bytes", "GPU memory in use on the worker's GPU (all processes)."),
+                               ("allocated_bytes", "GPU memory held by the worker's tensors."),
+                               ("reserved_bytes", "GPU memory reserved by the worker's caching allocator."),
+                               ("total_bytes", "GPU memory of the worker's GPU.")):
+            metric(f"artifex_worker_gpu_memory_{key}", "gauge", help_text,
+                   [(ids(w, gpu=str(g["index"])), g[key]) for w in rows for g in w["report"].get("gpus", [])])
 
 
 _NVML = {"state": None}  # None: not tried, True: initialised, False: unavailable

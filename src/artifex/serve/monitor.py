@@ -83,6 +83,7 @@ def render(base: str, snap: dict) -> str:
         for model in sorted({m for m, _ in counts}):
             parts = [f"{s} {sums[(m, s)] / c:.2f}" for (m, s), c in sorted(counts.items()) if m == model and c]
             lines.append(f"  {model}: " + "  ".join(parts))
+    lines.extend(_workers(by_label))
     gpus: dict[str, dict] = defaultdict(dict)
     for name in ("artifex_gpu_utilization_percent", "artifex_gpu_memory_used_bytes", "artifex_gpu_memory_total_bytes",
                  "artifex_gpu_temperature_celsius", "artifex_gpu_power_watts"):
@@ -99,6 +100,38 @@ def render(base: str, snap: dict) -> str:
             f"temp {g.get('artifex_gpu_temperature_celsius', 0):.0f} C  "
             f"power {g.get('artifex_gpu_power_watts', 0):.0f} W")
     return "\n".join(lines)
+
+
+def _workers(by_label: dict[str, list[tuple[dict, float]]]) -> list[str]:
+    """Where engines run (this process or Ray actors, the Ray dashboard) and one line per worker."""
+    lines = []
+    for lab, _ in by_label["artifex_executor_info"][:1]:
+        if lab.get("kind") == "ray":
+            dashboard = lab.get("dashboard") or "off"
+            lines.append(f"engines: Ray actors (cluster {lab.get('address')}, dashboard {dashboard})")
+        else:
+            lines.append("engines: in the server's process")
+
+    def key(lab: dict) -> tuple[str, str]:
+        return lab.get("model", ""), lab.get("worker", "")
+
+    values: dict[str, dict[tuple[str, str], float]] = defaultdict(dict)
+    for name in ("artifex_worker_busy", "artifex_worker_jobs_finished", "artifex_worker_rss_bytes",
+                 "artifex_worker_gpu_memory_used_bytes", "artifex_worker_gpu_memory_total_bytes"):
+        for lab, v in by_label[name]:
+            values[name][key(lab)] = values[name].get(key(lab), 0) + v  # GPUs of one worker add up
+    for lab, ready in by_label["artifex_worker_ready"]:
+        k = key(lab)
+        parts = [f"  worker {k[0]}/{k[1]} on {lab.get('node', '?')}: {'ready' if ready else 'not ready'}",
+                 "busy" if values["artifex_worker_busy"].get(k) else "idle",
+                 f"jobs {int(values['artifex_worker_jobs_finished'].get(k, 0))}"]
+        if k in values["artifex_worker_gpu_memory_used_bytes"]:
+            parts.append(f"GPU mem {values['artifex_worker_gpu_memory_used_bytes'][k] / 2**30:.1f}/"
+                         f"{values['artifex_worker_gpu_memory_total_bytes'].get(k, 0) / 2**30:.1f} GiB")
+        if k in values["artifex_worker_rss_bytes"]:
+            parts.append(f"RSS {values['artifex_worker_rss_bytes'][k] / 2**30:.1f} GiB")
+        lines.append("  ".join(parts))
+    return lines
 
 
 def run(base: str, token: str | None, interval: float, once: bool, out=sys.stdout) -> int:

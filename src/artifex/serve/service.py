@@ -1,7 +1,8 @@
 """The server's state and its operations, independent of HTTP: submit, view, cancel, delete, evict.
 
-``Service`` owns the job store, the live progress, the metrics and one ``ModelWorker``
-per served model. The FastAPI app (app.py) is a thin layer of routes over it.
+``Service`` owns the job store, the live progress, the metrics, the executor (engines in
+this process, or Ray actors) and a ``ModelPool`` of workers per served model. The FastAPI
+app (app.py) is a thin layer of routes over it.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from artifex.serve.inputs import ApiError, Submission, check_image
 from artifex.serve.jobs import ACTIVE, Job, JobStore, QueueFull
 from artifex.serve.metrics import Metrics
 from artifex.serve.settings import ServeSettings
-from artifex.serve.worker import LiveProgress, ModelWorker
+from artifex.serve.worker import LiveProgress, LocalExecutor, ModelPool, ModelWorker
 
 log = logging.getLogger("artifex.serve")
 
 
 class Service:
-    def __init__(self, settings: ServeSettings, config: OptimizationConfig, token: str | None):
+    def __init__(self, settings: ServeSettings, config: OptimizationConfig, token: str | None, executor=None):
+        """``executor``: where engines run (default ``LocalExecutor``); a ``RayExecutor`` must be started."""
         self.settings, self.config, self.token = settings, config, token
+        self.executor = executor or LocalExecutor()
         self.started = time.time()
         for d in (settings.data_dir, settings.outputs_dir, settings.uploads_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -38,11 +41,14 @@ class Service:
         self.live = LiveProgress()
         self.metrics = Metrics()
         self._upload_lock = threading.Lock()
-        self.workers: dict[str, ModelWorker] = {}
+        self.workers: dict[str, ModelPool] = {}
         for name in settings.models:
             spec = get_model(name)
-            self.workers[spec.name] = ModelWorker(spec.name, settings, config, self.store, self.live, self.metrics,
-                                                  self._job_finished)
+            pool = ModelPool(spec.name, [])
+            for i, runner in enumerate(self.executor.runners(spec.name, settings, config)):
+                pool.workers.append(ModelWorker(spec.name, i, runner, settings, self.store, self.live, self.metrics,
+                                                self._job_finished, others_alive=_besides(pool, i)))
+            self.workers[spec.name] = pool
         self.stopping = False
 
     # -- life ------------------------------------------------------------------------------
@@ -59,6 +65,7 @@ class Service:
         self.stopping = True
         for w in self.workers.values():
             w.stop()
+        self.executor.shutdown()
         self.store.close()
 
     def _sweep_files(self) -> None:
@@ -75,7 +82,13 @@ class Service:
         return {name: w.status for name, w in self.workers.items()}
 
     def ready(self) -> bool:
+        """Every model has a ready worker."""
         return all(w.status == "ready" for w in self.workers.values())
+
+    def workers_view(self) -> dict:
+        """Where the engines run and each worker's state, memory and load (/api/workers, the web page)."""
+        return {"executor": self.executor.info(),
+                "workers": [w.view() for pool in self.workers.values() for w in pool.workers]}
 
     # -- submission ------------------------------------------------------------------------
     def fps_of(self, model: str) -> int:
@@ -171,7 +184,8 @@ class Service:
     def retry_after(self, depth: int) -> int:
         means = [m for m in (self.metrics.mean_job_seconds(n) for n in self.workers) if m]
         per_job = sum(means) / len(means) if means else 5.0
-        return int(min(3600, max(1, math.ceil(per_job * depth / max(1, len(self.workers))))))
+        engines = sum(len(pool.workers) for pool in self.workers.values())
+        return int(min(3600, max(1, math.ceil(per_job * depth / max(1, engines)))))
 
     # -- one job -----------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
@@ -303,7 +317,12 @@ class Service:
         return self.metrics.render(states=self.store.counts(), queue_depth=self.store.queue_depth(),
                                    max_queue=self.settings.max_queue, models=self.models_status(),
                                    stored_bytes=self.store.stored_bytes(), max_disk=self.settings.max_disk,
-                                   uptime_s=time.time() - self.started)
+                                   uptime_s=time.time() - self.started, workers=self.workers_view())
+
+
+def _besides(pool: ModelPool, index: int):
+    """Whether a worker of ``pool`` other than number ``index`` may still run the model's jobs."""
+    return lambda: pool.alive_besides(pool.workers[index])
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

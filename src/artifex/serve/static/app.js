@@ -57,7 +57,9 @@ async function start() {
   $("token-box").hidden = true;
   $("app").hidden = false;
   refreshQueue();
+  refreshWorkers();
   setInterval(refreshQueue, 2000);
+  setInterval(refreshWorkers, 3000);
   setInterval(refreshReady, 3000);
   refreshReady();
 }
@@ -245,6 +247,40 @@ async function refreshQueue() {
     }
     tr.className = "clickable";
     tr.addEventListener("click", () => watch(job));
+    body.appendChild(tr);
+  }
+}
+
+function gib(bytes) { return (bytes / 2 ** 30).toFixed(1); }
+
+// Where the engines run (this process, or Ray actors) and each one's state, GPU memory and load.
+async function refreshWorkers() {
+  let data;
+  try {
+    data = await (await api("/api/workers")).json();
+  } catch (err) {
+    return;
+  }
+  const ex = data.executor;
+  const text = ex.kind === "ray" ? "Ray cluster " + (ex.address || "") + " · " + ex.nodes + " node(s) · dashboard: " +
+    (ex.dashboard || "not running") : "engines in the server's own process";
+  $("executor").textContent = text;
+  const body = $("workers").querySelector("tbody");
+  body.innerHTML = "";
+  for (const w of data.workers) {
+    const r = w.report || {};
+    const gpus = (r.gpus || []).map((g) => gib(g.used_bytes) + "/" + gib(g.total_bytes) + " GiB" +
+      (g.utilization_percent != null ? " " + g.utilization_percent + "%" : "")).join(", ");
+    const memory = gpus || (r.rss_bytes != null ? "CPU, " + gib(r.rss_bytes) + " GiB resident" : "");
+    const cells = [w.model, String(w.index) + (w.pid ? " (pid " + w.pid + ")" : ""), w.status +
+      (w.restarts ? " · " + w.restarts + " restart(s)" : ""), w.current_job ? w.current_job.slice(0, 14) + "…" : "idle",
+      String(w.jobs_done), w.node || "", memory, r.loadavg_1m != null ? String(r.loadavg_1m) : ""];
+    const tr = document.createElement("tr");
+    for (const c of cells) {
+      const td = document.createElement("td");
+      td.textContent = c;
+      tr.appendChild(td);
+    }
     body.appendChild(tr);
   }
 }
