@@ -165,18 +165,3 @@ def test_fp8_quantization_of_experts_reports_its_error_against_bf16(tiny_checkpo
         assert isinstance(expert.blocks[0].ffn.net[2], Fp8Linear)
         assert isinstance(expert.blocks[0].attn1.to_q, Fp8Linear)
         assert not isinstance(expert.proj_out, Fp8Linear)  # the output head keeps bf16
-
-
-def test_bench_dit_runs_on_a_tiny_model_and_writes_its_report(tmp_path):
-    import json
-
-    from artifex.cli import main
-
-    assert main(["bench", "dit", "--model", "tiny-ti2v", "--iters", "2", "--warmup", "1", "--compile", "off",
-                 "--output-dir", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "dit-cpu.json").read_text())
-    assert {"device", "command", "date", "versions", "summary"} <= set(data)
-    row = data["summary"]["tinyti2v_256x160"]
-    assert row["diffusers_default_s"] > 0 and row["artifex_bf16_s"] > 0
-    assert row["rel_l2_bf16"] < 2e-2  # the same model in bf16, summed differently
-    assert (tmp_path / "dit-cpu.md").read_text().count("artifex_bf16") == 1
