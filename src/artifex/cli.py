@@ -182,8 +182,8 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_dit(args: argparse.Namespace) -> int:
-    from artifex.bench import dit
+def _bench_shape(args: argparse.Namespace) -> tuple[int, int, int]:
+    """A benchmark's (width, height, frames): the flags, else the model's defaults; checked like a request."""
     from artifex.engine.request import check_frames, check_size
 
     spec = get_model(args.model)
@@ -192,6 +192,13 @@ def cmd_bench_dit(args: argparse.Namespace) -> int:
     for warning in check_size(spec, w, h):
         print(f"warning: {warning}")
     check_frames(spec, frames)
+    return w, h, frames
+
+
+def cmd_bench_dit(args: argparse.Namespace) -> int:
+    from artifex.bench import dit
+
+    w, h, frames = _bench_shape(args)
     data = dit.run(args.model, w, h, frames, args.output_dir, args.warmup, args.iters, tuple(args.variants),
                    compile_blocks=None if args.compile is None else args.compile == "on")
     _table([("variant", "s/forward", "TFLOP/s", "% peak", "peak GiB", "rel L2")] + [
@@ -204,14 +211,9 @@ def cmd_bench_dit(args: argparse.Namespace) -> int:
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from artifex.bench import pipeline
-    from artifex.engine.request import check_frames, check_size
 
-    spec = get_model(args.model)
-    w, h = args.size or spec.sizes[0]
-    for warning in check_size(spec, w, h):
-        print(f"warning: {warning}")
-    check_frames(spec, args.frames or spec.frames)
-    data = pipeline.run(args.model, args.output_dir, args.configs, args.diffusers, args.steps, w, h, args.frames,
+    w, h, frames = _bench_shape(args)
+    data = pipeline.run(args.model, args.output_dir, args.configs, args.diffusers, args.steps, w, h, frames,
                         args.checkpoint, args.profile, append=args.append)
     print(json.dumps(data["summary"], indent=2))
     print("\n".join(data.get("files", [])))

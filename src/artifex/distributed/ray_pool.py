@@ -38,6 +38,7 @@ from pathlib import Path
 from artifex.config import OptimizationConfig
 from artifex.distributed.cluster import import_ray, use_cluster_token
 from artifex.errors import ArtifexError, GenerationCancelled, InvalidRequestError
+from artifex.serve.service import write_atomic
 from artifex.serve.settings import ServeSettings
 from artifex.serve.worker import ProgressFn, WorkerLost, process_report, run_generation, warm_up_engine
 
@@ -393,7 +394,7 @@ class RayRunner:
         if files is not None:  # from another node: the server writes them into its data directory
             targets = {"video": output, "sidecar": output.with_suffix(".json")}
             for key, data in files.items():
-                _write_atomic(targets[key], data)
+                write_atomic(targets[key], data)
                 outcome[key] = str(targets[key])
         return outcome
 
@@ -420,12 +421,3 @@ class RayRunner:
             except Exception:  # already dead, or the cluster is gone
                 pass
             self.actor = None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -125,7 +125,7 @@ class Service:
             if image_name:
                 image_path = s.uploads_dir / image_name
                 if not image_path.exists():
-                    _write_atomic(image_path, sub.image)
+                    write_atomic(image_path, sub.image)
             try:
                 job, created = self._validate_and_store(fields, image_path, image_name, image_sha, sub.api,
                                                         image_field)
@@ -325,7 +325,8 @@ def _besides(pool: ModelPool, index: int):
     return lambda: pool.alive_besides(pool.workers[index])
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a synced temporary file and a rename: the file is whole or absent."""
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "wb") as f:
         f.write(data)
