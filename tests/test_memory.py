@@ -192,3 +192,13 @@ def test_oom_step_down_can_be_turned_off(tmp_path):
         eng.generate(GenerationRequest(model="tiny-t2v-moe", prompt="x", seed=1, steps=2, frames=5,
                                        output=str(tmp_path / "v.mp4")))
     assert eng.placement.tier == "resident"
+
+
+def test_a_bf16_vae_halves_the_planned_decode_activations():
+    from artifex.engine.memory import activations
+
+    spec = get_model("ti2v-5b")
+    fp32 = activations(spec, 1280, 704, 121, 1, False, False)["decode"]
+    bf16 = activations(spec, 1280, 704, 121, 1, False, False, vae_precision="bf16")["decode"]
+    video = 3 * 121 * 1280 * 704 * 5
+    assert abs((bf16 - video) * 2 - (fp32 - video)) <= 2

@@ -235,10 +235,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     chosen, error, tiled = None, None, args.vae_tiling
     try:
         chosen, tiled, ests, _ = plan_memory(spec, weights, width, height, frames, args.cfg_batch, args.vae_tiling,
-                                             False, budget)
+                                             False, budget, vae_precision=args.vae_precision)
     except InvalidRequestError as e:
         error = str(e)
-        ests = plan_memory(spec, weights, width, height, frames, args.cfg_batch, True, False, None)[2]
+        ests = plan_memory(spec, weights, width, height, frames, args.cfg_batch, True, False, None,
+                           vae_precision=args.vae_precision)[2]
         tiled = True
     chosen = chosen if budget is not None else None
     if args.json:
@@ -415,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     pl.add_argument("--fp8-weights", action="store_true")
     pl.add_argument("--vae-tiling", action="store_true")
+    pl.add_argument("--vae-precision", default="fp32", choices=["fp32", "bf16"])
     pl.add_argument("--cfg-batch", type=int, default=1, choices=[1, 2])
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)

@@ -369,9 +369,10 @@ class Engine:
     def _fit_memory(self, spec: ModelSpec, s: Settings, per_token_timesteps: bool) -> dict:
         """Plan memory for this request: the fastest tier within the budget, moved to before any work."""
         budget = memory_budget(self.config, self.device)
+        per_token_timesteps = per_token_timesteps and not self.plan.fast_dit  # Artifex's DiT embeds distinct ones
         tier, tiling, ests, reasons = plan_memory(spec, self.weights, s.width, s.height, s.frames, self.plan.cfg_batch,
                                                   self.plan.vae_tiling, per_token_timesteps, budget,
-                                                  requested_tier(self.config))
+                                                  requested_tier(self.config), self.plan.vae_precision)
         info = {"budget_gib": round(budget / 2**30, 2) if budget else None, "step_downs": [],
                 "predicted": {e.tier: round(e.peak_gib, 2) for e in ests}}
         for r in reasons:
