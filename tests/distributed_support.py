@@ -69,7 +69,8 @@ def worker(rank: int, world: int, port: int, cases: list[dict], outdir: str, hom
             finally:
                 runner.remove()
             torch.save({"latents": result.latents, "video": str(result.video_path) if result.video_path else None,
-                        "seed": result.settings.seed, "shard": shard}, Path(outdir) / f"case{i}-rank{rank}.pt")
+                        "seed": result.settings.seed, "shard": shard, "attention_shape": list(result.attention.shape)},
+                       Path(outdir) / f"case{i}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -90,6 +90,8 @@ def test_two_processes_cfg_parallel_and_ulysses_match_one_process(tmp_path, arti
     errors = [check_case(r, ref) for r, ref in zip(results, refs)]
     print("relative L2 vs one process:", errors)
     assert [r[0]["shard"] for r in results] == [None, [60, 60], [40, 40], None]
+    # each rank chose its attention kernel for the call it makes: one pass (CFG-parallel), 1 of 2 heads (Ulysses)
+    assert [r[0]["attention_shape"][0::2] for r in results] == [[1, 2], [1, 1], [1, 1], [1, 2]]
 
 
 def test_four_processes_cfg2_x_ulysses2_and_ulysses4_match_one_process(tmp_path, artifex_home):

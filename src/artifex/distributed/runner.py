@@ -38,8 +38,10 @@ class ParallelRunner:
         if self.layout.ulysses > 1:
             shard = SequenceShard(groups.ulysses_group, groups.ulysses_ranks)
             self.ulysses = UlyssesHooks(engine.c.experts, engine.attention, shard)
+            engine.attention_heads_divisor = self.layout.ulysses  # the kernel is timed on the shape ranks run
         if self.layout.cfg > 1:
             engine.predict = CfgParallelPredict(groups.cfg_group, groups.cfg_ranks, groups.cfg_rank)
+            engine.attention_batch = 1
         engine.writes_output = groups.writes_output
         engine.oom_step_down = False  # one rank re-placing models alone would leave the others in a collective
 
@@ -69,6 +71,7 @@ class ParallelRunner:
             install(self.engine.c.experts, self.engine.attention)
             self.ulysses = None
         self.engine.predict = self.engine._predict
+        self.engine.attention_heads_divisor, self.engine.attention_batch = 1, None
         self.engine.writes_output = True
         self.engine.oom_step_down = True
 

@@ -124,6 +124,10 @@ class Engine:
         # An OOM step-down re-places models on this process alone; a parallel layout turns it off (the other
         # ranks would wait in a collective while this one moves models).
         self.oom_step_down = True
+        # What one self-attention call looks like on this process, for choosing its kernel: a parallel layout
+        # sets these (Ulysses: every token, heads / degree; CFG-parallel: one pass per rank).
+        self.attention_heads_divisor = 1
+        self.attention_batch: int | None = None
         self._pair_memo: tuple | None = None
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         check_fp8(config.fp8, self.device)
@@ -301,9 +305,10 @@ class Engine:
 
             # 3. Denoise: flow-matching UniPC, the MoE switch at the boundary, CFG per expert.
             arch = spec.transformer
-            batch = self.plan.cfg_batch if any(use_cfg) else 1
+            batch = self.attention_batch or (self.plan.cfg_batch if any(use_cfg) else 1)
             tokens = spec.tokens(s.width, s.height, s.frames)
-            attention = self.attention.prepare((batch, tokens, arch.heads, arch.head_dim), self.dtype, self.device)
+            heads = arch.heads // self.attention_heads_divisor
+            attention = self.attention.prepare((batch, tokens, heads, arch.head_dim), self.dtype, self.device)
             noise0 = latents
 
             def denoise():
