@@ -148,3 +148,14 @@ def test_artifex_batch_refuses_bad_input(tmp_path, capsys):
     assert main(["batch", "--model", "tiny-ti2v", "--prompt", "a", "--expert-pipeline", "--steps", "2",
                  "--frames", "5"]) == 2
     assert "tiny-ti2v has 1 expert" in capsys.readouterr().err
+
+
+def test_batch_leaves_the_generate_and_launch_flags_alone():
+    from artifex.cli import build_parser
+
+    parser = build_parser()
+    for command in ("generate", "launch"):
+        args = parser.parse_args([command, "--model", "tiny-t2v-moe", "--prompt", "p", "--output", "o.mp4"])
+        assert args.prompt == "p" and str(args.output) == "o.mp4"
+    args = parser.parse_args(["batch", "--model", "tiny-t2v-moe", "--prompt", "a", "--prompt", "b"])
+    assert args.prompt == ["a", "b"] and args.func.__name__ == "cmd_batch"

@@ -200,6 +200,9 @@ class ExpertPipeline:
                 for t in threads:
                     t.join()
                 raise
+        for index, result in enumerate(results):  # a stage thread that stopped early (e.g. its device failed)
+            if result is None and index not in errors:
+                errors[index] = RuntimeError("the job did not finish: a stage thread stopped before it")
         if errors:
             raise ExpertPipelineError(errors, results)
         return results  # type: ignore[return-value]
@@ -267,8 +270,10 @@ VAE decode. A failed job does not stop the others; the exit status is 1 if any f
 def add_commands(sub) -> None:
     """Register ``artifex batch`` (after ``generate``, whose flags it shares)."""
     import argparse
+    import copy
 
-    p = sub.add_parser("batch", parents=[sub.choices["generate"]], conflict_handler="resolve",
+    # A copy of generate's parser: resolving the conflicting --prompt/--output would edit its (shared) actions.
+    p = sub.add_parser("batch", parents=[copy.deepcopy(sub.choices["generate"])], conflict_handler="resolve",
                        help="one video per prompt; --expert-pipeline pipelines A14B jobs over two devices",
                        description=BATCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     prompts = p.add_mutually_exclusive_group(required=True)
