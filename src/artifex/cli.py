@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     from artifex.distributed.cluster import add_commands as add_cluster_commands  # cluster start|status|stop (Ray)
 
     add_cluster_commands(sub)
+    from artifex.distributed.experts import add_commands as add_batch_command  # batch (--expert-pipeline)
+
+    add_batch_command(sub)
     return parser
 
 

@@ -42,7 +42,8 @@ log = logging.getLogger("artifex")
 
 @dataclass
 class ProgressEvent:
-    """One step of progress. ``stage`` is one of load, encode_text, encode_image, denoise, decode, write, done."""
+    """One step of progress. ``stage`` is one of load, encode_text, encode_image, denoise, handoff, decode, write,
+    done (handoff: a pipelined job moves to its second device). ``job``: the request's index in a batch."""
 
     stage: str
     step: int
@@ -50,6 +51,7 @@ class ProgressEvent:
     elapsed_s: float
     timestep: float | None = None
     expert: int | None = None
+    job: int | None = None
 
 
 EventCallback = Callable[[ProgressEvent], None]
@@ -69,6 +71,48 @@ class GenerationResult:
     memory: dict  # tier used, the planner's prediction, OOM step-downs
     latents: torch.Tensor = field(repr=False)  # final latents, CPU float32
     sidecar: dict = field(repr=False, default_factory=dict)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through the engine's stages (``Engine.prepare`` .. ``Engine.finish``): what a stage
+    hands the next, on this device or, moved, on another (``artifex.distributed.experts``)."""
+
+    request: GenerationRequest
+    spec: ModelSpec
+    settings: Settings
+    image: Image.Image | None
+    emit: EventCallback
+    device: torch.device  # where the job's tensors are
+    t0: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+    sidecar_extra: dict = field(default_factory=dict)  # keys a layout adds to the sidecar
+    # 1. text
+    use_cfg: list[bool] = field(default_factory=list)  # per expert
+    cond: torch.Tensor | None = None  # (1, text_len, text_dim)
+    uncond: torch.Tensor | None = None  # (1, text_len, text_dim), or empty without CFG
+    # 2. latents
+    noise: torch.Tensor | None = None  # the seeded start (1, z, T', H', W')
+    condition: torch.Tensor | None = None  # TI2V: the encoded image; I2V: mask + encoded video
+    frame_mask: torch.Tensor | None = None  # TI2V with an image: 0 where the image holds the frame
+    # 3. denoising
+    scheduler: object = None  # UniPC with its multistep state
+    experts: list[int] = field(default_factory=list)  # the expert of each step
+    step: int = 0  # steps done
+    latents: torch.Tensor | None = None
+    attention_shape: tuple[int, int, int, int] | None = None
+    attention: Choice | None = None
+    _last: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def mark(self, name: str) -> None:
+        """Record the time since the last mark (or the start) as stage ``name``."""
+        now = time.perf_counter()
+        self.timings[name] = round(now - (self._last or self.t0), 4)
+        self._last = now
 
 
 def expert_schedule(timesteps: torch.Tensor, boundary: float | None, num_train_timesteps: int) -> list[int]:
@@ -128,7 +172,7 @@ class Engine:
         # sets these (Ulysses: every token, heads / degree; CFG-parallel: one pass per rank).
         self.attention_heads_divisor = 1
         self.attention_batch: int | None = None
-        self._pair_memo: tuple | None = None
+        self._pair_memo: dict[int, tuple] = {}  # per expert (id): cond and uncond as one batch
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         check_fp8(config.fp8, self.device)
         self.fp8_report = quantize_experts(spec, components.experts, self.device, self.dtype) \
@@ -206,10 +250,10 @@ class Engine:
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """VAE-encode pixels (1, 3, F, H, W) in [-1, 1] to normalized latents (mode of the posterior)."""
-        with self.placement.vae() as vae:
-            z = vae.encode(video.to(self.device, vae.dtype)).latent_dist.mode().float()
+        with self.placement.vae() as vae:  # the VAE's device: the engine's, or another in a two-device layout
+            z = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mode().float()
         mean, std = self._latent_stats(z)
-        return (z - mean) / std
+        return ((z - mean) / std).to(self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -235,8 +279,9 @@ class Engine:
         Returns the seconds spent finishing the file after the last pixels were decoded."""
         out = Mp4Stream(path, fps, background=True)
         try:
-            for pixels in self.decode_chunks(latents):
-                out.add(to_uint8_frames(pixels))
+            with contextlib.closing(self.decode_chunks(latents)) as chunks:  # the VAE is released even on an error
+                for pixels in chunks:
+                    out.add(to_uint8_frames(pixels))
             decoded = time.perf_counter()
             out.close()
         except BaseException:
@@ -262,114 +307,135 @@ class Engine:
     @torch.no_grad()
     def generate(self, request: GenerationRequest, on_event: EventCallback | None = None,
                  output_dir: str | Path | None = None) -> GenerationResult:
-        spec = self.spec
-        if get_model(request.model) is not spec:
-            raise ValueError(f"this engine runs {spec.name}, the request asks for {request.model}")
+        job = self.prepare(request, on_event)
+        job.memory = self._fit_memory(job.spec, job.settings, job.image is not None)
+        reset_peak_memory(self.device)
+        with _matmul_precision(self.plan.tf32):
+            # 1. Text embeddings and 2. seeded noise (1, z, T', H', W') with the image condition, if any.
+            self.encode(job)
+
+            # 3. Denoise every step: flow-matching UniPC, the MoE switch at the boundary, CFG per expert
+            #    (after an OOM step-down, again from the noise).
+            def denoise():
+                self.start_denoising(job)
+                self.denoise(job)
+
+            self._stepping_down("denoise", denoise, job.memory)
+            if job.frame_mask is not None:  # TI2V: the frames given by the image stay the encoded image
+                job.latents = (1 - job.frame_mask) * job.condition + job.frame_mask * job.latents
+            job.mark("denoise")
+            if not self.writes_output:  # another rank of a parallel group decodes and writes
+                return self._result(job, None)
+
+            # 4. Decode to pixels and 5. write the mp4 and its sidecar.
+            return self.finish(job, output_dir)
+
+    # -- the stages of a generation, also called one by one (artifex.distributed.experts) ----------
+    def prepare(self, request: GenerationRequest, on_event: EventCallback | None = None) -> Job:
+        """Check and resolve ``request``: the job the stages below carry forward."""
+        if get_model(request.model) is not self.spec:
+            raise ValueError(f"this engine runs {self.spec.name}, the request asks for {request.model}")
         spec, s, image = resolve_request(request)
         for w in s.warnings:
             log.warning(w)
-        emit = on_event or (lambda e: None)
-        t0 = time.perf_counter()
-        timings: dict[str, float] = {}
-        memory = self._fit_memory(spec, s, image is not None)
-        reset_peak_memory(self.device)
+        return Job(request=request, spec=spec, settings=s, image=image, emit=on_event or (lambda e: None),
+                   device=self.device)
 
-        def stage_done(name: str, since: float) -> float:
-            now = time.perf_counter()
-            timings[name] = round(now - since, 4)
-            return now
+    @torch.no_grad()
+    def encode(self, job: Job) -> None:
+        """1. The prompt embeddings and 2. the starting latents and image condition of ``job``."""
+        s, spec, emit = job.settings, job.spec, job.emit
+        # 1. Text: conditional and (if any expert uses CFG) unconditional embeddings.
+        emit(ProgressEvent("encode_text", 0, 1, job.elapsed()))
+        job.use_cfg = [g > 1.0 for g in s.guidance]
+        prompts = [s.prompt] + ([s.negative_prompt] if any(job.use_cfg) else [])
+        embeds = self.encode_text(prompts)  # (1 or 2, text_len, text_dim)
+        job.cond, job.uncond = embeds[:1], embeds[1:2]
+        job.mark("encode_text")
 
-        with _matmul_precision(self.plan.tf32):
-            # 1. Text: conditional and (if any expert uses CFG) unconditional embeddings.
-            emit(ProgressEvent("encode_text", 0, 1, 0.0))
-            use_cfg = [g > 1.0 for g in s.guidance]
-            prompts = [s.prompt] + ([s.negative_prompt] if any(use_cfg) else [])
-            embeds = self.encode_text(prompts)  # (1 or 2, text_len, text_dim)
-            cond, uncond = embeds[:1], embeds[1:2]
-            t = stage_done("encode_text", t0)
+        # 2. Latents: seeded noise (1, z, T', H', W') and the image condition, if any.
+        job.noise = initial_noise(spec, s).to(self.device)
+        if job.image is not None:
+            emit(ProgressEvent("encode_image", 0, 1, job.elapsed()))
+            pixels = image_to_tensor(job.image, s.width, s.height).unsqueeze(2)  # (1, 3, 1, H, W)
+            if spec.expand_timesteps:  # TI2V: the image is the first latent frame
+                job.condition = self.encode_video(pixels)
+                job.frame_mask = torch.ones_like(job.noise[:, :1])
+                job.frame_mask[:, :, 0] = 0  # 0 where the image holds the frame
+            else:  # I2V: mask channels + the encoded [image, black frames...] video
+                video = torch.cat([pixels, pixels.new_zeros(1, 3, s.frames - 1, s.height, s.width)], dim=2)
+                job.condition = torch.cat([self._i2v_mask(job.noise), self.encode_video(video)], dim=1)
+            job.mark("encode_image")
 
-            # 2. Latents: seeded noise (1, z, T', H', W') and the image condition, if any.
-            latents = initial_noise(spec, s).to(self.device)
-            condition = frame_mask = None
-            if image is not None:
-                emit(ProgressEvent("encode_image", 0, 1, time.perf_counter() - t0))
-                pixels = image_to_tensor(image, s.width, s.height).unsqueeze(2)  # (1, 3, 1, H, W)
-                if spec.expand_timesteps:  # TI2V: the image is the first latent frame
-                    condition = self.encode_video(pixels)
-                    frame_mask = torch.ones_like(latents[:, :1])
-                    frame_mask[:, :, 0] = 0  # 0 where the image holds the frame
-                else:  # I2V: mask channels + the encoded [image, black frames...] video
-                    video = torch.cat([pixels, pixels.new_zeros(1, 3, s.frames - 1, s.height, s.width)], dim=2)
-                    condition = torch.cat([self._i2v_mask(latents), self.encode_video(video)], dim=1)
-                t = stage_done("encode_image", t)
+    def start_denoising(self, job: Job) -> None:
+        """A fresh scheduler and the expert of each step; the latents back to the noise; the attention backend."""
+        s, arch = job.settings, job.spec.transformer
+        job.scheduler = self.make_scheduler(s.shift)
+        job.scheduler.set_timesteps(s.steps, device=self.device)
+        job.experts = expert_schedule(job.scheduler.timesteps, self.c.info.boundary_ratio,
+                                      job.scheduler.config.num_train_timesteps)
+        job.latents, job.step = job.noise, 0
+        batch = self.attention_batch or (self.plan.cfg_batch if any(job.use_cfg) else 1)
+        heads = arch.heads // self.attention_heads_divisor
+        job.attention_shape = (batch, job.spec.tokens(s.width, s.height, s.frames), heads, arch.head_dim)
+        job.attention = self.attention.prepare(job.attention_shape, self.dtype, self.device)
 
-            # 3. Denoise: flow-matching UniPC, the MoE switch at the boundary, CFG per expert.
-            arch = spec.transformer
-            batch = self.attention_batch or (self.plan.cfg_batch if any(use_cfg) else 1)
-            tokens = spec.tokens(s.width, s.height, s.frames)
-            heads = arch.heads // self.attention_heads_divisor
-            attention = self.attention.prepare((batch, tokens, heads, arch.head_dim), self.dtype, self.device)
-            noise0 = latents
+    @torch.no_grad()
+    def denoise(self, job: Job, until: int | None = None) -> None:
+        """Steps ``job.step`` up to ``until`` (default: the last) of ``job``'s scheduler; the MoE switch at the
+        boundary (``expert_schedule``), CFG per expert. The DiT caches of the experts these steps use are
+        cleared at the end (they hold this request's tensors)."""
+        s, timesteps = job.settings, job.scheduler.timesteps
+        steps = range(job.step, len(timesteps) if until is None else until)
+        try:
+            for i in steps:
+                ts, expert = timesteps[i], job.experts[i]  # expert 0 while t >= boundary * 1000, then 1
+                self.placement.activate_expert(expert)  # a no-op unless the expert changes and must be moved
+                x = job.latents
+                if job.frame_mask is not None:
+                    x = (1 - job.frame_mask) * job.condition + job.frame_mask * job.latents
+                elif job.condition is not None:
+                    x = torch.cat([job.latents, job.condition], dim=1)
+                timestep = self._timestep(ts, job.frame_mask, job.latents)
+                noise = self.predict(self.c.experts[expert], x.to(self.dtype), timestep, job.cond, job.uncond,
+                                     s.guidance[expert] if job.use_cfg[expert] else None)
+                job.latents = job.scheduler.step(noise, ts, job.latents, return_dict=False)[0]
+                job.step = i + 1
+                job.emit(ProgressEvent("denoise", i + 1, len(timesteps), job.elapsed(), timestep=float(ts),
+                                       expert=expert))
+        finally:
+            for expert in sorted({job.experts[i] for i in steps}):
+                self._pair_memo.pop(id(self.c.experts[expert]), None)
+                clear_caches(self.c.experts[expert])
 
-            def denoise():
-                try:
-                    return self._denoise(s, noise0, condition, frame_mask, cond, uncond, use_cfg, emit, t0)
-                finally:  # the DiT's per-request caches (text K/V) hold this request's tensors
-                    self._pair_memo = None
-                    for expert in self.c.experts:
-                        clear_caches(expert)
-
-            latents, experts = self._stepping_down("denoise", denoise, memory)
-            if frame_mask is not None:
-                latents = (1 - frame_mask) * condition + frame_mask * latents
-            t = stage_done("denoise", t)
-            switch = experts.index(1) if 1 in experts else None
-            if not self.writes_output:  # another rank of a parallel group decodes and writes
-                return GenerationResult(
-                    video_path=None, sidecar_path=None, settings=s, plan=self.plan, timings=timings,
-                    peak_memory=peak_memory(self.device), experts_per_step=experts, switch_step=switch,
-                    attention=attention, memory=memory, latents=latents.float().cpu())
-
-            # 4. Decode to pixels and 5. write the mp4: each decoded chunk goes to the encoder thread at once.
-            emit(ProgressEvent("decode", 0, 1, time.perf_counter() - t0))
-            self.placement.park_experts()
-            video_path = Path(s.output) if s.output else _default_output(output_dir, spec.name, s.seed)
-            finish = self._stepping_down("decode", lambda: self.decode_to_mp4(latents, video_path, s.fps), memory)
-            timings["decode"] = round(time.perf_counter() - t - finish, 4)  # decode, with the encoder overlapping
-            timings["write"] = round(finish, 4)  # what was left to encode after the last frame decoded
-            emit(ProgressEvent("write", 1, 1, time.perf_counter() - t0))
-        timings["total"] = round(time.perf_counter() - t0, 4)
-        result = GenerationResult(
-            video_path=video_path, sidecar_path=video_path.with_suffix(".json"), settings=s, plan=self.plan,
-            timings=timings, peak_memory=peak_memory(self.device), experts_per_step=experts, switch_step=switch,
-            attention=attention, memory=memory, latents=latents.float().cpu(),
-        )
-        result.sidecar = self._sidecar(request, result)
+    @torch.no_grad()
+    def finish(self, job: Job, output_dir: str | Path | None = None) -> GenerationResult:
+        """4. Decode ``job``'s latents and 5. write the mp4 (each decoded chunk goes to the encoder thread at once),
+        then the sidecar."""
+        s = job.settings
+        job.emit(ProgressEvent("decode", 0, 1, job.elapsed()))
+        self.placement.park_experts()
+        video_path = Path(s.output) if s.output else _default_output(output_dir, job.spec.name, s.seed)
+        start = time.perf_counter()
+        finish = self._stepping_down("decode", lambda: self.decode_to_mp4(job.latents, video_path, s.fps),
+                                     job.memory)
+        job.timings["decode"] = round(time.perf_counter() - start - finish, 4)  # with the encoder overlapping
+        job.timings["write"] = round(finish, 4)  # what was left to encode after the last frame decoded
+        job.emit(ProgressEvent("write", 1, 1, job.elapsed()))
+        job.timings["total"] = round(job.elapsed(), 4)
+        result = self._result(job, video_path)
+        result.sidecar = {**self._sidecar(job.request, result), **job.sidecar_extra}
         _write_json(result.sidecar_path, result.sidecar)
-        emit(ProgressEvent("done", 1, 1, timings["total"]))
+        job.emit(ProgressEvent("done", 1, 1, job.timings["total"]))
         return result
 
-    def _denoise(self, s: Settings, latents, condition, frame_mask, cond, uncond, use_cfg, emit, t0):
-        """Flow-matching UniPC from ``latents``; the MoE switch at the boundary; CFG per expert."""
-        scheduler = self.make_scheduler(s.shift)
-        scheduler.set_timesteps(s.steps, device=self.device)
-        timesteps = scheduler.timesteps
-        experts = expert_schedule(timesteps, self.c.info.boundary_ratio, scheduler.config.num_train_timesteps)
-        for i, ts in enumerate(timesteps):
-            expert = experts[i]
-            self.placement.activate_expert(expert)  # a no-op unless the expert changes and must be moved
-            x = latents
-            if frame_mask is not None:
-                x = (1 - frame_mask) * condition + frame_mask * latents
-            elif condition is not None:
-                x = torch.cat([latents, condition], dim=1)
-            timestep = self._timestep(ts, frame_mask, latents)
-            noise = self.predict(self.c.experts[expert], x.to(self.dtype), timestep, cond, uncond,
-                                 s.guidance[expert] if use_cfg[expert] else None)
-            latents = scheduler.step(noise, ts, latents, return_dict=False)[0]
-            emit(ProgressEvent("denoise", i + 1, len(timesteps), time.perf_counter() - t0,
-                               timestep=float(ts), expert=expert))
-        return latents, experts
+    def _result(self, job: Job, video_path: Path | None) -> GenerationResult:
+        switch = job.experts.index(1) if 1 in job.experts else None
+        return GenerationResult(
+            video_path=video_path, sidecar_path=video_path.with_suffix(".json") if video_path else None,
+            settings=job.settings, plan=self.plan, timings=job.timings, peak_memory=peak_memory(job.device),
+            experts_per_step=job.experts, switch_step=switch, attention=job.attention, memory=job.memory,
+            latents=job.latents.float().cpu())
 
     def _fit_memory(self, spec: ModelSpec, s: Settings, per_token_timesteps: bool) -> dict:
         """Plan memory for this request: the fastest tier within the budget, moved to before any work."""
@@ -438,18 +504,20 @@ class Engine:
             return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0].float()
         if self.plan.cfg_batch == 2:
             both = model(hidden_states=torch.cat([x, x]), timestep=torch.cat([timestep, timestep]),
-                         encoder_hidden_states=self._pair(cond, uncond), return_dict=False)[0].float()
+                         encoder_hidden_states=self._pair(model, cond, uncond), return_dict=False)[0].float()
             pos, neg = both.chunk(2)
         else:
             pos = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0].float()
             neg = model(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False)[0].float()
         return neg + guidance * (pos - neg)
 
-    def _pair(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """cond and uncond as one batch, the same tensor for every step of a request (the DiT caches per tensor)."""
-        if self._pair_memo is None or self._pair_memo[0] is not cond or self._pair_memo[1] is not uncond:
-            self._pair_memo = (cond, uncond, torch.cat([cond, uncond]))
-        return self._pair_memo[2]
+    def _pair(self, model, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        """cond and uncond as one batch, the same tensor for every step of a request (the DiT caches per tensor);
+        kept per expert, like the DiT's caches."""
+        memo = self._pair_memo.get(id(model))
+        if memo is None or memo[0] is not cond or memo[1] is not uncond:
+            memo = self._pair_memo[id(model)] = (cond, uncond, torch.cat([cond, uncond]))
+        return memo[2]
 
     def _sidecar(self, request: GenerationRequest, r: GenerationResult) -> dict:
         _, t, h, w = self.spec.latent_shape(r.settings.width, r.settings.height, r.settings.frames)

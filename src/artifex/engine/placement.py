@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 import torch
 
@@ -43,6 +44,9 @@ class Placement:
         self.fp8_weights, self.compute_dtype = fp8_weights, compute_dtype
         self._fp8_applied = False
         self.active_expert: int | None = None
+        # The VAE keeps per-call state on its modules (diffusers' causal-conv feature caches): one caller at a time,
+        # should two threads share it (artifex.distributed.experts: an I2V image encode beside a decode).
+        self._vae_lock = threading.RLock()
 
     def apply(self) -> None:
         c, tier, dev = self.c, self.tier, self.device
@@ -115,7 +119,8 @@ class Placement:
 
     @contextlib.contextmanager
     def vae(self):
-        yield from self._while_used(self.c.vae, self.tier in _ON_DEMAND_VAE)
+        with self._vae_lock:
+            yield from self._while_used(self.c.vae, self.tier in _ON_DEMAND_VAE)
 
     def _while_used(self, module: torch.nn.Module, on_demand: bool):
         if not on_demand:
