@@ -57,7 +57,10 @@ def test_three_jobs_pipelined_give_the_one_by_one_latents_and_overlap(engine, tm
     for r, p in zip(results, plain):
         assert torch.equal(r.latents, p.latents)  # exact: the same computation, split over two threads
         assert r.experts_per_step == p.experts_per_step and r.switch_step == p.switch_step
-        assert np.array_equal(frames_of(r.video_path), frames_of(p.video_path))
+        # the VAE decode may run beside the other stage's compute: CPU kernels may then sum in another order,
+        # so a pixel may round to the next 8-bit level (H.264 then spreads it); the latents above are exact.
+        a, b = frames_of(r.video_path).astype(int), frames_of(p.video_path).astype(int)
+        assert np.abs(a - b).mean() < 1.0  # a wrong decode differs by tens of levels
     assert frames_of(results[2].video_path).shape == (5, 96, 160, 3)
 
     # Ordering: job 1 encoded its text and ran a high-noise step before job 0's low-noise steps and decode ended.
