@@ -104,6 +104,9 @@ def test_doctor_reports_backends_and_environment(capsys):
     assert report["backends"]["sdpa"]["available"] is True
     if report["device"]["type"] == "cpu":
         assert "needs CUDA" in report["backends"]["fa3"]["reason"]
+        # the fused DiT kernels say which path runs here and why
+        assert report["kernels"]["qk_norm_rope"]["path"] == "torch"
+        assert report["kernels"]["fp8_gemm"]["path"] == "twin" and "CUDA" in report["kernels"]["fp8_gemm"]["reason"]
 
 
 def test_bench_attention_writes_json_and_markdown(tmp_path, capsys):

@@ -78,6 +78,7 @@ def diagnose(dtype: str = "bf16", run_verification: bool = True, head_dim: int =
         status[name] = entry
     env = read_env()
     return {
+        "kernels": kernels(device, dt),
         "device": device_info(device),
         "driver": _driver(),
         "versions": versions(),
@@ -92,6 +93,18 @@ def diagnose(dtype: str = "bf16", run_verification: bool = True, head_dim: int =
         "artifex_home": str(env.home),
         "advice": _advice(device, status),
     }
+
+
+def kernels(device: torch.device, dtype: torch.dtype) -> dict:
+    """The DiT's fused kernels: which path each takes here, and why (each has a PyTorch twin that always runs)."""
+    from artifex.kernels import fp8
+    from artifex.kernels.qk_norm_rope import decide
+
+    qk = decide(device, dtype)
+    gemm = fp8.decide(device)
+    return {"qk_norm_rope": {"path": qk.path, "reason": qk.reason},
+            "fp8_gemm": {"path": gemm.path, "reason": gemm.reason,
+                         "fp8_mode": "available" if gemm.path == "scaled_mm" else "refused (fp8 = off only)"}}
 
 
 def render(report: dict) -> str:
@@ -115,6 +128,11 @@ def render(report: dict) -> str:
         else:
             state = f"REJECTED   {s['reason']}"
         lines.append(f"  {name:15s} {state}")
+    k = report["kernels"]
+    lines += ["", "DiT kernels:",
+              f"  {'qk_norm_rope':15s} {k['qk_norm_rope']['path']}: {k['qk_norm_rope']['reason']}",
+              f"  {'fp8 GEMMs':15s} {k['fp8_gemm']['path']}: {k['fp8_gemm']['reason']} (config fp8: "
+              f"{k['fp8_gemm']['fp8_mode']})"]
     lines += ["", "environment:"]
     for e in report["environment"]:
         value = e["value"] if e["value"] is not None else "(unset)"
