@@ -202,3 +202,19 @@ def test_a_bf16_vae_halves_the_planned_decode_activations():
     bf16 = activations(spec, 1280, 704, 121, 1, False, False, vae_precision="bf16")["decode"]
     video = 3 * 121 * 1280 * 704 * 5
     assert abs((bf16 - video) * 2 - (fp32 - video)) <= 2
+
+
+def test_vae_tile_size_reaches_the_vae_and_the_planner(engine, tmp_path):
+    from artifex.engine.memory import activations
+
+    eng = engine("tiny-t2v-moe", precision="fp32", vae_tiling=True, vae_tile_size=128)
+    vae = eng.c.vae
+    assert vae.use_tiling and (vae.tile_sample_min_height, vae.tile_sample_stride_height) == (128, 96)
+    r = eng.generate(GenerationRequest(model="tiny-t2v-moe", prompt="a kite", seed=5, steps=2, frames=5,
+                                       output=str(tmp_path / "t.mp4")))
+    assert r.video_path.exists() and r.plan.vae_tiling
+    spec = get_model("t2v-a14b")
+    small, default = (activations(spec, 1280, 720, 81, 1, True, False, vae_tile_size=e)["decode"] for e in (128, 0))
+    assert small < default
+    with pytest.raises(InvalidRequestError, match="vae_tile_size"):
+        OptimizationConfig(vae_tile_size=100)

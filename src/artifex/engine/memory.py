@@ -107,13 +107,15 @@ class Estimate:
 
 
 def activations(spec: ModelSpec, width: int, height: int, frames: int, batch: int, vae_tiling: bool,
-                per_token_timesteps: bool, vae_precision: str = "fp32") -> dict[str, int]:
+                per_token_timesteps: bool, vae_precision: str = "fp32", vae_tile_size: int = 0) -> dict[str, int]:
     a = spec.transformer
     tokens = spec.tokens(width, height, frames)
     dit = batch * tokens * (DIT_BYTES_PER_TOKEN_DIM * a.dim + DIT_BYTES_PER_TOKEN_FFN * a.ffn)
     if per_token_timesteps:  # TI2V with an image: fp32 modulation per token (6 x dim) and its projection
         dit += batch * tokens * 6 * a.dim * 4 * 2
-    pixels = min(width * height, VAE_TILE_PIXELS[spec.vae.kind]) if vae_tiling else width * height
+    # tiled: the measured working set of diffusers' 256-pixel tiles, scaled by the tile's area for other edges
+    tile = VAE_TILE_PIXELS[spec.vae.kind] * ((vae_tile_size or 256) / 256) ** 2
+    pixels = min(width * height, tile) if vae_tiling else width * height
     video = 3 * frames * width * height * (4 + 1)  # fp32 decoded video + its uint8 frames
     # a bf16 VAE holds half the activation bytes (DESIGN.md: 24 GiB fp32 vs 12.2 GiB bf16 for TI2V-5B 720p)
     per_pixel = VAE_BYTES_PER_PIXEL[spec.vae.kind] * (0.5 if vae_precision == "bf16" else 1.0)
@@ -121,8 +123,10 @@ def activations(spec: ModelSpec, width: int, height: int, frames: int, batch: in
 
 
 def estimate(spec: ModelSpec, w: Weights, tier: str, width: int, height: int, frames: int, batch: int = 1,
-             vae_tiling: bool = False, per_token_timesteps: bool = False, vae_precision: str = "fp32") -> Estimate:
-    act = activations(spec, width, height, frames, batch, vae_tiling, per_token_timesteps, vae_precision)
+             vae_tiling: bool = False, per_token_timesteps: bool = False, vae_precision: str = "fp32",
+             vae_tile_size: int = 0) -> Estimate:
+    act = activations(spec, width, height, frames, batch, vae_tiling, per_token_timesteps, vae_precision,
+                      vae_tile_size)
     all_experts, one_expert = sum(w.experts), max(w.experts)
     if tier == "resident":
         on = {"encode_text": w.text_encoder + w.vae + all_experts}
@@ -166,12 +170,12 @@ def choose_tier(estimates: list[Estimate], budget: int, requested: str = "auto")
 
 def plan_memory(spec: ModelSpec, weights: Weights, width: int, height: int, frames: int, batch: int,
                 vae_tiling: bool, per_token_timesteps: bool, budget: int | None, requested: str = "auto",
-                vae_precision: str = "fp32"):
+                vae_precision: str = "fp32", vae_tile_size: int = 0):
     """(tier, vae_tiling, estimates, reasons): the fastest tier that fits, tiling the VAE only when no untiled
     tier fits. Without a budget (a CPU) the requested tier, or resident."""
     def table(tiling: bool) -> list[Estimate]:
-        return [estimate(spec, weights, t, width, height, frames, batch, tiling, per_token_timesteps, vae_precision)
-                for t in tiers_for(spec)]
+        return [estimate(spec, weights, t, width, height, frames, batch, tiling, per_token_timesteps, vae_precision,
+                         vae_tile_size) for t in tiers_for(spec)]
 
     ests = table(vae_tiling)
     if budget is None:

@@ -214,7 +214,7 @@ class Engine:
         install(c.experts, self.attention)  # before compile, so compiled blocks call Artifex attention
         c.vae.to(dtype=DTYPES[p.vae_precision])
         if p.vae_tiling:
-            c.vae.enable_tiling()
+            self._tile_vae()
         if p.vae_slicing:
             c.vae.enable_slicing()
         if p.channels_last:
@@ -227,6 +227,15 @@ class Engine:
             elif p.compile:
                 expert.compile_repeated_blocks(fullgraph=True)
         self.placement.apply()
+
+    def _tile_vae(self) -> None:
+        """Spatial tiles in the VAE: the config's edge (overlapping by a quarter), else diffusers' default."""
+        edge = self.config.vae_tile_size
+        if edge:
+            self.c.vae.enable_tiling(tile_sample_min_height=edge, tile_sample_min_width=edge,
+                                     tile_sample_stride_height=edge * 3 // 4, tile_sample_stride_width=edge * 3 // 4)
+        else:
+            self.c.vae.enable_tiling()
 
     def _retier(self, tier: str) -> None:
         """Move every model to the placement of ``tier`` (a planner decision or an OOM step-down)."""
@@ -443,13 +452,14 @@ class Engine:
         per_token_timesteps = per_token_timesteps and not self.plan.fast_dit  # Artifex's DiT embeds distinct ones
         tier, tiling, ests, reasons = plan_memory(spec, self.weights, s.width, s.height, s.frames, self.plan.cfg_batch,
                                                   self.plan.vae_tiling, per_token_timesteps, budget,
-                                                  requested_tier(self.config), self.plan.vae_precision)
+                                                  requested_tier(self.config), self.plan.vae_precision,
+                                                  self.config.vae_tile_size)
         info = {"budget_gib": round(budget / 2**30, 2) if budget else None, "step_downs": [],
                 "predicted": {e.tier: round(e.peak_gib, 2) for e in ests}}
         for r in reasons:
             log.info(r)
         if tiling and not self.plan.vae_tiling:
-            self.c.vae.enable_tiling()
+            self._tile_vae()
             self.plan.vae_tiling = True
         if tier != self.placement.tier:
             self._retier(tier)
@@ -468,7 +478,7 @@ class Engine:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 if stage == "decode" and not self.plan.vae_tiling:
-                    self.c.vae.enable_tiling()
+                    self._tile_vae()
                     self.plan.vae_tiling = True
                     step = {"stage": stage, "change": "vae_tiling on"}
                 else:

@@ -95,7 +95,8 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
     weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
     w, h = spec.sizes[0]  # planned at the model's default size; each request is planned again at its own
     placement, vae_tiling, _, why = plan_memory(spec, weights, w, h, spec.frames, cfg_batch, config.vae_tiling,
-                                                False, budget, requested, config.vae_precision)
+                                                False, budget, requested, config.vae_precision,
+                                                config.vae_tile_size)
     reasons += why
     if placement != "resident":
         reasons.append(f"memory tier: {placement}")
