@@ -20,7 +20,7 @@ def test_bench_dit_runs_on_a_tiny_model_and_writes_its_report(tmp_path):
 
 def test_bench_pipeline_runs_diffusers_and_artifex_and_appends(tmp_path):
     args = ["bench", "pipeline", "--model", "tiny-ti2v", "--steps", "2", "--frames", "9", "--output-dir", str(tmp_path)]
-    assert main(args + ["--configs", "default"]) == 0
+    assert main(args + ["--configs", "default", "--keep-videos"]) == 0
     data = json.loads((tmp_path / "pipeline-cpu.json").read_text())
     assert {"device", "command", "date", "versions", "summary"} <= set(data)
     s = data["summary"]["tinyti2v_256x160_9f_2steps"]
@@ -34,6 +34,8 @@ def test_bench_pipeline_runs_diffusers_and_artifex_and_appends(tmp_path):
     assert data["diffusers"]["total_s"] == s["diffusers_total_s"]
     assert data["vae"]["bf16"]["psnr_db_vs_fp32"] > 30  # bf16 VAE against fp32 on the same latents
     assert "Artifex bf16" in (tmp_path / "pipeline-cpu.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "pipeline-videos").iterdir() if p.suffix == ".mp4") == [
+        "artifex-default.mp4", "diffusers.mp4", "warmup-default.mp4"]  # the second call kept none
 
 
 def test_the_guide_benchmark_script_maps_onto_bench_pipeline():

@@ -214,7 +214,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
     w, h, frames = _bench_shape(args)
     data = pipeline.run(args.model, args.output_dir, args.configs, args.diffusers, args.steps, w, h, frames,
-                        args.checkpoint, args.profile, append=args.append)
+                        args.checkpoint, args.profile, append=args.append, keep_videos=args.keep_videos)
     print(json.dumps(data["summary"], indent=2))
     print("\n".join(data.get("files", [])))
     return 0
@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--frames", type=int)
     bp.add_argument("--checkpoint", help="real weights (directory or hub id); default: random weights at real shapes")
     bp.add_argument("--profile", type=Path, help="write a torch.profiler Chrome trace of a 2-step generation here")
+    bp.add_argument("--keep-videos", action="store_true",
+                    help="keep the mp4s in OUTPUT_DIR/pipeline-videos (default: written to a temporary folder)")
     bp.add_argument("--append", action="store_true",
                     help="add these runs to an existing pipeline-<gpu>.json of the same settings (split long runs)")
     bp.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))

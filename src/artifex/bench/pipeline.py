@@ -187,7 +187,12 @@ def vae_variants(spec, components, fp32_state: dict, latents: torch.Tensor, devi
 def run(model: str, out_dir: Path, configs: list[str], diffusers: str = "full", steps: int | None = None,
         width: int | None = None, height: int | None = None, frames: int | None = None,
         checkpoint: str | None = None, profile: Path | None = None, device: str | None = None,
-        append: bool = False) -> dict:
+        append: bool = False, keep_videos: bool = False) -> dict:
+    """``keep_videos``: leave the mp4s (and sidecars) in OUT/pipeline-videos; by default they are written to a
+    temporary folder and removed, so OUT holds only the report."""
+    import shutil
+    import tempfile
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -195,8 +200,17 @@ def run(model: str, out_dir: Path, configs: list[str], diffusers: str = "full", 
     w, h = (width, height) if width else spec.sizes[0]
     frames, steps = frames or spec.frames, steps or spec.steps
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = out_dir / "pipeline-videos"
+    work = out_dir / "pipeline-videos" if keep_videos else Path(tempfile.mkdtemp(prefix="artifex-bench-"))
     work.mkdir(exist_ok=True)
+    try:
+        return _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, checkpoint, profile, append)
+    finally:
+        if not keep_videos:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, checkpoint, profile, append) -> dict:
+    model = spec.name
     if checkpoint:
         from artifex.env import read_env
         from artifex.models.loader import load_components, resolve_checkpoint
