@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -43,19 +42,10 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def time_ms(fn, inputs: list, warmup: int, iters: int) -> float:
-    """Median ms of fn(*inputs[i % len(inputs)]) over iters calls, after warmup calls."""
-    for i in range(warmup):
-        fn(*inputs[i % len(inputs)])
-    torch.cuda.synchronize()
-    times = []
-    for i in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*inputs[i % len(inputs)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms of fn over the rotated input sets on the GPU (Artifex's benchmark timer)."""
+    from artifex.bench.report import median_ms
+
+    return median_ms(fn, inputs, torch.device("cuda"), warmup, iters)
 
 
 def free() -> None:

@@ -43,7 +43,7 @@ class OptimizationConfig:
         PRECISIONS,
     )
     vae_precision: str = _f(
-        "fp32", "VAE precision: fp32 (the reference) or bf16 (about half the decode time and memory; "
+        "fp32", "VAE precision: fp32 (the reference) or bf16 (less decode time and memory; "
         "`artifex bench pipeline` reports its error against fp32)", ("fp32", "bf16"),
     )
     tf32: bool = _f(True, "allow TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer)")

@@ -8,7 +8,6 @@ with the picked backend against diffusers' own processor on the same weights.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from artifex.attention.backends import BACKENDS, attention_flops, probe
 from artifex.attention.ops import LAST_RESORT
-from artifex.attention.select import DTYPE_NAMES, _time_ms, rel_l2, select, verify
+from artifex.attention.select import DTYPE_NAMES, rel_l2, select, verify
 from artifex.bench import report
 
 log = logging.getLogger("artifex")
@@ -51,12 +50,6 @@ def parse_shape(text: str) -> tuple[str, tuple[int, int, int, int]]:
         raise ValueError(f"shape must look like NAME=BxLxHxD (e.g. test=1x4096x24x128), got {text!r}") from None
 
 
-def _time(run, inputs, device, warmup: int, iters: int) -> float:
-    """Median ms, cycling through several input sets so no cache holds the answer."""
-    sets = itertools.cycle(inputs)
-    return _time_ms(lambda: run(*next(sets)), device, warmup, iters)
-
-
 def bench_shape(name, shape, dtype, device, peak, backends, warmup, iters) -> list[Row]:
     b, n, h, d = shape
     flops = attention_flops(b, n, n, h, d)
@@ -75,7 +68,8 @@ def bench_shape(name, shape, dtype, device, peak, backends, warmup, iters) -> li
             base = torch.cuda.memory_allocated(device)
         run = BACKENDS[bname].run
         try:
-            ms = _time(lambda q, k, v, _r=run: _r(q, k, v, None, False, 0.0, 4), inputs, device, warmup, iters)
+            ms = report.median_ms(lambda q, k, v, _r=run: _r(q, k, v, None, False, 0.0, 4), inputs, device, warmup,
+                                  iters)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             rows.append(Row(name, bname, None, None, None, None, "out of memory"))
@@ -198,13 +192,8 @@ def _markdown(data: dict) -> str:
 
 
 def _chart(data: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no PNG chart (pip install matplotlib)")
+    plt = report.pyplot()
+    if plt is None:
         return None
     shapes = list(data["shapes"])
     backends = sorted({r["backend"] for r in data["results"] if r["tflops"] is not None})

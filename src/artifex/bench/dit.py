@@ -21,43 +21,18 @@ relative L2 of the output against ``diffusers_default`` on the same inputs.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from artifex.attention.select import rel_l2
 from artifex.bench import report
 from artifex.models.registry import get_model
 
 log = logging.getLogger("artifex")
 GIB = 2**30
 VARIANTS = ("diffusers_default", "diffusers_best", "artifex_bf16", "artifex_fp8")  # artifex_fp8 adds an fp8-GEMM row
-
-
-def _median_s(fn, inputs, device, warmup: int, iters: int) -> tuple[float, list]:
-    """Median seconds of ``fn(*inputs[i])`` over rotated inputs, and the output for the first input."""
-    outs = [fn(*inputs[0])]  # the first call: compile, autotune, and the output compared across variants
-    sets = itertools.cycle(inputs)
-    for _ in range(warmup):
-        fn(*next(sets))
-    times = []
-    for _ in range(iters):
-        args = next(sets)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*args)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), outs
 
 
 def build_model(model: str, device: torch.device, dtype: torch.dtype):
@@ -131,14 +106,15 @@ def run(model: str, width: int, height: int, frames: int, out_dir: Path | None =
                 return fn(hidden_states=x, timestep=ts_tokens if per_token else ts, encoder_hidden_states=text,
                           return_dict=False)[0]
 
-        secs, outs = _median_s(call, sets, dev, warmup, iters)
+        out = call(*sets[0])  # the first call: compile, autotune, and the output compared across variants
+        secs = report.median_ms(call, sets, dev, warmup, iters) / 1e3
         row = {"variant": name, "s_per_forward": round(secs, 4), "tflops": round(flops / secs / 1e12, 1),
                "pct_matmul_peak": round(100 * flops / secs / (peak * 1e12), 1), "peak_gib": _peak_gib(dev),
                "note": note}
         if reference:
-            row["rel_l2"] = float(max(_rel_l2(o, r) for o, r in zip(outs, reference)))
+            row["rel_l2"] = round(rel_l2(out.float().cpu(), reference[0]), 6)
         else:
-            reference.extend(o.float().cpu() for o in outs)
+            reference.append(out.float().cpu())
             row["rel_l2"] = 0.0
         data["rows"].append(row)
         log.info("%s", row)
@@ -200,11 +176,6 @@ def _fp8_row(data, record, m, runtime, dev, dtype, tokens, spec, compile_blocks)
     install([m], runtime)
 
 
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float().cpu(), b.float().cpu()
-    return round(((a - b).norm() / b.norm()).item(), 6)
-
-
 def summary_of(data: dict) -> dict:
     rows = {r["variant"]: r for r in data["rows"] if "s_per_forward" in r}
 
@@ -261,13 +232,8 @@ def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
 
 
 def _chart(shapes: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no PNG chart")
+    plt = report.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 3.6), squeeze=False)
     for ax, (key, d) in zip(axes[0], shapes.items()):

@@ -119,26 +119,19 @@ def diffusers_default_peak(spec, components, width: int, height: int, frames: in
     """diffusers' WanPipeline as its docs load it (bf16 DiT and UMT5 with fp32-kept modules, fp32 VAE), on the
     same random components, everything on the GPU: its peak allocated memory. Peak memory does not depend on the
     step count, so a few steps suffice."""
-    from diffusers import UniPCMultistepScheduler, WanPipeline
+    from artifex.bench.pipeline import components_to_cpu, diffusers_pipeline
 
-    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.shift)
-    components.vae.disable_tiling()  # diffusers' default decodes whole frames
-    pipe = WanPipeline(tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
-                       scheduler=sched, transformer=components.experts[0],
-                       transformer_2=components.experts[1] if spec.experts == 2 else None,
-                       boundary_ratio=spec.boundary, expand_timesteps=spec.expand_timesteps).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, guidance = diffusers_pipeline(spec, components, device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
     with torch.no_grad():
         pipe(prompt="a red kite over a golden beach at sunset", height=height, width=width, num_frames=frames,
-             num_inference_steps=steps, guidance_scale=spec.guidance[0], output_type="np")
+             num_inference_steps=steps, output_type="np", **guidance)
     secs = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated(device) / GIB
-    for m in (components.text_encoder, components.vae, *components.experts):
-        m.to("cpu")
-    torch.cuda.empty_cache()
+    del pipe
+    components_to_cpu(components, device)
     return {"peak_gib": round(peak, 3), "steps": steps, "seconds": round(secs, 2)}
 
 
@@ -243,13 +236,8 @@ def combine(out_dir: Path) -> dict:
 
 
 def _chart(runs: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no PNG chart")
+    plt = report.pyplot()
+    if plt is None:
         return
     labels = [f"{r['model']}\n{r['size'].rsplit('x', 1)[0]}\n{r['budget'] or 'whole GPU'}" for r in runs]
     fig, ax = plt.subplots(figsize=(8, 4))

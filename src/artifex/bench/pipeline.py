@@ -44,13 +44,10 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def diffusers_run(spec, components, width, height, frames, steps, device, out_dir: Path, mode: str = "full",
-                  forwards: int = 3) -> dict:
-    """diffusers' WanPipeline on ``components`` (moved to ``device`` and back); per-stage seconds and peak."""
-    import numpy as np
+def diffusers_pipeline(spec, components, device) -> tuple:
+    """diffusers' WanPipeline over ``components`` as its docs load it (DiT and UMT5 as given, the VAE in fp32
+    decoding whole frames), everything on ``device``; with the guidance arguments of ``spec``'s defaults."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
-
-    from artifex.engine.video import write_mp4
 
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.shift)
     components.vae.to(torch.float32).disable_tiling()
@@ -62,6 +59,26 @@ def diffusers_run(spec, components, width, height, frames, steps, device, out_di
     guidance = {"guidance_scale": spec.guidance[0]}
     if spec.experts == 2:
         guidance["guidance_scale_2"] = spec.guidance[1]
+    return pipe, guidance
+
+
+def components_to_cpu(components, device) -> None:
+    """Every model back in CPU memory and the GPU's cache emptied (between the runs of a benchmark)."""
+    for m in (components.text_encoder, components.vae, *components.experts):
+        m.to("cpu")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def diffusers_run(spec, components, width, height, frames, steps, device, out_dir: Path, mode: str = "full",
+                  forwards: int = 3) -> dict:
+    """diffusers' WanPipeline on ``components`` (moved to ``device`` and back); per-stage seconds and peak."""
+    import numpy as np
+
+    from artifex.engine.video import write_mp4
+
+    pipe, guidance = diffusers_pipeline(spec, components, device)
     out: dict = {"mode": mode, "steps": steps}
     marks: list[float] = []
 
@@ -86,8 +103,9 @@ def diffusers_run(spec, components, width, height, frames, steps, device, out_di
     per_step = [b - a for a, b in zip(marks, marks[1:])]
     step_s = sorted(per_step)[len(per_step) // 2] if per_step else marks[0] - t0
     if mode == "full":
-        out["denoise_s"] = round(marks[-1] - t0 - _text_estimate(marks, t0, step_s), 2)
-        out["encode_text_s"] = round(_text_estimate(marks, t0, step_s), 2)
+        text_s = max(marks[0] - t0 - step_s, 0.0)  # before the first step: up to the first callback, less a step
+        out["denoise_s"] = round(marks[-1] - t0 - text_s, 2)
+        out["encode_text_s"] = round(text_s, 2)
         out["decode_s"] = round(t_end - marks[-1], 2)
         t_w = time.perf_counter()
         write_mp4((video[0] * 255).round().astype(np.uint8), out_dir / "diffusers.mp4", fps=spec.fps)
@@ -102,17 +120,8 @@ def diffusers_run(spec, components, width, height, frames, steps, device, out_di
     out["median_step_s"] = round(step_s, 3)
     out["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
     del pipe, video
-    for m in (components.text_encoder, components.vae, *components.experts):
-        m.to("cpu")
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    components_to_cpu(components, device)
     return out
-
-
-def _text_estimate(marks, t0, step_s) -> float:
-    """Time before the first step began: everything up to the first callback minus one step."""
-    return max(marks[0] - t0 - step_s, 0.0)
 
 
 def artifex_run(spec, components, fields: dict, width, height, frames, steps, device, out_dir: Path, name: str,
@@ -324,13 +333,8 @@ def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
 
 
 def _chart(rows: list[list[str]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no PNG chart")
+    plt = report.pyplot()
+    if plt is None:
         return
 
     def num(x):

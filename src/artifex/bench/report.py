@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import re
 import shlex
 import statistics
@@ -14,6 +16,8 @@ from pathlib import Path
 import torch
 
 from artifex.sysinfo import device_info, versions
+
+log = logging.getLogger("artifex")
 
 
 def device_slug(device: torch.device) -> str:
@@ -64,3 +68,25 @@ def md_table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines) + "\n"
+
+
+def median_ms(run, inputs: list, device: torch.device, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``run(*inputs[i])``, cycling through the input sets so no cache holds the answer
+    (CUDA events on a GPU, wall clock on a CPU; the attention selector's timer)."""
+    from artifex.attention.select import _time_ms
+
+    sets = itertools.cycle(inputs)
+    return _time_ms(lambda: run(*next(sets)), device, warmup, iters)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a warning) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no PNG chart (pip install matplotlib)")
+        return None
+    return plt

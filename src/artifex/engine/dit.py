@@ -53,15 +53,12 @@ def per_token(table: torch.Tensor, rows: torch.Tensor, index: torch.Tensor | Non
 
 
 class DiTState:
-    """Per-model caches: RoPE tables by latent shape, text context by context tensor."""
+    """Per-model caches: RoPE tables by latent shape (kept for the model's life: they depend only on the shape,
+    the device and the hooks on ``rope``), text context by context tensor (one request's)."""
 
     def __init__(self):
         self.rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.context: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # (given, image, projected)
-
-    def clear(self) -> None:
-        self.rope.clear()
-        self.context.clear()
 
 
 def modulation(model, timestep: torch.Tensor, like: torch.Tensor) -> Modulation:
@@ -230,9 +227,9 @@ def restore_model(model) -> None:
 
 
 def clear_caches(model) -> None:
-    """Forget cached RoPE tables and text K/V (e.g. after weights or the attention layout change)."""
+    """Forget the request's cached text context and cross-attention K/V (they hold that request's tensors)."""
     state = getattr(model, "_artifex_dit", None)
     if state is not None:
-        state.clear()
+        state.context.clear()
         for block in model.blocks:
             block._artifex_kv = None

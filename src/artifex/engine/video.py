@@ -24,7 +24,6 @@ class Mp4Stream:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.stem}.partial.mp4")
         self.fps, self.crf = fps, crf
-        self.frames = 0
         self._container = self._stream = None
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = queue.Queue(maxsize=4) if background else None
@@ -87,7 +86,6 @@ class Mp4Stream:
             self._open(frames.shape[1], frames.shape[2])
         for frame in frames:
             self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        self.frames += len(frames)
 
     def _drain(self) -> None:
         while (frames := self._queue.get()) is not None:
