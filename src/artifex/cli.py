@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from artifex import __version__
+from artifex.bench import DIT_VARIANTS, PIPELINE_CONFIGS
 from artifex.config import OptimizationConfig
 from artifex.env import VARIABLES, read_env
 from artifex.errors import ArtifexError, InvalidRequestError
@@ -302,12 +303,6 @@ def _table(rows: list[tuple[str, ...]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def dit_variants() -> tuple[str, ...]:
-    from artifex.bench.dit import VARIANTS
-
-    return VARIANTS
-
-
 def build_parser() -> argparse.ArgumentParser:
     env_help = "\n".join(f"  {k}: {v}" for k, v in VARIABLES.items())
     parser = argparse.ArgumentParser(
@@ -383,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--model", default="ti2v-5b", help="ti2v-5b, t2v-a14b (one expert), or a tiny model on CPU")
     bd.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's first trained size)")
     bd.add_argument("--frames", type=int, help="4n+1 (default: the model's)")
-    bd.add_argument("--variants", nargs="+", default=list(dit_variants()), choices=dit_variants())
+    bd.add_argument("--variants", nargs="+", default=list(DIT_VARIANTS), choices=DIT_VARIANTS)
     bd.add_argument("--warmup", type=int, default=3)
     bd.add_argument("--iters", type=int, default=10)
     bd.add_argument("--compile", choices=["on", "off"], help="compile the blocks (default: on with CUDA)")
@@ -393,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp = bsub.add_parser("pipeline", help="the whole generation (text, denoise, VAE, mp4): diffusers' WanPipeline "
                          "vs Artifex, per-stage time and peak memory (GPU)")
     bp.add_argument("--model", default="ti2v-5b")
-    bp.add_argument("--configs", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8", "default"],
+    bp.add_argument("--configs", nargs="+", default=["bf16", "fp8"], choices=list(PIPELINE_CONFIGS),
                     help="Artifex runs: bf16 (compiled, batched CFG, bf16 VAE), fp8 (the same + fp8=all), default "
                          "(OptimizationConfig's defaults)")
     bp.add_argument("--diffusers", default="full", choices=["full", "forwards", "off"],

@@ -1,1 +1,11 @@
 """Benchmarks run on real hardware; each writes JSON + Markdown (+ PNG) under benchmarks/results/."""
+
+# What the bench commands can run; plain data here so the CLI builds its flags without importing torch.
+# bench dit (artifex_fp8 also adds an fp8-GEMM-only row)
+DIT_VARIANTS = ("diffusers_default", "diffusers_best", "artifex_bf16", "artifex_fp8")
+# bench pipeline: name -> OptimizationConfig fields; "bf16" is Artifex's fastest lossless setup
+PIPELINE_CONFIGS = {
+    "bf16": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16"},
+    "fp8": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16", "fp8": "all"},
+    "default": {},
+}

@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 
 from artifex.attention.select import rel_l2
-from artifex.bench import report
+from artifex.bench import DIT_VARIANTS, report
 from artifex.models.registry import get_model
 
 log = logging.getLogger("artifex")
 GIB = 2**30
-VARIANTS = ("diffusers_default", "diffusers_best", "artifex_bf16", "artifex_fp8")  # artifex_fp8 adds an fp8-GEMM row
 
 
 def build_model(model: str, device: torch.device, dtype: torch.dtype):
@@ -71,7 +70,7 @@ def _peak_gib(device) -> float | None:
 
 
 def run(model: str, width: int, height: int, frames: int, out_dir: Path | None = None, warmup: int = 3,
-        iters: int = 10, variants: tuple[str, ...] = VARIANTS, device: str | None = None,
+        iters: int = 10, variants: tuple[str, ...] = DIT_VARIANTS, device: str | None = None,
         compile_blocks: bool | None = None) -> dict:
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 

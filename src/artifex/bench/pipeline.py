@@ -24,19 +24,13 @@ from pathlib import Path
 
 import torch
 
-from artifex.bench import report
+from artifex.bench import PIPELINE_CONFIGS, report
 from artifex.models.registry import get_model
 
 log = logging.getLogger("artifex")
 GIB = 2**30
 PROMPT = "a red kite over a golden beach at sunset, waves rolling in, cinematic light"
 
-# name -> OptimizationConfig fields; "bf16" is Artifex's fastest lossless setup
-CONFIGS = {
-    "bf16": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16"},
-    "fp8": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16", "fp8": "all"},
-    "default": {},
-}
 
 
 def _sync(device):
@@ -240,7 +234,7 @@ def _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, chec
         log.info("diffusers: %s", data["diffusers"])
     latents = None
     for name in configs:
-        row = artifex_run(spec, components, CONFIGS[name], w, h, frames, steps, dev, work, name,
+        row = artifex_run(spec, components, PIPELINE_CONFIGS[name], w, h, frames, steps, dev, work, name,
                           profile if name == configs[0] else None)
         if name == "bf16" or latents is None:
             latents = row["latents"]
@@ -248,7 +242,7 @@ def _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, chec
         data["runs"].append(row)
         log.info("artifex %s: %s", name, row)
         gc.collect()
-    if latents is not None and any(CONFIGS[n].get("vae_precision") == "bf16" for n in configs):
+    if latents is not None and any(PIPELINE_CONFIGS[n].get("vae_precision") == "bf16" for n in configs):
         data["vae"] = vae_variants(spec, components, vae_fp32, latents, dev)
     if append:
         data = merge_previous(out_dir / f"pipeline-{report.device_slug(dev)}.json", data)

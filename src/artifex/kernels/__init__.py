@@ -6,3 +6,13 @@
 The attention kernels (fp8 FlashAttention-3 included) live in ``artifex.attention.backends``.
 Nothing here is wired into a model: the engine applies these from outside.
 """
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which path a kernel module takes on a device, and why (for the plain twin: why the fast path cannot run)."""
+
+    path: str  # qk_norm_rope: "triton" | "torch"; fp8: "scaled_mm" | "twin"
+    reason: str

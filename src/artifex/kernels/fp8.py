@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from artifex.kernels import Decision
+
 Tensor = torch.Tensor
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -54,12 +56,6 @@ def dequantize(values: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32
 
 
 # -- the decision -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Decision:
-    path: str  # "scaled_mm" or "twin"
-    reason: str
-
-
 def _probe_scaled_mm(device: torch.device) -> str | None:
     """Run one tiny row-wise scaled matmul on ``device``; the error, or None when it works."""
     try:

@@ -17,14 +17,15 @@ probe with reasons; never picked by ``auto``, since it changes numerics).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from artifex.kernels.fp8 import _TINY, FP8, FP8_MAX
+
 Tensor = torch.Tensor
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
 GRANULARITIES = ("head", "tensor")
-_TINY = 1e-12
 
 
 def quantize_fp8(x: Tensor, granularity: str = "head") -> tuple[Tensor, Tensor]:
@@ -46,17 +47,14 @@ def _dequantize(values: Tensor, descale: Tensor) -> Tensor:
     return values.float() * descale[:, None, :, None]
 
 
-_compiled_quantize = None
+@functools.cache
+def _compiled_quantize():
+    return torch.compile(quantize_fp8, dynamic=False)
 
 
 def _quantize(x: Tensor, granularity: str) -> tuple[Tensor, Tensor]:
     """``quantize_fp8``, compiled on CUDA (fused into one read of x plus the fp8 write)."""
-    global _compiled_quantize
-    if not x.is_cuda:
-        return quantize_fp8(x, granularity)
-    if _compiled_quantize is None:
-        _compiled_quantize = torch.compile(quantize_fp8, dynamic=False)
-    return _compiled_quantize(x, granularity)
+    return _compiled_quantize()(x, granularity) if x.is_cuda else quantize_fp8(x, granularity)
 
 
 def fa3_fp8_attention(fa3_module, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,

@@ -26,10 +26,11 @@ bf16 between the norm and the rotation (the fused path is the more precise one).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import cache
 
 import torch
+
+from artifex.kernels import Decision
 
 Tensor = torch.Tensor
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -70,12 +71,6 @@ def rope_table(rope: torch.nn.Module, latent_shape: tuple[int, ...], device: tor
 
 
 # -- the decision -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Decision:
-    path: str  # "triton" or "torch"
-    reason: str  # why this path (for "torch": why the kernel cannot run here)
-
-
 def _triton_blocker(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the Triton kernel cannot run on ``device``/``dtype``, or None (the interpreter counts on CPU)."""
     if triton is None:
