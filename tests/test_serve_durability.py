@@ -163,3 +163,38 @@ def test_no_auth_is_refused_off_loopback_and_bad_settings_fail_fast(tmp_path):
     out = subprocess.run([sys.executable, "-m", "artifex", "serve", "--model", "s2v-14b"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "s2v-14b cannot be served" in out.stderr
+
+
+def test_store_retries_a_lost_attempt_then_gives_up_and_recover_does_the_same(tmp_path):
+    """JobStore.retry (a worker died mid-job) and JobStore.recover (the server died): queued again in the old place
+    while attempts are left, failed with the reason once they are spent, cancelled when that was asked."""
+    from artifex.serve.jobs import JobStore
+
+    store = JobStore(tmp_path / "jobs.db")
+
+    def submit(prompt: str) -> str:
+        job, _ = store.submit(model="tiny-ti2v", request={"prompt": prompt}, settings={}, warnings=[], image=None,
+                              dedup_key=None, api="native", max_queue=10)
+        return job.id
+
+    lost = {"code": "worker_lost", "message": "the worker died"}
+    first, second = submit("first"), submit("second")
+    assert store.claim("tiny-ti2v").id == first
+    assert store.retry(first, lost, max_attempts=2) == "queued"
+    assert store.claim("tiny-ti2v").id == first  # its old place: before the second job
+    assert store.retry(first, lost, max_attempts=2) == "failed"
+    assert store.get(first).error == {"code": "worker_lost",
+                                      "message": "the worker died (attempt 2 of 2; not trying again)"}
+    assert store.retry(first, lost, max_attempts=2) is None  # not running any more
+    assert store.claim("tiny-ti2v").id == second
+    store.cancel(second)
+    assert store.retry(second, lost, max_attempts=2) == "cancelled"
+
+    third, fourth, fifth = submit("third"), submit("fourth"), submit("fifth")
+    for _ in range(3):
+        store.claim("tiny-ti2v")
+    store.cancel(fifth)
+    assert store.recover(max_attempts=1) == {"requeued": [], "cancelled": [fifth], "failed": [third, fourth]}
+    assert store.get(third).error["code"] == "interrupted" and store.get(fifth).state == "cancelled"
+    assert store.claim("tiny-ti2v") is None
+    store.close()

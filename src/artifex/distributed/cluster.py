@@ -95,6 +95,11 @@ def dashboard_address(address: str | None) -> str | None:
         url = ctx.dashboard_url
     finally:
         ray.shutdown()
+    return dashboard_url(url)
+
+
+def dashboard_url(url: str | None) -> str | None:
+    """Ray's ``dashboard_url`` (a bare HOST:PORT) as a URL; None when the cluster runs without a dashboard."""
     if not url:
         return None
     return url if "://" in url else f"http://{url}"
@@ -128,19 +133,19 @@ def add_commands(sub) -> None:
     sp.set_defaults(func=cmd_stop)
 
 
+def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """``--name=value`` for each of ``names`` given on the command line (dashes for underscores)."""
+    return [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in names if getattr(args, n) is not None]
+
+
 def start_command(args: argparse.Namespace) -> list[str]:
     """The ``ray start`` command line of ``artifex cluster start``'s flags (checked)."""
     cmd = [str(ray_executable()), "start"]
+    head_only = ("port", "dashboard_port", "dashboard_host")
     if args.head:
-        cmd.append("--head")
-        if args.port is not None:
-            cmd.append(f"--port={args.port}")
-        if args.dashboard_port is not None:
-            cmd.append(f"--dashboard-port={args.dashboard_port}")
-        if args.dashboard_host is not None:
-            cmd.append(f"--dashboard-host={args.dashboard_host}")
+        cmd += ["--head", *_flags(args, head_only)]
     else:
-        for flag in ("port", "dashboard_port", "dashboard_host"):
+        for flag in head_only:
             if getattr(args, flag) is not None:
                 raise InvalidRequestError(flag, "is for the head node (--head); a joining node takes the head's "
                                                 "--address only")
@@ -149,29 +154,28 @@ def start_command(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise InvalidRequestError(flag, f"must be >= 0, got {value}")
-    if args.num_gpus is not None:
-        cmd.append(f"--num-gpus={args.num_gpus}")
-    if args.num_cpus is not None:
-        cmd.append(f"--num-cpus={args.num_cpus}")
+    cmd += _flags(args, ("num_gpus", "num_cpus"))
     if args.temp_dir is not None:
         cmd.append(f"--temp-dir={args.temp_dir.expanduser().resolve()}")
     return cmd
 
 
-def cmd_start(args: argparse.Namespace) -> int:
-    cmd = start_command(args)
-    env, note = (None, None) if args.head else auth_env()
+def _noted_auth_env() -> dict[str, str]:
+    """``auth_env()``, saying on stderr what it set."""
+    env, note = auth_env()
     if note:
         print(f"artifex cluster: {note}", file=sys.stderr)
-    return _run(cmd, env)
+    return env
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    cmd = start_command(args)
+    return _run(cmd, None if args.head else _noted_auth_env())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     cmd = [str(ray_executable()), "status"] + ([f"--address={args.address}"] if args.address else [])
-    env, note = auth_env()
-    if note:
-        print(f"artifex cluster: {note}", file=sys.stderr)
-    code = _run(cmd, env)
+    code = _run(cmd, _noted_auth_env())
     if code != 0:
         return code
     url = dashboard_address(args.address)

@@ -180,10 +180,11 @@ class ExpertPipeline:
         def stage_b() -> None:
             self._bind(self.second)
             while (job := handoff.get()) is not None:
+                index = job.sidecar_extra["parallel"]["job"]
                 try:
-                    results[job.sidecar_extra["parallel"]["job"]] = self._stage_b(job, output_dir)
+                    results[index] = self._stage_b(job, output_dir)
                 except Exception as e:
-                    errors[job.sidecar_extra["parallel"]["job"]] = e
+                    errors[index] = e
 
         threads = [threading.Thread(target=stage_a, name="artifex-stage-a", daemon=True),
                    threading.Thread(target=stage_b, name="artifex-stage-b", daemon=True)]

@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 
 from artifex.config import OptimizationConfig
-from artifex.distributed.cluster import import_ray, use_cluster_token
+from artifex.distributed.cluster import dashboard_url, import_ray, use_cluster_token
 from artifex.errors import ArtifexError, GenerationCancelled, InvalidRequestError
 from artifex.serve.service import write_atomic
 from artifex.serve.settings import ServeSettings
@@ -57,6 +57,11 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
     names = ("RayActorError", "WorkerCrashedError", "ObjectLostError", "NodeDiedError", "OutOfMemoryError",
              "LocalRayletDiedError", "ActorUnschedulableError")
     return tuple(getattr(E, n) for n in names if hasattr(E, n))
+
+
+def _lost(e: BaseException) -> WorkerLost:
+    """A Ray error of ``_lost_errors`` as ``WorkerLost``, named with its first line."""
+    return WorkerLost(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 # -- inside the actor ---------------------------------------------------------------------------
@@ -198,30 +203,20 @@ class RayExecutor:
                 log.info("ray: %s", note)
         ray = import_ray()
         quiet = {"logging_level": logging.WARNING, "configure_logging": False}
-        dashboard = None
-        if ray.is_initialized():  # this process joined a cluster already (a test, a notebook)
-            pass
-        elif self.address == "auto":
-            try:
-                ctx = ray.init(address="auto", **quiet)
-            except ConnectionError:  # no cluster on this machine: a local one, with its dashboard
-                log.info("ray: no running cluster found; starting a local one")
-                ctx = ray.init(**quiet)
-            self._started_ray = True
-            dashboard = ctx.dashboard_url
-        else:
+        if not ray.is_initialized():  # else this process joined a cluster already (a test, a notebook)
             try:
                 ctx = ray.init(address=self.address, **quiet)
             except ConnectionError as e:
-                raise InvalidRequestError("ray", f"cannot join the Ray cluster at {self.address}: {e} (a cluster "
-                                                 "with token authentication needs its token here: ~/.ray/auth_token "
-                                                 "or RAY_AUTH_TOKEN)") from None
+                if self.address != "auto":
+                    raise InvalidRequestError("ray", f"cannot join the Ray cluster at {self.address}: {e} (a "
+                                                     "cluster with token authentication needs its token here: "
+                                                     "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+                log.info("ray: no running cluster found; starting a local one")  # with its dashboard
+                ctx = ray.init(**quiet)
             self._started_ray = True
-            dashboard = ctx.dashboard_url
-        if dashboard:
-            self.dashboard = dashboard if "://" in dashboard else f"http://{dashboard}"
-        self.gcs_address = ray.get_runtime_context().gcs_address
-        self.node_id = ray.get_runtime_context().get_node_id()
+            self.dashboard = dashboard_url(ctx.dashboard_url)
+        runtime = ray.get_runtime_context()
+        self.gcs_address, self.node_id = runtime.gcs_address, runtime.get_node_id()
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         self.nodes = len(nodes)
         self._plan(models, [n.get("Resources", {}) for n in nodes])
@@ -315,7 +310,7 @@ class RayRunner:
         try:
             return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout)
         except _lost_errors() as e:
-            raise WorkerLost(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise _lost(e) from None
 
     def load(self) -> float:
         ray = import_ray()
@@ -381,7 +376,7 @@ class RayRunner:
                 elif report is not None and ray.wait([report], timeout=0)[0]:
                     self.report, report, report_due = ray.get(report), None, time.monotonic() + REPORT_EVERY_S
         except _lost_errors() as e:
-            raise WorkerLost(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise _lost(e) from None
         except ray.exceptions.RayTaskError as e:  # a bug around the engine, not the job's fault alone
             return {"state": "failed", "error": {"code": "internal_error", "message": str(e).splitlines()[0]}}
         for event in outcome.pop("events", [])[seen:]:  # the last steps, finished before the last poll
@@ -408,12 +403,9 @@ class RayRunner:
 
     def restart(self) -> None:
         """Drop the (dead or unresponsive) actor; the next ``load`` starts a fresh one in the same placement."""
-        self._kill()
+        self.close()
 
     def close(self) -> None:
-        self._kill()
-
-    def _kill(self) -> None:
         ray = import_ray()
         if self.actor is not None:
             try:

@@ -195,39 +195,35 @@ class JobStore:
             if row is None:
                 return None
             attempts, cancel = row
-            now = time.time()
-            if cancel:
-                db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (now, job_id))
-                return "cancelled"
-            if attempts >= max_attempts:
-                error = {**error, "message": f"{error['message']} (attempt {attempts} of {max_attempts}; "
-                                            "not trying again)"}
-                db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
-                           (now, json.dumps(error), job_id))
-                return "failed"
-            db.execute("UPDATE jobs SET state = 'queued', started_at = NULL WHERE id = ?", (job_id,))
-            return "queued"
+            give_up = {**error, "message": f"{error['message']} (attempt {attempts} of {max_attempts}; "
+                                           "not trying again)"}
+            return self._settle(db, job_id, cancel, give_up if attempts >= max_attempts else None)
 
     def recover(self, max_attempts: int) -> dict[str, list[str]]:
         """At start-up: jobs left ``running`` by a crash are queued again (or cancelled/failed)."""
         out: dict[str, list[str]] = {"requeued": [], "cancelled": [], "failed": []}
         with self._tx() as db:
             rows = db.execute("SELECT id, attempts, cancel_requested FROM jobs WHERE state = 'running'").fetchall()
-            now = time.time()
             for job_id, attempts, cancel in rows:
-                if cancel:
-                    db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (now, job_id))
-                    out["cancelled"].append(job_id)
-                elif attempts >= max_attempts:
-                    err = {"code": "interrupted", "message": f"the server stopped during this job {attempts} times; "
+                give_up = {"code": "interrupted", "message": f"the server stopped during this job {attempts} times; "
                                                              "not trying again"}
-                    db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
-                               (now, json.dumps(err), job_id))
-                    out["failed"].append(job_id)
-                else:
-                    db.execute("UPDATE jobs SET state = 'queued', started_at = NULL WHERE id = ?", (job_id,))
-                    out["requeued"].append(job_id)
+                state = self._settle(db, job_id, cancel, give_up if attempts >= max_attempts else None)
+                out["requeued" if state == "queued" else state].append(job_id)
         return out
+
+    @staticmethod
+    def _settle(db, job_id: str, cancel: bool, give_up: dict | None) -> str:
+        """A running job whose attempt ended through no fault of its own: cancelled if that was asked, failed with
+        the error ``give_up`` when its attempts are spent, else queued again in its old place. Returns the state."""
+        if cancel:
+            db.execute("UPDATE jobs SET state = 'cancelled', finished_at = ? WHERE id = ?", (time.time(), job_id))
+            return "cancelled"
+        if give_up is not None:
+            db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                       (time.time(), json.dumps(give_up), job_id))
+            return "failed"
+        db.execute("UPDATE jobs SET state = 'queued', started_at = NULL WHERE id = ?", (job_id,))
+        return "queued"
 
     def fail_queued(self, model: str, error: dict) -> list[str]:
         """Fail every queued job of ``model`` (its engine could not be loaded)."""

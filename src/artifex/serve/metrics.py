@@ -81,7 +81,7 @@ class Metrics:
             return {k: h[-2] / h[-1] for k, h in self._stages.items() if h[-1]}
 
     def render(self, *, states: dict[str, int], queue_depth: int, max_queue: int, models: dict[str, str],
-               stored_bytes: int, max_disk: int, uptime_s: float, workers: dict | None = None) -> str:
+               stored_bytes: int, max_disk: int, uptime_s: float, workers: dict) -> str:
         out: list[str] = []
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -117,8 +117,7 @@ class Metrics:
                [("", stored_bytes)])
         metric("artifex_output_bytes_cap", "gauge", "Disk cap for finished videos (0: none).", [("", max_disk)])
         metric("artifex_uptime_seconds", "gauge", "Seconds since the server started.", [("", round(uptime_s, 3))])
-        if workers is not None:
-            self._render_workers(metric, workers)
+        self._render_workers(metric, workers)
         gpus = gpu_stats()
         if gpus:
             series = [
@@ -132,7 +131,6 @@ class Metrics:
                 metric(name, "gauge", help_text,
                        [(_labels(gpu=str(g["index"]), name=g["name"]), g[key]) for g in gpus if g.get(key) is not None])
         return "\n".join(out) + "\n"
-
 
     def _render_workers(self, metric, view: dict) -> None:
         """Per-worker series (one worker = one engine: in this process, or a Ray actor) and the executor."""

@@ -128,8 +128,6 @@ def _warmup_image(path: Path, width: int, height: int) -> Path:
     return path
 
 
-
-
 class WorkerLost(Exception):
     """The process holding an engine is gone (a dead Ray actor, a lost node): the job did nothing wrong."""
 
@@ -256,9 +254,6 @@ class LocalExecutor:
     """One engine per served model, in this process."""
 
     kind = "local"
-
-    def start(self, models: list[str]) -> None:
-        pass
 
     def runners(self, model: str, settings: ServeSettings, config: OptimizationConfig) -> list[LocalRunner]:
         return [LocalRunner(model, settings, config)]

@@ -227,6 +227,17 @@ async function cancelCurrent() {
   }
 }
 
+// A table row of text cells.
+function tableRow(cells) {
+  const tr = document.createElement("tr");
+  for (const text of cells) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    tr.appendChild(td);
+  }
+  return tr;
+}
+
 async function refreshQueue() {
   let data;
   try {
@@ -237,14 +248,9 @@ async function refreshQueue() {
   const body = $("queue").querySelector("tbody");
   body.innerHTML = "";
   for (const job of data.jobs) {
-    const tr = document.createElement("tr");
-    tr.dataset.id = job.id;
     const pct = job.progress && job.progress.percent != null ? job.progress.percent.toFixed(0) + "%" : "";
-    for (const text of [job.id.slice(0, 14) + "…", job.model, job.state, pct, (job.settings.prompt || "").slice(0, 60)]) {
-      const td = document.createElement("td");
-      td.textContent = text;
-      tr.appendChild(td);
-    }
+    const tr = tableRow([job.id.slice(0, 14) + "…", job.model, job.state, pct, (job.settings.prompt || "").slice(0, 60)]);
+    tr.dataset.id = job.id;
     tr.className = "clickable";
     tr.addEventListener("click", () => watch(job));
     body.appendChild(tr);
@@ -275,13 +281,7 @@ async function refreshWorkers() {
     const cells = [w.model, String(w.index) + (w.pid ? " (pid " + w.pid + ")" : ""), w.status +
       (w.restarts ? " · " + w.restarts + " restart(s)" : ""), w.current_job ? w.current_job.slice(0, 14) + "…" : "idle",
       String(w.jobs_done), w.node || "", memory, r.loadavg_1m != null ? String(r.loadavg_1m) : ""];
-    const tr = document.createElement("tr");
-    for (const c of cells) {
-      const td = document.createElement("td");
-      td.textContent = c;
-      tr.appendChild(td);
-    }
-    body.appendChild(tr);
+    body.appendChild(tableRow(cells));
   }
 }
 
