@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     from artifex.distributed.cluster import add_commands as add_cluster_commands  # cluster start|status|stop (Ray)
 
     add_cluster_commands(sub)
-    from artifex.distributed.experts import add_commands as add_batch_command  # batch (--expert-pipeline)
+    from artifex.distributed.batch import add_commands as add_batch_command  # batch (--expert-pipeline)
 
     add_batch_command(sub)
     return parser

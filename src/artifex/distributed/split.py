@@ -18,7 +18,9 @@ from artifex.engine.pipeline import Engine
 from artifex.errors import InvalidRequestError
 
 
-def _move(value, device: torch.device, memo: dict | None = None):
+def move_tensors(value, device: torch.device, memo: dict | None = None):
+    """``value`` on ``device``: a tensor, or the tensors inside a list/tuple (anything else as it is). ``memo``
+    moves each source tensor once (keyed by identity)."""
     if isinstance(value, torch.Tensor):
         if value.device == device:
             return value
@@ -29,7 +31,7 @@ def _move(value, device: torch.device, memo: dict | None = None):
             memo[key] = (value, value.to(device))  # keep the source alive so its id stays unique
         return memo[key][1]
     if isinstance(value, tuple | list):
-        return type(value)(_move(v, device, memo) for v in value)
+        return type(value)(move_tensors(v, device, memo) for v in value)
     return value
 
 
@@ -68,11 +70,11 @@ class TwoDeviceSplit:
 
     def _to_second(self, module, args):
         self.moves += 1
-        return _move(args, self.second, self._memo)
+        return move_tensors(args, self.second, self._memo)
 
     def _back_to_first(self, module, args, output):
         self.moves += 1
-        return _move(output, self.first)
+        return move_tensors(output, self.first)
 
     def remove(self) -> None:
         """Hooks off, everything back on the engine's device."""
