@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from artifex.cli import main
 
 
@@ -48,3 +50,53 @@ def test_the_guide_benchmark_script_maps_onto_bench_pipeline():
     spec.loader.exec_module(mod)
     assert mod.translate(["--model", "ti2v-5B", "--flash-attention", "--steps", "2"]) == [
         "bench", "pipeline", "--model", "ti2v-5b", "--steps", "2"]
+
+
+def test_bench_multigpu_runs_every_layout_in_one_gloo_world_and_reports(tmp_path, artifex_home):
+    """Two gloo ranks: one process, the same through the runner, CFG-parallel 2 and Ulysses 2, each warmed up
+    and measured; the report holds the same latents for every layout (fp32) and counts every collective."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from artifex.models.registry import get_model
+
+    steps = 2
+    cmd = [sys.executable, "-m", "artifex.cli", "bench", "multigpu", "--model", "tiny-t2v-moe", "--layouts", "2x1",
+           "1x1", "1x2", "--runner-baseline", "--steps", str(steps), "--precision", "fp32", "--compile", "off",
+           "--output-dir", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1x1, 2x1, 1x2 on 2 ranks (gloo)" in p.stderr  # the one-process reference runs first
+    data = json.loads((tmp_path / "multigpu-cpu.json").read_text())
+    assert {"device", "command", "date", "versions", "summary"} <= data.keys()
+    shape = data["shapes"]["tinyt2vmoe_160x96"]
+    rows = {r["layout"]: r for r in shape["layouts"]}
+    assert list(rows) == ["1x1", "1x1-runner", "2x1", "1x2"]
+    layers = get_model("tiny-t2v-moe").transformer.layers
+    for key, row in rows.items():
+        assert row["rel_l2_latents"] < 1e-5 and row["rel_l2_first_prediction"] < 1e-5, (key, row)
+        assert row["median_step_s"] > 0 and row["total_s"] > row["denoise_s"] > 0
+        assert row["projected_total_s"] > row["total_s"]  # 2 of the model's 10 steps measured
+    calls = {key: {k: v["calls"] for k, v in row["ranks"][0]["comm"].items()} for key, row in rows.items()}
+    assert calls == {"1x1": {}, "1x1-runner": {}, "2x1": {"all_gather": steps},  # one gather of predictions a step
+                     "1x2": {"all_to_all": 2 * layers * steps, "all_gather": steps}}  # 2 per block, 1 at the head
+    assert rows["2x1"]["attention_shape"][0] == 1 and rows["1x2"]["attention_shape"][2] == 1  # one pass, 1 of 2 heads
+    assert set(rows["2x1"]["idle_wait_s"]) == {"1"} and rows["1x1"]["idle_wait_s"] == {}
+    summary = data["summary"]["tinyt2vmoe_160x96"]
+    assert summary["cfg2_speedup"] == rows["2x1"]["speedup_step"] and summary["layouts"]["1x1"]["speedup_step"] == 1.0
+    assert "| cfg 2 x ulysses 1 | 2 |" in (tmp_path / "multigpu-cpu.md").read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layouts", "3x1"], "CFG-parallel degree must be 1"),
+    (["--layouts", "1x3"], "Ulysses degree must divide tiny-t2v-moe's 2 attention heads"),
+    (["--layouts", "two"], "layout 'two' is not CFGxULYSSES"),
+    (["--steps", "1"], "the median step needs at least 2 measured steps"),
+    (["--frames", "6"], "frames"),
+])
+def test_bench_multigpu_refuses_bad_input_before_starting_ranks(flags, message, capsys):
+    assert main(["bench", "multigpu", "--model", "tiny-t2v-moe", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "torch.distributed.run" not in err

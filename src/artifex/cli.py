@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from artifex import __version__
-from artifex.bench import DIT_VARIANTS, PIPELINE_CONFIGS
+from artifex.bench import DIT_VARIANTS, PIPELINE_CONFIGS, multigpu
 from artifex.config import OptimizationConfig
 from artifex.env import VARIABLES, read_env
 from artifex.errors import ArtifexError, InvalidRequestError
@@ -404,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add these runs to an existing pipeline-<gpu>.json of the same settings (split long runs)")
     bp.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     bp.set_defaults(func=cmd_bench_pipeline)
+
+    bg = bsub.add_parser("multigpu", help="one model and shape under parallel layouts (1 GPU, CFG-parallel, "
+                         "Ulysses, both): step and whole-generation time, scaling, collectives, equality (GPUs)",
+                         description=multigpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    multigpu.add_flags(bg)
+    bg.set_defaults(func=multigpu.command)
 
     pl = sub.add_parser("plan", help="predict peak GPU memory of each memory tier (runs nothing)")
     pl.add_argument("--model", required=True)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from artifex.distributed.commtime import CommTimer, timer_or_none
+
 
 class CfgParallelPredict:
-    def __init__(self, group: dist.ProcessGroup, ranks: list[int], cfg_rank: int):
+    def __init__(self, group: dist.ProcessGroup, ranks: list[int], cfg_rank: int, timer: CommTimer | None = None):
         self.group, self.ranks, self.cfg_rank = group, ranks, cfg_rank
+        self.timed = timer_or_none(timer)  # benchmarks time the collectives
 
     @staticmethod
     def _run(model, x, timestep, text) -> torch.Tensor:
@@ -26,10 +29,12 @@ class CfgParallelPredict:
             out = self._run(model, x, timestep, cond) if self.cfg_rank == 0 else None
             if out is None:  # the shape the model returns: the latents' own (out_channels = latent channels)
                 out = torch.empty(x.shape[0], model.config.out_channels, *x.shape[2:], device=x.device)
-            dist.broadcast(out, src=self.ranks[0], group=self.group)
+            with self.timed("broadcast"):
+                dist.broadcast(out, src=self.ranks[0], group=self.group)
             return out
         mine = self._run(model, x, timestep, cond if self.cfg_rank == 0 else uncond).contiguous()
         parts = [torch.empty_like(mine) for _ in self.ranks]
-        dist.all_gather(parts, mine, group=self.group)
+        with self.timed("all_gather"):
+            dist.all_gather(parts, mine, group=self.group)
         pos, neg = parts
         return neg + guidance * (pos - neg)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from artifex.attention import install
 from artifex.distributed.cfg import CfgParallelPredict
+from artifex.distributed.commtime import CommTimer
 from artifex.distributed.groups import ParallelGroups
 from artifex.distributed.layout import ParallelLayout
 from artifex.distributed.ulysses import SequenceShard, UlyssesHooks
@@ -32,15 +33,16 @@ log = logging.getLogger("artifex")
 
 
 class ParallelRunner:
-    def __init__(self, engine: Engine, groups: ParallelGroups):
+    def __init__(self, engine: Engine, groups: ParallelGroups, timer: CommTimer | None = None):
+        """``timer``: time every collective of the layout (benchmarks); off by default."""
         self.engine, self.groups, self.layout = engine, groups, groups.layout
         self.ulysses: UlyssesHooks | None = None
         if self.layout.ulysses > 1:
-            shard = SequenceShard(groups.ulysses_group, groups.ulysses_ranks)
+            shard = SequenceShard(groups.ulysses_group, groups.ulysses_ranks, timer)
             self.ulysses = UlyssesHooks(engine.c.experts, engine.attention, shard)
             engine.attention_heads_divisor = self.layout.ulysses  # the kernel is timed on the shape ranks run
         if self.layout.cfg > 1:
-            engine.predict = CfgParallelPredict(groups.cfg_group, groups.cfg_ranks, groups.cfg_rank)
+            engine.predict = CfgParallelPredict(groups.cfg_group, groups.cfg_ranks, groups.cfg_rank, timer)
             engine.attention_batch = 1
         engine.writes_output = groups.writes_output
         engine.oom_step_down = False  # one rank re-placing models alone would leave the others in a collective

@@ -29,13 +29,15 @@ import torch
 import torch.distributed as dist
 
 from artifex.attention.processor import WanAttentionProcessor
+from artifex.distributed.commtime import CommTimer, timer_or_none
 
 
 class SequenceShard:
     """How one forward's tokens are split over a Ulysses group; set at the start of every forward."""
 
-    def __init__(self, group: dist.ProcessGroup, ranks: list[int]):
+    def __init__(self, group: dist.ProcessGroup, ranks: list[int], timer: CommTimer | None = None):
         self.group = group
+        self.timed = timer_or_none(timer)  # benchmarks time the collectives
         self.size = len(ranks)
         self.rank = ranks.index(dist.get_rank())
         self.sizes: list[int] = []
@@ -56,7 +58,8 @@ class SequenceShard:
         longest = self.sizes[0]
         padded = x if x.shape[1] == longest else torch.nn.functional.pad(x, (0, 0, 0, longest - x.shape[1]))
         parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        with self.timed("all_gather"):
+            dist.all_gather(parts, padded.contiguous(), group=self.group)
         return torch.cat([p[:, :n] for p, n in zip(parts, self.sizes)], dim=1)
 
     def seq_to_heads(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -66,7 +69,8 @@ class SequenceShard:
         send = qkv.permute(3, 0, 1, 2, 4).contiguous()  # (H, 3, B, L_r, D): head groups are contiguous
         counts = [h // n * three * b * s * d for s in self.sizes]
         recv = send.new_empty(sum(counts))
-        dist.all_to_all_single(recv, send.flatten(), counts, [send.numel() // n] * n, group=self.group)
+        with self.timed("all_to_all"):
+            dist.all_to_all_single(recv, send.flatten(), counts, [send.numel() // n] * n, group=self.group)
         parts = [p.view(h // n, three, b, s, d) for p, s in zip(recv.split(counts), self.sizes)]
         return torch.cat(parts, dim=3).permute(1, 2, 3, 0, 4).contiguous()  # (3, B, L, H/N, D)
 
@@ -78,8 +82,9 @@ class SequenceShard:
         send = out.permute(1, 0, 2, 3).contiguous()  # (L, B, H/N, D): rank r's tokens are contiguous rows
         row = b * hn * d
         recv = send.new_empty(n * local * row)
-        dist.all_to_all_single(recv, send.flatten(), [local * row] * n, [s * row for s in self.sizes],
-                               group=self.group)
+        with self.timed("all_to_all"):
+            dist.all_to_all_single(recv, send.flatten(), [local * row] * n, [s * row for s in self.sizes],
+                                   group=self.group)
         return recv.view(n, local, b, hn, d).permute(2, 1, 0, 3, 4).reshape(b, local, n * hn, d)
 
 
