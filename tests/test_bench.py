@@ -52,9 +52,9 @@ def test_the_guide_benchmark_script_maps_onto_bench_pipeline():
         "bench", "pipeline", "--model", "ti2v-5b", "--steps", "2"]
 
 
-def test_bench_multigpu_runs_every_layout_in_one_gloo_world_and_reports(tmp_path, artifex_home):
-    """Two gloo ranks: one process, the same through the runner, CFG-parallel 2 and Ulysses 2, each warmed up
-    and measured; the report holds the same latents for every layout (fp32) and counts every collective."""
+def test_bench_multigpu_runs_every_layout_in_its_own_gloo_world_and_reports(tmp_path, artifex_home):
+    """One plain process, the same through the runner (a gloo world of one), CFG-parallel 2 and Ulysses 2 (two gloo
+    ranks each), each warmed up and measured; the same latents for every layout (fp32), every collective counted."""
     import json
     import os
     import subprocess
@@ -68,7 +68,7 @@ def test_bench_multigpu_runs_every_layout_in_one_gloo_world_and_reports(tmp_path
            "--output-dir", str(tmp_path)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "1x1, 2x1, 1x2 on 2 ranks (gloo)" in p.stderr  # the one-process reference runs first
+    assert "1x1, 1x1-runner, 2x1, 1x2 (gloo)" in p.stderr  # the one-process reference runs first
     data = json.loads((tmp_path / "multigpu-cpu.json").read_text())
     assert {"device", "command", "date", "versions", "summary"} <= data.keys()
     shape = data["shapes"]["tinyt2vmoe_160x96"]

@@ -1,14 +1,14 @@
-"""``artifex bench multigpu``: one model and shape under several parallel layouts, in one torch.distributed world.
+"""``artifex bench multigpu``: one model and shape under several parallel layouts, each in its own processes.
 
     artifex bench multigpu --model t2v-a14b --size 1280x720 --frames 81 --steps 4 --layouts 1x1 2x1 1x2
 
-Layouts are written ``CFGxULYSSES`` (``2x4`` = CFG-parallel 2 x Ulysses 4 on 8 GPUs). The command
-starts ``torchrun --standalone`` with as many ranks as the largest layout needs (one GPU each;
-gloo processes on a CPU), every rank builds the same model once (random weights at the real
-shapes, or ``--checkpoint``), and the layouts then run one after another on the first ranks of
-that world, the others waiting. For each layout: a warm-up generation (compile and autotune
-for the layout's shapes), then the measured whole generation (text, every step, VAE decode and
-mp4 write by rank 0), with
+Layouts are written ``CFGxULYSSES`` (``2x4`` = CFG-parallel 2 x Ulysses 4 on 8 GPUs). The one-GPU
+layout, the reference, runs as one plain process (no torch.distributed); every other layout runs
+under ``torchrun --standalone`` with one rank per GPU (gloo processes on a CPU), exactly as
+``artifex launch`` runs it. Every rank builds the model (random weights at the real shapes, or
+``--checkpoint``), runs a warm-up generation (compile and autotune for the layout's shapes), then
+the measured whole generation (text, every step, VAE decode and mp4 write by rank 0). Rank 0
+records every rank's figures; this command merges them:
 
 - the median denoising step (one step = the DiT forwards of the prompt and the negative prompt,
   however the layout splits them), the stage times, and the projected whole generation at the
@@ -18,8 +18,11 @@ mp4 write by rank 0), with
 - how long the ranks that do not decode wait for rank 0's decode and write (idle ranks);
 - the first step's flow prediction and the final latents against the one-GPU layout (rel L2);
 - speedup and scaling efficiency (speedup / GPUs) against the one-GPU layout;
-- with ``--runner-baseline``, the one-GPU layout once more through the parallel runner (a world
-  of processes, the layout's seams applied): what the distribution layer costs on one GPU.
+- with ``--runner-baseline``, the one-GPU layout once more through the parallel runner in a
+  torch.distributed world of one (NCCL on a GPU): what the distribution layer costs on one GPU.
+
+``--layout-timeout S`` stops a layout that runs past S seconds (its Python stacks dumped to
+stderr first) and goes on with the next, so one hang cannot take the whole run.
 
 Rank 0 writes ``multigpu-<gpu>.json`` (+ .md, .png); one file holds every shape measured on a
 device, each run adding or replacing its shape's entry.
@@ -28,6 +31,7 @@ device, each run adding or replacing its shape's entry.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -101,9 +105,13 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="real weights (directory or hub id); default: random weights, real shapes")
     p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     p.add_argument("--runner-baseline", action="store_true",
-                   help="run the one-GPU layout twice: the plain engine, then through the parallel runner (the "
-                        "distribution layer's cost on one GPU)")
+                   help="run the one-GPU layout twice: one plain process, then through the parallel runner in a "
+                        "torch.distributed world of one (the distribution layer's cost on one GPU)")
+    p.add_argument("--layout-timeout", type=float,
+                   help="stop a layout's processes after this many seconds (their stacks are dumped first)")
     p.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--record", help=argparse.SUPPRESS)  # one layout's processes: where rank 0 writes its record
+    p.add_argument("--via-runner", action="store_true", help=argparse.SUPPRESS)
 
 
 def _shape(spec, args) -> tuple[int, int, int, int]:
@@ -127,11 +135,11 @@ def _shape(spec, args) -> tuple[int, int, int, int]:
 
 
 def command(args: argparse.Namespace) -> int:
-    """``artifex bench multigpu``: check everything, then start the ranks under torchrun."""
-    import subprocess
-
+    """``artifex bench multigpu``: check everything, then run each layout as its own process world (the one-GPU
+    layout as one plain process, the others under torchrun), merging their records into the report."""
     import torch
 
+    from artifex.bench import report
     from artifex.distributed.groups import pick_backend
     from artifex.models.registry import get_model
 
@@ -140,35 +148,88 @@ def command(args: argparse.Namespace) -> int:
     backend = pick_backend(args.backend)
     gpus = torch.cuda.device_count() if backend == "nccl" else None
     layouts = check_layouts(spec, args.layouts, gpus)
-    nproc = max(lay.world_size for lay in layouts)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "artifex.bench.multigpu", *rank_argv(args, [layout_key(x) for x in layouts])]
-    print(f"artifex bench multigpu: {', '.join(layout_key(x) for x in layouts)} on {nproc} ranks ({backend})",
-          file=sys.stderr)
-    return subprocess.run(cmd).returncode
+    runs = [(lay, False) for lay in layouts]
+    if args.runner_baseline:
+        runs.insert(1 if layouts[0].world_size == 1 else 0, (parse_layout("1x1"), True))
+    print(f"artifex bench multigpu: {', '.join(_run_key(lay, r) for lay, r in runs)} ({backend})", file=sys.stderr)
+    dev = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
+    data = report.header(dev, prog="artifex bench multigpu")
+    w, h, frames, steps = _shape(spec, args)
+    data.update(model=spec.name, size=f"{w}x{h}x{frames}", tokens=spec.tokens(w, h, frames), steps=steps,
+                default_steps=spec.steps, warmup_steps=args.warmup_steps, backend=backend, layouts=[])
+    reference: dict = {}
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="artifex-multigpu-") as work:
+        for layout, via_runner in runs:
+            key = _run_key(layout, via_runner)
+            error = _run_world(args, layout, via_runner, Path(work) / key)
+            if error:
+                failed += 1
+                print(f"artifex bench multigpu: {key}: {error}", file=sys.stderr)
+                data["layouts"].append({"layout": key, "describe": layout.describe(), "gpus": layout.world_size,
+                                        "error": error})
+            else:
+                rec = json.loads((Path(work) / key / "record.json").read_text())
+                tensors = torch.load(Path(work) / key / "tensors.pt")
+                data.update(weights=rec["weights"], config=rec["config"])
+                data["layouts"].append(_layout_row(layout, rec, tensors, spec, steps, reference, via_runner))
+            files = _write(args.output_dir, data, dev)  # after every layout: a run cut short keeps what it measured
+    print("\n".join(str(f) for f in files))
+    return 1 if failed else 0
 
 
-def rank_argv(args: argparse.Namespace, layouts: list[str]) -> list[str]:
-    """The ranks' command line: the same flags, the layouts spelled out."""
-    argv = ["--layouts", *layouts]
+def _run_key(layout, via_runner: bool) -> str:
+    return f"{layout_key(layout)}-runner" if via_runner else layout_key(layout)
+
+
+def _run_world(args, layout, via_runner: bool, record_dir: Path) -> str | None:
+    """Run one layout in its own processes; None when it finished, else what went wrong. With --layout-timeout
+    the processes are stopped (their Python stacks dumped to stderr first) when they run past it."""
+    import signal
+    import subprocess
+
+    flags = rank_argv(args, layout_key(layout)) + ["--record", str(record_dir)] + (["--via-runner"] if via_runner
+                                                                                   else [])
+    if layout.world_size == 1 and not via_runner:  # the reference: one plain process, no torch.distributed
+        cmd = [sys.executable, "-m", "artifex.bench.multigpu", *flags]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={layout.world_size}", "-m", "artifex.bench.multigpu", *flags]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if args.layout_timeout:
+        env["ARTIFEX_BENCH_DUMP_STACKS_S"] = str(max(args.layout_timeout - 15, 1))
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=args.layout_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks: nothing may keep holding the GPUs
+        proc.wait()
+        return f"stopped after --layout-timeout {args.layout_timeout} s (stacks dumped above)"
+    if rc != 0:
+        return f"exited with status {rc}"
+    return None
+
+
+def rank_argv(args: argparse.Namespace, layout: str) -> list[str]:
+    """A layout's command line: the same flags, one layout."""
+    argv = ["--layouts", layout]
     for flag in ("model", "size", "frames", "steps", "warmup_steps", "precision", "compile", "fp8", "checkpoint",
-                 "backend", "output_dir", "runner_baseline"):
+                 "backend"):
         value = getattr(args, flag)
-        if value is True:
-            argv.append(f"--{flag.replace('_', '-')}")
-        elif value not in (None, False):
+        if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     return argv
 
 
-# -- the ranks ------------------------------------------------------------------------------------
-def rank_main(args: argparse.Namespace) -> int:
+# -- one layout's processes -----------------------------------------------------------------------
+def layout_main(args: argparse.Namespace) -> int:
+    """One layout in this process world: every rank builds the model, warms up and generates; rank 0 writes the
+    ranks' records to ``--record``."""
     from datetime import timedelta
 
     import torch
     import torch.distributed as dist
 
-    from artifex.bench import report
     from artifex.config import OptimizationConfig
     from artifex.distributed.commtime import CommTimer
     from artifex.distributed.groups import build_groups, init_distributed
@@ -176,13 +237,22 @@ def rank_main(args: argparse.Namespace) -> int:
     from artifex.engine.pipeline import Engine
     from artifex.models.registry import get_model
 
+    if os.environ.get("ARTIFEX_BENCH_DUMP_STACKS_S"):  # a layout that hangs says where, before it is stopped
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["ARTIFEX_BENCH_DUMP_STACKS_S"]), exit=False)
     spec = get_model(args.model)
     w, h, frames, steps = _shape(spec, args)
-    backend, device = init_distributed(args.backend)
+    layout = check_layouts(spec, args.layouts, None)[0]
+    parallel = "RANK" in os.environ
+    control = None
+    if parallel:
+        backend, device = init_distributed(args.backend)
+        control = dist.new_group(backend="gloo", timeout=timedelta(hours=2))  # records and waits, on the CPU
+        groups = build_groups(layout)
+    else:
+        backend, device = "none", args_device(args.backend)
     dev = torch.device(device)
-    control = dist.new_group(backend="gloo", timeout=timedelta(hours=2))  # waits as long as a layout runs
-    rank, world = dist.get_rank(), dist.get_world_size()
-    layouts = check_layouts(spec, args.layouts, world if backend == "nccl" else None)
     try:
         t = time.perf_counter()
         components, weights = _components(spec, args, dev)
@@ -191,48 +261,43 @@ def rank_main(args: argparse.Namespace) -> int:
                                     max_batch_size=2, vae_precision="bf16", fp8=args.fp8)
         engine = Engine.from_components(spec, components, config)
         build_s = time.perf_counter() - t
-        data = report.header(dev, prog="artifex bench multigpu") if rank == 0 else {}
-        data.update(model=spec.name, size=f"{w}x{h}x{frames}", tokens=spec.tokens(w, h, frames), steps=steps,
-                    default_steps=spec.steps, warmup_steps=args.warmup_steps, weights=weights, backend=backend,
-                    world_size=world, config={"precision": args.precision, "compile": compile_blocks,
-                                              "fp8": args.fp8, "cfg_batch": engine.plan.cfg_batch},
-                    build_s=round(build_s, 1), layouts=[])
-        work = Path(tempfile.mkdtemp(prefix=f"artifex-multigpu-{rank}-"))
-        reference: dict = {}
-        runs = [(lay, False) for lay in layouts]
-        if args.runner_baseline and layouts[0].world_size == 1:
-            runs.insert(1, (layouts[0], True))
-        for layout, via_runner in runs:
-            timer = CommTimer(dev)
-            groups = build_groups(layout, spare_ranks=True)
-            together = dist.new_group(list(range(layout.world_size)), backend="gloo", timeout=timedelta(hours=2))
-            mine = None
-            if groups is not None:
-                runner = ParallelRunner(engine, groups, timer) if layout.world_size > 1 or via_runner else None
-                try:
-                    mine = _run_layout(engine, runner, spec, w, h, frames, steps, args.warmup_steps, timer, dev,
-                                       work / layout_key(layout), lambda g=together: dist.barrier(group=g))
-                finally:
-                    if runner is not None:
-                        runner.remove()
+        timer = CommTimer(dev)
+        runner = ParallelRunner(engine, groups, timer) if parallel else None
+        barrier = (lambda: dist.barrier(group=control)) if parallel else (lambda: None)
+        with tempfile.TemporaryDirectory(prefix="artifex-multigpu-videos-") as videos:
+            mine = _run_layout(engine, runner, spec, w, h, frames, steps, args.warmup_steps, timer, dev,
+                               Path(videos), barrier)
             t = time.perf_counter()
-            dist.barrier(group=control)  # the ranks that did not decode wait here for rank 0's decode and write
-            if mine is not None:
-                mine["wait_after_denoise_s"] = round(time.perf_counter() - t, 3)
-            ranks: list = [None] * world
-            dist.all_gather_object(ranks, mine, group=control)
-            if rank == 0:
-                row = _layout_row(layout, [r for r in ranks if r is not None], spec, steps, reference, via_runner)
-                data["layouts"].append(row)
-                log.info("%s", {k: v for k, v in row.items() if k != "ranks"})
-                _write(args.output_dir, data, dev)  # after every layout, so a run cut short keeps what it measured
-        if rank == 0:
-            files = _write(args.output_dir, data, dev)
-            print("\n".join(str(f) for f in files))
-        dist.barrier(group=control)
+            barrier()  # the ranks that did not decode wait here for rank 0's decode and write
+            mine["wait_after_denoise_s"] = round(time.perf_counter() - t, 3)
+        ranks = [mine]
+        if parallel:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, {k: v for k, v in mine.items() if k not in _TENSORS}, group=control)
+        if mine["writes"]:
+            out = Path(args.record)
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save({k: mine[k] for k in _TENSORS}, out / "tensors.pt")
+            record = {"ranks": [{k: v for k, v in r.items() if k not in _TENSORS} for r in ranks],
+                      "weights": weights, "backend": backend, "build_s": round(build_s, 1),
+                      "config": {"precision": args.precision, "compile": compile_blocks, "fp8": args.fp8,
+                                 "cfg_batch": engine.plan.cfg_batch}}
+            (out / "record.json").write_text(json.dumps(record, indent=1, default=str))
+        if parallel:
+            dist.barrier(group=control)
     finally:
-        dist.destroy_process_group()
+        if parallel:
+            dist.destroy_process_group()
     return 0
+
+
+_TENSORS = ("first_prediction", "latents")
+
+
+def args_device(backend: str) -> str:
+    import torch
+
+    return "cuda:0" if backend != "gloo" and torch.cuda.is_available() else "cpu"
 
 
 def _components(spec, args, dev):
@@ -306,28 +371,26 @@ def _run_layout(engine, runner, spec, w, h, frames, steps, warmup_steps, timer, 
 def _rank() -> int:
     import torch.distributed as dist
 
-    return dist.get_rank()
-
-
-def _backend() -> str:
-    import torch.distributed as dist
-
-    return dist.get_backend()
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _rel_l2(a, b) -> float:
     return round(float((a.double() - b.double()).norm() / b.double().norm()), 6)
 
 
-def _layout_row(layout, ranks: list[dict], spec, steps: int, reference: dict, via_runner: bool = False) -> dict:
-    """One layout's figures from every rank's record; the one-GPU layout's (plain engine) become the reference."""
+def _layout_row(layout, record: dict, tensors: dict, spec, steps: int, reference: dict,
+                via_runner: bool = False) -> dict:
+    """One layout's figures from every rank's record (and rank 0's first prediction and final latents); the
+    one-GPU layout's (one plain process) become the reference."""
+    ranks = record["ranks"]
     lead = next(r for r in ranks if r["writes"])
     t = lead["timings_s"]
     step = lead["median_step_s"]
-    key, describe = layout_key(layout), layout.describe()
-    if via_runner and layout.world_size == 1:
-        key, describe = f"{key}-runner", f"{describe} through the parallel runner ({_backend()} world)"
-    row = {"layout": key, "describe": describe, "gpus": layout.world_size,
+    key, describe = _run_key(layout, via_runner), layout.describe()
+    if via_runner:
+        describe += f" through the parallel runner (a {record['backend']} world of {layout.world_size})"
+    row = {"layout": key, "describe": describe, "gpus": layout.world_size, "backend": record["backend"],
+           "build_s": record["build_s"],
            "median_step_s": step, "encode_text_s": t.get("encode_text"), "denoise_s": t.get("denoise"),
            "decode_s": t.get("decode"), "write_s": t.get("write"), "total_s": t.get("total"),
            "warmup_s": lead["warmup_s"], "tier": lead["tier"], "attention": lead["attention"],
@@ -346,28 +409,28 @@ def _layout_row(layout, ranks: list[dict], spec, steps: int, reference: dict, vi
                     for r in ranks]
     if layout.world_size == 1 and not via_runner and not reference:
         reference.update(step=step, total=row.get("projected_total_s", row["total_s"]),
-                         denoise=t["denoise"], first=lead["first_prediction"], latents=lead["latents"])
+                         denoise=t["denoise"], first=tensors["first_prediction"], latents=tensors["latents"])
     if reference:
         row["speedup_step"] = round(reference["step"] / step, 3)
         row["efficiency_step"] = round(row["speedup_step"] / layout.world_size, 3)
         total = row.get("projected_total_s", row["total_s"])
         row["speedup_total"] = round(reference["total"] / total, 3)
         row["efficiency_total"] = round(row["speedup_total"] / layout.world_size, 3)
-        row["rel_l2_first_prediction"] = _rel_l2(lead["first_prediction"], reference["first"])
-        row["rel_l2_latents"] = _rel_l2(lead["latents"], reference["latents"])
+        row["rel_l2_first_prediction"] = _rel_l2(tensors["first_prediction"], reference["first"])
+        row["rel_l2_latents"] = _rel_l2(tensors["latents"], reference["latents"])
     return row
 
 
 # -- the report ------------------------------------------------------------------------------------
 def shape_summary(data: dict) -> dict:
-    out = {"steps": data["steps"], "default_steps": data["default_steps"], "world_size": data["world_size"],
-           "layouts": {}}
+    out = {"steps": data["steps"], "default_steps": data["default_steps"],
+           "gpus": max((r["gpus"] for r in data["layouts"]), default=0), "layouts": {}}
     for r in data["layouts"]:
         out["layouts"][r["layout"]] = {k: r.get(k) for k in (
-            "median_step_s", "total_s", "projected_total_s", "speedup_step", "efficiency_step", "speedup_total",
-            "efficiency_total", "comm_share_of_denoise", "rel_l2_first_prediction", "rel_l2_latents")}
+            "error", "median_step_s", "total_s", "projected_total_s", "speedup_step", "efficiency_step",
+            "speedup_total", "efficiency_total", "comm_share_of_denoise", "rel_l2_first_prediction", "rel_l2_latents")}
     if "2x1" in out["layouts"]:
-        out["cfg2_speedup"] = out["layouts"]["2x1"]["speedup_step"]
+        out["cfg2_speedup"] = out["layouts"]["2x1"].get("speedup_step")
     return out
 
 
@@ -399,11 +462,14 @@ def _markdown(shapes: dict) -> str:
         name = d["device"].get("name") if isinstance(d.get("device"), dict) else d.get("device")
         proj = f" (whole generation projected to {d['default_steps']} steps)" if d["steps"] < d["default_steps"] else ""
         lines.append(f"\n## {key}: {d['model']} {d['size']}, {d['tokens']} tokens, {d['steps']} steps measured{proj}"
-                     f" on {name}, world of {d['world_size']}\n\n`{d['command']}` ({d['date']}); config {d['config']};"
-                     f" weights: {d['weights']}\n\n")
+                     f" on {name}\n\n`{d['command']}` ({d['date']}); config {d.get('config')};"
+                     f" weights: {d.get('weights')}\n\n")
         rows = [["layout", "GPUs", "s / step", "speedup", "efficiency", "total s", "projected total s",
                  "comm share", "decode s", "idle ranks wait s", "rel L2 first step", "rel L2 latents", "tier"]]
         for r in d["layouts"]:
+            if "error" in r:
+                rows.append([r["describe"], str(r["gpus"]), f"failed: {r['error']}"] + ["-"] * 10)
+                continue
             rows.append([r["describe"], str(r["gpus"]), str(r["median_step_s"]), str(r.get("speedup_step", "-")),
                          str(r.get("efficiency_step", "-")), str(r["total_s"]), str(r.get("projected_total_s", "-")),
                          str(r["comm_share_of_denoise"]), str(r["decode_s"]),
@@ -421,7 +487,7 @@ def _chart(shapes: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.6), squeeze=False)
     for ax, (key, d) in zip(axes[0], shapes.items()):
-        rows = d["layouts"]
+        rows = [r for r in d["layouts"] if "error" not in r]
         bars = ax.bar([r["layout"] for r in rows], [r["median_step_s"] for r in rows], color="tab:blue")
         for bar, r in zip(bars, rows):
             if r.get("efficiency_step") is not None:
@@ -445,11 +511,12 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=read_env().log_level,
                         format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s")
-    if "RANK" not in os.environ:
-        print("error: start this with artifex bench multigpu (or torchrun)", file=sys.stderr)
+    if not args.record or not args.layouts or len(args.layouts) != 1:
+        print("error: this module runs one layout for artifex bench multigpu (--layouts CxU --record DIR)",
+              file=sys.stderr)
         return 2
     try:
-        return rank_main(args)
+        return layout_main(args)
     except InvalidRequestError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
