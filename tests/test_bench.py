@@ -100,3 +100,42 @@ def test_bench_multigpu_refuses_bad_input_before_starting_ranks(flags, message, 
     assert main(["bench", "multigpu", "--model", "tiny-t2v-moe", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "torch.distributed.run" not in err
+
+
+def test_bench_multigpu_ulysses_runs_inside_compiled_blocks(tmp_path, artifex_home):
+    """Ulysses' all-to-alls run eagerly inside compiled blocks (the graph breaks around attention), then the
+    blocks go back to the whole-graph compile; with --append the earlier one-GPU run stays the reference."""
+    import os
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "artifex.cli", "bench", "multigpu", "--model", "tiny-t2v-moe", "--steps", "2",
+            "--compile", "on", "--output-dir", str(tmp_path)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    for layouts in (["1x1"], ["1x2", "--append"]):
+        p = subprocess.run([*base, "--layouts", *layouts], capture_output=True, text=True, timeout=400, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+    shape = json.loads((tmp_path / "multigpu-cpu.json").read_text())["shapes"]["tinyt2vmoe_160x96"]
+    rows = {r["layout"]: r for r in shape["layouts"]}
+    assert list(rows) == ["1x1", "1x2"] and shape["appended_to"]["command"].endswith("--layouts 1x1")
+    assert rows["1x2"]["ranks"][0]["comm"]["all_to_all"]["calls"] > 0 and rows["1x2"]["speedup_step"] > 0
+    assert "earlier run" in rows["1x2"]["equality"] and "rel_l2_latents" not in rows["1x2"]
+
+
+def test_ulysses_hooks_switch_compiled_blocks_to_graph_breaks_and_back():
+    from diffusers import WanTransformer3DModel
+
+    from artifex.distributed.ulysses import UlyssesHooks
+    from artifex.engine.dit import accelerate_model, compiled_block_core
+    from artifex.models.registry import get_model
+
+    class Shard:  # the hooks only read the group size when they are installed
+        size = 1
+
+    model = WanTransformer3DModel(**get_model("tiny-t2v-moe").transformer.diffusers_config())
+    accelerate_model(model, compile_blocks=True)
+    assert all(b._artifex_core is compiled_block_core(True) for b in model.blocks)
+    hooks = UlyssesHooks([model], runtime=lambda q, k, v: q, shard=Shard())
+    assert all(b._artifex_core is compiled_block_core(False) for b in model.blocks)
+    hooks.remove()
+    assert all(b._artifex_core is compiled_block_core(True) for b in model.blocks)

@@ -110,6 +110,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout-timeout", type=float,
                    help="stop a layout's processes after this many seconds (their stacks are dumped first)")
     p.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--append", action="store_true",
+                   help="keep the layouts of an earlier run of the same model, size and steps in OUTPUT_DIR's report "
+                        "(its one-GPU layout stays the reference for speedups)")
     p.add_argument("--record", help=argparse.SUPPRESS)  # one layout's processes: where rank 0 writes its record
     p.add_argument("--via-runner", action="store_true", help=argparse.SUPPRESS)
 
@@ -153,11 +156,14 @@ def command(args: argparse.Namespace) -> int:
         runs.insert(1 if layouts[0].world_size == 1 else 0, (parse_layout("1x1"), True))
     print(f"artifex bench multigpu: {', '.join(_run_key(lay, r) for lay, r in runs)} ({backend})", file=sys.stderr)
     dev = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
-    data = report.header(dev, prog="artifex bench multigpu")
+    data = report.header(dev)
     w, h, frames, steps = _shape(spec, args)
     data.update(model=spec.name, size=f"{w}x{h}x{frames}", tokens=spec.tokens(w, h, frames), steps=steps,
                 default_steps=spec.steps, warmup_steps=args.warmup_steps, backend=backend, layouts=[])
     reference: dict = {}
+    if args.append:
+        _keep_previous(args.output_dir / f"multigpu-{report.device_slug(dev)}.json", data,
+                       {_run_key(lay, r) for lay, r in runs}, reference)
     failed = 0
     with tempfile.TemporaryDirectory(prefix="artifex-multigpu-") as work:
         for layout, via_runner in runs:
@@ -176,6 +182,26 @@ def command(args: argparse.Namespace) -> int:
             files = _write(args.output_dir, data, dev)  # after every layout: a run cut short keeps what it measured
     print("\n".join(str(f) for f in files))
     return 1 if failed else 0
+
+
+def _keep_previous(path: Path, data: dict, replaced: set[str], reference: dict) -> None:
+    """``--append``: the layouts an earlier run measured for the same model, size and steps stay (this run's
+    replace those of the same name); its one-GPU times become the reference (its latents are not kept, so layouts
+    measured now are not compared for equality against it)."""
+    if not path.exists():
+        return
+    from artifex.bench.dit import shape_key
+
+    key = shape_key(data["model"], *(int(v) for v in data["size"].split("x")[:2]))
+    old = json.loads(path.read_text()).get("shapes", {}).get(key)
+    if not old or (old["size"], old["steps"]) != (data["size"], data["steps"]):
+        return
+    data["layouts"] = [r for r in old["layouts"] if r["layout"] not in replaced]
+    data["appended_to"] = {"command": old["command"], "date": old["date"]}
+    one = next((r for r in data["layouts"] if r["layout"] == "1x1" and "error" not in r), None)
+    if one is not None:
+        reference.update(step=one["median_step_s"], total=one.get("projected_total_s", one["total_s"]),
+                         denoise=one["denoise_s"], first=None, latents=None)
 
 
 def _run_key(layout, via_runner: bool) -> str:
@@ -416,8 +442,11 @@ def _layout_row(layout, record: dict, tensors: dict, spec, steps: int, reference
         total = row.get("projected_total_s", row["total_s"])
         row["speedup_total"] = round(reference["total"] / total, 3)
         row["efficiency_total"] = round(row["speedup_total"] / layout.world_size, 3)
-        row["rel_l2_first_prediction"] = _rel_l2(tensors["first_prediction"], reference["first"])
-        row["rel_l2_latents"] = _rel_l2(tensors["latents"], reference["latents"])
+        if reference["latents"] is not None:
+            row["rel_l2_first_prediction"] = _rel_l2(tensors["first_prediction"], reference["first"])
+            row["rel_l2_latents"] = _rel_l2(tensors["latents"], reference["latents"])
+        else:
+            row["equality"] = "not compared: the one-GPU reference was measured in an earlier run (--append)"
     return row
 
 
@@ -426,9 +455,10 @@ def shape_summary(data: dict) -> dict:
     out = {"steps": data["steps"], "default_steps": data["default_steps"],
            "gpus": max((r["gpus"] for r in data["layouts"]), default=0), "layouts": {}}
     for r in data["layouts"]:
-        out["layouts"][r["layout"]] = {k: r.get(k) for k in (
+        out["layouts"][r["layout"]] = {k: r[k] for k in (
             "error", "median_step_s", "total_s", "projected_total_s", "speedup_step", "efficiency_step",
-            "speedup_total", "efficiency_total", "comm_share_of_denoise", "rel_l2_first_prediction", "rel_l2_latents")}
+            "speedup_total", "efficiency_total", "comm_share_of_denoise", "rel_l2_first_prediction",
+            "rel_l2_latents") if k in r}
     if "2x1" in out["layouts"]:
         out["cfg2_speedup"] = out["layouts"]["2x1"].get("speedup_step")
     return out
@@ -476,6 +506,10 @@ def _markdown(shapes: dict) -> str:
                          str(list(r["idle_wait_s"].values()) or "-"), str(r.get("rel_l2_first_prediction", "-")),
                          str(r.get("rel_l2_latents", "-")), str(r["tier"])])
         lines.append(report.md_table(rows))
+        if d.get("appended_to"):
+            lines.append(f"\nLayouts not measured by the command above come from `{d['appended_to']['command']}` "
+                         f"({d['appended_to']['date']}), whose one-GPU layout is the reference.\n")
+        lines += [f"\n{r['layout']}: {r['equality']}\n" for r in d["layouts"] if r.get("equality")]
     return "# Multi-GPU layouts\n" + "".join(lines)
 
 

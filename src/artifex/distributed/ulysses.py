@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from artifex.attention.processor import WanAttentionProcessor
 from artifex.distributed.commtime import CommTimer, timer_or_none
+from artifex.engine.dit import allow_graph_breaks
 
 
 class SequenceShard:
@@ -95,6 +96,9 @@ class UlyssesAttention:
         self.inner = inner  # the engine's AttentionRuntime (or any callable (q, k, v) -> out)
         self.shard = shard
 
+    # Eager even inside a compiled block (the graph breaks around attention): the all-to-alls with uneven splits
+    # and their optional timers run as plain calls, as on the CPU where they are tested.
+    @torch.compiler.disable
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = self.shard.seq_to_heads(torch.stack([q, k, v])).unbind(0)
         return self.shard.heads_to_seq(self.inner(q, k, v))
@@ -123,6 +127,7 @@ class UlyssesHooks:
             for block in model.blocks:
                 block.attn1.set_processor(self_attention)
                 block.attn2.set_processor(cross_attention)
+            allow_graph_breaks(model, True)  # the all-to-alls run eagerly inside compiled blocks
 
     def _model_pre_hook(self, patch: tuple[int, int, int]):
         def hook(module, args, kwargs):
@@ -155,3 +160,5 @@ class UlyssesHooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for model in self.models:
+            allow_graph_breaks(model, False)

@@ -192,9 +192,18 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_p
 
 
 @functools.cache
-def compiled_block_core():
-    """``block_core`` compiled once per process: every block of every model shares its compiled graphs."""
-    return torch.compile(block_core, fullgraph=True, dynamic=False)
+def compiled_block_core(fullgraph: bool):
+    """``block_core`` compiled once per process: every block of every model shares its compiled graphs.
+    ``fullgraph=False`` is the variant that may break its graph, for attention runtimes that must run eagerly
+    (Ulysses' all-to-alls: ``allow_graph_breaks``)."""
+    return torch.compile(block_core, fullgraph=fullgraph, dynamic=False)
+
+
+def allow_graph_breaks(model, allowed: bool) -> None:
+    """Switch ``model``'s compiled blocks (if any) to the core that may (or may not) break its graph."""
+    for block in model.blocks:
+        if getattr(block, "_artifex_core", None) is compiled_block_core(allowed):
+            block._artifex_core = compiled_block_core(not allowed)
 
 
 def accelerate_model(model, compile_blocks: bool = False) -> None:
@@ -209,7 +218,7 @@ def accelerate_model(model, compile_blocks: bool = False) -> None:
         model.forward = types.MethodType(model_forward, model)
         for block in model.blocks:
             block.forward = types.MethodType(block_forward, block)
-    core = compiled_block_core() if compile_blocks else block_core
+    core = compiled_block_core(True) if compile_blocks else block_core
     for block in model.blocks:
         block._artifex_kv = None
         block._artifex_core = core
