@@ -175,7 +175,7 @@ def test_random_weight_components_run_through_the_engine(tmp_path):
                                           output=str(tmp_path / "r.mp4")))
     assert r.video_path.exists() and r.memory["tier"] == "resident"
     assert r.sidecar["model"]["checkpoint"] == "random:tiny-t2v-moe"
-    assert engine.c.experts[0].blocks[0].attn1.to_q.weight.dtype == torch.float32
+    assert engine.c.experts[0].blocks[0].attn1.to_qkv.weight.dtype == torch.float32  # fast_dit: q/k/v fused
 
 
 def test_oom_step_down_can_be_turned_off(tmp_path):
