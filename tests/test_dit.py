@@ -165,3 +165,117 @@ def test_fp8_quantization_of_experts_reports_its_error_against_bf16(tiny_checkpo
         assert isinstance(expert.blocks[0].ffn.net[2], Fp8Linear)
         assert isinstance(expert.blocks[0].attn1.to_q, Fp8Linear)
         assert not isinstance(expert.proj_out, Fp8Linear)  # the output head keeps bf16
+
+
+# -- the fused QKV projection --------------------------------------------------------------
+def _weight_bytes(model) -> tuple[int, int]:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() for t in tensors), sum(t.untyped_storage().nbytes() for t in
+                                                {t.untyped_storage().data_ptr(): t for t in tensors}.values())
+
+
+def test_fused_qkv_replaces_the_three_projections_without_more_weight_memory():
+    plain, fast = _pair()
+    assert _weight_bytes(fast) == _weight_bytes(plain)  # same count, and no storage held twice
+    for p_block, f_block in zip(plain.blocks, fast.blocks):
+        a, f = p_block.attn1, f_block.attn1
+        assert f.fused_projections and not any(hasattr(f, n) for n in ("to_q", "to_k", "to_v"))
+        assert torch.equal(f.to_qkv.weight, torch.cat([a.to_q.weight, a.to_k.weight, a.to_v.weight]))
+        assert torch.equal(f.to_qkv.bias, torch.cat([a.to_q.bias, a.to_k.bias, a.to_v.bias]))
+        assert not f_block.attn2.fused_projections and hasattr(f_block.attn2, "to_k")  # text K/V are cached instead
+    accelerate_model(fast)  # idempotent
+    assert _weight_bytes(fast) == _weight_bytes(plain)
+
+
+def test_diffusers_fuse_projections_keeps_both_copies():
+    """Why Artifex fuses on its own: diffusers' WanAttention.fuse_projections adds to_qkv beside to_q/to_k/to_v."""
+    model = _tiny()
+    before = _weight_bytes(model)[0]
+    model.fuse_qkv_projections()
+    attn = model.blocks[0].attn1
+    assert hasattr(attn, "to_qkv") and hasattr(attn, "to_q")
+    assert _weight_bytes(model)[0] > before
+
+
+def test_restore_splits_qkv_back_into_diffusers_layers():
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    plain, fast = _pair()
+    restore_model(fast)
+    for p_block, f_block in zip(plain.blocks, fast.blocks):
+        a, f = p_block.attn1, f_block.attn1
+        assert not f.fused_projections and not hasattr(f, "to_qkv")
+        for n in ("to_q", "to_k", "to_v"):
+            assert type(getattr(f, n)) is torch.nn.Linear
+            assert torch.equal(getattr(f, n).weight, getattr(a, n).weight)
+            assert torch.equal(getattr(f, n).bias, getattr(a, n).bias)
+    assert _weight_bytes(fast) == _weight_bytes(plain)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    fast.set_attn_processor(WanAttnProcessor())  # diffusers' own processor on diffusers' own layers
+    x, text, _ = _inputs(plain)
+    t = torch.tensor([400.0, 400.0])
+    with torch.no_grad():
+        a = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        b = plain(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert _rel(a, b) < 1e-5
+    accelerate_model(fast)  # and Artifex's forward again, fused again
+    assert fast.blocks[0].attn1.fused_projections
+
+
+def test_restore_under_diffusers_hooks_keeps_qkv_fused_and_diffusers_forward_works():
+    """Group offload holds the fused layer; diffusers' processor runs fused projections."""
+    plain, fast = _pair()
+    fast.enable_group_offload(onload_device=torch.device("cpu"), offload_type="leaf_level")
+    restore_model(fast)
+    assert all(b.attn1.fused_projections and hasattr(b.attn1, "to_qkv") for b in fast.blocks)
+    x, text, _ = _inputs(plain)
+    t = torch.tensor([400.0, 400.0])
+    with torch.no_grad():
+        a = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        b = plain(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert _rel(a, b) < 1e-5
+
+
+def test_fp8_fused_qkv_is_one_layer_with_the_separate_layers_scales():
+    """Quantizing then fusing (the engine: fp8 at load, fusing at placement) and fusing then quantizing give the
+    same single Fp8Linear: per-output-channel scales are row-wise, so the three layers' scales stack unchanged."""
+    from artifex.kernels import fp8
+
+    plain = _tiny(attention_head_dim=16)  # fp8 matmuls need dims that are multiples of 16
+    quantized = copy.deepcopy(plain)
+    fp8.quantize_linears(quantized.blocks, path="twin")
+    fused_after = copy.deepcopy(quantized)
+    install([fused_after], AttentionRuntime(chain="sdpa-math"))
+    accelerate_model(fused_after)
+    fused_before = copy.deepcopy(plain)
+    install([fused_before], AttentionRuntime(chain="sdpa-math"))
+    accelerate_model(fused_before)
+    fp8.quantize_linears(fused_before.blocks, path="twin")
+    assert _weight_bytes(fused_after) == _weight_bytes(quantized) == _weight_bytes(fused_before)
+    for q_block, a_block, b_block in zip(quantized.blocks, fused_after.blocks, fused_before.blocks):
+        q, a, b = q_block.attn1, a_block.attn1.to_qkv, b_block.attn1.to_qkv
+        assert isinstance(a, fp8.Fp8Linear) and isinstance(b, fp8.Fp8Linear) and a.out_features == 3 * q.inner_dim
+        for name in ("weight_fp8", "weight_scale", "bias"):
+            stacked = torch.cat([getattr(getattr(q, n), name) for n in ("to_q", "to_k", "to_v")])
+            assert torch.equal(getattr(a, name).float(), stacked.float())
+            assert torch.equal(getattr(b, name).float(), stacked.float())
+    x, text, _ = _inputs(plain)
+    t = torch.tensor([700.0, 300.0])
+    with torch.no_grad():
+        ref = plain(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        unfused = quantized(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        out_a = fused_after(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        out_b = fused_before(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert _rel(out_a, unfused) < 1e-5 and _rel(out_b, unfused) < 1e-5  # the same fp8 model, one GEMM for q/k/v
+    assert _rel(out_a, ref) < 0.05  # test_kernels_fp8's tolerance for a tiny Wan with fp8 linears
+    restore_model(fused_after)
+    assert all(isinstance(getattr(b.attn1, n), fp8.Fp8Linear) for b in fused_after.blocks for n in ("to_q", "to_v"))
+    with torch.no_grad():
+        back = fused_after(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert _rel(back, unfused) < 1e-5
+
+
+def test_engine_runs_fused_qkv_after_loading_the_checkpoint(engine):
+    eng = engine("tiny-t2v-moe", precision="fp32", tf32=False, max_batch_size=2)
+    for expert in eng.c.experts:
+        assert all(b.attn1.fused_projections and not hasattr(b.attn1, "to_q") for b in expert.blocks)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from artifex.config import OptimizationConfig
-from artifex.engine.memory import GIB, choose_tier, estimate, parse_budget, tiers_for, weights_of
+from artifex.engine.memory import GIB, choose_tier, estimate, module_bytes, parse_budget, tiers_for, weights_of
 from artifex.engine.request import GenerationRequest
 from artifex.errors import InvalidRequestError
 from artifex.models.configs import meta_components
@@ -54,6 +54,30 @@ def test_planner_table_for_the_real_shapes():
     assert tiled.stages["decode"] < untiled.stages["decode"]
     fp8 = weights_of(*meta_components(t2v), fp8_weights=True)
     assert fp8.experts[0] < 0.6 * w.experts[0]
+
+
+def test_weights_of_is_the_same_on_the_fused_qkv_model():
+    """Artifex's DiT runs each self-attention's q/k/v as one layer (3 dim^2): the same bytes, and the largest leaf
+    stays the timestep projection (dim x 6 dim), so leaf offload's estimate does not change either."""
+    from diffusers import WanTransformer3DModel
+
+    from artifex.attention import install
+    from artifex.attention.processor import AttentionRuntime
+    from artifex.engine.dit import accelerate_model
+
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                  out_channels=4, text_dim=32, freq_dim=16, ffn_dim=48, num_layers=2,
+                                  rope_max_seq_len=64)
+    other = torch.nn.Linear(4, 4)
+    before = weights_of(other, other, [model])
+    before_fp8 = weights_of(other, other, [model], fp8_weights=True)
+    install([model], AttentionRuntime(chain="sdpa-math"))
+    accelerate_model(model)
+    assert model.blocks[0].attn1.fused_projections
+    assert weights_of(other, other, [model]) == before
+    assert weights_of(other, other, [model], fp8_weights=True) == before_fp8
+    qkv = model.blocks[0].attn1.to_qkv
+    assert before.expert_leaf == module_bytes(model.condition_embedder.time_proj) > module_bytes(qkv)
 
 
 @pytest.mark.parametrize("tier", ["text_offload", "expert_swap", "model_offload", "block_offload", "leaf_offload"])
@@ -175,7 +199,7 @@ def test_random_weight_components_run_through_the_engine(tmp_path):
                                           output=str(tmp_path / "r.mp4")))
     assert r.video_path.exists() and r.memory["tier"] == "resident"
     assert r.sidecar["model"]["checkpoint"] == "random:tiny-t2v-moe"
-    assert engine.c.experts[0].blocks[0].attn1.to_q.weight.dtype == torch.float32
+    assert engine.c.experts[0].blocks[0].attn1.to_qkv.weight.dtype == torch.float32  # fast_dit: q/k/v fused
 
 
 def test_oom_step_down_can_be_turned_off(tmp_path):

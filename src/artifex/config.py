@@ -73,8 +73,8 @@ class OptimizationConfig:
     use_torch_compile: bool = _f(False, "torch.compile the repeated transformer blocks (regional compile)")
     fast_dit: bool = _f(
         True, "Artifex's DiT forward: timestep modulation once per distinct timestep, cross-attention text K/V "
-        "once per request, RoPE tables once per shape, fused QK RMSNorm + RoPE (the same model; false = "
-        "diffusers' forward)"
+        "once per request, RoPE tables once per shape, fused QK RMSNorm + RoPE, one fused QKV projection (the "
+        "same model; false = diffusers' forward)"
     )
     offload_to_cpu: bool = _f(
         False, "keep models in CPU memory and move each to the GPU only while it runs (model-level offload)"

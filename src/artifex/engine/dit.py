@@ -12,14 +12,23 @@ changing what is computed:
   reuses them for every later step of the request (the engine passes the same tensor);
 - **RoPE tables per shape**: built once per latent shape (and per sequence shard), kept in
   the compact (L, D/2) cos/sin form the fused kernel reads;
-- **fused QK RMSNorm + RoPE** (``artifex.kernels``: Triton on CUDA, a PyTorch twin elsewhere).
+- **fused QK RMSNorm + RoPE** (``artifex.kernels``: Triton on CUDA, a PyTorch twin elsewhere);
+- **fused QKV projection**: each self-attention's ``to_q``/``to_k``/``to_v`` become one ``to_qkv``
+  layer (their weights stacked by output channel), one (dim x 3 dim) GEMM instead of three.
+  The three layers are replaced, not kept beside it (diffusers' ``fuse_projections`` keeps
+  both copies), so weight memory does not grow; an ``Fp8Linear`` trio joins into one
+  ``Fp8Linear`` (per-output-channel scales are row-wise, so they stack unchanged) that
+  quantizes the activations once for q, k and v.
 
 It is applied from outside (``accelerate_model``): the model's and each block's ``forward``
 are replaced on the instance, and every weight is still reached through its module, so
 memory-tier hooks (group offload, fp8 layerwise casting), Ulysses' hooks and the
-attention runtime in each ``WanAttentionProcessor`` keep working. ``restore_model`` puts
-diffusers' forwards back. A block's tensor work is one function (``block_core``), the unit
-that ``torch.compile`` compiles once for all blocks of a model.
+attention runtime in each ``WanAttentionProcessor`` keep working. The QKV fusion changes
+modules, so it runs before anything hooks them (``Engine._place_models``: after loading and
+fp8 quantization, before the memory tier). ``restore_model`` puts diffusers' forwards back and
+splits ``to_qkv`` into the three layers again (kept fused, which diffusers' and Artifex's
+processors both run, while diffusers hooks are on the model). A block's tensor work is one
+function (``block_core``), the unit that ``torch.compile`` compiles once for all blocks of a model.
 """
 
 from __future__ import annotations
@@ -29,8 +38,10 @@ import types
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from artifex.attention.processor import _TEXT_CONTEXT
+from artifex.kernels.fp8 import Fp8Linear
 from artifex.kernels.qk_norm_rope import compact_rope, decide, qk_norm_rope
 
 
@@ -206,18 +217,110 @@ def allow_graph_breaks(model, allowed: bool) -> None:
             block._artifex_core = compiled_block_core(not allowed)
 
 
+_QKV = ("to_q", "to_k", "to_v")
+
+
+def _weights(layer: nn.Module) -> dict[str, torch.Tensor | None]:
+    """A linear layer's tensors whose rows are its output channels (weight, per-channel scales, bias)."""
+    names = ("weight_fp8", "weight_scale") if isinstance(layer, Fp8Linear) else ("weight",)
+    return {**{n: getattr(layer, n) for n in names}, "bias": layer.bias}
+
+
+def _build(like: nn.Module, tensors: dict[str, torch.Tensor | None]) -> nn.Module:
+    """A layer of ``like``'s kind holding ``tensors`` (as ``_weights`` names them), without allocating others."""
+    weight = tensors["weight_fp8"] if isinstance(like, Fp8Linear) else tensors["weight"]
+    out_features, in_features = weight.shape
+    bias = tensors["bias"] is not None
+    if isinstance(like, Fp8Linear):
+        layer = Fp8Linear(in_features, out_features, bias, device="meta", path=like.path)
+    else:
+        layer = nn.Linear(in_features, out_features, bias, device="meta")
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if name in layer._buffers:
+            setattr(layer, name, t)
+        else:
+            setattr(layer, name, nn.Parameter(t, requires_grad=getattr(like, name).requires_grad))
+    return layer.train(like.training)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether hooks (torch's, or diffusers' memory-tier ones) sit on ``module`` or below it."""
+    return any(m._forward_hooks or m._forward_pre_hooks or getattr(getattr(m, "_diffusers_hook", None), "hooks", None)
+               for m in module.modules())
+
+
+def _fusable(attn) -> bool:
+    if attn.is_cross_attention or attn.fused_projections or not all(hasattr(attn, n) for n in _QKV):
+        return False
+    first, *rest = layers = [getattr(attn, n) for n in _QKV]
+    if type(first) not in (nn.Linear, Fp8Linear) or any(map(_hooked, layers)):
+        return False  # adapters, or hooks on a layer: leave the model as it is
+
+    def kind(m):  # what must agree for the rows to stack into one layer
+        w = next(iter(_weights(m).values()))
+        return type(m), m.in_features, m.bias is None, getattr(m, "path", None), w.dtype, w.device
+
+    return all(kind(m) == kind(first) for m in rest)
+
+
+@torch.no_grad()
+def fuse_qkv(attn) -> bool:
+    """Replace a self-attention's ``to_q``/``to_k``/``to_v`` with one ``to_qkv`` (rows q, then k, then v) and
+    set ``fused_projections``, which diffusers' and Artifex's processors and ``block_core`` read. The three
+    layers are dropped: weights are held once (the stacked copy is made one layer at a time). Returns whether
+    it fused; cross-attention, an already fused layer, or layers other than plain ``nn.Linear``/``Fp8Linear``
+    trios are left as they are."""
+    if not _fusable(attn):
+        return False
+    layers = [getattr(attn, n) for n in _QKV]
+    parts = [_weights(m) for m in layers]
+    fused = _build(layers[0], {n: None if t is None else torch.cat([p[n] for p in parts])
+                               for n, t in parts[0].items()})
+    for n in _QKV:
+        delattr(attn, n)
+    del layers, parts
+    attn.to_qkv = fused
+    attn.fused_projections = True
+    attn._artifex_qkv = [attn.inner_dim, attn.kv_inner_dim, attn.kv_inner_dim]  # the rows of q, k, v
+    return True
+
+
+@torch.no_grad()
+def unfuse_qkv(attn) -> bool:
+    """Undo ``fuse_qkv``: ``to_q``/``to_k``/``to_v`` again, each with its own copy of its rows. Returns whether it
+    split; a layer fused elsewhere (diffusers' ``fuse_projections``) or one with hooks on it is left alone."""
+    sizes = attn.__dict__.get("_artifex_qkv")
+    if sizes is None or _hooked(attn.to_qkv):
+        return False
+    fused = attn.to_qkv
+    tensors = _weights(fused)
+    start = 0
+    for name, rows in zip(_QKV, sizes):
+        part = {n: None if t is None else t[start:start + rows].clone() for n, t in tensors.items()}
+        setattr(attn, name, _build(fused, part))
+        start += rows
+    del attn.to_qkv, attn._artifex_qkv
+    attn.fused_projections = False
+    return True
+
+
 def accelerate_model(model, compile_blocks: bool = False) -> None:
     """Give ``model`` (a diffusers WanTransformer3DModel) Artifex's forward; idempotent.
 
     Needs Artifex's ``WanAttentionProcessor`` on every attention layer (``attention.install``):
     the blocks call the attention runtime it holds. ``compile_blocks`` compiles ``block_core``
     once for the model (all blocks share the compiled code; shapes are static per request).
+    Self-attention q/k/v are fused (``fuse_qkv``) here, so call it after the weights are loaded
+    (and fp8-quantized, if they are) and before memory-tier hooks go on.
     """
     if getattr(model, "_artifex_dit", None) is None:
         model._artifex_dit = DiTState()
         model.forward = types.MethodType(model_forward, model)
         for block in model.blocks:
             block.forward = types.MethodType(block_forward, block)
+            fuse_qkv(block.attn1)
     core = compiled_block_core(True) if compile_blocks else block_core
     for block in model.blocks:
         block._artifex_kv = None
@@ -225,14 +328,24 @@ def accelerate_model(model, compile_blocks: bool = False) -> None:
 
 
 def restore_model(model) -> None:
-    """Put diffusers' forwards back and drop the caches."""
+    """Put diffusers' forwards back, drop the caches, and split the fused q/k/v into diffusers' three layers.
+    While diffusers hooks (group offload, layerwise casting) are on the model, q/k/v stay fused: the hooks hold
+    the fused layer, and diffusers' processor (like Artifex's) runs fused projections."""
     if getattr(model, "_artifex_dit", None) is None:
         return
+    split = not _hooked_by_diffusers(model)
     for module in (model, *model.blocks):
         module.__dict__.pop("forward", None)
         for name in ("_artifex_kv", "_artifex_core"):
             module.__dict__.pop(name, None)
+    if split:
+        for block in model.blocks:
+            unfuse_qkv(block.attn1)
     del model._artifex_dit
+
+
+def _hooked_by_diffusers(model) -> bool:
+    return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in model.modules())
 
 
 def clear_caches(model) -> None:

@@ -222,7 +222,7 @@ class Engine:
                 if param.dim() == 5:
                     param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
         for expert in c.experts:
-            if p.fast_dit:
+            if p.fast_dit:  # fuses q/k/v: after loading and fp8 quantization, before the tier's hooks (apply)
                 accelerate_model(expert, compile_blocks=p.compile)
             elif p.compile:
                 expert.compile_repeated_blocks(fullgraph=True)
