@@ -65,7 +65,7 @@ class Placement:
                                             num_blocks_per_group=1 if tier == "block_offload" else None,
                                             use_stream=stream, non_blocking=stream, record_stream=stream)
             return
-        if tier == "resident":
+        if tier in ("resident", "text_offload"):  # text_offload: as the planner counts it, both experts resident
             for expert in c.experts:
                 expert.to(dev)
         else:  # one expert at a time; activate_expert brings the first in
@@ -97,7 +97,7 @@ class Placement:
         self.apply()
 
     def activate_expert(self, index: int) -> None:
-        if self.tier in ("resident", *_GROUP_OFFLOAD) or index == self.active_expert:
+        if self.tier in ("resident", "text_offload", *_GROUP_OFFLOAD) or index == self.active_expert:
             self.active_expert = index
             return
         for i, expert in enumerate(self.c.experts):
