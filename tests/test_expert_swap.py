@@ -13,7 +13,10 @@ import torch
 
 from artifex.config import OptimizationConfig
 from artifex.engine import placement as placement_mod
+from artifex.engine.memory import GIB, choose_tier, estimate, prefetch_fits, prefetch_peak, tiers_for, weights_of
 from artifex.engine.request import GenerationRequest
+from artifex.models.configs import meta_components
+from artifex.models.registry import get_model
 
 REQ = dict(model="tiny-t2v-moe", prompt="a boat on a river", seed=3, steps=4, frames=5)
 
@@ -82,6 +85,30 @@ def test_a_swap_binds_copies_in_and_the_homes_out(engine, tmp_path, tier):
         assert _ptrs(e) == home
         assert all(torch.equal(tensors[k], v) for k, v in before.items())  # the homes were never written
     assert eng.placement.active_expert is None and not eng.placement._prefetched
+
+
+def test_prefetch_copies_the_next_expert_during_the_last_step_before_the_switch(engine, tmp_path, monkeypatch):
+    import artifex.engine.pipeline as pipeline
+
+    base = _run(engine("tiny-t2v-moe", precision="fp32", tf32=False), tmp_path, "a.mp4")
+    eng, copies = _swap_engine()
+    n = len(eng.placement._homes[0].tensors)
+    started = []
+    prefetch = eng.placement.prefetch_expert
+    eng.placement.prefetch_expert = lambda i: started.append(prefetch(i)) or started[-1]
+    r = _run(eng, tmp_path, "b.mp4")  # a CPU has no budget: no room, no prefetch
+    assert started == [False] and copies == [()] * 2 * n  # expert 1 copied after expert 0 went home
+    assert r.memory["expert_prefetch"] is False
+    monkeypatch.setattr(pipeline, "prefetch_fits", lambda *a: True)  # as the planner says where both fit
+    copies.clear(), started.clear()
+    r = _run(eng, tmp_path, "c.mp4")
+    assert started == [True] and r.memory["expert_prefetch"] is True
+    # expert 0 copied in at the start (expert 1, left from the last request, sent home first), expert 1 while
+    # expert 0 was still on the device: before its last step
+    assert copies == [()] * n + [(0,)] * n and not eng.placement._prefetched
+    assert _rel(r.latents, base.latents) < 1e-6
+    eng.placement.release()
+    assert not eng.placement.prefetch_room
 
 
 def test_a_prefetch_is_dropped_by_release_and_by_the_next_request():
@@ -186,3 +213,17 @@ def test_pinning_without_cuda_leaves_the_homes_pageable(caplog):
     home = placement_mod._Home(m, pin=True)  # no pinned allocator here: a warning, nothing changes
     assert home.pinned_bytes == 0 and _ptrs(m) == ptrs
     assert "pinning expert weights failed" in caplog.text
+
+
+def test_prefetch_room_for_the_real_shapes():
+    t2v = get_model("t2v-a14b")
+    w = weights_of(*meta_components(t2v))
+    ests = [estimate(t2v, w, t, 1280, 720, 81) for t in tiers_for(t2v)]
+    swap = next(e for e in ests if e.tier == "expert_swap")
+    # an 80 GB H100 swaps for the decode: both experts fit while denoising, so the next one is prefetched
+    assert choose_tier(ests, 80 * GIB)[0] == "expert_swap" and prefetch_fits(swap, w, 80 * GIB)
+    assert 60 * GIB < prefetch_peak(swap, w) < 70 * GIB
+    # with 64 GiB the swap is still the tier, but the denoise has no room for a second expert
+    assert choose_tier(ests, 64 * GIB)[0] == "expert_swap" and not prefetch_fits(swap, w, 64 * GIB)
+    assert not prefetch_fits(swap, w, None)  # a CPU
+    assert not prefetch_fits(ests[0], w, 141 * GIB)  # resident: nothing to prefetch
