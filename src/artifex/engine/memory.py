@@ -143,6 +143,17 @@ def estimate(spec: ModelSpec, w: Weights, tier: str, width: int, height: int, fr
     return Estimate(tier, max(stages.values()), stages)
 
 
+def prefetch_peak(est: Estimate, w: Weights) -> int:
+    """A swap tier's denoise stage with the next expert copied in beside the active one (its last step)."""
+    return est.stages["denoise"] + int(max(w.experts) * SLACK)
+
+
+def prefetch_fits(est: Estimate, w: Weights, budget: int | None) -> bool:
+    """Whether a swap tier may prefetch the next expert: ``prefetch_peak`` fits ``budget`` (never without a
+    budget: a CPU)."""
+    return budget is not None and est.tier in ("expert_swap", "model_offload") and prefetch_peak(est, w) <= budget
+
+
 def tiers_for(spec: ModelSpec) -> list[str]:
     """The tiers that differ for this model (expert_swap only for the two-expert A14B)."""
     return [t for t in TIERS if t != "expert_swap" or spec.experts == 2]

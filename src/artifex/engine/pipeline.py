@@ -26,7 +26,7 @@ from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
 from artifex.engine.dit import accelerate_model, clear_caches
 from artifex.engine.fp8 import check_fp8, quantize_experts
-from artifex.engine.memory import plan_memory, tiers_for, weights_of
+from artifex.engine.memory import plan_memory, prefetch_fits, prefetch_peak, tiers_for, weights_of
 from artifex.engine.placement import Placement
 from artifex.engine.plan import Plan, make_plan, memory_budget, requested_tier
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
@@ -400,6 +400,8 @@ class Engine:
             for i in steps:
                 ts, expert = timesteps[i], job.experts[i]  # expert 0 while t >= boundary * 1000, then 1
                 self.placement.activate_expert(expert)  # a no-op unless the expert changes and must be moved
+                if i + 1 < len(timesteps) and job.experts[i + 1] != expert:  # the last step before the switch:
+                    self.placement.prefetch_expert(job.experts[i + 1])  # the next expert's copy overlaps it, if room
                 x = job.latents
                 if job.frame_mask is not None:
                     x = (1 - job.frame_mask) * job.condition + job.frame_mask * job.latents
@@ -463,8 +465,16 @@ class Engine:
             self.plan.vae_tiling = True
         if tier != self.placement.tier:
             self._retier(tier)
+        # A swap tier prefetches the next expert only where the planner has room for both (an OOM step-down's
+        # move_to turns it off for the rest of the request).
+        est = next((e for e in ests if e.tier == tier), None)
+        prefetch = est is not None and prefetch_fits(est, self.weights, budget)
+        self.placement.set_prefetch_room(prefetch)
         info["tier"] = self.placement.tier
+        info["expert_prefetch"] = prefetch
         info["predicted_peak_gib"] = info["predicted"].get(self.placement.tier)
+        if prefetch:
+            info["predicted_peak_gib"] = round(max(est.peak_bytes, prefetch_peak(est, self.weights)) / 2**30, 2)
         return info
 
     def _stepping_down(self, stage: str, run, memory: dict):

@@ -15,6 +15,39 @@
 model precision (diffusers' layerwise casting), halving their memory in any tier. The
 models stay plain diffusers modules; tiers are applied from outside with ``.to`` and
 diffusers' group-offload hooks, and ``release`` undoes them so a tier can be changed.
+
+Expert swapping (expert_swap, model_offload). Each expert keeps a home copy of its weights
+in CPU memory (``_Home``): every parameter and buffer once (a tied one once, rebound in
+every module that holds it), taken when the tier is applied, after fp8 storage, so the home
+holds what the device would. Inference never changes weights, so the home stays valid:
+taking an expert off the device points its parameters (``.data``) and buffers back at the
+home tensors, with no device->host copy and no new host memory; bringing one on copies the
+home to fresh device tensors. With CUDA the homes are page-locked (pinned) once, in 1 GiB
+chunks (PyTorch's pinned allocator rounds each allocation up to a power of two, so one
+pinning per tensor would waste up to half), and the copies are non_blocking on a side
+stream whose event the compute stream waits on before the expert runs. The cost is host
+RAM: both experts' weights stay in (pinned) host memory for the engine's life, also the
+active one's (A14B: ~2 x 27 GiB in bf16, ~2 x 14 GiB with fp8_weights) where ``.to`` kept
+only the inactive one; that is no more than the models took when loaded. Pinning is done
+only in these two tiers; a tier that does not swap drops the homes (parameters still in
+them, e.g. group offload's, keep them alive, and a later swap tier reuses pinned tensors
+as they are). Without CUDA (a CPU, CI) nothing is pinned and there is no stream: the
+copies are plain ``.to``, and on a CPU device an expert's home is its own weights, so a
+swap moves nothing.
+
+Prefetch: ``prefetch_expert`` starts the next expert's copy on the side stream before the
+last step of the current one (``Engine.denoise``), so the copy overlaps that step, with both
+experts on the device for it. It runs only where ``prefetch_room`` is set: per request, by
+the engine, when the planner's denoise estimate for the tier plus one more expert fits the
+budget (``memory.prefetch_fits``; the predicted peak then counts it); an OOM step-down
+turns it off for the rest of the request. expert_swap is often chosen for the decode, not
+the denoise: A14B at 1280x720x81 on an 80 GB H100 is predicted ~51 GiB decoding beside one
+expert and ~67 GiB denoising with both, so there the copy hides behind the last high-noise
+step. Where the denoise itself needs the swap (a smaller budget, model_offload), nothing is
+prefetched and the win is the pinned, non_blocking copy in and the free copy out. Streaming
+the next expert in layer by layer while the last step frees the current one's layers was
+left out: with CFG in two passes a layer is last used only in the second pass, which hooks
+would have to track, and an error mid-step would leave an expert half on the device.
 """
 
 from __future__ import annotations
@@ -31,6 +64,83 @@ TIERS = ("resident", "text_offload", "expert_swap", "model_offload", "block_offl
 _ON_DEMAND_TEXT = set(TIERS[1:])
 _ON_DEMAND_VAE = {"model_offload", "block_offload", "leaf_offload"}
 _GROUP_OFFLOAD = {"block_offload": "block_level", "leaf_offload": "leaf_level"}
+_SWAP = {"expert_swap", "model_offload"}  # one expert on the device at a time, swapped with activate_expert
+PIN_CHUNK = 2**30  # bytes of one pinned host allocation (a power of two: the pinned allocator rounds up to one)
+_ALIGN = 512  # offset of each tensor inside a pinned chunk
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _pinned_buffer(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-locked host memory (needs CUDA: raises RuntimeError without it)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+class _Home:
+    """One expert's weights in CPU memory: each parameter and buffer once, with the (module, name, is_parameter)
+    places it is bound to. ``bind`` points every place at the given tensors (the homes, or copies on a device)."""
+
+    def __init__(self, expert: torch.nn.Module, pin: bool):
+        index: dict[int, int] = {}
+        self.places: list[list[tuple[torch.nn.Module, str, bool]]] = []
+        self.tensors: list[torch.Tensor] = []
+        for module in expert.modules():
+            for table, is_param in ((module._parameters, True), (module._buffers, False)):
+                for name, t in table.items():
+                    if t is None:
+                        continue
+                    k = index.setdefault(id(t), len(self.tensors))  # a tied tensor: one home, several places
+                    if k == len(self.tensors):
+                        self.tensors.append(t.detach())
+                        self.places.append([])
+                    self.places[k].append((module, name, is_param))
+        if any(t.device.type != "cpu" for t in self.tensors):
+            raise ValueError("an expert's home is taken in CPU memory; move it there first")
+        self.pinned_bytes = self._pin() if pin else 0
+
+    def bind(self, tensors: list[torch.Tensor]) -> None:
+        for k, t in enumerate(tensors):
+            self._point(k, t)
+
+    def _point(self, k: int, t: torch.Tensor) -> None:
+        for module, name, is_param in self.places[k]:
+            if is_param:
+                module._parameters[name].data = t  # the same Parameter object: hooks and references stay valid
+            else:
+                module._buffers[name] = t
+
+    def _pin(self) -> int:
+        """Copy the homes into pinned chunks (largest first, first fit), binding each chunk's tensors as it is
+        filled so the pageable originals can go; already pinned tensors stay as they are. Returns pinned bytes.
+        If pinning fails (host memory locked out), the rest stays pageable: still correct, copies then block."""
+        todo = sorted((k for k, t in enumerate(self.tensors) if not t.is_pinned()),
+                      key=lambda k: -_nbytes(self.tensors[k]))
+        chunks: list[list] = []  # [bytes used, [(k, offset)]]
+        for k in todo:
+            size = -(-_nbytes(self.tensors[k]) // _ALIGN) * _ALIGN
+            chunk = next((c for c in chunks if c[0] + size <= PIN_CHUNK), None)
+            if chunk is None:
+                chunk = [0, []]
+                chunks.append(chunk)
+            chunk[1].append((k, chunk[0]))
+            chunk[0] += size
+        pinned = 0
+        try:
+            for used, members in chunks:
+                buf = _pinned_buffer(used)
+                for k, offset in members:
+                    t = self.tensors[k]
+                    view = buf[offset:offset + _nbytes(t)].view(t.dtype).view(t.shape)
+                    view.copy_(t)
+                    self.tensors[k] = view
+                    self._point(k, view)
+                pinned += used
+        except RuntimeError as e:
+            log.warning("pinning expert weights failed after %.1f GiB (%s); the rest stays pageable, its copies to "
+                        "the device block", pinned / 2**30, str(e).splitlines()[0])
+        return pinned
 
 
 class Placement:
@@ -47,6 +157,13 @@ class Placement:
         # The VAE keeps per-call state on its modules (diffusers' causal-conv feature caches): one caller at a time,
         # should two threads share it (artifex.distributed.experts: an I2V image encode beside a decode).
         self._vae_lock = threading.RLock()
+        # Expert swapping (the module docstring): each expert's CPU home in a swap tier, the side stream of the
+        # copies to a CUDA device, the prefetched copies (expert -> (device tensors, event to wait on)), and
+        # whether a prefetch may hold a second expert on the device (set per request by the engine).
+        self._homes: list[_Home] | None = None
+        self._stream = None
+        self._prefetched: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self.prefetch_room = False
 
     def apply(self) -> None:
         c, tier, dev = self.c, self.tier, self.device
@@ -56,6 +173,8 @@ class Placement:
             self._fp8_applied = True
         c.text_encoder.to("cpu" if tier in _ON_DEMAND_TEXT else dev)
         c.vae.to("cpu" if tier in _ON_DEMAND_VAE else dev)
+        if tier not in _SWAP:
+            self._homes = None  # tensors still bound to them keep them alive; the rest of the memory goes
         if tier in _GROUP_OFFLOAD:
             stream = dev.type == "cuda"
             for expert in c.experts:
@@ -65,18 +184,35 @@ class Placement:
                                             num_blocks_per_group=1 if tier == "block_offload" else None,
                                             use_stream=stream, non_blocking=stream, record_stream=stream)
             return
-        if tier == "resident":
+        if tier in ("resident", "text_offload"):  # text_offload: as the planner counts it, both experts resident
             for expert in c.experts:
                 expert.to(dev)
         else:  # one expert at a time; activate_expert brings the first in
             for expert in c.experts:
-                expert.to("cpu")
+                expert.to("cpu")  # nothing moves where they are bound to their homes already
+            if self._homes is None:
+                pin = dev.type == "cuda"
+                self._homes = [_Home(expert, pin) for expert in c.experts]
+                pinned = sum(h.pinned_bytes for h in self._homes)
+                if pinned:
+                    log.info("%s: %.1f GiB of expert weights pinned in host memory, kept for the engine's life",
+                             tier, pinned / 2**30)
+            else:
+                for home in self._homes:
+                    home.bind(home.tensors)
+            if dev.type == "cuda" and self._stream is None:
+                self._stream = torch.cuda.Stream(dev)
             self.active_expert = None
 
     def release(self) -> None:
-        """Undo the tier: hooks removed, every model back in CPU memory."""
+        """Undo the tier: hooks removed, every model back in CPU memory (swapped experts in their homes, which
+        stay for the next swap tier: the module docstring)."""
         from diffusers.hooks import HookRegistry
 
+        self._drop_prefetched()
+        self.prefetch_room = False
+        for home in self._homes or ():
+            home.bind(home.tensors)
         for expert in self.c.experts:
             registry = HookRegistry.check_if_exists_or_initialize(expert)
             for name in ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker"):
@@ -97,21 +233,75 @@ class Placement:
         self.apply()
 
     def activate_expert(self, index: int) -> None:
-        if self.tier in ("resident", *_GROUP_OFFLOAD) or index == self.active_expert:
+        """Expert ``index`` on the device for the next step; in a swap tier the other one leaves first (back to its
+        home: nothing is copied), unless it was prefetched beside it."""
+        if self.tier not in _SWAP or index == self.active_expert:
             self.active_expert = index
             return
-        for i, expert in enumerate(self.c.experts):
+        for i, home in enumerate(self._homes):
             if i != index:
-                expert.to("cpu")
-        self.c.experts[index].to(self.device)
+                self._drop_prefetched(i)
+                home.bind(home.tensors)
+        self.active_expert = None  # until the copy is in (an OOM there leaves no expert marked as on the device)
+        tensors, ready = self._prefetched.pop(index, None) or self._copies(index)
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
+        self._homes[index].bind(tensors)
         self.active_expert = index
+
+    def prefetch_expert(self, index: int) -> bool:
+        """Start copying expert ``index`` to the device (on the side stream with CUDA) beside the active one, for
+        ``activate_expert`` to take; only in a swap tier with ``prefetch_room``. Returns whether a copy started."""
+        if self.tier not in _SWAP or not self.prefetch_room or index == self.active_expert or index in self._prefetched:
+            return False
+        try:
+            self._prefetched[index] = self._copies(index)
+        except torch.OutOfMemoryError:
+            log.warning("no room to prefetch expert %d; it is copied at the switch", index)
+            self.prefetch_room = False
+            return False
+        return True
+
+    def set_prefetch_room(self, room: bool) -> None:
+        """Whether a prefetch may hold a second expert on the device (the planner's call for this request);
+        copies prefetched for an earlier request are dropped."""
+        self._drop_prefetched()
+        self.prefetch_room = room
 
     def park_experts(self) -> None:
         """Before the VAE decode in the offload tiers: the experts leave the device."""
         if self.tier == "model_offload":
-            for expert in self.c.experts:
-                expert.to("cpu")
+            self._drop_prefetched()
+            for home in self._homes:
+                home.bind(home.tensors)
             self.active_expert = None
+
+    def _copies(self, index: int) -> tuple[list[torch.Tensor], object]:
+        """Expert ``index``'s homes copied to the device: (tensors, the event the copies end with, or None)."""
+        homes = self._homes[index].tensors
+        if self._stream is None:
+            return [self._to_device(t) for t in homes], None
+        current = torch.cuda.current_stream(self.device)
+        # Allocated on the compute stream, which frees them too; the side stream waits for the work already queued
+        # there, which may still read memory these blocks are reused from (an expert just sent home).
+        out = [torch.empty_like(t, device=self.device) for t in homes]
+        self._stream.wait_stream(current)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            for dst, src in zip(out, homes, strict=True):
+                dst.copy_(src, non_blocking=True)
+        return out, self._stream.record_event()
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A home tensor on the device without a CUDA stream (on a CPU device: the home itself)."""
+        return t.to(self.device)
+
+    def _drop_prefetched(self, index: int | None = None) -> None:
+        """Forget prefetched copies; the compute stream first waits for their copy, so their memory is not reused
+        while the side stream still writes it."""
+        for i in [index] if index is not None else list(self._prefetched):
+            _, ready = self._prefetched.pop(i, (None, None))
+            if ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ready)
 
     @contextlib.contextmanager
     def text_encoder(self):
