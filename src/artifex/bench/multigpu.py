@@ -114,7 +114,6 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="keep the layouts of an earlier run of the same model, size and steps in OUTPUT_DIR's report "
                         "(its one-GPU layout stays the reference for speedups)")
     p.add_argument("--record", help=argparse.SUPPRESS)  # one layout's processes: where rank 0 writes its record
-    p.add_argument("--via-runner", action="store_true", help=argparse.SUPPRESS)
 
 
 def _shape(spec, args) -> tuple[int, int, int, int]:
@@ -214,8 +213,7 @@ def _run_world(args, layout, via_runner: bool, record_dir: Path) -> str | None:
     import signal
     import subprocess
 
-    flags = rank_argv(args, layout_key(layout)) + ["--record", str(record_dir)] + (["--via-runner"] if via_runner
-                                                                                   else [])
+    flags = rank_argv(args, layout_key(layout)) + ["--record", str(record_dir)]
     if layout.world_size == 1 and not via_runner:  # the reference: one plain process, no torch.distributed
         cmd = [sys.executable, "-m", "artifex.bench.multigpu", *flags]
     else:
@@ -277,7 +275,7 @@ def layout_main(args: argparse.Namespace) -> int:
         control = dist.new_group(backend="gloo", timeout=timedelta(hours=2))  # records and waits, on the CPU
         groups = build_groups(layout)
     else:
-        backend, device = "none", args_device(args.backend)
+        backend, device = "none", _plain_device(args.backend)
     dev = torch.device(device)
     try:
         t = time.perf_counter()
@@ -320,7 +318,8 @@ def layout_main(args: argparse.Namespace) -> int:
 _TENSORS = ("first_prediction", "latents")
 
 
-def args_device(backend: str) -> str:
+def _plain_device(backend: str) -> str:
+    """The one-process reference's device: the first GPU, unless gloo (CPU) was asked for."""
     import torch
 
     return "cuda:0" if backend != "gloo" and torch.cuda.is_available() else "cpu"
@@ -466,8 +465,6 @@ def shape_summary(data: dict) -> dict:
 
 def _write(out_dir: Path, data: dict, dev) -> list[Path]:
     """Merge this shape into multigpu-<device>.json (one file holds every shape measured on that device)."""
-    import json
-
     from artifex.bench import report
     from artifex.bench.dit import shape_key
 
