@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from artifex.distributed.commtime import CommTimer, timer_or_none
-from artifex.engine.vae import can_stream, decode_stream
+from artifex.engine.vae import can_stream, decode_any, decode_stream
 
 
 def band_sizes(rows: int, parts: int) -> list[int]:
@@ -199,7 +199,7 @@ class SplitDecode:
         b = self.bands
         if not b.all_agree(can_stream(vae) and z.shape[-2] >= b.size):
             if b.root:
-                yield from decode_stream(vae, z) if can_stream(vae) else iter([vae.decode(z, return_dict=False)[0]])
+                yield from decode_any(vae, z)
             return
         start, stop = b.set_rows(z.shape[-2])
         with banded(vae.decoder, b):
