@@ -77,6 +77,7 @@ def worker(rank: int, world: int, port: int, cases: list[dict], outdir: str, hom
                         "seed": result.settings.seed, "shard": shard, "attention_shape": list(result.attention.shape),
                         "timings": result.timings, "pixels": pixels},
                        Path(outdir) / f"case{i}-rank{rank}.pt")
+        dist.barrier()  # as artifex launch does: rank 0 may still be writing when the others are done
     finally:
         dist.destroy_process_group()
 
@@ -127,6 +128,7 @@ def vae_worker(rank: int, world: int, port: int, cases: list[dict], outdir: str)
             with torch.no_grad():
                 chunks = list(SplitDecode(None, list(range(world)))(vae, z))
             torch.save(chunks, Path(outdir) / f"vae{i}-rank{rank}.pt")
+        dist.barrier()  # a rank that finished early (the one-rank fallbacks) must not tear gloo down under the others
     finally:
         dist.destroy_process_group()
 
