@@ -2,7 +2,8 @@
 
 Each worker joins a gloo world, loads the tiny checkpoint through ``Engine.load`` like any
 user would, and for each case builds the layout's groups, applies it, generates, saves its
-latents (and what it wrote) to ``outdir``, and takes the layout off again.
+latents (and what it wrote) to ``outdir``, and takes the layout off again. ``vae_worker``
+runs the split VAE decode alone on a seeded tiny VAE.
 """
 
 from __future__ import annotations
@@ -60,17 +61,23 @@ def worker(rank: int, world: int, port: int, cases: list[dict], outdir: str, hom
                 engines[key] = Engine.load(case["model"], checkpoint=case.get("checkpoint"),
                                            config=OptimizationConfig(**FP32))
             engine = engines[key]
-            runner = parallelize(engine, build_groups(ParallelLayout(case["cfg"], case["ulysses"])))
+            runner = parallelize(engine, build_groups(ParallelLayout(case["cfg"], case["ulysses"])),
+                                 split_vae_decode=case.get("split_vae_decode", True))
             try:
                 req = GenerationRequest(model=case["model"], output=str(Path(outdir) / f"case{i}.mp4"),
                                         **case["request"])
                 result = runner.generate(req)
                 shard = list(runner.ulysses.shard.sizes) if runner.ulysses else None  # proof the tokens were split
+                pixels = None
+                if case.get("pixels"):  # the layout's decode once more, every rank taking part: rank 0's chunks
+                    pixels = [c.float() for c in engine.decode_chunks(result.latents)]
             finally:
                 runner.remove()
             torch.save({"latents": result.latents, "video": str(result.video_path) if result.video_path else None,
-                        "seed": result.settings.seed, "shard": shard, "attention_shape": list(result.attention.shape)},
+                        "seed": result.settings.seed, "shard": shard, "attention_shape": list(result.attention.shape),
+                        "timings": result.timings, "pixels": pixels},
                        Path(outdir) / f"case{i}-rank{rank}.pt")
+        dist.barrier()  # as artifex launch does: rank 0 may still be writing when the others are done
     finally:
         dist.destroy_process_group()
 
@@ -83,3 +90,54 @@ def run_cases(world: int, cases: list[dict], outdir: Path, home: Path) -> list[l
     outdir.mkdir(parents=True, exist_ok=True)
     mp.spawn(worker, args=(world, free_port(), cases, str(outdir), str(home)), nprocs=world, join=True)
     return [[torch.load(outdir / f"case{i}-rank{r}.pt") for r in range(world)] for i in range(len(cases))]
+
+
+def tiny_vae_and_latents(model: str, rows: int, cols: int, frames: int = 3):
+    """A seeded tiny VAE of ``model`` (fp32, CPU) and seeded latents (1, z, frames, rows, cols)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from artifex.models.configs import vae_kwargs
+    from artifex.models.registry import get_model
+
+    spec = get_model(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(**vae_kwargs(spec)).eval()
+    z = torch.randn(1, spec.vae.z_dim, frames, rows, cols, generator=torch.Generator().manual_seed(1))
+    return vae, z
+
+
+def vae_worker(rank: int, world: int, port: int, cases: list[dict], outdir: str) -> None:
+    """Each case: ``SplitDecode`` over the whole world; rank 0 saves the frames it yielded, every rank how many."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    from artifex.distributed.vae_split import SplitDecode
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for i, case in enumerate(cases):
+            vae, z = tiny_vae_and_latents(case["model"], case["rows"], case["cols"])
+            if case.get("double"):
+                vae, z = vae.double(), z.double()
+            if case.get("tiling_on_rank") == rank:
+                vae.enable_tiling()
+            with torch.no_grad():
+                chunks = list(SplitDecode(None, list(range(world)))(vae, z))
+            torch.save(chunks, Path(outdir) / f"vae{i}-rank{rank}.pt")
+        dist.barrier()  # a rank that finished early (the one-rank fallbacks) must not tear gloo down under the others
+    finally:
+        dist.destroy_process_group()
+
+
+def run_vae_cases(world: int, cases: list[dict], outdir: Path) -> list[list[list]]:
+    """Run ``vae_worker`` on ``world`` gloo processes; per case, every rank's yielded chunks."""
+    import torch
+    import torch.multiprocessing as mp
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    mp.spawn(vae_worker, args=(world, free_port(), cases, str(outdir)), nprocs=world, join=True)
+    return [[torch.load(outdir / f"vae{i}-rank{r}.pt") for r in range(world)] for i in range(len(cases))]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 import torch
 from distributed_support import FP32, H4, register_test_specs, relative_l2, run_cases
@@ -21,6 +23,7 @@ from artifex.config import OptimizationConfig
 from artifex.distributed.layout import ParallelLayout, layouts_for
 from artifex.engine.pipeline import Engine
 from artifex.engine.request import GenerationRequest
+from artifex.engine.video import to_uint8_frames
 from artifex.errors import InvalidRequestError
 from artifex.models.registry import get_model
 
@@ -113,6 +116,45 @@ def test_four_processes_cfg2_x_ulysses2_and_ulysses4_match_one_process(tmp_path,
     assert [r[0]["shard"] for r in results] == [[60, 60], [23, 23, 22, 22], [45, 45]]
 
 
+def _mp4_frames(path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+def test_two_processes_split_the_vae_decode_and_rank_0_writes_the_one_process_video(tmp_path, artifex_home,
+                                                                                   image_file):
+    """Every rank decodes a band of each frame (``vae_split``); rank 0's mp4 has the frames of the one-process run,
+    and its pixels are the one-process decode of the same latents (fp32: within 1e-5, as tests/test_vae_split.py).
+    CFG-parallel gives the one-process latents bit for bit, so the mp4s can be compared frame for frame (H.264
+    turns the ~1e-6 latent differences of a Ulysses run into visible ones)."""
+    ti2v = dict(prompt="a cat walking on the beach", seed=9, steps=2, frames=5, image=str(image_file))
+    cases = [
+        dict(model="tiny-t2v-moe", cfg=2, ulysses=1, request=T2V, pixels=True),  # 12 latent rows: 6 + 6
+        dict(model="tiny-ti2v", cfg=2, ulysses=1, request=ti2v, pixels=True),  # the Wan2.2 VAE, 10 rows: 5 + 5
+        dict(model="tiny-t2v-moe", cfg=2, ulysses=1, request=T2V, split_vae_decode=False),  # rank 0 alone
+    ]
+    engines = {m: Engine.load(m, config=OptimizationConfig(**FP32)) for m in ("tiny-t2v-moe", "tiny-ti2v")}
+    refs = [engines[c["model"]].generate(GenerationRequest(model=c["model"], output=str(tmp_path / f"ref{i}.mp4"),
+                                                           **c["request"])) for i, c in enumerate(cases)]
+    results = run_cases(2, cases, tmp_path / "runs", artifex_home)
+    for case, ranks, ref in zip(cases, results, refs):
+        check_case(ranks, ref.latents)
+        frames = _mp4_frames(ranks[0]["video"])
+        assert frames.shape[0] == case["request"]["frames"]
+        assert np.array_equal(frames, _mp4_frames(ref.video_path)), case
+        split = case.get("split_vae_decode", True)
+        assert ("decode" in ranks[1]["timings"]) == split  # the other rank took part in the decode, or did not
+        if case.get("pixels"):
+            assert ranks[1]["pixels"] == []  # only rank 0 receives the frames
+            pixels = torch.cat(ranks[0]["pixels"], dim=2)
+            whole = engines[case["model"]].decode(ranks[0]["latents"]).float()
+            assert len(ranks[0]["pixels"]) == ranks[0]["latents"].shape[2]  # streamed per latent frame
+            assert float((pixels - whole).abs().max()) <= 1e-5
+            assert np.array_equal(to_uint8_frames(pixels), to_uint8_frames(whole))
+        side = json.loads(Path(ranks[0]["video"]).with_suffix(".json").read_text())
+        assert side["parallel"]["split_vae_decode"] is split
+
+
 def test_artifex_launch_runs_torchrun_and_rank_0_alone_writes_a_playable_mp4(tmp_path, artifex_home, tiny_checkpoint):
     tiny_checkpoint("tiny-t2v-moe")  # built once here, not by two ranks at the same time
     out = tmp_path / "out"
@@ -128,7 +170,8 @@ def test_artifex_launch_runs_torchrun_and_rank_0_alone_writes_a_playable_mp4(tmp
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
     assert len(frames) == 5 and frames[0].shape == (96, 160, 3)
     side = json.loads(videos[0].with_suffix(".json").read_text())
-    assert side["parallel"] == {"cfg": 2, "ulysses": 1, "world_size": 2, "backend": "gloo", "writer_rank": 0}
+    assert side["parallel"] == {"cfg": 2, "ulysses": 1, "world_size": 2, "backend": "gloo", "writer_rank": 0,
+                                "split_vae_decode": True}
     assert side["seed"] == 3
 
 

@@ -23,9 +23,9 @@ def test_streamed_decode_concatenates_to_diffusers_decode(model):
     vae = AutoencoderKLWan(**vae_kwargs(spec)).eval()
     _, t, h, w = spec.latent_shape(64, 48, 9)
     z = torch.randn(1, spec.vae.z_dim, t, h, w)
+    assert can_stream(vae)  # a fresh VAE too (its feature caches appear at its first clear_cache)
     with torch.no_grad():
         whole = vae.decode(z, return_dict=False)[0]
-        assert can_stream(vae)
         chunks = list(decode_stream(vae, z))
     assert len(chunks) == t and chunks[0].shape[2] == 1  # the first latent frame is one pixel frame
     assert torch.equal(torch.cat(chunks, dim=2), whole)

@@ -7,7 +7,7 @@ layout, the reference, runs as one plain process (no torch.distributed); every o
 under ``torchrun --standalone`` with one rank per GPU (gloo processes on a CPU), exactly as
 ``artifex launch`` runs it. Every rank builds the model (random weights at the real shapes, or
 ``--checkpoint``), runs a warm-up generation (compile and autotune for the layout's shapes), then
-the measured whole generation (text, every step, VAE decode and mp4 write by rank 0). Rank 0
+the measured whole generation (text, every step, VAE decode split over the ranks, mp4 write by rank 0). Rank 0
 records every rank's figures; this command merges them:
 
 - the median denoising step (one step = the DiT forwards of the prompt and the negative prompt,
@@ -15,7 +15,7 @@ records every rank's figures; this command merges them:
   model's default step count when ``--steps`` asks for fewer (said so in the report);
 - the time inside the layout's collectives per kind (all-to-all, all-gather, broadcast; CUDA
   events around each call, so waiting for the slowest peer is included), on every rank;
-- how long the ranks that do not decode wait for rank 0's decode and write (idle ranks);
+- how long the ranks that do not write wait for rank 0's write (idle ranks);
 - the first step's flow prediction and the final latents against the one-GPU layout (rel L2);
 - speedup and scaling efficiency (speedup / GPUs) against the one-GPU layout;
 - with ``--runner-baseline``, the one-GPU layout once more through the parallel runner in a

@@ -24,6 +24,8 @@ def add_layout_flags(p: argparse.ArgumentParser) -> None:
                    help="Ulysses sequence-parallel degree; must divide the model's heads (24 TI2V-5B, 40 A14B)")
     g.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
                    help="torch.distributed backend: auto = nccl with one GPU per rank when CUDA is there, else gloo")
+    g.add_argument("--no-split-vae-decode", dest="split_vae_decode", action="store_false",
+                   help="rank 0 decodes the video alone (default: every rank decodes a band of rows of each frame)")
 
 
 def generate_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ Every rank builds every group, in the same order, as torch.distributed requires.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,10 +30,13 @@ class ParallelGroups:
     ulysses_ranks: list[int]
     cfg_group: dist.ProcessGroup | None
     ulysses_group: dist.ProcessGroup | None
+    # every rank of the layout (the VAE decode is split over them); None with one rank
+    layout_ranks: list[int] = field(default_factory=lambda: [0])
+    layout_group: dist.ProcessGroup | None = None
 
     @property
     def writes_output(self) -> bool:
-        """Global rank 0 decodes and writes the video."""
+        """Global rank 0 writes the video (and decodes it, alone or with the other ranks)."""
         return self.rank == 0
 
 
@@ -55,11 +58,14 @@ def build_groups(layout: ParallelLayout, spare_ranks: bool = False) -> ParallelG
             group = dist.new_group(ranks) if degree > 1 else None  # every rank creates every group
             if rank in ranks:
                 mine[kind] = (ranks, group)
+    everyone = list(range(layout.world_size))
+    layout_group = dist.new_group(everyone) if layout.world_size > 1 else None
     if rank >= layout.world_size:
         return None
     return ParallelGroups(layout=layout, rank=rank, cfg_rank=cfg_rank, ulysses_rank=ulysses_rank,
                           cfg_ranks=mine["cfg"][0], ulysses_ranks=mine["ulysses"][0],
-                          cfg_group=mine["cfg"][1], ulysses_group=mine["ulysses"][1])
+                          cfg_group=mine["cfg"][1], ulysses_group=mine["ulysses"][1],
+                          layout_ranks=everyone, layout_group=layout_group)
 
 
 def pick_backend(requested: str = "auto") -> str:

@@ -53,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
         engine = Engine.load(args.model, checkpoint=args.checkpoint, config=config,
                              single_files={"transformer": args.transformer_file,
                                            "transformer_2": args.transformer_2_file, "vae": args.vae_file})
-        runner = parallelize(engine, groups)
+        runner = parallelize(engine, groups, split_vae_decode=args.split_vae_decode)
         lead = groups.rank == 0
         if lead:
-            print(f"{layout.describe()} on {layout.world_size} ranks ({backend}); rank 0 writes the video",
+            decode = "every rank decodes" if runner.split_vae_decode else "rank 0 decodes"
+            print(f"{layout.describe()} on {layout.world_size} ranks ({backend}); {decode}, rank 0 writes the video",
                   file=sys.stderr)
         result = runner.generate(request, on_event=_progress_printer() if lead else None,
                                  output_dir=args.output_dir)

@@ -7,7 +7,10 @@
 
 What it changes on the engine, all through its seams: ``engine.predict`` (CFG-parallel),
 the attention processors and forward hooks of the experts (Ulysses), ``writes_output``
-(only global rank 0 decodes and writes). ``remove`` undoes all of it.
+(only global rank 0 writes), ``decode_stream`` and ``joins_decode`` (every rank of the
+layout decodes a band of rows of each frame, ``artifex.distributed.vae_split``, and rank 0
+writes the gathered frames; ``split_vae_decode=False``, or a VAE that decodes in tiles:
+rank 0 decodes alone). ``remove`` undoes all of it.
 """
 
 from __future__ import annotations
@@ -26,16 +29,24 @@ from artifex.distributed.commtime import CommTimer
 from artifex.distributed.groups import ParallelGroups
 from artifex.distributed.layout import ParallelLayout
 from artifex.distributed.ulysses import SequenceShard, UlyssesHooks
+from artifex.distributed.vae_split import SplitDecode
 from artifex.engine.pipeline import Engine, EventCallback, GenerationResult
 from artifex.engine.request import MAX_SEED, GenerationRequest, resolve_request
+from artifex.engine.vae import decode_any
 
 log = logging.getLogger("artifex")
 
 
 class ParallelRunner:
-    def __init__(self, engine: Engine, groups: ParallelGroups, timer: CommTimer | None = None):
-        """``timer``: time every collective of the layout (benchmarks); off by default."""
+    def __init__(self, engine: Engine, groups: ParallelGroups, timer: CommTimer | None = None,
+                 split_vae_decode: bool = True):
+        """``timer``: time every collective of the layout (benchmarks); off by default. ``split_vae_decode``: every
+        rank decodes a band of each frame (exact); off: rank 0 decodes alone while the others are done."""
         self.engine, self.groups, self.layout = engine, groups, groups.layout
+        self.split_vae_decode = split_vae_decode and self.layout.world_size > 1
+        if self.split_vae_decode:
+            engine.decode_stream = SplitDecode(groups.layout_group, groups.layout_ranks)  # not timed: in decode_s
+            engine.joins_decode = True
         self.ulysses: UlyssesHooks | None = None
         if self.layout.ulysses > 1:
             shard = SequenceShard(groups.ulysses_group, groups.ulysses_ranks, timer)
@@ -60,7 +71,7 @@ class ParallelRunner:
         result = self.engine.generate(request, on_event=on_event, output_dir=output_dir)
         if result.sidecar_path is not None:  # the writing rank records the layout it ran under
             result.sidecar["parallel"] = {**self.layout.to_dict(), "backend": dist.get_backend(),
-                                          "writer_rank": self.groups.rank}
+                                          "writer_rank": self.groups.rank, "split_vae_decode": self.split_vae_decode}
             tmp = result.sidecar_path.with_name(f".{result.sidecar_path.name}.partial")
             tmp.write_text(json.dumps(result.sidecar, indent=2, default=str))
             tmp.replace(result.sidecar_path)
@@ -75,13 +86,14 @@ class ParallelRunner:
         self.engine.predict = self.engine._predict
         self.engine.attention_heads_divisor, self.engine.attention_batch = 1, None
         self.engine.writes_output = True
+        self.engine.decode_stream, self.engine.joins_decode = decode_any, False
         self.engine.oom_step_down = True
 
 
-def parallelize(engine: Engine, groups: ParallelGroups) -> ParallelRunner:
+def parallelize(engine: Engine, groups: ParallelGroups, split_vae_decode: bool = True) -> ParallelRunner:
     """Apply ``groups.layout`` to ``engine`` (checked against its model first)."""
     groups.layout.check(engine.spec, world_size=dist.get_world_size())
-    return ParallelRunner(engine, groups)
+    return ParallelRunner(engine, groups, split_vae_decode=split_vae_decode)
 
 
 __all__ = ["ParallelLayout", "ParallelRunner", "parallelize"]

@@ -30,7 +30,7 @@ from artifex.engine.memory import plan_memory, prefetch_fits, prefetch_peak, tie
 from artifex.engine.placement import Placement
 from artifex.engine.plan import Plan, make_plan, memory_budget, requested_tier
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
-from artifex.engine.vae import can_stream, decode_stream
+from artifex.engine.vae import decode_any
 from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
 from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
@@ -161,10 +161,14 @@ class Engine:
         self.dtype = DTYPES[plan.precision]
         self.load_s = load_s
         self.attention = runtime_from_config(config, read_env().home)
-        # Seams for parallel layouts (artifex.distributed): how one step's flow prediction is computed, and
-        # whether this process decodes and writes the video (one rank of a group does).
+        # Seams for parallel layouts (artifex.distributed): how one step's flow prediction is computed, whether
+        # this process writes the video (one rank of a group does), how the VAE turns latents into pixels chunk
+        # by chunk ((vae, z) -> pixels; a layout splits it over its ranks), and whether a rank that does not
+        # write still takes part in that decode.
         self.predict: Callable[..., torch.Tensor] = self._predict
         self.writes_output = True
+        self.decode_stream: Callable[[object, torch.Tensor], Iterator[torch.Tensor]] = decode_any
+        self.joins_decode = False
         # An OOM step-down re-places models on this process alone; a parallel layout turns it off (the other
         # ranks would wait in a collective while this one moves models).
         self.oom_step_down = True
@@ -272,16 +276,24 @@ class Engine:
     @torch.no_grad()
     def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         """Pixels (1, 3, t, H, W) in [-1, 1] as they are decoded: one latent frame at a time, or the whole video at
-        once when the VAE decodes in tiles."""
+        once when the VAE decodes in tiles (``decode_stream``; under a split decode, nothing on a non-writing
+        rank)."""
         mean, std = self._latent_stats(latents)
         with self.placement.vae() as vae:
             z = (latents * std + mean).to(vae.dtype)
             if self.plan.channels_last:
                 z = z.contiguous(memory_format=torch.channels_last_3d)
-            if can_stream(vae):
-                yield from decode_stream(vae, z)
-            else:
-                yield vae.decode(z, return_dict=False)[0]
+            yield from self.decode_stream(vae, z)
+
+    @torch.no_grad()
+    def decode_only(self, job: Job) -> None:
+        """A non-writing rank's part in a decode split over ranks: the same stages as ``finish``, nothing kept."""
+        job.emit(ProgressEvent("decode", 0, 1, job.elapsed()))
+        self.placement.park_experts()
+        with contextlib.closing(self.decode_chunks(job.latents)) as chunks:
+            for _ in chunks:
+                pass
+        job.mark("decode")
 
     def decode_to_mp4(self, latents: torch.Tensor, path: Path, fps: int) -> float:
         """Decode ``latents`` into an mp4 at ``path``, encoding each chunk on a thread while the next decodes.
@@ -333,7 +345,9 @@ class Engine:
             if job.frame_mask is not None:  # TI2V: the frames given by the image stay the encoded image
                 job.latents = (1 - job.frame_mask) * job.condition + job.frame_mask * job.latents
             job.mark("denoise")
-            if not self.writes_output:  # another rank of a parallel group decodes and writes
+            if not self.writes_output:  # another rank of a parallel group writes (this one may help decode)
+                if self.joins_decode:
+                    self.decode_only(job)
                 return self._result(job, None)
 
             # 4. Decode to pixels and 5. write the mp4 and its sidecar.

@@ -17,7 +17,8 @@ import torch
 
 def can_stream(vae) -> bool:
     """True when ``vae.decode`` would take the untiled frame-by-frame path this module replicates."""
-    return not getattr(vae, "use_tiling", False) and hasattr(vae, "_feat_map") and hasattr(vae, "post_quant_conv")
+    # clear_cache makes the feature caches (_feat_map): a VAE that has not decoded yet has none
+    return not getattr(vae, "use_tiling", False) and hasattr(vae, "clear_cache") and hasattr(vae, "post_quant_conv")
 
 
 def decode_stream(vae, z: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -37,3 +38,11 @@ def decode_stream(vae, z: torch.Tensor) -> Iterator[torch.Tensor]:
             yield out.clamp(-1.0, 1.0)
     finally:
         vae.clear_cache()
+
+
+def decode_any(vae, z: torch.Tensor) -> Iterator[torch.Tensor]:
+    """One process's decode of ``z``: ``decode_stream`` where it applies, else (tiles) ``vae.decode`` in one chunk."""
+    if can_stream(vae):
+        yield from decode_stream(vae, z)
+    else:
+        yield vae.decode(z, return_dict=False)[0]
