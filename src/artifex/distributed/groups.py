@@ -40,14 +40,12 @@ class ParallelGroups:
         return self.rank == 0
 
 
-def build_groups(layout: ParallelLayout, spare_ranks: bool = False) -> ParallelGroups | None:
-    """Create the CFG and Ulysses groups of ``layout`` in the initialised default world. ``spare_ranks``: the
-    world may be larger than the layout (a benchmark trying several layouts in one world); the layout takes the
-    first ranks, and the others get None (they still take part in creating the groups, as torch requires)."""
+def build_groups(layout: ParallelLayout) -> ParallelGroups:
+    """Create the CFG and Ulysses groups of ``layout`` (and one of all its ranks) in the initialised default world."""
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call init_distributed() or run under torchrun")
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world != layout.world_size and not (spare_ranks and world > layout.world_size):
+    if world != layout.world_size:
         raise InvalidRequestError("world_size", f"{layout.describe()} needs {layout.world_size} processes, "
                                   f"{world} are in this world", [layout.world_size])
     cfg_rank, ulysses_rank = layout.coords(rank)
@@ -60,8 +58,6 @@ def build_groups(layout: ParallelLayout, spare_ranks: bool = False) -> ParallelG
                 mine[kind] = (ranks, group)
     everyone = list(range(layout.world_size))
     layout_group = dist.new_group(everyone) if layout.world_size > 1 else None
-    if rank >= layout.world_size:
-        return None
     return ParallelGroups(layout=layout, rank=rank, cfg_rank=cfg_rank, ulysses_rank=ulysses_rank,
                           cfg_ranks=mine["cfg"][0], ulysses_ranks=mine["ulysses"][0],
                           cfg_group=mine["cfg"][1], ulysses_group=mine["ulysses"][1],
