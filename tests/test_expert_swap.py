@@ -227,3 +227,22 @@ def test_prefetch_room_for_the_real_shapes():
     assert choose_tier(ests, 64 * GIB)[0] == "expert_swap" and not prefetch_fits(swap, w, 64 * GIB)
     assert not prefetch_fits(swap, w, None)  # a CPU
     assert not prefetch_fits(ests[0], w, 141 * GIB)  # resident: nothing to prefetch
+
+
+def test_the_gpu_check_script_runs_the_swap_tiers_and_finds_them_equal(tmp_path, artifex_home):
+    """scripts/check_expert_swap.py (the GPU check of pinned swaps) on the CPU's plain path: every tier's latents
+    equal the resident run's, exit status 0, the JSON written."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_expert_swap.py"
+    out = tmp_path / "swap.json"
+    p = subprocess.run([sys.executable, str(script), "--steps", "4", "--out", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r["tier"] for r in data["tiers"]] == ["resident", "expert_swap", "model_offload"]
+    assert data["equal"] and all(r["max_abs_diff_vs_resident"] == 0.0 for r in data["tiers"])
+    assert all(r["switch_step"] is not None for r in data["tiers"])
