@@ -105,13 +105,14 @@ def test_bench_multigpu_refuses_bad_input_before_starting_ranks(flags, message, 
 
 def test_bench_multigpu_ulysses_runs_inside_compiled_blocks(tmp_path, artifex_home):
     """Ulysses' all-to-alls run eagerly inside compiled blocks (the graph breaks around attention), then the
-    blocks go back to the whole-graph compile; with --append the earlier one-GPU run stays the reference."""
+    blocks go back to the whole-graph compile; with --append the earlier one-GPU run stays the reference, its
+    tensors (kept beside the report in fp16) too."""
     import os
     import subprocess
     import sys
 
     base = [sys.executable, "-m", "artifex.cli", "bench", "multigpu", "--model", "tiny-t2v-moe", "--steps", "2",
-            "--compile", "on", "--output-dir", str(tmp_path)]
+            "--compile", "on", "--precision", "fp32", "--output-dir", str(tmp_path)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     for layouts in (["1x1"], ["1x2", "--append"]):
         p = subprocess.run([*base, "--layouts", *layouts], capture_output=True, text=True, timeout=400, env=env)
@@ -120,7 +121,10 @@ def test_bench_multigpu_ulysses_runs_inside_compiled_blocks(tmp_path, artifex_ho
     rows = {r["layout"]: r for r in shape["layouts"]}
     assert list(rows) == ["1x1", "1x2"] and shape["appended_to"]["command"].endswith("--layouts 1x1")
     assert rows["1x2"]["ranks"][0]["comm"]["all_to_all"]["calls"] > 0 and rows["1x2"]["speedup_step"] > 0
-    assert "earlier run" in rows["1x2"]["equality"] and "rel_l2_latents" not in rows["1x2"]
+    assert (tmp_path / "multigpu-tinyt2vmoe_160x96-reference.pt").exists()
+    assert rows["1x1"]["reference_tensors"] == shape["appended_to"]["date"]
+    assert "earlier run, kept in fp16" in rows["1x2"]["equality"]
+    assert rows["1x2"]["rel_l2_latents"] < 2e-3 and rows["1x2"]["rel_l2_first_prediction"] < 2e-3
 
 
 def test_ulysses_hooks_switch_compiled_blocks_to_graph_breaks_and_back():

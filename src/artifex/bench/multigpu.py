@@ -112,7 +112,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--append", action="store_true",
                    help="keep the layouts of an earlier run of the same model, size and steps in OUTPUT_DIR's report "
-                        "(its one-GPU layout stays the reference for speedups)")
+                        "(its one-GPU layout stays the reference for speedups, and for equality where its tensors "
+                        "file is in OUTPUT_DIR)")
     p.add_argument("--record", help=argparse.SUPPRESS)  # one layout's processes: where rank 0 writes its record
 
 
@@ -162,7 +163,7 @@ def command(args: argparse.Namespace) -> int:
     reference: dict = {}
     if args.append:
         _keep_previous(args.output_dir / f"multigpu-{report.device_slug(dev)}.json", data,
-                       {_run_key(lay, r) for lay, r in runs}, reference)
+                       {_run_key(lay, r) for lay, r in runs}, reference, args.output_dir)
     failed = 0
     with tempfile.TemporaryDirectory(prefix="artifex-multigpu-") as work:
         for layout, via_runner in runs:
@@ -178,17 +179,47 @@ def command(args: argparse.Namespace) -> int:
                 tensors = torch.load(Path(work) / key / "tensors.pt")
                 data.update(weights=rec["weights"], config=rec["config"])
                 data["layouts"].append(_layout_row(layout, rec, tensors, spec, steps, reference, via_runner))
+                if data["layouts"][-1].get("reference_tensors") is True:
+                    data["layouts"][-1]["reference_tensors"] = data["date"]
+                    _save_reference(args.output_dir, data, tensors)
+                    for kept in data["layouts"][:-1]:  # --append: measured before this reference existed
+                        if "error" not in kept and "speedup_step" not in kept:
+                            _speedups(kept, reference)
+                            kept["equality"] = "not compared: measured in an earlier run than the one-GPU reference"
+                    data["layouts"].sort(key=lambda r: r["layout"] != "1x1")  # the reference first, as in one run
             files = _write(args.output_dir, data, dev)  # after every layout: a run cut short keeps what it measured
     print("\n".join(str(f) for f in files))
     return 1 if failed else 0
 
 
-def _keep_previous(path: Path, data: dict, replaced: set[str], reference: dict) -> None:
+def _reference_path(output_dir: Path, data: dict) -> Path:
+    from artifex.bench.dit import shape_key
+
+    key = shape_key(data["model"], *(int(v) for v in data["size"].split("x")[:2]))
+    return Path(output_dir) / f"multigpu-{key}-reference.pt"
+
+
+def _save_reference(output_dir: Path, data: dict, tensors: dict) -> None:
+    """The one-GPU layout's first prediction and final latents, kept beside the report so that a later
+    ``--append`` run (another device call) still compares its layouts for equality. Stored in fp16 (each tensor
+    rounded to ~5e-4 relative) to stay small enough to travel back from a device machine."""
+    import torch
+
+    out = {k: tensors[k].to(torch.float16) for k in _TENSORS}
+    out.update(model=data["model"], size=data["size"], steps=data["steps"], date=data["date"])
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    torch.save(out, _reference_path(output_dir, data))
+
+
+def _keep_previous(path: Path, data: dict, replaced: set[str], reference: dict, output_dir: Path) -> None:
     """``--append``: the layouts an earlier run measured for the same model, size and steps stay (this run's
-    replace those of the same name); its one-GPU times become the reference (its latents are not kept, so layouts
-    measured now are not compared for equality against it)."""
+    replace those of the same name); its one-GPU times become the reference, and its tensors too where the
+    reference file that run saved is in ``output_dir`` (else layouts measured now are not compared for
+    equality)."""
     if not path.exists():
         return
+    import torch
+
     from artifex.bench.dit import shape_key
 
     key = shape_key(data["model"], *(int(v) for v in data["size"].split("x")[:2]))
@@ -198,9 +229,17 @@ def _keep_previous(path: Path, data: dict, replaced: set[str], reference: dict) 
     data["layouts"] = [r for r in old["layouts"] if r["layout"] not in replaced]
     data["appended_to"] = {"command": old["command"], "date": old["date"]}
     one = next((r for r in data["layouts"] if r["layout"] == "1x1" and "error" not in r), None)
-    if one is not None:
-        reference.update(step=one["median_step_s"], total=one.get("projected_total_s", one["total_s"]),
-                         denoise=one["denoise_s"], first=None, latents=None)
+    if one is None:
+        return
+    reference.update(step=one["median_step_s"], total=one.get("projected_total_s", one["total_s"]),
+                     denoise=one["denoise_s"], first=None, latents=None)
+    saved = _reference_path(output_dir, data)
+    if one.get("reference_tensors") and saved.exists():
+        ref = torch.load(saved)
+        if (ref["model"], ref["size"], ref["steps"], ref["date"]) == (data["model"], data["size"], data["steps"],
+                                                                       one["reference_tensors"]):
+            reference.update(first=ref["first_prediction"].float(), latents=ref["latents"].float(),
+                             stored="fp16")
 
 
 def _run_key(layout, via_runner: bool) -> str:
@@ -403,6 +442,13 @@ def _rel_l2(a, b) -> float:
     return round(float((a.double() - b.double()).norm() / b.double().norm()), 6)
 
 
+def _speedups(row: dict, reference: dict) -> None:
+    row["speedup_step"] = round(reference["step"] / row["median_step_s"], 3)
+    row["efficiency_step"] = round(row["speedup_step"] / row["gpus"], 3)
+    row["speedup_total"] = round(reference["total"] / row.get("projected_total_s", row["total_s"]), 3)
+    row["efficiency_total"] = round(row["speedup_total"] / row["gpus"], 3)
+
+
 def _layout_row(layout, record: dict, tensors: dict, spec, steps: int, reference: dict,
                 via_runner: bool = False) -> dict:
     """One layout's figures from every rank's record (and rank 0's first prediction and final latents); the
@@ -435,15 +481,15 @@ def _layout_row(layout, record: dict, tensors: dict, spec, steps: int, reference
     if layout.world_size == 1 and not via_runner and not reference:
         reference.update(step=step, total=row.get("projected_total_s", row["total_s"]),
                          denoise=t["denoise"], first=tensors["first_prediction"], latents=tensors["latents"])
+        row["reference_tensors"] = True  # command() saves them beside the report and puts the run's date here
     if reference:
-        row["speedup_step"] = round(reference["step"] / step, 3)
-        row["efficiency_step"] = round(row["speedup_step"] / layout.world_size, 3)
-        total = row.get("projected_total_s", row["total_s"])
-        row["speedup_total"] = round(reference["total"] / total, 3)
-        row["efficiency_total"] = round(row["speedup_total"] / layout.world_size, 3)
+        _speedups(row, reference)
         if reference["latents"] is not None:
             row["rel_l2_first_prediction"] = _rel_l2(tensors["first_prediction"], reference["first"])
             row["rel_l2_latents"] = _rel_l2(tensors["latents"], reference["latents"])
+            if reference.get("stored"):
+                row["equality"] = ("against the one-GPU tensors of an earlier run, kept in fp16 "
+                                   "(adds up to ~5e-4 to the rel L2)")
         else:
             row["equality"] = "not compared: the one-GPU reference was measured in an earlier run (--append)"
     return row
@@ -504,8 +550,13 @@ def _markdown(shapes: dict) -> str:
                          str(r.get("rel_l2_latents", "-")), str(r["tier"])])
         lines.append(report.md_table(rows))
         if d.get("appended_to"):
+            one = next((r for r in d["layouts"] if r["layout"] == "1x1" and "error" not in r), {})
+            whose = "the one-GPU layout above (this run) is their reference" if one.get("reference_tensors") == \
+                d["date"] else "its one-GPU layout is the reference"
             lines.append(f"\nLayouts not measured by the command above come from `{d['appended_to']['command']}` "
-                         f"({d['appended_to']['date']}), whose one-GPU layout is the reference.\n")
+                         f"({d['appended_to']['date']}); {whose}.\n")
+        if d.get("note"):
+            lines.append(f"\n{d['note']}\n")
         lines += [f"\n{r['layout']}: {r['equality']}\n" for r in d["layouts"] if r.get("equality")]
     return "# Multi-GPU layouts\n" + "".join(lines)
 
