@@ -83,3 +83,25 @@ def test_per_head_scales_beat_per_tensor_when_heads_differ():
     head, tensor = worst_head("head"), worst_head("tensor")
     print(f"heads of 2e-4..10 magnitude: worst head rel L2 per-head scales {head:.4f}, per-tensor {tensor:.4f}")
     assert head < 0.08 and tensor > 2 * head
+
+
+def test_compiled_functions_keep_compiling_past_dynamos_default_of_eight_shapes():
+    """A server sees many request shapes: every one gets its own graph (dynamo's default would run the ninth on
+    eagerly, silently); the fp8 quantization compiled this way still equals the eager one."""
+    from torch._dynamo.utils import counters
+
+    from artifex.kernels import RECOMPILE_LIMIT, compile_static
+    from artifex.kernels.fp8_attention import quantize_fp8
+
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 8  # the default, as a fresh process has it
+    quantize = compile_static(quantize_fp8, backend="eager")
+    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    before = counters["stats"]["unique_graphs"]
+    base = torch.randn(2, 40, 4, 3 * 16)
+    shapes = [base[:, :n, :, :16] for n in range(28, 40)]  # 12 lengths, strided like fused q/k/v views
+    for x in shapes:
+        values, descale = quantize(x)
+        want_values, want_descale = quantize_fp8(x)
+        assert torch.equal(values.float(), want_values.float()) and torch.equal(descale, want_descale)
+    assert counters["stats"]["unique_graphs"] - before == len(shapes)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from artifex.attention.processor import _TEXT_CONTEXT
+from artifex.kernels import compile_static
 from artifex.kernels.fp8 import Fp8Linear
 from artifex.kernels.qk_norm_rope import compact_rope, decide, qk_norm_rope
 
@@ -207,7 +208,7 @@ def compiled_block_core(fullgraph: bool):
     """``block_core`` compiled once per process: every block of every model shares its compiled graphs.
     ``fullgraph=False`` is the variant that may break its graph, for attention runtimes that must run eagerly
     (Ulysses' all-to-alls: ``allow_graph_breaks``)."""
-    return torch.compile(block_core, fullgraph=fullgraph, dynamic=False)
+    return compile_static(block_core, fullgraph=fullgraph)
 
 
 def allow_graph_breaks(model, allowed: bool) -> None:

@@ -16,3 +16,20 @@ class Decision:
 
     path: str  # qk_norm_rope: "triton" | "torch"; fp8: "scaled_mm" | "twin"
     reason: str
+
+
+# Distinct input shapes one compiled function sees in a long-lived process: every request size and frame count,
+# batch 1 and 2, probes, bf16 and fp8 blocks. Dynamo's default (8 graphs per function) would silently run the
+# rest eagerly, at eager speed.
+RECOMPILE_LIMIT = 64
+
+
+def compile_static(fn, fullgraph: bool = False, backend: str = "inductor"):
+    """``torch.compile(fn, dynamic=False)`` (one specialised graph per input shape) with the process-wide
+    recompile limit raised to at least ``RECOMPILE_LIMIT`` (never lowered), so shapes past the eighth are
+    compiled too instead of falling back to eager."""
+    import torch
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn, fullgraph=fullgraph, dynamic=False, backend=backend)

@@ -22,6 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from artifex.kernels import compile_static
 from artifex.kernels.fp8 import _TINY, FP8, FP8_MAX
 
 Tensor = torch.Tensor
@@ -49,7 +50,7 @@ def _dequantize(values: Tensor, descale: Tensor) -> Tensor:
 
 @functools.cache
 def _compiled_quantize():
-    return torch.compile(quantize_fp8, dynamic=False)
+    return compile_static(quantize_fp8)  # q, k, v views, text and image keys, every request shape
 
 
 def _quantize(x: Tensor, granularity: str) -> tuple[Tensor, Tensor]:
