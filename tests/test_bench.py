@@ -114,12 +114,22 @@ def test_bench_multigpu_ulysses_runs_inside_compiled_blocks(tmp_path, artifex_ho
     base = [sys.executable, "-m", "artifex.cli", "bench", "multigpu", "--model", "tiny-t2v-moe", "--steps", "2",
             "--compile", "on", "--precision", "fp32", "--output-dir", str(tmp_path)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    for layouts in (["1x1"], ["1x2", "--append"]):
+    shapes, reports = [], []
+    for layouts in (["1x2"], ["1x1", "--append"], ["1x2", "--append"]):
         p = subprocess.run([*base, "--layouts", *layouts], capture_output=True, text=True, timeout=400, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
-    shape = json.loads((tmp_path / "multigpu-cpu.json").read_text())["shapes"]["tinyt2vmoe_160x96"]
+        shapes.append(json.loads((tmp_path / "multigpu-cpu.json").read_text())["shapes"]["tinyt2vmoe_160x96"])
+        reports.append((tmp_path / "multigpu-cpu.md").read_text())
+    # Ulysses measured first has no reference; the one-GPU layout appended later gives it speedups, not equality.
+    assert "speedup_step" not in shapes[0]["layouts"][0]
+    rows = {r["layout"]: r for r in shapes[1]["layouts"]}
+    assert list(rows) == ["1x1", "1x2"] and rows["1x2"]["speedup_step"] > 0
+    assert "measured in an earlier run than the one-GPU reference" in rows["1x2"]["equality"]
+    assert "the one-GPU layout above (this run) is their reference" in reports[1]
+    # Ulysses again: compared against the one-GPU layout's tensors, kept beside the report.
+    shape = shapes[2]
     rows = {r["layout"]: r for r in shape["layouts"]}
-    assert list(rows) == ["1x1", "1x2"] and shape["appended_to"]["command"].endswith("--layouts 1x1")
+    assert list(rows) == ["1x1", "1x2"] and shape["appended_to"]["command"].endswith("--layouts 1x1 --append")
     assert rows["1x2"]["ranks"][0]["comm"]["all_to_all"]["calls"] > 0 and rows["1x2"]["speedup_step"] > 0
     assert (tmp_path / "multigpu-tinyt2vmoe_160x96-reference.pt").exists()
     assert rows["1x1"]["reference_tensors"] == shape["appended_to"]["date"]
