@@ -94,14 +94,14 @@ def test_compiled_functions_keep_compiling_past_dynamos_default_of_eight_shapes(
     from artifex.kernels.fp8_attention import quantize_fp8
 
     torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = 8  # the default, as a fresh process has it
-    quantize = compile_static(quantize_fp8, backend="eager")
-    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
-    before = counters["stats"]["unique_graphs"]
-    base = torch.randn(2, 40, 4, 3 * 16)
-    shapes = [base[:, :n, :, :16] for n in range(28, 40)]  # 12 lengths, strided like fused q/k/v views
-    for x in shapes:
-        values, descale = quantize(x)
-        want_values, want_descale = quantize_fp8(x)
-        assert torch.equal(values.float(), want_values.float()) and torch.equal(descale, want_descale)
-    assert counters["stats"]["unique_graphs"] - before == len(shapes)
+    with torch._dynamo.config.patch(recompile_limit=8):  # the default, as a fresh process has it
+        quantize = compile_static(quantize_fp8, backend="eager")
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+        before = counters["stats"]["unique_graphs"]
+        base = torch.randn(2, 40, 4, 3 * 16)
+        shapes = [base[:, :n, :, :16] for n in range(28, 40)]  # 12 lengths, strided like fused q/k/v views
+        for x in shapes:
+            values, descale = quantize(x)
+            want_values, want_descale = quantize_fp8(x)
+            assert torch.equal(values.float(), want_values.float()) and torch.equal(descale, want_descale)
+        assert counters["stats"]["unique_graphs"] - before == len(shapes)

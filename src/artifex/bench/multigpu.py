@@ -178,9 +178,9 @@ def command(args: argparse.Namespace) -> int:
                 rec = json.loads((Path(work) / key / "record.json").read_text())
                 tensors = torch.load(Path(work) / key / "tensors.pt")
                 data.update(weights=rec["weights"], config=rec["config"])
-                data["layouts"].append(_layout_row(layout, rec, tensors, spec, steps, reference, via_runner))
-                if data["layouts"][-1].get("reference_tensors") is True:
-                    data["layouts"][-1]["reference_tensors"] = data["date"]
+                row = _layout_row(layout, rec, tensors, spec, steps, reference, via_runner, data["date"])
+                data["layouts"].append(row)
+                if row.get("reference_tensors") == data["date"]:  # this run's one-GPU layout: the reference
                     _save_reference(args.output_dir, data, tensors)
                     for kept in data["layouts"][:-1]:  # --append: measured before this reference existed
                         if "error" not in kept and "speedup_step" not in kept:
@@ -192,11 +192,15 @@ def command(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _reference_path(output_dir: Path, data: dict) -> Path:
+def _key(data: dict) -> str:
+    """The report's key for a run's model and size (``ti2v5b_720p``)."""
     from artifex.bench.dit import shape_key
 
-    key = shape_key(data["model"], *(int(v) for v in data["size"].split("x")[:2]))
-    return Path(output_dir) / f"multigpu-{key}-reference.pt"
+    return shape_key(data["model"], *(int(v) for v in data["size"].split("x")[:2]))
+
+
+def _reference_path(output_dir: Path, data: dict) -> Path:
+    return Path(output_dir) / f"multigpu-{_key(data)}-reference.pt"
 
 
 def _save_reference(output_dir: Path, data: dict, tensors: dict) -> None:
@@ -220,10 +224,7 @@ def _keep_previous(path: Path, data: dict, replaced: set[str], reference: dict, 
         return
     import torch
 
-    from artifex.bench.dit import shape_key
-
-    key = shape_key(data["model"], *(int(v) for v in data["size"].split("x")[:2]))
-    old = json.loads(path.read_text()).get("shapes", {}).get(key)
+    old = json.loads(path.read_text()).get("shapes", {}).get(_key(data))
     if not old or (old["size"], old["steps"]) != (data["size"], data["steps"]):
         return
     data["layouts"] = [r for r in old["layouts"] if r["layout"] not in replaced]
@@ -450,7 +451,7 @@ def _speedups(row: dict, reference: dict) -> None:
 
 
 def _layout_row(layout, record: dict, tensors: dict, spec, steps: int, reference: dict,
-                via_runner: bool = False) -> dict:
+                via_runner: bool = False, date: str | None = None) -> dict:
     """One layout's figures from every rank's record (and rank 0's first prediction and final latents); the
     one-GPU layout's (one plain process) become the reference."""
     ranks = record["ranks"]
@@ -481,7 +482,7 @@ def _layout_row(layout, record: dict, tensors: dict, spec, steps: int, reference
     if layout.world_size == 1 and not via_runner and not reference:
         reference.update(step=step, total=row.get("projected_total_s", row["total_s"]),
                          denoise=t["denoise"], first=tensors["first_prediction"], latents=tensors["latents"])
-        row["reference_tensors"] = True  # command() saves them beside the report and puts the run's date here
+        row["reference_tensors"] = date  # command() saves them beside the report, found again by this date
     if reference:
         _speedups(row, reference)
         if reference["latents"] is not None:
@@ -512,13 +513,11 @@ def shape_summary(data: dict) -> dict:
 def _write(out_dir: Path, data: dict, dev) -> list[Path]:
     """Merge this shape into multigpu-<device>.json (one file holds every shape measured on that device)."""
     from artifex.bench import report
-    from artifex.bench.dit import shape_key
 
     slug = report.device_slug(dev)
     path = out_dir / f"multigpu-{slug}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    key = shape_key(data["model"], *(int(v) for v in data["size"].split("x")[:2]))
-    shapes = {**old.get("shapes", {}), key: data}
+    shapes = {**old.get("shapes", {}), _key(data): data}
     merged = {k: data[k] for k in ("device", "command", "date", "versions")}
     merged["shapes"] = shapes
     merged["summary"] = {k: shape_summary(v) for k, v in shapes.items()}
