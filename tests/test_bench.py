@@ -20,6 +20,36 @@ def test_bench_dit_runs_on_a_tiny_model_and_writes_its_report(tmp_path):
     assert (tmp_path / "dit-cpu.md").read_text().count("artifex_bf16") == 1
 
 
+def test_bench_dit_ablations_and_kernel_profile(tmp_path):
+    """The ablation rows (one Artifex change off) run after artifex_bf16 on the same model; --profile puts a
+    kernel (here: CPU operator) breakdown in every row and a table in the Markdown."""
+    assert main(["bench", "dit", "--model", "tiny-ti2v", "--iters", "1", "--warmup", "1", "--compile", "off",
+                 "--variants", "artifex_bf16", "artifex_bf16_unfused_qkv", "artifex_bf16_no_gelu_epilogue",
+                 "--profile", "--output-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "dit-cpu.json").read_text())["shapes"]["tinyti2v_256x160"]
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert list(rows) == ["diffusers_default", "artifex_bf16", "artifex_bf16_unfused_qkv",
+                          "artifex_bf16_no_gelu_epilogue"]
+    for r in rows.values():
+        k = r["kernels"]
+        assert k["total_ms"] > 0 and k["top"] and abs(sum(k["categories"].values()) - k["total_ms"]) < 0.1
+        assert "gemm" in k["categories"] and k["top"][0]["category"] in {c for c in k["categories"]}
+    assert rows["artifex_bf16_unfused_qkv"]["rel_l2"] < 2e-2
+    assert "One profiled forward per variant" in (tmp_path / "dit-cpu.md").read_text()
+
+
+def test_kernel_categories_name_the_kernels_seen_on_hopper():
+    from artifex.bench.report import kernel_category
+
+    assert kernel_category("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<") \
+        == "attention"
+    assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1") == "gemm"
+    assert kernel_category("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == "gemm"
+    assert kernel_category("triton_red_fused__to_copy_add_mul_native_layer_norm_0") == "compiled_elementwise"
+    assert kernel_category("_qk_norm_rope_kernel") == "qk_norm_rope"
+    assert kernel_category("aten::linear") == "gemm" and kernel_category("aten::gelu") == "other"
+
+
 def test_bench_pipeline_runs_diffusers_and_artifex_and_appends(tmp_path):
     args = ["bench", "pipeline", "--model", "tiny-ti2v", "--steps", "2", "--frames", "9", "--output-dir", str(tmp_path)]
     assert main(args + ["--configs", "default", "--keep-videos"]) == 0

@@ -279,3 +279,26 @@ def test_engine_runs_fused_qkv_after_loading_the_checkpoint(engine):
     eng = engine("tiny-t2v-moe", precision="fp32", tf32=False, max_batch_size=2)
     for expert in eng.c.experts:
         assert all(b.attn1.fused_projections and not hasattr(b.attn1, "to_q") for b in expert.blocks)
+
+
+def test_ffn_epilogue_and_unfused_projections_match_diffusers(monkeypatch):
+    """The feed-forward through ``linear_gelu``'s op (the twin on CPU, as CUDA would route it) and the ablation
+    switches of ``accelerate_model`` give diffusers' output."""
+    import artifex.engine.dit as dit
+
+    plain, fast = _pair()
+    assert all(b._artifex_ffn for b in fast.blocks)  # Wan's FeedForward is recognised
+    x, text, _ = _inputs(plain)
+    t = torch.tensor([600.0, 600.0])
+    assert dit._ffn_path(fast.blocks[0], x) == "module"  # CPU: the module's own forward
+    routed = []
+    monkeypatch.setattr(dit, "_ffn_path", lambda block, x: routed.append(1) or "cublaslt")
+    with torch.no_grad():
+        ref = plain(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        out = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        assert len(routed) == 3 and _rel(out, ref) < 1e-5
+        accelerate_model(fast, fuse_projections=False, ffn_epilogue=False)
+        assert not any(b.attn1.fused_projections or b._artifex_ffn for b in fast.blocks)
+        assert all(hasattr(b.attn1, "to_q") for b in fast.blocks)
+        out = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert _rel(out, ref) < 1e-5

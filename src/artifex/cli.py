@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from artifex import __version__
-from artifex.bench import DIT_VARIANTS, PIPELINE_CONFIGS, multigpu
+from artifex.bench import DIT_ABLATIONS, DIT_VARIANTS, PIPELINE_CONFIGS, multigpu
 from artifex.config import OptimizationConfig
 from artifex.env import VARIABLES, read_env
 from artifex.errors import ArtifexError, InvalidRequestError
@@ -201,7 +201,7 @@ def cmd_bench_dit(args: argparse.Namespace) -> int:
 
     w, h, frames = _bench_shape(args)
     data = dit.run(args.model, w, h, frames, args.output_dir, args.warmup, args.iters, tuple(args.variants),
-                   compile_blocks=None if args.compile is None else args.compile == "on")
+                   compile_blocks=None if args.compile is None else args.compile == "on", profile=args.profile)
     _table([("variant", "s/forward", "TFLOP/s", "% peak", "peak GiB", "rel L2")] + [
         (r["variant"], str(r.get("s_per_forward", "-")), str(r.get("tflops", "-")), str(r.get("pct_matmul_peak", "-")),
          str(r.get("peak_gib", "-")), str(r.get("rel_l2", r.get("note", "")))) for r in data["rows"]])
@@ -378,7 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--model", default="ti2v-5b", help="ti2v-5b, t2v-a14b (one expert), or a tiny model on CPU")
     bd.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the model's first trained size)")
     bd.add_argument("--frames", type=int, help="4n+1 (default: the model's)")
-    bd.add_argument("--variants", nargs="+", default=list(DIT_VARIANTS), choices=DIT_VARIANTS)
+    bd.add_argument("--variants", nargs="+", default=list(DIT_VARIANTS), choices=DIT_VARIANTS + DIT_ABLATIONS,
+                    help="what to run (default: %(default)s); the ablations switch one Artifex change off")
+    bd.add_argument("--profile", action="store_true",
+                    help="profile one forward per variant: kernel time by category and the top kernels")
     bd.add_argument("--warmup", type=int, default=3)
     bd.add_argument("--iters", type=int, default=10)
     bd.add_argument("--compile", choices=["on", "off"], help="compile the blocks (default: on with CUDA)")

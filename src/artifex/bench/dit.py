@@ -13,6 +13,12 @@ every variant, in this order, each on the same rotated inputs:
 - ``artifex_fp8``: the same with fp8 GEMMs and fp8 attention (``artifex.kernels``), where
   the GPU and the installed kernels allow.
 
+Ablations, run only when named in ``variants`` (``DIT_ABLATIONS``): Artifex bf16 with one of its
+changes switched off (``accelerate_model``'s switches), to measure what that change buys on the
+same card in the same run: ``artifex_bf16_unfused_qkv``, ``artifex_bf16_no_gelu_epilogue``.
+``profile``: each variant also runs one forward under torch.profiler; its GPU kernel time by
+category (attention, GEMM, compiled elementwise, ...) and its top kernels go in the row.
+
 Each: median seconds per forward (CUDA events; the text context stays fixed across
 calls, as within a request, while latents and timesteps rotate over three sets), TFLOP/s
 and share of the bf16 matmul peak measured in the same run, peak memory, and the
@@ -27,7 +33,7 @@ from pathlib import Path
 import torch
 
 from artifex.attention.select import rel_l2
-from artifex.bench import DIT_VARIANTS, report
+from artifex.bench import DIT_ABLATIONS, DIT_VARIANTS, report
 from artifex.models.registry import get_model
 
 log = logging.getLogger("artifex")
@@ -71,7 +77,7 @@ def _peak_gib(device) -> float | None:
 
 def run(model: str, width: int, height: int, frames: int, out_dir: Path | None = None, warmup: int = 3,
         iters: int = 10, variants: tuple[str, ...] = DIT_VARIANTS, device: str | None = None,
-        compile_blocks: bool | None = None) -> dict:
+        compile_blocks: bool | None = None, profile: bool = False) -> dict:
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     from artifex.attention import install, runtime_from_config
@@ -110,6 +116,8 @@ def run(model: str, width: int, height: int, frames: int, out_dir: Path | None =
         row = {"variant": name, "s_per_forward": round(secs, 4), "tflops": round(flops / secs / 1e12, 1),
                "pct_matmul_peak": round(100 * flops / secs / (peak * 1e12), 1), "peak_gib": _peak_gib(dev),
                "note": note}
+        if profile:
+            row["kernels"] = report.kernel_breakdown(lambda: call(*sets[1]), dev)
         if reference:
             row["rel_l2"] = round(rel_l2(out.float().cpu(), reference[0]), 6)
         else:
@@ -141,6 +149,12 @@ def run(model: str, width: int, height: int, frames: int, out_dir: Path | None =
     accelerate_model(m, compile_blocks=compile_blocks)
     if "artifex_bf16" in variants:
         record("artifex_bf16", m, False, f"attention {choice.chosen}; compiled blocks: {compile_blocks}")
+    for name, switch, what in (("artifex_bf16_unfused_qkv", "fuse_projections", "q, k, v as three GEMMs"),
+                               ("artifex_bf16_no_gelu_epilogue", "ffn_epilogue", "GELU as its own kernel")):
+        if name in variants:
+            accelerate_model(m, compile_blocks=compile_blocks, **{switch: False})
+            record(name, m, False, f"artifex_bf16 with {switch}=False: {what}")
+            accelerate_model(m, compile_blocks=compile_blocks)  # every change on again
     if "artifex_fp8" in variants:
         _fp8_row(data, record, m, runtime, dev, dtype, tokens, spec, compile_blocks)
     restore_model(m)
@@ -225,6 +239,13 @@ def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
             [r["variant"], str(r.get("s_per_forward", "-")), str(r.get("tflops", "-")),
              str(r.get("pct_matmul_peak", "-")), str(r.get("peak_gib", "-")), str(r.get("rel_l2", "-")),
              r.get("note", "")] for r in d["rows"]]))
+        profiled = [r for r in d["rows"] if "kernels" in r]
+        if profiled:
+            cats = sorted({c for r in profiled for c in r["kernels"]["categories"]})
+            lines.append(f"\nOne profiled forward per variant, {profiled[0]['kernels']['unit']}:\n\n")
+            lines.append(report.md_table([["variant", "total", *cats]] + [
+                [r["variant"], str(r["kernels"]["total_ms"]), *(str(r["kernels"]["categories"].get(c, 0)) for c in cats)]
+                for r in profiled]))
     files = report.write(out_dir, f"dit-{slug}", merged, "".join(lines))
     _chart(shapes, out_dir / f"dit-{slug}.png")
     return files + [out_dir / f"dit-{slug}.png"]

@@ -90,3 +90,52 @@ def pyplot():
         log.warning("matplotlib is not installed: no PNG chart (pip install matplotlib)")
         return None
     return plt
+
+
+# Kernel (GPU) or operator (CPU) names -> what they are; the first matching rule wins (FA3's kernels are CUTLASS
+# templates, so attention is tested before GEMMs).
+KERNEL_CATEGORIES = (
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|scaled_mm|aten::(mm|addmm|bmm|linear|matmul|_addmm_activation)$",
+                        re.I)),
+    ("qk_norm_rope", re.compile(r"qk_norm_rope", re.I)),
+    ("compiled_elementwise", re.compile(r"^triton_", re.I)),
+    ("copy", re.compile(r"copy|memcpy|memset|aten::(cat|contiguous|clone|to|_to_copy)$", re.I)),
+)
+
+
+def kernel_category(name: str) -> str:
+    return next((cat for cat, rule in KERNEL_CATEGORIES if rule.search(name)), "other")
+
+
+def kernel_breakdown(call, device: torch.device, top: int = 12) -> dict:
+    """Run ``call()`` once under torch.profiler: time by category (``KERNEL_CATEGORIES``) and the ``top``
+    kernels. On a GPU the GPU kernels' own times; on a CPU the operators' self times (no kernels there)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        call()
+        if cuda:
+            torch.cuda.synchronize(device)
+    totals: dict[str, list] = {}  # name -> [microseconds, calls]
+    if cuda:
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                t = totals.setdefault(e.name, [0.0, 0])
+                t[0] += e.time_range.elapsed_us()
+                t[1] += 1
+    else:
+        for e in prof.key_averages():
+            if e.self_cpu_time_total > 0:
+                totals[e.key] = [e.self_cpu_time_total, e.count]
+    categories: dict[str, float] = {}
+    for name, (us, _) in totals.items():
+        cat = kernel_category(name)
+        categories[cat] = categories.get(cat, 0.0) + us
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"unit": "ms of GPU kernel time" if cuda else "ms of CPU operator self time",
+            "total_ms": round(sum(us for us, _ in totals.values()) / 1e3, 2),
+            "categories": {k: round(v / 1e3, 2) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": name[:160], "category": kernel_category(name), "ms": round(us / 1e3, 2), "calls": n}
+                    for name, (us, n) in ranked]}

@@ -19,6 +19,10 @@ changing what is computed:
   both copies), so weight memory does not grow; an ``Fp8Linear`` trio joins into one
   ``Fp8Linear`` (per-output-channel scales are row-wise, so they stack unchanged) that
   quantizes the activations once for q, k and v.
+- **GELU in the up-projection's epilogue** (``artifex.kernels.linear_gelu``): the feed-forward's
+  first GEMM applies bias and tanh-GELU to its fp32 accumulator (cuBLASLt) instead of writing the
+  product in bf16 and reading it back for GELU; on CUDA in bf16/fp16, for plain ``nn.Linear``
+  weights with no hooks on the feed-forward (fp8 layers and offload hooks take the module's own path).
 
 It is applied from outside (``accelerate_model``): the model's and each block's ``forward``
 are replaced on the instance, and every weight is still reached through its module, so
@@ -42,6 +46,7 @@ from torch import nn
 
 from artifex.attention.processor import _TEXT_CONTEXT
 from artifex.kernels import compile_static
+from artifex.kernels import linear_gelu as lg
 from artifex.kernels.fp8 import Fp8Linear
 from artifex.kernels.qk_norm_rope import compact_rope, decide, qk_norm_rope
 
@@ -141,7 +146,29 @@ def block_forward(self, x: torch.Tensor, context: torch.Tensor, mod: tuple[torch
     ``mod`` is a ``Modulation``'s (rows, index); ``rope`` the compact (cos, sin) tables; ``qk_path`` which
     QK-norm + RoPE implementation runs ("triton" or "torch")."""
     k_txt, v_txt, k_img, v_img = _cross_kv(self, context)
-    return self._artifex_core(self, x, mod[0], mod[1], rope[0], rope[1], k_txt, v_txt, k_img, v_img, qk_path)
+    return self._artifex_core(self, x, mod[0], mod[1], rope[0], rope[1], k_txt, v_txt, k_img, v_img, qk_path,
+                              _ffn_path(self, x))
+
+
+def _epilogue_ffn(ffn) -> bool:
+    """Whether ``ffn`` is diffusers' FeedForward as Wan builds it: GELU(tanh) with a biased ``proj``, a no-op
+    dropout, the down projection; the shape ``linear_gelu`` replaces the first two of."""
+    net = getattr(ffn, "net", None)
+    return (isinstance(net, nn.ModuleList) and len(net) == 3 and getattr(net[0], "approximate", None) == "tanh"
+            and isinstance(getattr(net[0], "proj", None), nn.Linear) and net[0].proj.bias is not None
+            and isinstance(net[1], nn.Dropout) and net[1].p == 0)
+
+
+def _ffn_path(block, x: torch.Tensor) -> str:
+    """"cublaslt" (up-projection + GELU as one epilogue GEMM) or "module" (the feed-forward's own forward): the
+    epilogue needs the structure ``_epilogue_ffn`` checks, plain bf16/fp16 ``nn.Linear`` weights in x's dtype
+    (not fp8 layers swapped in later), no hooks on the feed-forward (offload, casting) and CUDA."""
+    if not block._artifex_ffn:
+        return "module"
+    up = block.ffn.net[0].proj
+    if type(up) is not nn.Linear or up.weight.dtype != x.dtype or up.weight.device != x.device or _hooked(block.ffn):
+        return "module"
+    return "cublaslt" if lg.decide(x.device, x.dtype).path == "cublaslt" else "module"
 
 
 def _cross_kv(block, context: torch.Tensor):
@@ -174,7 +201,7 @@ def _cross_kv(block, context: torch.Tensor):
     return kv
 
 
-def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_path):
+def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_path, ffn_path="module"):
     """One Wan block on (B, L, dim) tokens; ``rows``/``index`` are the step's ``Modulation``."""
     shift, scale, gate, c_shift, c_scale, c_gate = per_token(block.scale_shift_table, rows, index)
 
@@ -200,7 +227,12 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_p
 
     # 3. Feed-forward with adaptive LayerNorm and a gated residual.
     h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-    return (x.float() + block.ffn(h).float() * c_gate).type_as(x)
+    if ffn_path == "cublaslt":
+        up = block.ffn.net[0].proj
+        ff = block.ffn.net[2](lg.linear_gelu(h, up.weight, up.bias, "cublaslt"))
+    else:
+        ff = block.ffn(h)
+    return (x.float() + ff.float() * c_gate).type_as(x)
 
 
 @functools.cache
@@ -307,7 +339,8 @@ def unfuse_qkv(attn) -> bool:
     return True
 
 
-def accelerate_model(model, compile_blocks: bool = False) -> None:
+def accelerate_model(model, compile_blocks: bool = False, fuse_projections: bool = True,
+                     ffn_epilogue: bool = True) -> None:
     """Give ``model`` (a diffusers WanTransformer3DModel) Artifex's forward; idempotent.
 
     Needs Artifex's ``WanAttentionProcessor`` on every attention layer (``attention.install``):
@@ -315,17 +348,21 @@ def accelerate_model(model, compile_blocks: bool = False) -> None:
     once for the model (all blocks share the compiled code; shapes are static per request).
     Self-attention q/k/v are fused (``fuse_qkv``) here, so call it after the weights are loaded
     (and fp8-quantized, if they are) and before memory-tier hooks go on.
+    ``fuse_projections`` and ``ffn_epilogue`` (both on by default) switch those two changes, for
+    benchmarks that measure what each buys (``artifex bench dit --variants``); switching
+    ``fuse_projections`` off on an accelerated model splits its q/k/v again.
     """
     if getattr(model, "_artifex_dit", None) is None:
         model._artifex_dit = DiTState()
         model.forward = types.MethodType(model_forward, model)
         for block in model.blocks:
             block.forward = types.MethodType(block_forward, block)
-            fuse_qkv(block.attn1)
     core = compiled_block_core(True) if compile_blocks else block_core
     for block in model.blocks:
+        (fuse_qkv if fuse_projections else unfuse_qkv)(block.attn1)
         block._artifex_kv = None
         block._artifex_core = core
+        block._artifex_ffn = ffn_epilogue and _epilogue_ffn(block.ffn)
 
 
 def restore_model(model) -> None:
@@ -337,7 +374,7 @@ def restore_model(model) -> None:
     split = not _hooked_by_diffusers(model)
     for module in (model, *model.blocks):
         module.__dict__.pop("forward", None)
-        for name in ("_artifex_kv", "_artifex_core"):
+        for name in ("_artifex_kv", "_artifex_core", "_artifex_ffn"):
             module.__dict__.pop(name, None)
     if split:
         for block in model.blocks:
