@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """GPU check of artifex.kernels: each fast path against its twin (relative L2) and timed, at real Wan shapes.
 
-    python scripts/check_kernels.py [--iters 30] [--warmup 5] [--only qk,fp8,attn] [--out result.json]
+    python scripts/check_kernels.py [--iters 30] [--warmup 5] [--only qk,fp8,rows,attn] [--out result.json]
 
 Sections (each runs on its own; a failure is recorded in the JSON and the others still run):
 - qk: fused q/k RMS norm + rotary (Triton) vs its PyTorch twin and vs diffusers' unfused math,
   TI2V-5B 720p shape (B=2, L=27280, 24 heads, D=128, bf16).
 - fp8: Fp8Linear (row-wise torch._scaled_mm, eager and compiled) vs the bf16 nn.Linear at the
   TI2V-5B DiT GEMM shapes (27280 tokens).
+- rows: the one-pass fp8 row quantization (Triton; with tanh-GELU for the feed-forward) vs its twin
+  and vs the compiled PyTorch form it replaces, at the TI2V-5B 720p widths (3072, 14336):
+  equality of the e4m3 values and scales, GB/s.
 - attn: fa3-fp8 (per-head and per-tensor scales; with and without the quantization) vs bf16
   FA3 / SDPA, TI2V-5B and A14B 720p shapes (rel L2 vs bf16, TFLOP/s).
 
@@ -231,11 +234,43 @@ def check_attn(args) -> dict:
     return out
 
 
+def check_rows(args) -> dict:
+    import torch.nn.functional as F
+
+    from artifex.kernels import compile_static, fp8
+
+    dev, dt, m = torch.device("cuda"), torch.bfloat16, 27280
+    compiled = compile_static(lambda x, gelu: fp8.quantize_rows(F.gelu(x, approximate="tanh") if gelu else x))
+    out = {"rows": m, "shapes": []}
+    for width, gelu in ((3072, False), (14336, True)):
+        g = torch.Generator(dev).manual_seed(width)
+        sets = [(torch.randn(m, width, device=dev, dtype=dt, generator=g) * 3,) for _ in range(SETS)]
+        x = sets[0][0]
+        with torch.no_grad():
+            kv, ks = fp8.quantize_rows_fused(x, gelu, path="triton")
+            tv, ts = fp8.quantize_rows_fused(x, gelu, path="torch")
+            diff = kv.float() != tv.float()
+            row = {"width": width, "gelu": gelu, "values_differ_fraction": diff.float().mean().item(),
+                   "max_abs_dequantized_diff": (fp8.dequantize(kv, ks) - fp8.dequantize(tv, ts)).abs().max().item(),
+                   "max_rel_scale_diff": ((ks - ts).abs() / ts).max().item()}
+            nbytes = m * width * (2 + 1)  # read bf16, write e4m3
+            ms = {"triton": time_ms(lambda x, gelu=gelu: fp8.quantize_rows_fused(x, gelu, path="triton"), sets,
+                                    args.warmup, args.iters),
+                  "compiled_torch": time_ms(lambda x, gelu=gelu: compiled(x, gelu), sets, args.warmup, args.iters)}
+        row["ms"] = ms
+        row["GB_per_s"] = {k: round(nbytes / (v / 1e3) / 1e9, 1) for k, v in ms.items()}
+        log(f"rows {row}")
+        out["shapes"].append(row)
+        del sets, x, kv, tv
+        free()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--only", default="qk,fp8,attn", help="comma-separated sections: qk, fp8, attn")
+    parser.add_argument("--only", default="qk,fp8,attn", help="comma-separated sections: qk, fp8, rows, attn")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -253,7 +288,7 @@ def main() -> int:
         return 2
     props = torch.cuda.get_device_properties(0)
     result["gpu"] = f"{props.name} sm{props.major}{props.minor}"
-    sections = {"qk": check_qk, "fp8": check_fp8, "attn": check_attn}
+    sections = {"qk": check_qk, "fp8": check_fp8, "rows": check_rows, "attn": check_attn}
     for name in args.only.split(","):
         name = name.strip()
         if name not in sections:
@@ -280,6 +315,8 @@ def summary_of(r: dict) -> dict:
     """The headline figures of each section that ran (sections that failed are left out)."""
     out: dict = {}
     qk, f8, at = r.get("qk", {}), r.get("fp8", {}), r.get("attn", {})
+    for s in r.get("rows", {}).get("shapes", []):
+        out.setdefault("fp8_rows_ms", {})[f"{s['width']}{'_gelu' if s['gelu'] else ''}"] = s["ms"]
     if "ms" in qk:
         out["qk_norm_rope_ms"] = {k: qk["ms"].get(k) for k in ("triton", "diffusers_unfused")}
         out["qk_norm_rope_rel_l2_triton_vs_twin"] = qk.get("rel_l2_triton_vs_twin")

@@ -302,3 +302,31 @@ def test_ffn_epilogue_and_unfused_projections_match_diffusers(monkeypatch):
         assert all(hasattr(b.attn1, "to_q") for b in fast.blocks)
         out = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
     assert _rel(out, ref) < 1e-5
+
+
+def test_fp8_blocks_route_gelu_and_attention_outputs_through_the_one_pass_quantization(monkeypatch):
+    """fp8 layers: the feed-forward's GELU moves into the down-projection's row quantization and the attention
+    outputs are quantized in one pass (``quantize_rows_fused``; its twin on CPU, as CUDA routes it); the output
+    stays the module path's, up to where GELU is rounded (fp32 here, bf16 in the module path)."""
+    import artifex.engine.dit as dit
+    from artifex.kernels import fp8
+
+    why = fp8._probe_scaled_mm(torch.device("cpu"))
+    if why:
+        pytest.skip(f"torch {torch.__version__} cannot run fp8 torch._scaled_mm on a CPU: {why}")
+    _, fast = _pair(attention_head_dim=16)  # fp8 matmuls need widths that are multiples of 16
+    fast.to(torch.bfloat16)
+    assert not fp8.quantize_linears(fast.blocks, path="scaled_mm").skipped
+    x, text, _ = _inputs(fast)
+    x, text, t = x.bfloat16(), text.bfloat16(), torch.tensor([600.0, 600.0])
+    assert dit._ffn_path(fast.blocks[0], x) == "module" and dit._out_path(fast.blocks[0], x) == "module"  # CPU
+    with torch.no_grad():
+        ref = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        calls = []
+        real = dit.quantize_rows_fused
+        monkeypatch.setattr(dit, "quantize_rows_fused", lambda *a, **k: calls.append(k.get("gelu", False)) or real(*a, **k))
+        monkeypatch.setattr(dit, "_ffn_path", lambda block, x: "fp8_gelu")
+        monkeypatch.setattr(dit, "_out_path", lambda block, x: "fp8_rows")
+        out = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert calls.count(True) == 3 and calls.count(False) == 6  # per block: the GELU rows, both attention outputs
+    assert _rel(out, ref) < 2e-2

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from artifex.attention.select import rel_l2
-from artifex.bench import DIT_ABLATIONS, DIT_VARIANTS, report
+from artifex.bench import DIT_VARIANTS, report
 from artifex.models.registry import get_model
 
 log = logging.getLogger("artifex")
@@ -244,8 +244,8 @@ def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
             cats = sorted({c for r in profiled for c in r["kernels"]["categories"]})
             lines.append(f"\nOne profiled forward per variant, {profiled[0]['kernels']['unit']}:\n\n")
             lines.append(report.md_table([["variant", "total", *cats]] + [
-                [r["variant"], str(r["kernels"]["total_ms"]), *(str(r["kernels"]["categories"].get(c, 0)) for c in cats)]
-                for r in profiled]))
+                [r["variant"], str(r["kernels"]["total_ms"]),
+                 *(str(r["kernels"]["categories"].get(c, 0)) for c in cats)] for r in profiled]))
     files = report.write(out_dir, f"dit-{slug}", merged, "".join(lines))
     _chart(shapes, out_dir / f"dit-{slug}.png")
     return files + [out_dir / f"dit-{slug}.png"]

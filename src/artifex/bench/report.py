@@ -92,14 +92,16 @@ def pyplot():
     return plt
 
 
-# Kernel (GPU) or operator (CPU) names -> what they are; the first matching rule wins (FA3's kernels are CUTLASS
-# templates, so attention is tested before GEMMs).
+# Kernel (GPU) or operator (CPU) names -> what they are; the first matching rule wins: inductor's generated kernels
+# first (their names list the fused ops: "..._scaled_mm_..._amax_..." is a quantization, not a GEMM), then attention
+# (FA3's kernels are CUTLASS templates), then GEMMs; "triton_tem" kernels are inductor's GEMM templates.
 KERNEL_CATEGORIES = (
+    ("compiled_elementwise", re.compile(r"^triton_(?!tem)", re.I)),  # inductor's kernels, named after their ops
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
-    ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|scaled_mm|aten::(mm|addmm|bmm|linear|matmul|_addmm_activation)$",
-                        re.I)),
+    ("gemm", re.compile(r"^triton_tem|gemm|nvjet|xmma|cutlass|scaled_mm"
+                        r"|aten::(mm|addmm|bmm|linear|matmul|_addmm_activation)$", re.I)),
     ("qk_norm_rope", re.compile(r"qk_norm_rope", re.I)),
-    ("compiled_elementwise", re.compile(r"^triton_", re.I)),
+    ("fp8_quantize", re.compile(r"quantize_rows", re.I)),
     ("copy", re.compile(r"copy|memcpy|memset|aten::(cat|contiguous|clone|to|_to_copy)$", re.I)),
 )
 

@@ -22,7 +22,9 @@ changing what is computed:
 - **GELU in the up-projection's epilogue** (``artifex.kernels.linear_gelu``): the feed-forward's
   first GEMM applies bias and tanh-GELU to its fp32 accumulator (cuBLASLt) instead of writing the
   product in bf16 and reading it back for GELU; on CUDA in bf16/fp16, for plain ``nn.Linear``
-  weights with no hooks on the feed-forward (fp8 layers and offload hooks take the module's own path).
+  weights with no hooks on the feed-forward (offload hooks take the module's own path). With fp8
+  layers the GELU moves into the one-pass row quantization of the down-projection's input
+  (``kernels.fp8.quantize_rows_fused``), which also quantizes the attention outputs for ``to_out``.
 
 It is applied from outside (``accelerate_model``): the model's and each block's ``forward``
 are replaced on the instance, and every weight is still reached through its module, so
@@ -47,7 +49,7 @@ from torch import nn
 from artifex.attention.processor import _TEXT_CONTEXT
 from artifex.kernels import compile_static
 from artifex.kernels import linear_gelu as lg
-from artifex.kernels.fp8 import Fp8Linear
+from artifex.kernels.fp8 import Fp8Linear, quantize_rows_fused, rows_path
 from artifex.kernels.qk_norm_rope import compact_rope, decide, qk_norm_rope
 
 
@@ -147,28 +149,46 @@ def block_forward(self, x: torch.Tensor, context: torch.Tensor, mod: tuple[torch
     QK-norm + RoPE implementation runs ("triton" or "torch")."""
     k_txt, v_txt, k_img, v_img = _cross_kv(self, context)
     return self._artifex_core(self, x, mod[0], mod[1], rope[0], rope[1], k_txt, v_txt, k_img, v_img, qk_path,
-                              _ffn_path(self, x))
+                              _ffn_path(self, x), _out_path(self, x))
 
 
 def _epilogue_ffn(ffn) -> bool:
     """Whether ``ffn`` is diffusers' FeedForward as Wan builds it: GELU(tanh) with a biased ``proj``, a no-op
-    dropout, the down projection; the shape ``linear_gelu`` replaces the first two of."""
+    dropout, the down projection; the shape whose GELU can fold into a neighbouring kernel."""
     net = getattr(ffn, "net", None)
     return (isinstance(net, nn.ModuleList) and len(net) == 3 and getattr(net[0], "approximate", None) == "tanh"
-            and isinstance(getattr(net[0], "proj", None), nn.Linear) and net[0].proj.bias is not None
+            and isinstance(getattr(net[0], "proj", None), (nn.Linear, Fp8Linear)) and net[0].proj.bias is not None
             and isinstance(net[1], nn.Dropout) and net[1].p == 0)
 
 
 def _ffn_path(block, x: torch.Tensor) -> str:
-    """"cublaslt" (up-projection + GELU as one epilogue GEMM) or "module" (the feed-forward's own forward): the
-    epilogue needs the structure ``_epilogue_ffn`` checks, plain bf16/fp16 ``nn.Linear`` weights in x's dtype
-    (not fp8 layers swapped in later), no hooks on the feed-forward (offload, casting) and CUDA."""
-    if not block._artifex_ffn:
+    """How the feed-forward runs: "cublaslt" (bf16/fp16 ``nn.Linear`` up-projection + GELU as one epilogue
+    GEMM), "fp8_gelu" (fp8 layers: GELU inside the down-projection's one-pass row quantization) or "module"
+    (its own forward). The first two need the structure ``_epilogue_ffn`` checks, no hooks on the feed-forward
+    (offload, casting) and CUDA."""
+    if not block._artifex_ffn or _hooked(block.ffn):
         return "module"
-    up = block.ffn.net[0].proj
-    if type(up) is not nn.Linear or up.weight.dtype != x.dtype or up.weight.device != x.device or _hooked(block.ffn):
-        return "module"
-    return "cublaslt" if lg.decide(x.device, x.dtype).path == "cublaslt" else "module"
+    up, down = block.ffn.net[0].proj, block.ffn.net[2]
+    if type(up) is nn.Linear:
+        plain = up.weight.dtype == x.dtype and up.weight.device == x.device
+        return "cublaslt" if plain and lg.decide(x.device, x.dtype).path == "cublaslt" else "module"
+    fp8 = isinstance(down, Fp8Linear) and up.runs_scaled_mm(x.device) and down.runs_scaled_mm(x.device)
+    return "fp8_gelu" if fp8 and rows_path(x.device, x.dtype) == "triton" else "module"
+
+
+def _out_path(block, x: torch.Tensor) -> str:
+    """"fp8_rows" when both attention output projections are fp8 layers on the scaled_mm path, without hooks,
+    on CUDA with Triton: the attention outputs are then quantized in one pass (they come from the attention
+    kernel, so no compiled kernel could fuse the quantization into their producer); else "module"."""
+    layers = (block.attn1.to_out[0], block.attn2.to_out[0])
+    fp8 = all(isinstance(m, Fp8Linear) and m.runs_scaled_mm(x.device) and not _hooked(m) for m in layers)
+    return "fp8_rows" if fp8 and rows_path(x.device, x.dtype) == "triton" else "module"
+
+
+def _out_proj(layer, o: torch.Tensor, out_path: str) -> torch.Tensor:
+    if out_path == "fp8_rows":
+        return layer.forward_quantized(*quantize_rows_fused(o), o.shape[:-1], o.dtype)
+    return layer(o)
 
 
 def _cross_kv(block, context: torch.Tensor):
@@ -201,7 +221,8 @@ def _cross_kv(block, context: torch.Tensor):
     return kv
 
 
-def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_path, ffn_path="module"):
+def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_path, ffn_path="module",
+               out_path="module"):
     """One Wan block on (B, L, dim) tokens; ``rows``/``index`` are the step's ``Modulation``."""
     shift, scale, gate, c_shift, c_scale, c_gate = per_token(block.scale_shift_table, rows, index)
 
@@ -214,7 +235,7 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_p
         q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
     q, k = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin, attn.heads, qk_path)
     o = attn.processor.runtime(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
-    x = (x.float() + attn.to_out[0](o) * gate).type_as(x)
+    x = (x.float() + _out_proj(attn.to_out[0], o, out_path) * gate).type_as(x)
 
     # 2. Cross-attention on the cached text (and image) keys and values.
     attn = block.attn2
@@ -223,13 +244,16 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_p
     o = attn.processor.runtime(q, k_txt, v_txt).flatten(2, 3).type_as(x)
     if k_img is not None:
         o = o + attn.processor.runtime(q, k_img, v_img).flatten(2, 3).type_as(x)
-    x = x + attn.to_out[0](o)
+    x = x + _out_proj(attn.to_out[0], o, out_path)
 
     # 3. Feed-forward with adaptive LayerNorm and a gated residual.
     h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
     if ffn_path == "cublaslt":
         up = block.ffn.net[0].proj
         ff = block.ffn.net[2](lg.linear_gelu(h, up.weight, up.bias, "cublaslt"))
+    elif ffn_path == "fp8_gelu":
+        y = block.ffn.net[0].proj(h)  # bf16 pre-activation from the fp8 GEMM
+        ff = block.ffn.net[2].forward_quantized(*quantize_rows_fused(y, gelu=True), y.shape[:-1], y.dtype)
     else:
         ff = block.ffn(h)
     return (x.float() + ff.float() * c_gate).type_as(x)
