@@ -25,7 +25,7 @@ def test_bench_dit_ablations_and_kernel_profile(tmp_path):
     kernel (here: CPU operator) breakdown in every row and a table in the Markdown."""
     assert main(["bench", "dit", "--model", "tiny-ti2v", "--iters", "1", "--warmup", "1", "--compile", "off",
                  "--variants", "artifex_bf16", "artifex_bf16_unfused_qkv", "artifex_bf16_no_gelu_epilogue",
-                 "--profile", "--output-dir", str(tmp_path)]) == 0
+                 "--profile", "--fp32-reference", "--output-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "dit-cpu.json").read_text())["shapes"]["tinyti2v_256x160"]
     rows = {r["variant"]: r for r in data["rows"]}
     assert list(rows) == ["diffusers_default", "artifex_bf16", "artifex_bf16_unfused_qkv",
@@ -35,6 +35,9 @@ def test_bench_dit_ablations_and_kernel_profile(tmp_path):
         assert k["total_ms"] > 0 and k["top"] and abs(sum(k["categories"].values()) - k["total_ms"]) < 0.1
         assert "gemm" in k["categories"] and k["top"][0]["category"] in {c for c in k["categories"]}
     assert rows["artifex_bf16_unfused_qkv"]["rel_l2"] < 2e-2
+    assert all(0 < r["rel_l2_fp32"] < 2e-2 for r in rows.values())  # each bf16 path against the fp32 model
+    summary = json.loads((tmp_path / "dit-cpu.json").read_text())["summary"]["tinyti2v_256x160"]
+    assert summary["rel_l2_fp32_diffusers_default"] == rows["diffusers_default"]["rel_l2_fp32"]
     assert "One profiled forward per variant" in (tmp_path / "dit-cpu.md").read_text()
 
 

@@ -201,7 +201,8 @@ def cmd_bench_dit(args: argparse.Namespace) -> int:
 
     w, h, frames = _bench_shape(args)
     data = dit.run(args.model, w, h, frames, args.output_dir, args.warmup, args.iters, tuple(args.variants),
-                   compile_blocks=None if args.compile is None else args.compile == "on", profile=args.profile)
+                   compile_blocks=None if args.compile is None else args.compile == "on", profile=args.profile,
+                   fp32_reference=args.fp32_reference)
     _table([("variant", "s/forward", "TFLOP/s", "% peak", "peak GiB", "rel L2")] + [
         (r["variant"], str(r.get("s_per_forward", "-")), str(r.get("tflops", "-")), str(r.get("pct_matmul_peak", "-")),
          str(r.get("peak_gib", "-")), str(r.get("rel_l2", r.get("note", "")))) for r in data["rows"]])
@@ -382,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what to run (default: %(default)s); the ablations switch one Artifex change off")
     bd.add_argument("--profile", action="store_true",
                     help="profile one forward per variant: kernel time by category and the top kernels")
+    bd.add_argument("--fp32-reference", action="store_true",
+                    help="also compare every variant with an fp32 forward (needs memory for an fp32 copy)")
     bd.add_argument("--warmup", type=int, default=3)
     bd.add_argument("--iters", type=int, default=10)
     bd.add_argument("--compile", choices=["on", "off"], help="compile the blocks (default: on with CUDA)")

@@ -16,6 +16,10 @@ every variant, in this order, each on the same rotated inputs:
 Ablations, run only when named in ``variants`` (``DIT_ABLATIONS``): Artifex bf16 with one of its
 changes switched off (``accelerate_model``'s switches), to measure what that change buys on the
 same card in the same run: ``artifex_bf16_unfused_qkv``, ``artifex_bf16_no_gelu_epilogue``.
+``fp32_reference``: one forward of diffusers' default path with the model and inputs in fp32 (TF32 off)
+is computed first, and each row also gets its relative L2 against it (``rel_l2_fp32``): how far each
+bf16/fp8 path is from the exact model, beside how far it is from diffusers' bf16 output (two bf16
+paths with different attention kernels differ from each other by more than either does from fp32).
 ``profile``: each variant also runs one forward under torch.profiler; its GPU kernel time by
 category (attention, GEMM, compiled elementwise, ...) and its top kernels go in the row.
 
@@ -77,7 +81,7 @@ def _peak_gib(device) -> float | None:
 
 def run(model: str, width: int, height: int, frames: int, out_dir: Path | None = None, warmup: int = 3,
         iters: int = 10, variants: tuple[str, ...] = DIT_VARIANTS, device: str | None = None,
-        compile_blocks: bool | None = None, profile: bool = False) -> dict:
+        compile_blocks: bool | None = None, profile: bool = False, fp32_reference: bool = False) -> dict:
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     from artifex.attention import install, runtime_from_config
@@ -118,6 +122,8 @@ def run(model: str, width: int, height: int, frames: int, out_dir: Path | None =
                "note": note}
         if profile:
             row["kernels"] = report.kernel_breakdown(lambda: call(*sets[1]), dev)
+        if exact is not None:
+            row["rel_l2_fp32"] = round(rel_l2(out.float().cpu(), exact), 6)
         if reference:
             row["rel_l2"] = round(rel_l2(out.float().cpu(), reference[0]), 6)
         else:
@@ -131,6 +137,7 @@ def run(model: str, width: int, height: int, frames: int, out_dir: Path | None =
 
     reference: list[torch.Tensor] = []
     m.set_attn_processor(WanAttnProcessor())
+    exact = fp32_output(m, spec, text, sets[0]) if fp32_reference else None
     record("diffusers_default", m, spec.expand_timesteps, "diffusers' forward and SDPA, as WanPipeline calls it")
     if "diffusers_best" in variants:
         if dev.type != "cuda":
@@ -162,6 +169,26 @@ def run(model: str, width: int, height: int, frames: int, out_dir: Path | None =
     if out_dir is not None:
         data["files"] = [str(p) for p in write(out_dir, data, dev)]
     return data
+
+
+def fp32_output(m, spec, text, inputs) -> torch.Tensor:
+    """diffusers' default forward of an fp32 copy of ``m`` on fp32 inputs (TF32 off), on the CPU afterwards."""
+    import copy
+
+    x, ts, ts_tokens = inputs
+    exact = copy.deepcopy(m).float()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            out = exact(hidden_states=x.float(), timestep=ts_tokens if spec.expand_timesteps else ts,
+                        encoder_hidden_states=text.float(), return_dict=False)[0].float().cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        del exact
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+    return out
 
 
 def _fp8_row(data, record, m, runtime, dev, dtype, tokens, spec, compile_blocks) -> None:
@@ -202,6 +229,9 @@ def summary_of(data: dict) -> dict:
            "rel_l2_bf16": rows.get("artifex_bf16", {}).get("rel_l2"),
            "rel_l2_fp8": rows.get("artifex_fp8", {}).get("rel_l2"),
            "rel_l2_fp8_gemm": rows.get("artifex_fp8_gemm", {}).get("rel_l2")}
+    for name in ("diffusers_default", "diffusers_best", "artifex_bf16", "artifex_fp8"):
+        if "rel_l2_fp32" in rows.get(name, {}):
+            out[f"rel_l2_fp32_{name}"] = rows[name]["rel_l2_fp32"]
     for name in ("artifex_bf16", "artifex_fp8", "artifex_fp8_gemm"):
         if s(name) and default:
             out[f"{name}_speedup"] = round(default / s(name), 3)
@@ -235,10 +265,10 @@ def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
                      f"bf16 limit {d['bf16_limit_s']} s at the measured {d['matmul_peak_tflops']} TFLOP/s\n\n"
                      f"`{d['command']}` ({d['date']})\n\n")
         lines.append(report.md_table([["variant", "s / forward", "TFLOP/s", "% of matmul peak", "peak GiB",
-                                       "rel L2 vs diffusers", "note"]] + [
+                                       "rel L2 vs diffusers", "rel L2 vs fp32", "note"]] + [
             [r["variant"], str(r.get("s_per_forward", "-")), str(r.get("tflops", "-")),
              str(r.get("pct_matmul_peak", "-")), str(r.get("peak_gib", "-")), str(r.get("rel_l2", "-")),
-             r.get("note", "")] for r in d["rows"]]))
+             str(r.get("rel_l2_fp32", "-")), r.get("note", "")] for r in d["rows"]]))
         profiled = [r for r in d["rows"] if "kernels" in r]
         if profiled:
             cats = sorted({c for r in profiled for c in r["kernels"]["categories"]})
