@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,23 +54,33 @@ def dit_activation(model: str, width: int, height: int, frames: int, device) -> 
             "bytes_per_token": round(gib * GIB / tokens)}
 
 
-def vae_decode(model: str, width: int, height: int, frames: int, tiled: bool, device) -> dict:
+def vae_decode(model: str, width: int, height: int, frames: int, tiled: bool, device,
+               precision: str = "fp32") -> dict:
+    """The engine's decode (``engine.vae.decode_any``: streamed frame by frame, or diffusers' tiled decode in one
+    piece) with each chunk turned into uint8 frames on the GPU and copied out, as ``Engine.decode_to_mp4`` does."""
     from diffusers import AutoencoderKLWan
 
+    from artifex.engine.vae import decode_any
+    from artifex.engine.video import to_uint8_frames
     from artifex.models.configs import vae_kwargs
 
     spec = get_model(model)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     with torch.device(device):
-        vae = AutoencoderKLWan(**vae_kwargs(spec)).eval()
+        vae = AutoencoderKLWan(**vae_kwargs(spec)).to(dtype).eval()
     if tiled:
         vae.enable_tiling()
     _, t, h, w = spec.latent_shape(width, height, frames)
-    z = torch.randn(1, spec.vae.z_dim, t, h, w, device=device)
-    gib, secs = _peak(lambda: vae.decode(z, return_dict=False), device)
-    predicted = (memory.activations(spec, width, height, frames, 1, tiled, False)["decode"]
-                 - 3 * frames * width * height) / GIB  # the uint8 copy is made after this stage
+    z = torch.randn(1, spec.vae.z_dim, t, h, w, device=device, dtype=dtype)
+
+    def run():
+        for chunk in decode_any(vae, z):
+            to_uint8_frames(chunk)
+
+    gib, secs = _peak(run, device)
+    predicted = memory.activations(spec, width, height, frames, 1, tiled, False, precision)["decode"] / GIB
     return {"stage": "decode", "model": model, "vae": spec.vae.kind, "size": f"{width}x{height}x{frames}",
-            "tiled": tiled, "measured_gib": round(gib, 3), "predicted_gib": round(predicted, 3),
+            "tiled": tiled, "precision": precision, "measured_gib": round(gib, 3), "predicted_gib": round(predicted, 3),
             "seconds": round(secs, 2), "bytes_per_pixel": round(gib * GIB / (width * height))}
 
 
@@ -89,25 +100,25 @@ def text_encoder(device) -> dict:
 
 def calibrate(out_dir=None) -> dict:
     device = torch.device("cuda")
-    runs = [
-        (dit_activation, ("ti2v-5b", 1280, 704, 121)), (dit_activation, ("t2v-a14b", 832, 480, 81)),
-        (dit_activation, ("t2v-a14b", 1280, 720, 81)), (text_encoder, ()),
-        (vae_decode, ("ti2v-5b", 1280, 704, 121, False)), (vae_decode, ("ti2v-5b", 1280, 704, 121, True)),
-        (vae_decode, ("t2v-a14b", 832, 480, 81, False)), (vae_decode, ("t2v-a14b", 1280, 720, 81, False)),
-        (vae_decode, ("t2v-a14b", 1280, 720, 81, True)),
-    ]
+    decodes = [partial(vae_decode, model, w, h, f, tiled, precision=precision)
+               for model, w, h, f in (("ti2v-5b", 1280, 704, 121), ("t2v-a14b", 1280, 720, 81),
+                                      ("t2v-a14b", 832, 480, 81))
+               for tiled in (False, True) for precision in ("fp32", "bf16")]
+    runs = [partial(dit_activation, "ti2v-5b", 1280, 704, 121), partial(dit_activation, "t2v-a14b", 832, 480, 81),
+            partial(dit_activation, "t2v-a14b", 1280, 720, 81), text_encoder, *decodes]
     rows = []
-    for fn, args in runs:
-        rows.append(fn(*args, device))
+    for run in runs:
+        rows.append(run(device=device))
         log.info("%s", rows[-1])
         torch.cuda.empty_cache()
     data = report.header(device, prog="python -m artifex.bench.memory")
     errs = [abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in rows if r["measured_gib"] > 0.05]
     data.update(summary={"stage_max_rel_error": round(max(errs), 3)}, stages=rows)
     if out_dir is not None:
-        md = report.md_table([["stage", "model", "size", "tiled", "measured GiB", "predicted GiB"]] + [
-            [r["stage"], r["model"], r.get("size", "-"), str(r.get("tiled", "-")), str(r["measured_gib"]),
-             str(r["predicted_gib"])] for r in rows])
+        md = report.md_table([["stage", "model", "size", "tiled", "precision", "measured GiB", "predicted GiB",
+                               "bytes per pixel"]] + [
+            [r["stage"], r["model"], r.get("size", "-"), str(r.get("tiled", "-")), r.get("precision", "bf16"),
+             str(r["measured_gib"]), str(r["predicted_gib"]), str(r.get("bytes_per_pixel", "-"))] for r in rows])
         report.write(out_dir, f"memory-stages-{report.device_slug(device)}", data,
                      f"# Stage activation memory ({data['device']['name']})\n\n`{data['command']}`\n\n" + md)
     return data

@@ -4,7 +4,8 @@ Peak = the most, over the stages (text encoding, denoising, VAE decode), of the 
 on the device in that stage plus that stage's activations. Weights are counted exactly
 from the modules (or from the model classes instantiated on the meta device when
 nothing is loaded). Activations follow the shapes: the DiT's grow with tokens x width,
-the VAE decode's with the pixels of one frame (it decodes frame by frame with a cache),
+the VAE decode's with the pixels of one frame (it decodes frame by frame with a cache; tiled, the whole
+video it returns counts too),
 and the text encoder's are small. The per-token and per-pixel constants are fitted to
 stage peaks measured on the H100 (`artifex.bench.memory`, see benchmarks/results/LOG.md);
 `artifex plan` prints the table.
@@ -25,14 +26,19 @@ GIB = 2**30
 _UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20, "t": 2**40, "tb": 2**40,
           "tib": 2**40}
 
-# Activation constants (bytes), fitted to stage peaks measured on the H100 (memory-stages-h100.json): DiT per
-# token and batch element, per unit of width and of FFN width (bf16, 2-block models at real widths: 84.4 KB/token
-# for TI2V-5B, 113.8 KB/token for A14B); VAE decode per output pixel of one frame (fp32, random weights at the real
-# configs), and the pixels a tiled decode works on at once with diffusers' default tiles.
+# Activation constants (bytes), fitted to stage peaks measured on the GPU (benchmarks/results/memory-stages-*.json):
+# DiT per token and batch element, per unit of width and of FFN width (bf16, 2-block models at real widths: 84.4
+# KB/token for TI2V-5B, 113.8 KB/token for A14B; H100). VAE decode as the engine runs it (``engine.vae.decode_any``,
+# each chunk turned into uint8 frames on the GPU; H200): streamed (frame by frame, causal caches included), bytes
+# per output pixel of one frame, per VAE and precision; tiled (diffusers' tiles, the whole video returned at once),
+# the tiles' own working set with diffusers' default 256-pixel tiles plus bytes per element of the whole video
+# (the video, diffusers' tile list and blend, the uint8 conversion's temporaries), fitted to the 832x480 and
+# 1280x720 decodes of the Wan2.1 VAE.
 DIT_BYTES_PER_TOKEN_DIM = 15.0
 DIT_BYTES_PER_TOKEN_FFN = 2.67
-VAE_BYTES_PER_PIXEL = {"wan2.2": 23_600.0, "wan2.1": 22_560.0}
-VAE_TILE_PIXELS = {"wan2.2": 199_000, "wan2.1": 143_000}
+VAE_BYTES_PER_PIXEL = {"wan2.2": {"fp32": 23_700.0, "bf16": 11_870.0}, "wan2.1": {"fp32": 22_660.0, "bf16": 11_340.0}}
+VAE_TILE_BYTES = {"wan2.2": {"fp32": 0.515e9, "bf16": 0.114e9}, "wan2.1": {"fp32": 0.347e9, "bf16": 0.079e9}}
+VAE_TILED_VIDEO_BYTES = {"fp32": 17.1, "bf16": 9.65}
 TEXT_ACTIVATION_BYTES = 0.45 * GIB
 SLACK = 1.08  # allocator rounding and fragmentation
 
@@ -113,13 +119,13 @@ def activations(spec: ModelSpec, width: int, height: int, frames: int, batch: in
     dit = batch * tokens * (DIT_BYTES_PER_TOKEN_DIM * a.dim + DIT_BYTES_PER_TOKEN_FFN * a.ffn)
     if per_token_timesteps:  # TI2V with an image: fp32 modulation per token (6 x dim) and its projection
         dit += batch * tokens * 6 * a.dim * 4 * 2
-    # tiled: the measured working set of diffusers' 256-pixel tiles, scaled by the tile's area for other edges
-    tile = VAE_TILE_PIXELS[spec.vae.kind] * ((vae_tile_size or 256) / 256) ** 2
-    pixels = min(width * height, tile) if vae_tiling else width * height
-    video = 3 * frames * width * height * (4 + 1)  # fp32 decoded video + its uint8 frames
-    # a bf16 VAE holds half the activation bytes (DESIGN.md: 24 GiB fp32 vs 12.2 GiB bf16 for TI2V-5B 720p)
-    per_pixel = VAE_BYTES_PER_PIXEL[spec.vae.kind] * (0.5 if vae_precision == "bf16" else 1.0)
-    return {"encode_text": int(TEXT_ACTIVATION_BYTES), "denoise": int(dit), "decode": int(per_pixel * pixels + video)}
+    precision = "bf16" if vae_precision == "bf16" else "fp32"
+    if vae_tiling:  # the tiles' working set, scaled by the tile's area, and the whole video returned at once
+        tile = VAE_TILE_BYTES[spec.vae.kind][precision] * ((vae_tile_size or 256) / 256) ** 2
+        decode = tile + 3 * frames * width * height * VAE_TILED_VIDEO_BYTES[precision]
+    else:  # streamed: one latent frame's activations and pixels at a time
+        decode = VAE_BYTES_PER_PIXEL[spec.vae.kind][precision] * width * height
+    return {"encode_text": int(TEXT_ACTIVATION_BYTES), "denoise": int(dit), "decode": int(decode)}
 
 
 def estimate(spec: ModelSpec, w: Weights, tier: str, width: int, height: int, frames: int, batch: int = 1,

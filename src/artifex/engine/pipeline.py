@@ -26,7 +26,7 @@ from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
 from artifex.engine.dit import accelerate_model, clear_caches
 from artifex.engine.fp8 import check_fp8, quantize_experts
-from artifex.engine.memory import plan_memory, prefetch_fits, prefetch_peak, tiers_for, weights_of
+from artifex.engine.memory import estimate, plan_memory, prefetch_fits, prefetch_peak, tiers_for, weights_of
 from artifex.engine.placement import Placement
 from artifex.engine.plan import Plan, make_plan, memory_budget, requested_tier
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
@@ -489,7 +489,21 @@ class Engine:
         info["predicted_peak_gib"] = info["predicted"].get(self.placement.tier)
         if prefetch:
             info["predicted_peak_gib"] = round(max(est.peak_bytes, prefetch_peak(est, self.weights)) / 2**30, 2)
+        self._estimate_args = (s.width, s.height, s.frames, per_token_timesteps)
         return info
+
+    def _repredict(self, memory: dict) -> None:
+        """After an OOM step-down: the planner's prediction for what runs now (tier and VAE tiling), so the
+        sidecar compares the measured peak with the configuration that produced it; the first plan's figure is
+        kept as ``planned_peak_gib``."""
+        args = getattr(self, "_estimate_args", None)
+        if args is None or "predicted_peak_gib" not in memory:
+            return
+        memory.setdefault("planned_peak_gib", memory["predicted_peak_gib"])
+        w, h, f, per_token = args
+        est = estimate(self.spec, self.weights, self.placement.tier, w, h, f, self.plan.cfg_batch,
+                       self.plan.vae_tiling, per_token, self.plan.vae_precision, self.config.vae_tile_size)
+        memory["predicted_peak_gib"] = round(est.peak_gib, 2)
 
     def _stepping_down(self, stage: str, run, memory: dict):
         """Run a stage; on a device OOM free memory, take the next leaner tier (or tile the VAE), run it again."""
@@ -515,6 +529,7 @@ class Engine:
                 step["error"] = str(e).splitlines()[0][:200]
                 memory["step_downs"].append(step)
                 memory["tier"] = self.placement.tier
+                self._repredict(memory)
                 log.warning("out of memory in %s: %s, retrying the stage", stage, step["change"])
 
     def _i2v_mask(self, latents: torch.Tensor) -> torch.Tensor:
