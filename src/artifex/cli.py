@@ -223,7 +223,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from artifex.engine.memory import GIB, parse_budget, plan_memory, weights_of
+    from artifex.engine.memory import GIB, HEADROOM, fits, parse_budget, plan_memory, weights_of
     from artifex.engine.request import check_frames, check_size
     from artifex.models.configs import meta_components
 
@@ -256,11 +256,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         rows = [("tier", "peak GiB", "encode_text", "denoise", "decode", "fits" if budget else "")]
         for e in ests:
             g = e.to_dict()["stages_gib"]
-            mark = "" if budget is None else ("<- auto" if e.tier == chosen else ("yes" if e.peak_bytes <= budget
+            mark = "" if budget is None else ("<- auto" if e.tier == chosen else ("yes" if fits(e.peak_bytes, budget)
                                                                                    else "no"))
             rows.append((e.tier, f"{e.peak_gib:.1f}", f"{g['encode_text']:.1f}", f"{g['denoise']:.1f}",
                          f"{g['decode']:.1f}", mark))
         _table(rows)
+        if budget is not None:
+            print(f"fits: predicted peak at most {HEADROOM:.0%} of the budget (room for fragmentation under the cap)")
         if error:
             print(f"error: {error}", file=sys.stderr)
     return 2 if error else 0
