@@ -264,3 +264,23 @@ def test_vae_tile_size_reaches_the_vae_and_the_planner(engine, tmp_path):
     assert small < default
     with pytest.raises(InvalidRequestError, match="vae_tile_size"):
         OptimizationConfig(vae_tile_size=100)
+
+
+def test_combine_keeps_each_gpus_runs_apart(tmp_path):
+    """memory-<gpu>.json gathers only that GPU's run files (an H100 and an H200 run of the same settings stay apart)."""
+    from artifex.bench.memory import combine
+
+    def run(budget, peak, predicted, total):
+        return {"budget": budget, "tier": "model_offload", "size": "1280x704x121", "steps": 50, "vae_tiling": False,
+                "predicted_peak_gib": predicted, "measured_peak_gib": peak, "timings_s": {"total": total},
+                "planner_rel_error": round(abs(predicted - peak) / peak, 3)}
+
+    for gpu, peak in (("h100", 11.6), ("h200", 12.2)):
+        (tmp_path / f"memory-ti2v-5b-1280x704-{gpu}.json").write_text(json.dumps({
+            "model": "ti2v-5b", "device": {"name": gpu}, "date": "d", "versions": {},
+            "runs": [run(None, 42.0, 45.0, 100.0), run("24GB", peak, 12.4, 110.0)]}))
+    data = combine(tmp_path, "h200")
+    assert data["sources"] == ["memory-ti2v-5b-1280x704-h200.json"]
+    assert data["summary"]["ti2v5b_720p_24gb"]["peak_gib"] == 12.2
+    assert data["summary"]["ti2v5b_720p_unconstrained_time_s"] == 100.0
+    assert json.loads((tmp_path / "memory-h200.json").read_text())["summary"]["planner_max_rel_error"] == 0.071

@@ -178,7 +178,9 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     w, h = args.size or (None, None)
     data = memory.generation_runs(args.model, budgets, args.steps, w, h, args.frames, args.output_dir,
                                   args.diffusers_steps)
-    memory.combine(args.output_dir)
+    from artifex.bench import report
+
+    memory.combine(args.output_dir, report.device_slug(torch.device("cuda", torch.cuda.current_device())))
     print(json.dumps(data["summary"], indent=2))
     return 0
 

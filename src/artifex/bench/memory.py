@@ -211,12 +211,12 @@ _KEYS = {"ti2v5b_720p_24gb": ("ti2v-5b", "1280x704", "24GB"), "a14b_720p_24gb": 
          "a14b_480p_16gb": ("t2v-a14b", "832x480", "16GB")}
 
 
-def combine(out_dir: Path) -> dict:
-    """memory-<gpu>.json from the per-model run files in ``out_dir``: the named runs, the unconstrained TI2V
-    time, diffusers' default peak, the planner's largest error over every run."""
+def combine(out_dir: Path, slug: str) -> dict:
+    """memory-<slug>.json from the per-model run files of that GPU (``report.device_slug``) in ``out_dir``: the
+    named runs, the unconstrained TI2V time, diffusers' default peak, the planner's largest error over every run."""
     import json
 
-    files = sorted(out_dir.glob("memory-*-*x*-*.json"))
+    files = sorted(out_dir.glob(f"memory-*-*x*-{slug}.json"))
     parts = [json.loads(f.read_text()) for f in files]
     runs = [dict(r, model=p["model"]) for p in parts for r in p["runs"]]
     summary: dict = {}
@@ -232,9 +232,8 @@ def combine(out_dir: Path) -> dict:
     summary["planner_max_rel_error"] = max((r["planner_rel_error"] for r in runs), default=None)
     base = parts[0] if parts else {}
     data = {k: base.get(k) for k in ("device", "date", "versions")}
-    data.update(command="python -m artifex.bench.memory OUT --combine", sources=[f.name for f in files],
+    data.update(command=f"python -m artifex.bench.memory OUT --combine {slug}", sources=[f.name for f in files],
                 summary=summary, runs=runs, diffusers_default=dd)
-    slug = "h100" if "H100" in str((data.get("device") or {}).get("name")) else "gpu"
     rows = [["model", "size", "budget", "tier", "steps", "predicted GiB", "measured GiB", "total s"]] + [
         [r["model"], r["size"], str(r["budget"] or "whole GPU"), r["tier"], str(r["steps"]),
          str(r["predicted_peak_gib"]), str(r["measured_peak_gib"]), str(r["timings_s"]["total"])] for r in runs]
@@ -275,17 +274,18 @@ if __name__ == "__main__":
     ap.add_argument("--frames", type=int)
     ap.add_argument("--size", help="WxH")
     ap.add_argument("--diffusers-steps", type=int, default=0, help="also measure diffusers' default peak")
-    ap.add_argument("--combine", action="store_true", help="merge OUT/memory-<model>-*.json into memory-<gpu>.json")
+    ap.add_argument("--combine", metavar="GPU", help="merge OUT/memory-<model>-<size>-GPU.json files (GPU: h100, "
+                    "h200, ...) into memory-GPU.json; no GPU needed")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     if args.combine:
-        result = combine(args.out_dir)
+        result = combine(args.out_dir, args.combine)
     elif args.runs:
         model, budgets = args.runs.split(":")
         w, h = (int(x) for x in args.size.split("x")) if args.size else (None, None)
         result = generation_runs(model, [None if b == "none" else b for b in budgets.split(",")], args.steps,
                                  w, h, args.frames, out_dir=args.out_dir, diffusers_steps=args.diffusers_steps)
-        combine(args.out_dir)
+        combine(args.out_dir, report.device_slug(torch.device("cuda", torch.cuda.current_device())))
     else:
         result = calibrate(args.out_dir)
     print(json.dumps(result["summary"], indent=1))
