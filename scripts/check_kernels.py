@@ -270,7 +270,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--only", default="qk,fp8,attn", help="comma-separated sections: qk, fp8, rows, attn")
+    parser.add_argument("--only", default="qk,fp8,rows,attn", help="comma-separated sections: qk, fp8, rows, attn")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 

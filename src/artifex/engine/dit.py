@@ -172,7 +172,7 @@ def _ffn_path(block, x: torch.Tensor) -> str:
     if type(up) is nn.Linear:
         plain = up.weight.dtype == x.dtype and up.weight.device == x.device
         return "cublaslt" if plain and lg.decide(x.device, x.dtype).path == "cublaslt" else "module"
-    fp8 = isinstance(down, Fp8Linear) and up.runs_scaled_mm(x.device) and down.runs_scaled_mm(x.device)
+    fp8 = all(isinstance(m, Fp8Linear) and m.runs_scaled_mm(x.device) for m in (up, down))
     return "fp8_gelu" if fp8 and rows_path(x.device, x.dtype) == "triton" else "module"
 
 

@@ -7,8 +7,8 @@ nothing is loaded). Activations follow the shapes: the DiT's grow with tokens x 
 the VAE decode's with the pixels of one frame (it decodes frame by frame with a cache; tiled, the whole
 video it returns counts too),
 and the text encoder's are small. The per-token and per-pixel constants are fitted to
-stage peaks measured on the H100 (`artifex.bench.memory`, see benchmarks/results/LOG.md);
-`artifex plan` prints the table.
+stage peaks measured on the GPU (`python -m artifex.bench.memory OUT`, see benchmarks/results/LOG.md);
+a tier fits a budget with ``HEADROOM`` to spare. `artifex plan` prints the table.
 """
 
 from __future__ import annotations
