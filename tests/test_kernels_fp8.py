@@ -209,3 +209,34 @@ def test_fused_row_quantization_kernel_matches_twin_interpreted():
     assert len(results) == 4
     for key, r in results.items():
         assert r["values"] < 1e-3 and r["scale"] < 1e-5, (key, r)  # fp32 GELU: exp- vs tanh-based forms
+
+
+def test_fp8_keep_leaves_the_named_block_layers_in_bf16_and_refuses_patterns_that_match_nothing():
+    from diffusers import WanTransformer3DModel
+
+    from artifex.config import OptimizationConfig
+    from artifex.engine.fp8 import quantize_experts
+    from artifex.errors import InvalidRequestError
+    from artifex.models.registry import get_model
+
+    why = _cpu_scaled_mm_blocker()
+    if why:
+        pytest.skip(f"torch {torch.__version__} cannot run fp8 torch._scaled_mm on a CPU: {why}")
+    spec = get_model("tiny-ti2v")
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**spec.transformer.diffusers_config()).to(torch.bfloat16).eval()
+    report = quantize_experts(spec, [model], torch.device("cpu"), torch.bfloat16, keep="blocks.0.*, *.ffn.net.2")
+    kept = set(report["kept"])  # exactly the block layers still plain nn.Linear after the swap
+    assert kept == {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")}
+    assert "blocks.0.attn1.to_q" in kept and "blocks.1.ffn.net.2" in kept
+    assert isinstance(model.blocks[1].attn1.to_q, fp8.Fp8Linear) and isinstance(model.blocks[1].ffn.net[0].proj,
+                                                                                  fp8.Fp8Linear)
+    assert f"{len(kept)} kept" in report["mode_layers"]  # the layers outside the blocks are not counted as kept
+    assert report["probe"][0]["rel_l2_vs_bf16"] < 0.1
+    other = WanTransformer3DModel(**spec.transformer.diffusers_config()).to(torch.bfloat16).eval()
+    with pytest.raises(InvalidRequestError, match=r"fp8_keep: 'blocks\.7\.\*' matches no linear layer.*blocks\.0 to "
+                                                  r"blocks\.1"):
+        quantize_experts(spec, [other], torch.device("cpu"), torch.bfloat16, keep="blocks.7.*")
+    with pytest.raises(InvalidRequestError, match="fp8_keep: keeps layers out of fp8 compute, which is off"):
+        OptimizationConfig(fp8_keep="blocks.0.*")
+    assert OptimizationConfig(fp8="gemm", fp8_keep="blocks.0.*").fp8_keep == "blocks.0.*"

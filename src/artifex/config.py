@@ -100,6 +100,11 @@ class OptimizationConfig:
         "per-channel scales); all = also FlashAttention-3 on e4m3 q/k/v (fa3-fp8). Changes the output by a few "
         "percent: each sidecar holds the error measured against bf16 at load", ("off", "gemm", "all"),
     )
+    fp8_keep: str = _f(
+        "", "with fp8 compute: comma-separated glob patterns of DiT block linear layers kept in the compute "
+        "precision, e.g. 'blocks.0.*,blocks.29.*' (the first and last block of TI2V-5B) or '*.ffn.net.2'; "
+        "names as in the model: blocks.N.attn1.to_q, blocks.N.attn2.to_out.0, blocks.N.ffn.net.0.proj, ..."
+    )
     vae_slicing: bool = _f(False, "decode a batch of videos one video at a time")
     vae_tiling: bool = _f(False, "decode the VAE in spatial tiles to cut its peak memory")
     vae_tile_size: int = _f(
@@ -145,6 +150,8 @@ class OptimizationConfig:
             parse_budget(self.vram_budget)
         if self.fp8 != "off" and self.fp8_weights:
             raise InvalidRequestError("fp8", "fp8 compute already stores e4m3 weights; drop fp8_weights")
+        if self.fp8_keep and self.fp8 == "off":
+            raise InvalidRequestError("fp8_keep", "keeps layers out of fp8 compute, which is off", ["gemm", "all"])
         if self.fp8 == "all" and self.attention not in ("auto", "fa3-fp8"):
             raise InvalidRequestError("fp8", f"fp8=all uses fa3-fp8 attention; attention={self.attention!r} "
                                       "conflicts", ["gemm", "off"])

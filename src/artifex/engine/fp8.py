@@ -4,7 +4,8 @@
 (e4m3 weights with per-output-channel scales, per-token e4m3 activations, row-wise
 ``torch._scaled_mm``); ``fp8 = all`` also sends attention through ``fa3-fp8`` (e4m3 q/k/v
 with per-head scales). Embeddings, norms, the timestep MLP and the output head stay in
-the compute precision.
+the compute precision, and so do the block layers named by ``fp8_keep`` (sensitive layers:
+glob patterns over the model's names, each checked to match at least one layer).
 
 Before an expert is quantized, one forward on a small fixed probe (random latents at a
 quarter of the model's default width and height, 5 frames, t = 500, random text) runs with
@@ -15,9 +16,11 @@ bound for every prompt; ``artifex bench dit`` reports the error at full size.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 
 import torch
+from torch import nn
 
 from artifex.attention.select import rel_l2
 from artifex.errors import InvalidRequestError
@@ -35,10 +38,25 @@ def check_fp8(mode: str, device: torch.device) -> None:
         raise InvalidRequestError("fp8", f"fp8 compute cannot run here: {decision.reason}", ["off"])
 
 
+def keep_patterns(model: nn.Module, keep: str) -> tuple[str, ...]:
+    """``fp8_keep``'s comma-separated patterns, each checked against the names of ``model``'s block linears."""
+    patterns = tuple(p.strip() for p in keep.split(",") if p.strip())
+    names = [f"blocks.{n}" for n, m in model.blocks.named_modules() if isinstance(m, nn.Linear)]
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            raise InvalidRequestError("fp8_keep", f"{p!r} matches no linear layer of the DiT blocks",
+                                      f"glob patterns over names such as {', '.join(names[:4])}, ... "
+                                      f"(blocks.0 to blocks.{len(model.blocks) - 1})")
+    return patterns
+
+
 @torch.no_grad()
-def quantize_experts(spec, experts: list[torch.nn.Module], device: torch.device, dtype: torch.dtype) -> dict:
-    """Quantize every expert's block linears in place (on ``device``); returns the probe's report."""
-    report: dict = {"mode_layers": None, "probe": [], "probe_input": None}
+def quantize_experts(spec, experts: list[torch.nn.Module], device: torch.device, dtype: torch.dtype,
+                     keep: str = "") -> dict:
+    """Quantize every expert's block linears in place (on ``device``), but those ``keep`` names (``fp8_keep``);
+    returns the probe's report, with the layers kept."""
+    report: dict = {"mode_layers": None, "probe": [], "probe_input": None, "kept": []}
+    patterns = keep_patterns(experts[0], keep) if experts else ()
     m = spec.spatial_multiple
     w, h = (max(v // 4 // m, 1) * m for v in spec.sizes[0])  # a quarter of the default size, still valid
     _, t, lh, lw = spec.latent_shape(w, h, 5)
@@ -52,7 +70,10 @@ def quantize_experts(spec, experts: list[torch.nn.Module], device: torch.device,
         probe = {"hidden_states": x, "timestep": torch.tensor([500.0], device=device), "encoder_hidden_states": text,
                  "return_dict": False}
         ref = expert(**probe)[0].float()
-        layers = kernels.quantize_linears(expert.blocks, path="scaled_mm")
+        layers = kernels.quantize_linears(expert, include=("blocks.*",),
+                                          exclude=kernels.DEFAULT_EXCLUDE + patterns, path="scaled_mm")
+        by_keep = {f"excluded by {p!r}" for p in patterns}
+        report["kept"] = sorted(n for n, why in layers.skipped.items() if why in by_keep)
         err = rel_l2(expert(**probe)[0].float(), ref)
         report["probe"].append({"expert": i, "rel_l2_vs_bf16": round(err, 5)})
         report["mode_layers"] = layers.summary()

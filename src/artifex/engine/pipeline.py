@@ -179,7 +179,7 @@ class Engine:
         self._pair_memo: dict[int, tuple] = {}  # per expert (id): cond and uncond as one batch
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         check_fp8(config.fp8, self.device)
-        self.fp8_report = quantize_experts(spec, components.experts, self.device, self.dtype) \
+        self.fp8_report = quantize_experts(spec, components.experts, self.device, self.dtype, config.fp8_keep) \
             if config.fp8 != "off" else None
         self.weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
         self.placement = Placement(components, plan.placement, self.device, config.fp8_weights, self.dtype)

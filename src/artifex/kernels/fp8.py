@@ -266,8 +266,10 @@ class Fp8Report:
     bytes_after: int = 0
 
     def summary(self) -> str:
+        """Swapped and kept counts; "kept" counts the layers ``include`` named but that stay as they are."""
+        kept = sum(not why.startswith("not matched by include") for why in self.skipped.values())
         return (f"fp8: {len(self.swapped)} linear layers swapped ({self.bytes_before / 2**20:.1f} MiB -> "
-                f"{self.bytes_after / 2**20:.1f} MiB), {len(self.skipped)} kept")
+                f"{self.bytes_after / 2**20:.1f} MiB), {kept} kept")
 
 
 def _why_not(name: str, layer: nn.Linear, include, exclude) -> str | None:
