@@ -152,6 +152,43 @@ def test_oom_in_decode_turns_on_vae_tiling(tmp_path):
     assert r.plan.vae_tiling and r.video_path.exists()
 
 
+def test_a_failed_attempts_peak_is_recorded_apart_from_the_runs_peak(monkeypatch, tmp_path):
+    """Peak counters as CUDA keeps them (faked here: the CPU has none): the OOM'd decode's peak goes in
+    ``failed_attempt_peak_gib``; the counters restart for the retry, the completed stages' peak is kept as the
+    floor the result's peak is folded over."""
+    import artifex.engine.pipeline as pipeline
+    from artifex.engine.pipeline import Engine
+
+    gib = 2**30
+    counters = {"peak": 0}
+
+    def peak_bytes(device):
+        return counters["peak"], counters["peak"] + gib
+
+    def reset(device):
+        counters["peak"] = 0
+
+    monkeypatch.setattr(pipeline, "peak_bytes", peak_bytes)
+    monkeypatch.setattr(pipeline, "reset_peak_memory", reset)
+    eng = Engine.load("tiny-t2v-moe", config=OptimizationConfig(precision="fp32"))
+    fired = []
+
+    def stage_peak(module, args):
+        if not fired:  # the first decode attempt: 30 GiB, then out of memory
+            fired.append(1)
+            counters["peak"] = 30 * gib
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        counters["peak"] = max(counters["peak"], 4 * gib)  # the tiled retry
+
+    eng.c.experts[0].register_forward_pre_hook(lambda m, a: counters.update(peak=max(counters["peak"], 9 * gib)))
+    eng.c.vae.decoder.register_forward_pre_hook(stage_peak)
+    r = eng.generate(GenerationRequest(model="tiny-t2v-moe", prompt="x", seed=1, steps=2, frames=5,
+                                       output=str(tmp_path / "v.mp4")))
+    assert r.memory["failed_attempt_peak_gib"] == [30.0]
+    assert eng._peak_floor == (9 * gib, 10 * gib)  # the denoise stage's peak, from before the failed decode
+    assert counters["peak"] == 4 * gib  # the retry's own peak, counted from zero
+
+
 def test_tiled_vae_decode_matches_untiled():
     """Tiles are decoded separately and blended over their overlap. With a tile covering the frame the output is
     the untiled one exactly; with real tiles it stays close (random tiny weights see little context, so the

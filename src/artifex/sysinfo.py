@@ -39,10 +39,20 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory(device: torch.device) -> dict:
-    """Peak memory of this generation (CUDA) or of the whole process so far (CPU: max RSS)."""
+def peak_bytes(device: torch.device) -> tuple[int, int] | None:
+    """(max allocated, max reserved) bytes since the last reset on a CUDA device; None elsewhere."""
     if device.type == "cuda":
-        return {"gpu_max_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
-                "gpu_max_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    return None
+
+
+def peak_memory(device: torch.device, floor: tuple[int, int] | None = None) -> dict:
+    """Peak memory of this generation (CUDA) or of the whole process so far (CPU: max RSS). ``floor``: peaks
+    (allocated, reserved) kept from before a reset of the counters, folded in."""
+    peaks = peak_bytes(device)
+    if peaks is not None:
+        allocated, reserved = (max(p, f) for p, f in zip(peaks, floor or (0, 0)))
+        return {"gpu_max_allocated_gib": round(allocated / 2**30, 3),
+                "gpu_max_reserved_gib": round(reserved / 2**30, 3)}
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"cpu_process_max_rss_gib": round(rss_kib / 2**20, 3)}

@@ -179,6 +179,7 @@ def generation_runs(model: str, budgets: list[str | None], steps: int | None = N
         predicted = r.memory["predicted_peak_gib"]
         runs.append({"budget": budget, "tier": r.memory["tier"], "vae_tiling": r.plan.vae_tiling,
                      "step_downs": r.memory["step_downs"], "predicted_peak_gib": predicted,
+                     "failed_attempt_peak_gib": r.memory.get("failed_attempt_peak_gib"),
                      "measured_peak_gib": measured, "measured_reserved_gib": r.peak_memory["gpu_max_reserved_gib"],
                      "planner_rel_error": round(abs(predicted - measured) / measured, 3),
                      "timings_s": r.timings, "steps": r.settings.steps,

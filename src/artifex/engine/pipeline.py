@@ -35,7 +35,7 @@ from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
 from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
 from artifex.models.registry import ModelSpec, get_model
-from artifex.sysinfo import device_info, peak_memory, reset_peak_memory, versions
+from artifex.sysinfo import device_info, peak_bytes, peak_memory, reset_peak_memory, versions
 
 log = logging.getLogger("artifex")
 
@@ -172,6 +172,7 @@ class Engine:
         # An OOM step-down re-places models on this process alone; a parallel layout turns it off (the other
         # ranks would wait in a collective while this one moves models).
         self.oom_step_down = True
+        self._peak_floor: tuple[int, int] | None = None  # a request's completed stages' peaks, kept over an OOM retry
         # What one self-attention call looks like on this process, for choosing its kernel: a parallel layout
         # sets these (Ulysses: every token, heads / degree; CFG-parallel: one pass per rank).
         self.attention_heads_divisor = 1
@@ -331,6 +332,7 @@ class Engine:
         job = self.prepare(request, on_event)
         job.memory = self._fit_memory(job.spec, job.settings, job.image is not None)
         reset_peak_memory(self.device)
+        self._peak_floor = None
         with _matmul_precision(self.plan.tf32):
             # 1. Text embeddings and 2. seeded noise (1, z, T', H', W') with the image condition, if any.
             self.encode(job)
@@ -458,7 +460,8 @@ class Engine:
         switch = job.experts.index(1) if 1 in job.experts else None
         return GenerationResult(
             video_path=video_path, sidecar_path=video_path.with_suffix(".json") if video_path else None,
-            settings=job.settings, plan=self.plan, timings=job.timings, peak_memory=peak_memory(job.device),
+            settings=job.settings, plan=self.plan, timings=job.timings,
+            peak_memory=peak_memory(job.device, self._peak_floor),
             experts_per_step=job.experts, switch_step=switch, attention=job.attention, memory=job.memory,
             latents=job.latents.float().cpu())
 
@@ -506,13 +509,22 @@ class Engine:
         memory["predicted_peak_gib"] = round(est.peak_gib, 2)
 
     def _stepping_down(self, stage: str, run, memory: dict):
-        """Run a stage; on a device OOM free memory, take the next leaner tier (or tile the VAE), run it again."""
+        """Run a stage; on a device OOM free memory, take the next leaner tier (or tile the VAE), run it again.
+        The failed attempt's peak goes in ``memory["failed_attempt_peak_gib"]``, not in the result's peak: the
+        counters restart for the retry, with the completed stages' peaks kept (``_peak_floor``)."""
         while True:
+            before = peak_bytes(self.device)
             try:
                 return run()
             except torch.OutOfMemoryError as e:
                 if not self.oom_step_down:
                     raise
+                failed = peak_bytes(self.device)
+                if failed is not None:
+                    memory.setdefault("failed_attempt_peak_gib", []).append(round(failed[0] / 2**30, 3))
+                    floor = self._peak_floor or (0, 0)
+                    self._peak_floor = (max(floor[0], before[0]), max(floor[1], before[1]))
+                    reset_peak_memory(self.device)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 if stage == "decode" and not self.plan.vae_tiling:
