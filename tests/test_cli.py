@@ -107,6 +107,8 @@ def test_doctor_reports_backends_and_environment(capsys):
         # the fused DiT kernels say which path runs here and why
         assert report["kernels"]["qk_norm_rope"]["path"] == "torch"
         assert report["kernels"]["fp8_gemm"]["path"] == "twin" and "CUDA" in report["kernels"]["fp8_gemm"]["reason"]
+        for name in ("ffn_gelu_epilogue", "fp8_row_quantize"):
+            assert report["kernels"][name]["path"] == "torch" and "CUDA" in report["kernels"][name]["reason"]
 
 
 def test_bench_attention_writes_json_and_markdown(tmp_path, capsys):

@@ -120,10 +120,17 @@ def _quantize_rows_fake(x, gelu):
     return x.new_empty((m, x.shape[-1]), dtype=FP8), x.new_empty((m, 1), dtype=torch.float32)
 
 
-def rows_path(device: torch.device | str, dtype: torch.dtype) -> str:
-    """"triton" where ``quantize_rows_fused``'s kernel runs (CUDA with Triton), else "torch"."""
+def decide_rows(device: torch.device | str, dtype: torch.dtype) -> Decision:
+    """Which path ``quantize_rows_fused`` takes: "triton" on CUDA with Triton, else "torch" (the twin), and why."""
     dev = torch.device(device)
-    return "triton" if dev.type == "cuda" and _triton_blocker(dev, dtype) is None else "torch"
+    if dev.type != "cuda":
+        return Decision("torch", f"the Triton row quantization needs CUDA; this run is on {dev.type.upper()}")
+    why = _triton_blocker(dev, dtype)
+    return Decision("torch", why) if why else Decision("triton", "one-pass Triton row quantization (GELU fused)")
+
+
+def rows_path(device: torch.device | str, dtype: torch.dtype) -> str:
+    return decide_rows(device, dtype).path
 
 
 def quantize_rows_fused(x: Tensor, gelu: bool = False, path: str | None = None) -> tuple[Tensor, Tensor]:
