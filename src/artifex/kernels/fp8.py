@@ -121,7 +121,13 @@ def _quantize_rows_fake(x, gelu):
 
 
 def decide_rows(device: torch.device | str, dtype: torch.dtype) -> Decision:
-    """Which path ``quantize_rows_fused`` takes: "triton" on CUDA with Triton, else "torch" (the twin), and why."""
+    """Which path ``quantize_rows_fused`` takes: "triton" on CUDA with Triton, else "torch" (the twin), and why
+    (decided once per device and dtype: the blocks ask at every forward)."""
+    return _decide_rows(str(torch.device(device)), dtype)
+
+
+@cache
+def _decide_rows(device: str, dtype: torch.dtype) -> Decision:
     dev = torch.device(device)
     if dev.type != "cuda":
         return Decision("torch", f"the Triton row quantization needs CUDA; this run is on {dev.type.upper()}")
