@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from artifex.config import OptimizationConfig
@@ -67,6 +69,26 @@ def test_config_validates_every_field():
         OptimizationConfig(device="gpu0")
     with pytest.raises(InvalidRequestError, match="flash_attention_dropout"):
         OptimizationConfig(flash_attention_dropout=1.5)
+    with pytest.raises(InvalidRequestError, match="use_channels_last: must be true or false, got 'yes'"):
+        OptimizationConfig(use_channels_last="yes")
+
+
+def test_channels_last_unset_follows_the_vae_precision_and_device():
+    """Unset, the VAE runs channels_last_3d only where it was measured faster (a bf16 VAE on CUDA); set, as set."""
+    from artifex.engine.plan import make_plan
+    from artifex.models.configs import meta_components
+
+    spec = get_model("tiny-ti2v")
+    text_encoder, vae, experts = meta_components(spec, "fp32")
+    parts = SimpleNamespace(text_encoder=text_encoder, vae=vae, experts=experts)
+    assert OptimizationConfig().use_channels_last is None
+    assert not make_plan(spec, OptimizationConfig(device="cpu", vae_precision="bf16"), parts).channels_last
+    assert make_plan(spec, OptimizationConfig(device="cpu", use_channels_last=True), parts).channels_last
+    from artifex.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--model", "tiny-ti2v", "--prompt", "x", "--no-use-channels-last"])
+    assert args.opt_use_channels_last is False
 
 
 def test_config_from_toml_merges_and_rejects_unknown_keys(tmp_path):

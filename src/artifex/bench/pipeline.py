@@ -164,7 +164,8 @@ def vae_variants(spec, components, fp32_state: dict, latents: torch.Tensor, devi
     from artifex.engine.pipeline import Engine
 
     pixels, out = {}, {}
-    for name, fields in (("fp32", {"vae_precision": "fp32"}), ("bf16", {"vae_precision": "bf16"}),
+    for name, fields in (("fp32", {"vae_precision": "fp32", "use_channels_last": False}),
+                         ("bf16", {"vae_precision": "bf16", "use_channels_last": False}),
                          ("bf16_channels_last", {"vae_precision": "bf16", "use_channels_last": True})):
         components.vae.to(torch.float32).load_state_dict(fp32_state)
         engine = Engine.from_components(spec, components, OptimizationConfig(device=str(device), **fields))
