@@ -177,10 +177,7 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
         parse_budget(b)
     w, h = args.size or (None, None)
     data = memory.generation_runs(args.model, budgets, args.steps, w, h, args.frames, args.output_dir,
-                                  args.diffusers_steps)
-    from artifex.bench import report
-
-    memory.combine(args.output_dir, report.device_slug(torch.device("cuda", torch.cuda.current_device())))
+                                  args.diffusers_steps)  # also rewrites memory-<gpu>.json
     print(json.dumps(data["summary"], indent=2))
     return 0
 

@@ -204,6 +204,7 @@ def generation_runs(model: str, budgets: list[str | None], steps: int | None = N
         report.write(out_dir, f"memory-{model}-{size}-{report.device_slug(device)}", data,
                      f"# Whole generations under memory budgets ({data['device']['name']})\n\n"
                      f"`{data['command']}`\n\n{md}")
+        combine(Path(out_dir), report.device_slug(device))  # memory-<gpu>.json over every run file of this GPU
     return data
 
 
@@ -286,7 +287,6 @@ if __name__ == "__main__":
         w, h = (int(x) for x in args.size.split("x")) if args.size else (None, None)
         result = generation_runs(model, [None if b == "none" else b for b in budgets.split(",")], args.steps,
                                  w, h, args.frames, out_dir=args.out_dir, diffusers_steps=args.diffusers_steps)
-        combine(args.out_dir, report.device_slug(torch.device("cuda", torch.cuda.current_device())))
     else:
         result = calibrate(args.out_dir)
     print(json.dumps(result["summary"], indent=1))

@@ -330,7 +330,7 @@ class Engine:
     def generate(self, request: GenerationRequest, on_event: EventCallback | None = None,
                  output_dir: str | Path | None = None) -> GenerationResult:
         job = self.prepare(request, on_event)
-        job.memory = self._fit_memory(job.spec, job.settings, job.image is not None)
+        job.memory = self._fit_memory(job)
         reset_peak_memory(self.device)
         self._peak_floor = None
         with _matmul_precision(self.plan.tf32):
@@ -343,7 +343,7 @@ class Engine:
                 self.start_denoising(job)
                 self.denoise(job)
 
-            self._stepping_down("denoise", denoise, job.memory)
+            self._stepping_down("denoise", denoise, job)
             if job.frame_mask is not None:  # TI2V: the frames given by the image stay the encoded image
                 job.latents = (1 - job.frame_mask) * job.condition + job.frame_mask * job.latents
             job.mark("denoise")
@@ -444,8 +444,7 @@ class Engine:
         self.placement.park_experts()
         video_path = Path(s.output) if s.output else _default_output(output_dir, job.spec.name, s.seed)
         start = time.perf_counter()
-        finish = self._stepping_down("decode", lambda: self.decode_to_mp4(job.latents, video_path, s.fps),
-                                     job.memory)
+        finish = self._stepping_down("decode", lambda: self.decode_to_mp4(job.latents, video_path, s.fps), job)
         job.timings["decode"] = round(time.perf_counter() - start - finish, 4)  # with the encoder overlapping
         job.timings["write"] = round(finish, 4)  # what was left to encode after the last frame decoded
         job.emit(ProgressEvent("write", 1, 1, job.elapsed()))
@@ -465,14 +464,19 @@ class Engine:
             experts_per_step=job.experts, switch_step=switch, attention=job.attention, memory=job.memory,
             latents=job.latents.float().cpu())
 
-    def _fit_memory(self, spec: ModelSpec, s: Settings, per_token_timesteps: bool) -> dict:
+    def _per_token_timesteps(self, job: Job) -> bool:
+        """Whether the DiT sees one timestep per token (TI2V with an image, through diffusers' forward; Artifex's
+        DiT embeds the distinct ones), which the planner counts."""
+        return job.image is not None and not self.plan.fast_dit
+
+    def _fit_memory(self, job: Job) -> dict:
         """Plan memory for this request: the fastest tier within the budget, moved to before any work."""
         budget = memory_budget(self.config, self.device)
-        per_token_timesteps = per_token_timesteps and not self.plan.fast_dit  # Artifex's DiT embeds distinct ones
-        tier, tiling, ests, reasons = plan_memory(spec, self.weights, s.width, s.height, s.frames, self.plan.cfg_batch,
-                                                  self.plan.vae_tiling, per_token_timesteps, budget,
-                                                  requested_tier(self.config), self.plan.vae_precision,
-                                                  self.config.vae_tile_size)
+        s = job.settings
+        tier, tiling, ests, reasons = plan_memory(job.spec, self.weights, s.width, s.height, s.frames,
+                                                  self.plan.cfg_batch, self.plan.vae_tiling,
+                                                  self._per_token_timesteps(job), budget, requested_tier(self.config),
+                                                  self.plan.vae_precision, self.config.vae_tile_size)
         info = {"budget_gib": round(budget / 2**30, 2) if budget else None, "step_downs": [],
                 "predicted": {e.tier: round(e.peak_gib, 2) for e in ests}}
         for r in reasons:
@@ -492,26 +496,26 @@ class Engine:
         info["predicted_peak_gib"] = info["predicted"].get(self.placement.tier)
         if prefetch:
             info["predicted_peak_gib"] = round(max(est.peak_bytes, prefetch_peak(est, self.weights)) / 2**30, 2)
-        self._estimate_args = (s.width, s.height, s.frames, per_token_timesteps)
         return info
 
-    def _repredict(self, memory: dict) -> None:
+    def _repredict(self, job: Job) -> None:
         """After an OOM step-down: the planner's prediction for what runs now (tier and VAE tiling), so the
         sidecar compares the measured peak with the configuration that produced it; the first plan's figure is
         kept as ``planned_peak_gib``."""
-        args = getattr(self, "_estimate_args", None)
-        if args is None or "predicted_peak_gib" not in memory:
+        memory, s = job.memory, job.settings
+        if "predicted_peak_gib" not in memory:
             return
         memory.setdefault("planned_peak_gib", memory["predicted_peak_gib"])
-        w, h, f, per_token = args
-        est = estimate(self.spec, self.weights, self.placement.tier, w, h, f, self.plan.cfg_batch,
-                       self.plan.vae_tiling, per_token, self.plan.vae_precision, self.config.vae_tile_size)
+        est = estimate(job.spec, self.weights, self.placement.tier, s.width, s.height, s.frames, self.plan.cfg_batch,
+                       self.plan.vae_tiling, self._per_token_timesteps(job), self.plan.vae_precision,
+                       self.config.vae_tile_size)
         memory["predicted_peak_gib"] = round(est.peak_gib, 2)
 
-    def _stepping_down(self, stage: str, run, memory: dict):
-        """Run a stage; on a device OOM free memory, take the next leaner tier (or tile the VAE), run it again.
-        The failed attempt's peak goes in ``memory["failed_attempt_peak_gib"]``, not in the result's peak: the
-        counters restart for the retry, with the completed stages' peaks kept (``_peak_floor``)."""
+    def _stepping_down(self, stage: str, run, job: Job):
+        """Run a stage of ``job``; on a device OOM free memory, take the next leaner tier (or tile the VAE), run it
+        again. The failed attempt's peak goes in ``job.memory["failed_attempt_peak_gib"]``, not in the result's
+        peak: the counters restart for the retry, with the completed stages' peaks kept (``_peak_floor``)."""
+        memory = job.memory
         while True:
             before = peak_bytes(self.device)
             try:
@@ -541,7 +545,7 @@ class Engine:
                 step["error"] = str(e).splitlines()[0][:200]
                 memory["step_downs"].append(step)
                 memory["tier"] = self.placement.tier
-                self._repredict(memory)
+                self._repredict(job)
                 log.warning("out of memory in %s: %s, retrying the stage", stage, step["change"])
 
     def _i2v_mask(self, latents: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,9 @@ produces them (the adaptive norms), in two or three passes over each row.
 (the attention output, the up-projection's GEMM): a Triton program holds one whole row in
 registers, applies tanh-GELU if asked (the feed-forward's activation, so the bf16 GELU output is
 never written), takes its amax and writes the e4m3 row and its scale. Measured on an H200 at
-TI2V-5B 720p, inductor's looped GELU + quantize reduction over 14,336-wide rows took 41 ms per
-forward (a ``bench dit --profile`` run, benchmarks/results/LOG.md 2026-11-26); this kernel does the
-same rows in 0.53 ms against 1.21 ms each (``scripts/check_kernels.py --only rows``).
+TI2V-5B 720p, inductor's looped GELU + quantize reduction over 14,336-wide rows took 40.9 ms per
+forward (benchmarks/results/dit-h200-run1.json, the fp8 rows' top kernels); this kernel does the
+same rows in 0.53 ms against 1.21 ms per call (benchmarks/results/kernels-rows-h200.json).
 ``Fp8Linear.forward_quantized`` takes its output.
 """
 
@@ -235,7 +235,7 @@ class Fp8Linear(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        path = self.path or decide(x.device).path
+        path = self._path(x.device)
         if path == "scaled_mm":
             return self.forward_scaled_mm(x)
         if path == "twin":
@@ -255,8 +255,11 @@ class Fp8Linear(nn.Module):
                                bias=bias, out_dtype=torch.bfloat16)
         return out.reshape(*lead, self.out_features).to(dtype)
 
+    def _path(self, device: torch.device) -> str:
+        return self.path or decide(device).path
+
     def runs_scaled_mm(self, device: torch.device) -> bool:
-        return (self.path or decide(device).path) == "scaled_mm"
+        return self._path(device) == "scaled_mm"
 
     def forward_twin(self, x: Tensor) -> Tensor:
         """The twin: the same quantization, dequantized, F.linear in x's dtype, rounded through bf16."""
