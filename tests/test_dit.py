@@ -86,7 +86,7 @@ def test_modulation_embeds_each_distinct_timestep_once():
     assert mod.index[0, :20].eq(0).all() and mod.index[0, 20:].eq(1).all()  # rows sorted: 0 first, then 700
 
 
-def test_text_kv_is_computed_once_per_context_tensor_and_follows_a_new_one():
+def test_text_kv_is_computed_once_per_context_tensor_two_kept_and_follows_a_new_one():
     plain, fast = _pair()
     x, text, _ = _inputs(plain)
     t = torch.tensor([700.0, 700.0])
@@ -100,6 +100,13 @@ def test_text_kv_is_computed_once_per_context_tensor_and_follows_a_new_one():
         out = fast(hidden_states=x, timestep=t, encoder_hidden_states=other, return_dict=False)[0]
         ref = plain(hidden_states=x, timestep=t, encoder_hidden_states=other, return_dict=False)[0]
         assert len(calls) == 2 and _rel(out, ref) < 1e-5
+        fast(hidden_states=x, timestep=t * 0.5, encoder_hidden_states=text, return_dict=False)
+        assert len(calls) == 2  # two contexts are kept: CFG's passes alternate cond and uncond at every step
+        fast(hidden_states=x, timestep=t, encoder_hidden_states=text.clone(), return_dict=False)
+        fast(hidden_states=x, timestep=t, encoder_hidden_states=other, return_dict=False)
+        assert len(calls) == 3  # a third context took the oldest one's place; the newer one is still kept
+        fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)
+        assert len(calls) == 4
         clear_caches(fast)
         again = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
     assert torch.equal(again, first)

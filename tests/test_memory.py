@@ -106,6 +106,25 @@ def test_each_offload_tier_gives_the_resident_latents(engine, tmp_path, tier):
     assert _rel(r.latents, base.latents) < 1e-5
 
 
+def test_group_offload_tiers_keep_the_experts_in_their_homes(engine, tmp_path):
+    """block/leaf offload bind each expert to the same CPU homes the swap tiers use (pinned once, in chunks, with
+    CUDA), so group offload finds them there instead of copying every weight; the homes outlive a change of tier."""
+    eng = engine("tiny-t2v-moe", precision="fp32", tf32=False, memory_tier="block_offload")
+    homes = eng.placement._homes
+    assert homes is not None and len(homes) == len(eng.c.experts)
+    for expert, home in zip(eng.c.experts, homes, strict=True):
+        ptrs = {t.data_ptr() for t in home.tensors}
+        assert all(p.data_ptr() in ptrs for p in expert.parameters())
+    eng.placement.move_to("leaf_offload")
+    assert eng.placement._homes is homes
+    r = eng.generate(GenerationRequest(model="tiny-t2v-moe", prompt="a boat", seed=3, steps=2, frames=5,
+                                       output=str(tmp_path / "b.mp4")))
+    assert r.memory["tier"] == "block_offload" and r.video_path.exists()  # the engine's tier, back from the homes
+    assert eng.placement._homes is homes
+    eng.placement.move_to("resident")
+    assert eng.placement._homes is None
+
+
 def test_oom_in_denoise_steps_down_one_tier_and_retries(engine, tmp_path, artifex_home):
     from artifex.engine.pipeline import Engine
 
@@ -155,7 +174,7 @@ def test_oom_in_decode_turns_on_vae_tiling(tmp_path):
 def test_a_failed_attempts_peak_is_recorded_apart_from_the_runs_peak(monkeypatch, tmp_path):
     """Peak counters as CUDA keeps them (faked here: the CPU has none): the OOM'd decode's peak goes in
     ``failed_attempt_peak_gib``; the counters restart for the retry, the completed stages' peak is kept as the
-    floor the result's peak is folded over."""
+    floor the result's peak is folded over; each stage's peak is recorded."""
     import artifex.engine.pipeline as pipeline
     from artifex.engine.pipeline import Engine
 
@@ -186,7 +205,9 @@ def test_a_failed_attempts_peak_is_recorded_apart_from_the_runs_peak(monkeypatch
                                        output=str(tmp_path / "v.mp4")))
     assert r.memory["failed_attempt_peak_gib"] == [30.0]
     assert eng._peak_floor == (9 * gib, 10 * gib)  # the denoise stage's peak, from before the failed decode
-    assert counters["peak"] == 4 * gib  # the retry's own peak, counted from zero
+    # each stage's own peak (the decode's is the retry's, counted from zero), beside the planner's stages
+    assert r.memory["measured_stages_gib"] == {"encode_text": 0.0, "denoise": 9.0, "decode": 4.0}
+    assert set(r.memory["predicted_stages_gib"]) == {"encode_text", "denoise", "decode"}
 
 
 def test_tiled_vae_decode_matches_untiled():

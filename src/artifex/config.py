@@ -69,9 +69,9 @@ class OptimizationConfig:
     flash_attention_dropout: float = _f(
         0.0, "attention dropout probability (only kernels that support dropout are used); inference uses 0"
     )
-    use_channels_last: bool | None = _f(
-        None, "run the VAE in channels_last_3d memory format; unset: on for a bf16 VAE on CUDA (the TI2V-5B 720p "
-        "decode measured 6.42 s against 6.64 s on an H200, benchmarks/results/pipeline-h200.json), off otherwise"
+    use_channels_last: bool = _f(
+        False, "run the VAE in channels_last_3d memory format (no measured gain for the bf16 TI2V-5B 720p decode on "
+        "an H200: 6.42 s vs 6.64 s in one run, 6.32 s vs 6.28 s in the next; benchmarks/results/LOG.md)"
     )
     use_torch_compile: bool = _f(False, "torch.compile the repeated transformer blocks (regional compile)")
     fast_dit: bool = _f(

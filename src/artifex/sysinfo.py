@@ -47,12 +47,13 @@ def peak_bytes(device: torch.device) -> tuple[int, int] | None:
 
 
 def peak_memory(device: torch.device, floor: tuple[int, int] | None = None) -> dict:
-    """Peak memory of this generation (CUDA) or of the whole process so far (CPU: max RSS). ``floor``: peaks
-    (allocated, reserved) kept from before a reset of the counters, folded in."""
+    """Peak memory of this generation (CUDA) and of the whole process so far (max RSS of host memory).
+    ``floor``: peaks (allocated, reserved) kept from before a reset of the counters, folded in."""
+    rss = {"cpu_process_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     peaks = peak_bytes(device)
-    if peaks is not None:
-        allocated, reserved = (max(p, f) for p, f in zip(peaks, floor or (0, 0)))
-        return {"gpu_max_allocated_gib": round(allocated / 2**30, 3),
-                "gpu_max_reserved_gib": round(reserved / 2**30, 3)}
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"cpu_process_max_rss_gib": round(rss_kib / 2**20, 3)}
+    if peaks is None:
+        return rss
+    allocated, reserved = (max(p, f) for p, f in zip(peaks, floor or (0, 0)))
+    # host memory too: offload tiers keep weights there (pinned pages count in the RSS once written)
+    return {"gpu_max_allocated_gib": round(allocated / 2**30, 3), "gpu_max_reserved_gib": round(reserved / 2**30, 3),
+            **rss}

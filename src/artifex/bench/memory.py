@@ -33,9 +33,17 @@ def _peak(fn, device) -> tuple[float, float]:
     return (torch.cuda.max_memory_allocated(device) - base) / GIB, time.perf_counter() - t
 
 
-def dit_activation(model: str, width: int, height: int, frames: int, device) -> dict:
+def dit_activation(model: str, width: int, height: int, frames: int, device, path: str = "diffusers") -> dict:
+    """Peak memory of the DiT's denoise over one CFG step (two forwards, the conditional and unconditional text
+    contexts), 2 blocks at the real width. ``path``: "diffusers" (diffusers' forward, all on the device),
+    "artifex" (the engine's forward, eager as by default, with its attention runtime and text K/V caches) or
+    "artifex_block_offload" (the same under diffusers' block-level group offload with a stream, as the
+    block_offload tier runs it: the blocks' weights come and go, so they are in the measured figure)."""
     from diffusers import WanTransformer3DModel
 
+    from artifex.attention import AttentionRuntime
+    from artifex.attention.processor import install
+    from artifex.engine.dit import accelerate_model
     from artifex.models.loader import cast_keeping_fp32
 
     spec = get_model(model)
@@ -44,14 +52,33 @@ def dit_activation(model: str, width: int, height: int, frames: int, device) -> 
         m = cast_keeping_fp32(WanTransformer3DModel(**cfg), torch.bfloat16).eval()
     z, t, h, w = spec.latent_shape(width, height, frames)
     x = torch.randn(1, spec.transformer.in_channels, t, h, w, device=device, dtype=torch.bfloat16)
-    text = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+    texts = [torch.randn(1, spec.text_len, cfg["text_dim"], device=device, dtype=torch.bfloat16) for _ in range(2)]
     step = torch.tensor([500.0], device=device)
-    gib, secs = _peak(lambda: m(hidden_states=x, timestep=step, encoder_hidden_states=text, return_dict=False), device)
     tokens = spec.tokens(width, height, frames)
-    predicted = memory.activations(spec, width, height, frames, 1, False, False)["denoise"] / GIB
-    return {"stage": "denoise", "model": model, "size": f"{width}x{height}x{frames}", "tokens": tokens,
+    streamed = 0
+    if path != "diffusers":
+        runtime = AttentionRuntime()
+        runtime.prepare((1, tokens, spec.transformer.heads, spec.transformer.head_dim), torch.bfloat16, device)
+        install([m], runtime)
+        accelerate_model(m)
+    if path == "artifex_block_offload":
+        w_ = memory.weights_of(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), [m])
+        streamed = 2 * w_.expert_block + w_.expert_rest  # what the planner counts on the device for this tier
+        m.to("cpu")
+        m.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                               num_blocks_per_group=1, use_stream=True, non_blocking=True, record_stream=True)
+
+    def cfg_step():
+        for text in texts:
+            m(hidden_states=x, timestep=step, encoder_hidden_states=text, return_dict=False)
+
+    cfg_step()  # the first forward builds caches (RoPE tables, the offload's prefetch order)
+    gib, secs = _peak(cfg_step, device)
+    act = memory.activations(spec, width, height, frames, 1, False, False)["denoise"]
+    predicted = (act + streamed) / GIB
+    return {"stage": "denoise", "model": model, "path": path, "size": f"{width}x{height}x{frames}", "tokens": tokens,
             "measured_gib": round(gib, 3), "predicted_gib": round(predicted, 3),
-            "bytes_per_token": round(gib * GIB / tokens)}
+            "bytes_per_token": round((gib * GIB - streamed) / tokens)}
 
 
 def vae_decode(model: str, width: int, height: int, frames: int, tiled: bool, device,
@@ -98,16 +125,24 @@ def text_encoder(device) -> dict:
             "predicted_gib": round(memory.TEXT_ACTIVATION_BYTES / GIB, 3)}
 
 
-def calibrate(out_dir=None) -> dict:
+STAGES = ("denoise", "encode_text", "decode")
+
+
+def calibrate(out_dir=None, stages: tuple[str, ...] = STAGES) -> dict:
+    """Each stage's activation memory at real shapes (``stages``: a subset of ``STAGES``; a subset is written
+    as memory-stages-<stages>-<gpu>.json beside the full calibration)."""
     device = torch.device("cuda")
-    decodes = [partial(vae_decode, model, w, h, f, tiled, precision=precision)
-               for model, w, h, f in (("ti2v-5b", 1280, 704, 121), ("t2v-a14b", 1280, 720, 81),
-                                      ("t2v-a14b", 832, 480, 81))
-               for tiled in (False, True) for precision in ("fp32", "bf16")]
-    runs = [partial(dit_activation, "ti2v-5b", 1280, 704, 121), partial(dit_activation, "t2v-a14b", 832, 480, 81),
-            partial(dit_activation, "t2v-a14b", 1280, 720, 81), text_encoder, *decodes]
+    runs = {"denoise": [partial(dit_activation, model, w, h, f, path=path)
+                        for model, w, h, f in (("ti2v-5b", 1280, 704, 121), ("t2v-a14b", 832, 480, 81),
+                                               ("t2v-a14b", 1280, 720, 81))
+                        for path in ("diffusers", "artifex", "artifex_block_offload")],
+            "encode_text": [text_encoder],
+            "decode": [partial(vae_decode, model, w, h, f, tiled, precision=precision)
+                       for model, w, h, f in (("ti2v-5b", 1280, 704, 121), ("t2v-a14b", 1280, 720, 81),
+                                              ("t2v-a14b", 832, 480, 81))
+                       for tiled in (False, True) for precision in ("fp32", "bf16")]}
     rows = []
-    for run in runs:
+    for run in (r for stage in stages for r in runs[stage]):
         rows.append(run(device=device))
         log.info("%s", rows[-1])
         torch.cuda.empty_cache()
@@ -115,15 +150,15 @@ def calibrate(out_dir=None) -> dict:
     errs = [abs(r["predicted_gib"] - r["measured_gib"]) / r["measured_gib"] for r in rows if r["measured_gib"] > 0.05]
     data.update(summary={"stage_max_rel_error": round(max(errs), 3)}, stages=rows)
     if out_dir is not None:
-        md = report.md_table([["stage", "model", "size", "tiled", "precision", "measured GiB", "predicted GiB",
-                               "bytes per pixel"]] + [
-            [r["stage"], r["model"], r.get("size", "-"), str(r.get("tiled", "-")), r.get("precision", "bf16"),
-             str(r["measured_gib"]), str(r["predicted_gib"]), str(r.get("bytes_per_pixel", "-"))] for r in rows])
-        report.write(out_dir, f"memory-stages-{report.device_slug(device)}", data,
+        md = report.md_table([["stage", "model", "path", "size", "tiled", "precision", "measured GiB",
+                               "predicted GiB", "bytes per pixel"]] + [
+            [r["stage"], r["model"], r.get("path", "-"), r.get("size", "-"), str(r.get("tiled", "-")),
+             r.get("precision", "bf16"), str(r["measured_gib"]), str(r["predicted_gib"]),
+             str(r.get("bytes_per_pixel", "-"))] for r in rows])
+        part = "" if set(stages) == set(STAGES) else "-".join(stages) + "-"
+        report.write(out_dir, f"memory-stages-{part}{report.device_slug(device)}", data,
                      f"# Stage activation memory ({data['device']['name']})\n\n`{data['command']}`\n\n" + md)
     return data
-
-
 
 
 def diffusers_default_peak(spec, components, width: int, height: int, frames: int, steps: int, device) -> dict:
@@ -181,7 +216,10 @@ def generation_runs(model: str, budgets: list[str | None], steps: int | None = N
                      "step_downs": r.memory["step_downs"], "predicted_peak_gib": predicted,
                      "failed_attempt_peak_gib": r.memory.get("failed_attempt_peak_gib"),
                      "measured_peak_gib": measured, "measured_reserved_gib": r.peak_memory["gpu_max_reserved_gib"],
+                     "host_max_rss_gib": r.peak_memory["cpu_process_max_rss_gib"],  # of the process so far
                      "planner_rel_error": round(abs(predicted - measured) / measured, 3),
+                     "predicted_stages_gib": r.memory.get("predicted_stages_gib"),
+                     "measured_stages_gib": r.memory.get("measured_stages_gib"),
                      "timings_s": r.timings, "steps": r.settings.steps,
                      "size": f"{r.settings.width}x{r.settings.height}x{r.settings.frames}"})
         log.info("%s", runs[-1])
@@ -195,11 +233,15 @@ def generation_runs(model: str, budgets: list[str | None], steps: int | None = N
                                                           "time_s": x["timings_s"]["total"], "tier": x["tier"]}
            for x in runs}})
     if out_dir is not None:
-        md = report.md_table([["budget", "tier", "VAE tiled", "predicted GiB", "measured GiB", "total s", "denoise s",
-                               "decode s"]] + [[str(x["budget"] or "whole GPU"), x["tier"], str(x["vae_tiling"]),
-                                                str(x["predicted_peak_gib"]), str(x["measured_peak_gib"]),
-                                                str(x["timings_s"]["total"]), str(x["timings_s"]["denoise"]),
-                                                str(x["timings_s"]["decode"])] for x in runs])
+        def stages(x):  # predicted / measured GiB per stage
+            pred, meas = x["predicted_stages_gib"] or {}, x["measured_stages_gib"] or {}
+            return ", ".join(f"{k} {pred.get(k)}/{meas.get(k)}" for k in ("encode_text", "denoise", "decode"))
+
+        md = report.md_table([["budget", "tier", "VAE tiled", "predicted GiB", "measured GiB",
+                               "stages predicted/measured GiB", "total s", "denoise s", "decode s"]] + [
+            [str(x["budget"] or "whole GPU"), x["tier"], str(x["vae_tiling"]), str(x["predicted_peak_gib"]),
+             str(x["measured_peak_gib"]), stages(x), str(x["timings_s"]["total"]), str(x["timings_s"]["denoise"]),
+             str(x["timings_s"]["decode"])] for x in runs])
         size = runs[0]["size"].rsplit("x", 1)[0]
         report.write(out_dir, f"memory-{model}-{size}-{report.device_slug(device)}", data,
                      f"# Whole generations under memory budgets ({data['device']['name']})\n\n"
@@ -276,6 +318,7 @@ if __name__ == "__main__":
     ap.add_argument("--frames", type=int)
     ap.add_argument("--size", help="WxH")
     ap.add_argument("--diffusers-steps", type=int, default=0, help="also measure diffusers' default peak")
+    ap.add_argument("--stages", default=",".join(STAGES), help="stage calibration: which stages (comma-separated)")
     ap.add_argument("--combine", metavar="GPU", help="merge OUT/memory-<model>-<size>-GPU.json files (GPU: h100, "
                     "h200, ...) into memory-GPU.json; no GPU needed")
     args = ap.parse_args()
@@ -288,5 +331,5 @@ if __name__ == "__main__":
         result = generation_runs(model, [None if b == "none" else b for b in budgets.split(",")], args.steps,
                                  w, h, args.frames, out_dir=args.out_dir, diffusers_steps=args.diffusers_steps)
     else:
-        result = calibrate(args.out_dir)
+        result = calibrate(args.out_dir, tuple(args.stages.split(",")))
     print(json.dumps(result["summary"], indent=1))

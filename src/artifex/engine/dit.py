@@ -9,7 +9,8 @@ changing what is computed:
   is embedded once and tokens index their row (0 for an image-given frame, t elsewhere);
 - **text K/V per request**: the cross-attention keys and values depend only on the prompt
   embeddings, so each block computes them on its first step for a given context tensor and
-  reuses them for every later step of the request (the engine passes the same tensor);
+  reuses them for every later step of the request (the engine passes the same tensors; two
+  are kept per block, for CFG's conditional and unconditional passes);
 - **RoPE tables per shape**: built once per latent shape (and per sequence shard), kept in
   the compact (L, D/2) cos/sin form the fused kernel reads;
 - **fused QK RMSNorm + RoPE** (``artifex.kernels``: Triton on CUDA, a PyTorch twin elsewhere);
@@ -62,13 +63,17 @@ class Modulation:
     index: torch.Tensor | None  # (B, L) long into rows; None: row b for sample b (R == B)
 
 
-def per_token(table: torch.Tensor, rows: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """``table`` (1, k, dim) + ``rows`` (R, k, dim) in fp32, split into k tensors of (B, L, dim), or (B, 1, dim)
-    when each sample has one timestep. Under torch.compile the gather fuses into its consumers."""
-    mod = table.float() + rows.float()
-    if index is None:
-        return mod.unsqueeze(1).unbind(2)
-    return tuple(mod[:, j][index] for j in range(mod.shape[1]))
+def mod_table(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``table`` (1, k, dim) + ``rows`` (R, k, dim): the k modulation vectors of each distinct timestep, fp32."""
+    return table.float() + rows.float()
+
+
+def pick(mod: torch.Tensor, j: int, index: torch.Tensor | None) -> torch.Tensor:
+    """Modulation vector ``j`` of ``mod_table`` per token: (B, L, dim) gathered through ``index``, or (B, 1,
+    dim) when each sample has one timestep. Taken where it is used: eagerly a gathered (B, L, dim) fp32 tensor
+    lives only for its expression (six of them held for the whole block would be 24 bytes x dim per token);
+    under torch.compile the gather fuses into its consumer."""
+    return mod[:, j].unsqueeze(1) if index is None else mod[:, j][index]
 
 
 class DiTState:
@@ -134,7 +139,8 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
     for block in self.blocks:  # plain tuples, so hooks that move a block's inputs (split.py) see every tensor
         x = block(x, context, (mod.rows, mod.index), rope, qk_path)
 
-    shift, scale = per_token(self.scale_shift_table, mod.temb.unsqueeze(1), mod.index)  # (B, L or 1, dim)
+    table = mod_table(self.scale_shift_table, mod.temb.unsqueeze(1))
+    shift, scale = pick(table, 0, mod.index), pick(table, 1, mod.index)  # (B, L or 1, dim)
     x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
     x = self.proj_out(x)  # (B, L, p_t * p_h * p_w * C)
     x = x.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
@@ -192,10 +198,11 @@ def _out_proj(layer, o: torch.Tensor, out_path: str) -> torch.Tensor:
 
 
 def _cross_kv(block, context: torch.Tensor):
-    """Cross-attention keys and values (B, S, H, D) for ``context``, computed once per context tensor."""
-    cached = block._artifex_kv
-    if cached is not None and cached[0] is context:
-        return cached[1]
+    """Cross-attention keys and values (B, S, H, D) for ``context``, computed once per context tensor. Two are
+    kept: CFG in two passes alternates the conditional and unconditional contexts at every step."""
+    for given, kv in block._artifex_kv:
+        if given is context:
+            return kv
     attn = block.attn2
     image = None
     if attn.add_k_proj is not None:
@@ -217,46 +224,62 @@ def _cross_kv(block, context: torch.Tensor):
         k_img = attn.norm_added_k(k_img).unflatten(2, (attn.heads, -1))
         v_img = v_img.unflatten(2, (attn.heads, -1))
     kv = (k.unflatten(2, (attn.heads, -1)), v.unflatten(2, (attn.heads, -1)), k_img, v_img)
-    block._artifex_kv = (context, kv)
+    block._artifex_kv = [*block._artifex_kv[-1:], (context, kv)]
     return kv
 
 
 def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_path, ffn_path="module",
                out_path="module"):
-    """One Wan block on (B, L, dim) tokens; ``rows``/``index`` are the step's ``Modulation``."""
-    shift, scale, gate, c_shift, c_scale, c_gate = per_token(block.scale_shift_table, rows, index)
+    """One Wan block on (B, L, dim) tokens; ``rows``/``index`` are the step's ``Modulation``. Each intermediate
+    is dropped (``del``) once used: eagerly (the default, and under offload hooks) Python would otherwise keep
+    every local alive to the end of the block, e.g. the fused q/k/v output through the feed-forward (2 A14B
+    blocks at 1280x720 over one CFG step, H200: 164 KB per token before, 92 after, diffusers' forward 114;
+    benchmarks/results/memory-stages-denoise-h200*.json). Compiled, inductor plans the buffers itself."""
+    mod = mod_table(block.scale_shift_table, rows)  # shift, scale, gate, c_shift, c_scale, c_gate
 
     # 1. Self-attention: adaptive LayerNorm, q/k/v, fused QK RMSNorm + RoPE, attention, gated residual.
     attn = block.attn1
-    h = (block.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+    h = (block.norm1(x.float()) * (1 + pick(mod, 1, index)) + pick(mod, 0, index)).type_as(x)
     if attn.fused_projections:
         q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
     else:
         q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+    del h
     q, k = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin, attn.heads, qk_path)
     o = attn.processor.runtime(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
-    x = (x.float() + _out_proj(attn.to_out[0], o, out_path) * gate).type_as(x)
+    del q, k, v
+    x = (x.float() + _out_proj(attn.to_out[0], o, out_path) * pick(mod, 2, index)).type_as(x)
+    del o
 
     # 2. Cross-attention on the cached text (and image) keys and values.
     attn = block.attn2
     h = block.norm2(x.float()).type_as(x)
     q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+    del h
     o = attn.processor.runtime(q, k_txt, v_txt).flatten(2, 3).type_as(x)
     if k_img is not None:
         o = o + attn.processor.runtime(q, k_img, v_img).flatten(2, 3).type_as(x)
+    del q
     x = x + _out_proj(attn.to_out[0], o, out_path)
+    del o
 
     # 3. Feed-forward with adaptive LayerNorm and a gated residual.
-    h = (block.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+    h = (block.norm3(x.float()) * (1 + pick(mod, 4, index)) + pick(mod, 3, index)).type_as(x)
     if ffn_path == "cublaslt":
         up = block.ffn.net[0].proj
-        ff = block.ffn.net[2](lg.linear_gelu(h, up.weight, up.bias, "cublaslt"))
+        y = lg.linear_gelu(h, up.weight, up.bias, "cublaslt")
+        del h
+        ff = block.ffn.net[2](y)
+        del y
     elif ffn_path == "fp8_gelu":
         y = block.ffn.net[0].proj(h)  # bf16 pre-activation from the fp8 GEMM
+        del h
         ff = block.ffn.net[2].forward_quantized(*quantize_rows_fused(y, gelu=True), y.shape[:-1], y.dtype)
+        del y
     else:
         ff = block.ffn(h)
-    return (x.float() + ff.float() * c_gate).type_as(x)
+        del h
+    return (x.float() + ff.float() * pick(mod, 5, index)).type_as(x)
 
 
 @functools.cache
@@ -384,7 +407,7 @@ def accelerate_model(model, compile_blocks: bool = False, fuse_projections: bool
     core = compiled_block_core(True) if compile_blocks else block_core
     for block in model.blocks:
         (fuse_qkv if fuse_projections else unfuse_qkv)(block.attn1)
-        block._artifex_kv = None
+        block._artifex_kv = []
         block._artifex_core = core
         block._artifex_ffn = ffn_epilogue and _epilogue_ffn(block.ffn)
 
@@ -416,4 +439,4 @@ def clear_caches(model) -> None:
     if state is not None:
         state.context.clear()
         for block in model.blocks:
-            block._artifex_kv = None
+            block._artifex_kv = []

@@ -27,15 +27,17 @@ _UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mi
           "tib": 2**40}
 
 # Activation constants (bytes), fitted to stage peaks measured on the GPU (benchmarks/results/memory-stages-*.json):
-# DiT per token and batch element, per unit of width and of FFN width (bf16, 2-block models at real widths: 84.4
-# KB/token for TI2V-5B, 113.8 KB/token for A14B; H100). VAE decode as the engine runs it (``engine.vae.decode_any``,
-# each chunk turned into uint8 frames on the GPU; H200): streamed (frame by frame, causal caches included), bytes
-# per output pixel of one frame, per VAE and precision; tiled (diffusers' tiles, the whole video returned at once),
-# the tiles' own working set with diffusers' default 256-pixel tiles plus bytes per element of the whole video
-# (the video, diffusers' tile list and blend, the uint8 conversion's temporaries), fitted to the 832x480 and
-# 1280x720 decodes of the Wan2.1 VAE.
-DIT_BYTES_PER_TOKEN_DIM = 15.0
-DIT_BYTES_PER_TOKEN_FFN = 2.67
+# DiT per token and batch element, per unit of width: the engine's own forward (eager, as by default; the FFN's
+# GELU in the GEMM epilogue), 2-block models at real widths over one CFG step: 55.3 KB/token for TI2V-5B (dim
+# 3072), 92.2 KB/token for A14B (dim 5120) on the H200 (memory-stages-denoise-h200.json; the same under block
+# offload once the streamed blocks are counted). The width-wide fp32 residual and norm temporaries set the peak,
+# not the FFN's (B, L, ffn) product, so width alone predicts it (diffusers' forward: 83 and 114 KB/token).
+# VAE decode as the engine runs it (``engine.vae.decode_any``, each chunk turned into uint8 frames on the GPU; H200):
+# streamed (frame by frame, causal caches included), bytes per output pixel of one frame, per VAE and precision; tiled
+# (diffusers' tiles, the whole video returned at once), the tiles' own working set with diffusers' default 256-pixel
+# tiles plus bytes per element of the whole video (the video, diffusers' tile list and blend, the uint8 conversion's
+# temporaries), fitted to the 832x480 and 1280x720 decodes of the Wan2.1 VAE.
+DIT_BYTES_PER_TOKEN_DIM = 18.0
 VAE_BYTES_PER_PIXEL = {"wan2.2": {"fp32": 23_700.0, "bf16": 11_870.0}, "wan2.1": {"fp32": 22_660.0, "bf16": 11_340.0}}
 VAE_TILE_BYTES = {"wan2.2": {"fp32": 0.515e9, "bf16": 0.114e9}, "wan2.1": {"fp32": 0.347e9, "bf16": 0.079e9}}
 VAE_TILED_VIDEO_BYTES = {"fp32": 17.1, "bf16": 9.65}
@@ -125,7 +127,9 @@ def activations(spec: ModelSpec, width: int, height: int, frames: int, batch: in
                 per_token_timesteps: bool, vae_precision: str = "fp32", vae_tile_size: int = 0) -> dict[str, int]:
     a = spec.transformer
     tokens = spec.tokens(width, height, frames)
-    dit = batch * tokens * (DIT_BYTES_PER_TOKEN_DIM * a.dim + DIT_BYTES_PER_TOKEN_FFN * a.ffn)
+    dit = batch * tokens * DIT_BYTES_PER_TOKEN_DIM * a.dim
+    # the running expert's cached cross-attention K/V (``engine.dit``): every block, CFG's two contexts, bf16
+    dit += a.layers * 2 * 2 * spec.text_len * a.dim * 2
     if per_token_timesteps:  # TI2V with an image: fp32 modulation per token (6 x dim) and its projection
         dit += batch * tokens * 6 * a.dim * 4 * 2
     precision = "bf16" if vae_precision == "bf16" else "fp32"

@@ -336,6 +336,7 @@ class Engine:
         with _matmul_precision(self.plan.tf32):
             # 1. Text embeddings and 2. seeded noise (1, z, T', H', W') with the image condition, if any.
             self.encode(job)
+            self._stage_peak(job, "encode_text")
 
             # 3. Denoise every step: flow-matching UniPC, the MoE switch at the boundary, CFG per expert
             #    (after an OOM step-down, again from the noise).
@@ -347,6 +348,7 @@ class Engine:
             if job.frame_mask is not None:  # TI2V: the frames given by the image stay the encoded image
                 job.latents = (1 - job.frame_mask) * job.condition + job.frame_mask * job.latents
             job.mark("denoise")
+            self._stage_peak(job, "denoise")
             if not self.writes_output:  # another rank of a parallel group writes (this one may help decode)
                 if self.joins_decode:
                     self.decode_only(job)
@@ -415,6 +417,8 @@ class Engine:
         try:
             for i in steps:
                 ts, expert = timesteps[i], job.experts[i]  # expert 0 while t >= boundary * 1000, then 1
+                if i > steps.start and job.experts[i - 1] != expert:  # the MoE switch: the last expert's caches go
+                    self._forget(self.c.experts[job.experts[i - 1]])
                 self.placement.activate_expert(expert)  # a no-op unless the expert changes and must be moved
                 if i + 1 < len(timesteps) and job.experts[i + 1] != expert:  # the last step before the switch:
                     self.placement.prefetch_expert(job.experts[i + 1])  # the next expert's copy overlaps it, if room
@@ -432,8 +436,12 @@ class Engine:
                                        expert=expert))
         finally:
             for expert in sorted({job.experts[i] for i in steps}):
-                self._pair_memo.pop(id(self.c.experts[expert]), None)
-                clear_caches(self.c.experts[expert])
+                self._forget(self.c.experts[expert])
+
+    def _forget(self, model) -> None:
+        """Drop a request's tensors cached for ``model``: its CFG pair and the DiT's text context and K/V."""
+        self._pair_memo.pop(id(model), None)
+        clear_caches(model)
 
     @torch.no_grad()
     def finish(self, job: Job, output_dir: str | Path | None = None) -> GenerationResult:
@@ -447,6 +455,7 @@ class Engine:
         finish = self._stepping_down("decode", lambda: self.decode_to_mp4(job.latents, video_path, s.fps), job)
         job.timings["decode"] = round(time.perf_counter() - start - finish, 4)  # with the encoder overlapping
         job.timings["write"] = round(finish, 4)  # what was left to encode after the last frame decoded
+        self._stage_peak(job, "decode")
         job.emit(ProgressEvent("write", 1, 1, job.elapsed()))
         job.timings["total"] = round(job.elapsed(), 4)
         result = self._result(job, video_path)
@@ -494,6 +503,8 @@ class Engine:
         info["tier"] = self.placement.tier
         info["expert_prefetch"] = prefetch
         info["predicted_peak_gib"] = info["predicted"].get(self.placement.tier)
+        if est is not None:
+            info["predicted_stages_gib"] = est.to_dict()["stages_gib"]
         if prefetch:
             info["predicted_peak_gib"] = round(max(est.peak_bytes, prefetch_peak(est, self.weights)) / 2**30, 2)
         return info
@@ -510,6 +521,18 @@ class Engine:
                        self.plan.vae_tiling, self._per_token_timesteps(job), self.plan.vae_precision,
                        self.config.vae_tile_size)
         memory["predicted_peak_gib"] = round(est.peak_gib, 2)
+        memory["predicted_stages_gib"] = est.to_dict()["stages_gib"]
+
+    def _stage_peak(self, job: Job, stage: str) -> None:
+        """The device's peak (allocated) since the last stage ended, as ``job.memory["measured_stages_gib"][stage]``
+        beside the planner's ``predicted_stages_gib``; the counters restart, the peak kept in ``_peak_floor``."""
+        peaks = peak_bytes(self.device)
+        if peaks is None:
+            return
+        job.memory.setdefault("measured_stages_gib", {})[stage] = round(peaks[0] / 2**30, 3)
+        floor = self._peak_floor or (0, 0)
+        self._peak_floor = (max(floor[0], peaks[0]), max(floor[1], peaks[1]))
+        reset_peak_memory(self.device)
 
     def _stepping_down(self, stage: str, run, job: Job):
         """Run a stage of ``job``; on a device OOM free memory, take the next leaner tier (or tile the VAE), run it

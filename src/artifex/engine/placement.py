@@ -28,10 +28,13 @@ pinning per tensor would waste up to half), and the copies are non_blocking on a
 stream whose event the compute stream waits on before the expert runs. The cost is host
 RAM: both experts' weights stay in (pinned) host memory for the engine's life, also the
 active one's (A14B: ~2 x 27 GiB in bf16, ~2 x 14 GiB with fp8_weights) where ``.to`` kept
-only the inactive one; that is no more than the models took when loaded. Pinning is done
-only in these two tiers; a tier that does not swap drops the homes (parameters still in
-them, e.g. group offload's, keep them alive, and a later swap tier reuses pinned tensors
-as they are). Without CUDA (a CPU, CI) nothing is pinned and there is no stream: the
+only the inactive one; that is no more than the models took when loaded. The group-offload
+tiers (block_offload, leaf_offload) take the same homes before diffusers' hooks go on:
+with a stream, group offload pins a copy of each tensor on its own (rounded up to a power
+of two) beside the pageable original, which for A14B's two experts is more than a
+128 GiB host holds; given pinned tensors it keeps them as they are. The other tiers drop
+the homes (parameters still in them keep them alive, and a later tier reuses pinned
+tensors as they are). Without CUDA (a CPU, CI) nothing is pinned and there is no stream: the
 copies are plain ``.to``, and on a CPU device an expert's home is its own weights, so a
 swap moves nothing.
 
@@ -173,12 +176,12 @@ class Placement:
             self._fp8_applied = True
         c.text_encoder.to("cpu" if tier in _ON_DEMAND_TEXT else dev)
         c.vae.to("cpu" if tier in _ON_DEMAND_VAE else dev)
-        if tier not in _SWAP:
+        if tier not in _SWAP and tier not in _GROUP_OFFLOAD:
             self._homes = None  # tensors still bound to them keep them alive; the rest of the memory goes
         if tier in _GROUP_OFFLOAD:
             stream = dev.type == "cuda"
+            self._take_homes()  # pinned in chunks: group offload then reuses them instead of pinning copies
             for expert in c.experts:
-                expert.to("cpu")
                 expert.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
                                             offload_type=_GROUP_OFFLOAD[tier],
                                             num_blocks_per_group=1 if tier == "block_offload" else None,
@@ -188,21 +191,24 @@ class Placement:
             for expert in c.experts:
                 expert.to(dev)
         else:  # one expert at a time; activate_expert brings the first in
-            for expert in c.experts:
-                expert.to("cpu")  # nothing moves where they are bound to their homes already
-            if self._homes is None:
-                pin = dev.type == "cuda"
-                self._homes = [_Home(expert, pin) for expert in c.experts]
-                pinned = sum(h.pinned_bytes for h in self._homes)
-                if pinned:
-                    log.info("%s: %.1f GiB of expert weights pinned in host memory, kept for the engine's life",
-                             tier, pinned / 2**30)
-            else:
-                for home in self._homes:
-                    home.bind(home.tensors)
+            self._take_homes()
             if dev.type == "cuda" and self._stream is None:
                 self._stream = torch.cuda.Stream(dev)
             self.active_expert = None
+
+    def _take_homes(self) -> None:
+        """Every expert bound to its CPU home, made (and pinned, with CUDA) the first time."""
+        for expert in self.c.experts:
+            expert.to("cpu")  # nothing moves where they are bound to their homes already
+        if self._homes is not None:
+            for home in self._homes:
+                home.bind(home.tensors)
+            return
+        self._homes = [_Home(expert, self.device.type == "cuda") for expert in self.c.experts]
+        pinned = sum(h.pinned_bytes for h in self._homes)
+        if pinned:
+            log.info("%s: %.1f GiB of expert weights pinned in host memory, kept for the engine's life", self.tier,
+                     pinned / 2**30)
 
     def release(self) -> None:
         """Undo the tier: hooks removed, every model back in CPU memory (swapped experts in their homes, which

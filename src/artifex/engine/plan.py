@@ -109,11 +109,6 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
                        + (", attention fa3-fp8" if config.fp8 == "all" else "") + "; error vs bf16 probed at load")
     if config.fp8_weights:
         reasons.append("fp8_weights: DiT linear weights stored in float8 e4m3, computed in " + config.precision)
-    channels_last = config.use_channels_last
-    if channels_last is None:
-        channels_last = config.vae_precision == "bf16" and device.type == "cuda"
-        if channels_last:
-            reasons.append("use_channels_last unset: the bf16 VAE runs in channels_last_3d on CUDA")
     return Plan(
         device=str(device),
         precision=config.precision,
@@ -125,7 +120,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         fast_dit=config.fast_dit,
         fp8=config.fp8,
         tf32=config.tf32,
-        channels_last=channels_last,
+        channels_last=config.use_channels_last,
         vae_slicing=config.vae_slicing,
         vae_tiling=vae_tiling,
         config_hash=config.hash(),
