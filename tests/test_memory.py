@@ -56,7 +56,7 @@ def test_planner_table_for_the_real_shapes():
     # the planner tiles the VAE from the start
     with pytest.raises(InvalidRequestError, match=r"a budget of at least ~25\.\d GiB"):
         choose_tier(ests, 24 * GIB)
-    tier, tiling, _, reasons = plan_memory(t2v, w, 1280, 720, 81, 1, False, False, 24 * GIB)
+    tier, tiling, _, reasons = plan_memory(t2v, w, 1280, 720, 81, 1, False, "artifex", 24 * GIB)
     assert (tier, tiling) == ("block_offload", True) and "VAE tiling turned on" in reasons[-1]
     with pytest.raises(InvalidRequestError, match=r"vram_budget: 4.0 GiB is too little .* needs ~"):
         choose_tier(ests, 4 * GIB)
@@ -300,12 +300,38 @@ def test_a_bf16_vae_halves_the_planned_decode_activations():
     from artifex.engine.memory import activations
 
     spec = get_model("ti2v-5b")
-    fp32, bf16 = (activations(spec, 1280, 704, 121, 1, False, False, vae_precision=p)["decode"]
+    fp32, bf16 = (activations(spec, 1280, 704, 121, 1, False, vae_precision=p)["decode"]
                   for p in ("fp32", "bf16"))
     assert abs(bf16 * 2 / fp32 - 1) < 0.01 and abs(fp32 / GIB - 19.9) < 0.2
-    tiled32, tiled16 = (activations(spec, 1280, 704, 121, 1, True, False, vae_precision=p)["decode"]
+    tiled32, tiled16 = (activations(spec, 1280, 704, 121, 1, True, vae_precision=p)["decode"]
                         for p in ("fp32", "bf16"))
     assert tiled16 < tiled32 < fp32
+
+
+def test_the_planner_counts_the_dit_forward_that_runs(monkeypatch):
+    """As measured (memory-stages-denoise-h200.json, 2 blocks over one CFG step): the engine's forward 92.2 KB
+    per token for A14B, diffusers' 113.7 KB; diffusers' per-token timesteps (TI2V given an image) add more. The
+    engine tells the planner which one runs: with ``fast_dit`` off, diffusers'."""
+    from artifex.engine import memory
+    from artifex.engine.plan import make_plan
+
+    spec = get_model("t2v-a14b")
+    tokens = spec.tokens(1280, 720, 81)
+    kv = spec.transformer.layers * 2 * 2 * spec.text_len * spec.transformer.dim * 2
+    art, dif, per_token = (memory.activations(spec, 1280, 720, 81, 1, False, f)["denoise"]
+                           for f in ("artifex", "diffusers", "diffusers_per_token"))
+    assert abs((art - kv) / tokens / 92_200 - 1) < 0.01 and abs(dif / tokens / 113_700 - 1) < 0.01
+    assert per_token > dif
+    with pytest.raises(ValueError, match="dit_forward 'fast'; one of artifex, diffusers, diffusers_per_token"):
+        memory.activations(spec, 1280, 720, 81, 1, False, "fast")
+    seen = []
+    real = memory.plan_memory
+    monkeypatch.setattr(memory, "plan_memory", lambda *a, **k: seen.append(a[7]) or real(*a, **k))
+    parts = meta_components(spec)
+    for fast in (True, False):
+        make_plan(spec, OptimizationConfig(device="cpu", fast_dit=fast),
+                  type("Parts", (), dict(text_encoder=parts[0], vae=parts[1], experts=parts[2])))
+    assert seen == ["artifex", "diffusers"]
 
 
 def test_vae_tile_size_reaches_the_vae_and_the_planner(engine, tmp_path):
@@ -318,7 +344,7 @@ def test_vae_tile_size_reaches_the_vae_and_the_planner(engine, tmp_path):
                                        output=str(tmp_path / "t.mp4")))
     assert r.video_path.exists() and r.plan.vae_tiling
     spec = get_model("t2v-a14b")
-    small, default = (activations(spec, 1280, 720, 81, 1, True, False, vae_tile_size=e)["decode"] for e in (128, 0))
+    small, default = (activations(spec, 1280, 720, 81, 1, True, vae_tile_size=e)["decode"] for e in (128, 0))
     assert small < default
     with pytest.raises(InvalidRequestError, match="vae_tile_size"):
         OptimizationConfig(vae_tile_size=100)

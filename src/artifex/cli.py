@@ -236,10 +236,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     chosen, error, tiled = None, None, args.vae_tiling
     try:
         chosen, tiled, ests, _ = plan_memory(spec, weights, width, height, frames, args.cfg_batch, args.vae_tiling,
-                                             False, budget, vae_precision=args.vae_precision)
+                                             "artifex", budget, vae_precision=args.vae_precision)
     except InvalidRequestError as e:
         error = str(e)
-        ests = plan_memory(spec, weights, width, height, frames, args.cfg_batch, True, False, None,
+        ests = plan_memory(spec, weights, width, height, frames, args.cfg_batch, True, "artifex", None,
                            vae_precision=args.vae_precision)[2]
         tiled = True
     chosen = chosen if budget is not None else None

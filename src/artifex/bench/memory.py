@@ -74,7 +74,8 @@ def dit_activation(model: str, width: int, height: int, frames: int, device, pat
 
     cfg_step()  # the first forward builds caches (RoPE tables, the offload's prefetch order)
     gib, secs = _peak(cfg_step, device)
-    act = memory.activations(spec, width, height, frames, 1, False, False)["denoise"]
+    act = memory.activations(spec, width, height, frames, 1, False,
+                             "diffusers" if path == "diffusers" else "artifex")["denoise"]
     predicted = (act + streamed) / GIB
     return {"stage": "denoise", "model": model, "path": path, "size": f"{width}x{height}x{frames}", "tokens": tokens,
             "measured_gib": round(gib, 3), "predicted_gib": round(predicted, 3),
@@ -105,7 +106,7 @@ def vae_decode(model: str, width: int, height: int, frames: int, tiled: bool, de
             to_uint8_frames(chunk)
 
     gib, secs = _peak(run, device)
-    predicted = memory.activations(spec, width, height, frames, 1, tiled, False, precision)["decode"] / GIB
+    predicted = memory.activations(spec, width, height, frames, 1, tiled, vae_precision=precision)["decode"] / GIB
     return {"stage": "decode", "model": model, "vae": spec.vae.kind, "size": f"{width}x{height}x{frames}",
             "tiled": tiled, "precision": precision, "measured_gib": round(gib, 3), "predicted_gib": round(predicted, 3),
             "seconds": round(secs, 2), "bytes_per_pixel": round(gib * GIB / (width * height))}

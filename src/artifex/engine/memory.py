@@ -38,6 +38,11 @@ _UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mi
 # tiles plus bytes per element of the whole video (the video, diffusers' tile list and blend, the uint8 conversion's
 # temporaries), fitted to the 832x480 and 1280x720 decodes of the Wan2.1 VAE.
 DIT_BYTES_PER_TOKEN_DIM = 18.0
+# diffusers' own forward (``fast_dit`` off), per unit of width and of FFN width: 83.1 and 113.7 KB/token measured
+# for TI2V-5B and A14B (memory-stages-denoise-h200.json, path "diffusers")
+DIFFUSERS_BYTES_PER_TOKEN_DIM = 15.0
+DIFFUSERS_BYTES_PER_TOKEN_FFN = 2.67
+DIT_FORWARDS = ("artifex", "diffusers", "diffusers_per_token")
 VAE_BYTES_PER_PIXEL = {"wan2.2": {"fp32": 23_700.0, "bf16": 11_870.0}, "wan2.1": {"fp32": 22_660.0, "bf16": 11_340.0}}
 VAE_TILE_BYTES = {"wan2.2": {"fp32": 0.515e9, "bf16": 0.114e9}, "wan2.1": {"fp32": 0.347e9, "bf16": 0.079e9}}
 VAE_TILED_VIDEO_BYTES = {"fp32": 17.1, "bf16": 9.65}
@@ -124,13 +129,20 @@ class Estimate:
 
 
 def activations(spec: ModelSpec, width: int, height: int, frames: int, batch: int, vae_tiling: bool,
-                per_token_timesteps: bool, vae_precision: str = "fp32", vae_tile_size: int = 0) -> dict[str, int]:
+                dit_forward: str = "artifex", vae_precision: str = "fp32", vae_tile_size: int = 0) -> dict[str, int]:
+    """Activation bytes of each stage. ``dit_forward`` (``DIT_FORWARDS``): the engine's DiT forward, diffusers'
+    (``fast_dit`` off), or diffusers' with one timestep per token (TI2V given an image)."""
+    if dit_forward not in DIT_FORWARDS:
+        raise ValueError(f"dit_forward {dit_forward!r}; one of {', '.join(DIT_FORWARDS)}")
     a = spec.transformer
     tokens = spec.tokens(width, height, frames)
-    dit = batch * tokens * DIT_BYTES_PER_TOKEN_DIM * a.dim
-    # the running expert's cached cross-attention K/V (``engine.dit``): every block, CFG's two contexts, bf16
-    dit += a.layers * 2 * 2 * spec.text_len * a.dim * 2
-    if per_token_timesteps:  # TI2V with an image: fp32 modulation per token (6 x dim) and its projection
+    if dit_forward == "artifex":
+        dit = batch * tokens * DIT_BYTES_PER_TOKEN_DIM * a.dim
+        # the running expert's cached cross-attention K/V (``engine.dit``): every block, CFG's two contexts, bf16
+        dit += a.layers * 2 * 2 * spec.text_len * a.dim * 2
+    else:
+        dit = batch * tokens * (DIFFUSERS_BYTES_PER_TOKEN_DIM * a.dim + DIFFUSERS_BYTES_PER_TOKEN_FFN * a.ffn)
+    if dit_forward == "diffusers_per_token":  # fp32 modulation per token (6 x dim) and its projection
         dit += batch * tokens * 6 * a.dim * 4 * 2
     precision = "bf16" if vae_precision == "bf16" else "fp32"
     if vae_tiling:  # the tiles' working set, scaled by the tile's area, and the whole video returned at once
@@ -142,9 +154,9 @@ def activations(spec: ModelSpec, width: int, height: int, frames: int, batch: in
 
 
 def estimate(spec: ModelSpec, w: Weights, tier: str, width: int, height: int, frames: int, batch: int = 1,
-             vae_tiling: bool = False, per_token_timesteps: bool = False, vae_precision: str = "fp32",
+             vae_tiling: bool = False, dit_forward: str = "artifex", vae_precision: str = "fp32",
              vae_tile_size: int = 0) -> Estimate:
-    act = activations(spec, width, height, frames, batch, vae_tiling, per_token_timesteps, vae_precision,
+    act = activations(spec, width, height, frames, batch, vae_tiling, dit_forward, vae_precision,
                       vae_tile_size)
     all_experts, one_expert = sum(w.experts), max(w.experts)
     if tier == "resident":
@@ -202,12 +214,12 @@ def choose_tier(estimates: list[Estimate], budget: int, requested: str = "auto")
 
 
 def plan_memory(spec: ModelSpec, weights: Weights, width: int, height: int, frames: int, batch: int,
-                vae_tiling: bool, per_token_timesteps: bool, budget: int | None, requested: str = "auto",
+                vae_tiling: bool, dit_forward: str, budget: int | None, requested: str = "auto",
                 vae_precision: str = "fp32", vae_tile_size: int = 0):
     """(tier, vae_tiling, estimates, reasons): the fastest tier that fits, tiling the VAE only when no untiled
     tier fits. Without a budget (a CPU) the requested tier, or resident."""
     def table(tiling: bool) -> list[Estimate]:
-        return [estimate(spec, weights, t, width, height, frames, batch, tiling, per_token_timesteps, vae_precision,
+        return [estimate(spec, weights, t, width, height, frames, batch, tiling, dit_forward, vae_precision,
                          vae_tile_size) for t in tiers_for(spec)]
 
     ests = table(vae_tiling)

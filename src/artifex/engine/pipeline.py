@@ -473,10 +473,12 @@ class Engine:
             experts_per_step=job.experts, switch_step=switch, attention=job.attention, memory=job.memory,
             latents=job.latents.float().cpu())
 
-    def _per_token_timesteps(self, job: Job) -> bool:
-        """Whether the DiT sees one timestep per token (TI2V with an image, through diffusers' forward; Artifex's
-        DiT embeds the distinct ones), which the planner counts."""
-        return job.image is not None and not self.plan.fast_dit
+    def _dit_forward(self, job: Job) -> str:
+        """Which DiT forward the planner counts (``memory.DIT_FORWARDS``): Artifex's, or diffusers' (``fast_dit``
+        off), which for TI2V given an image embeds one timestep per token (Artifex's embeds the distinct ones)."""
+        if self.plan.fast_dit:
+            return "artifex"
+        return "diffusers_per_token" if job.image is not None else "diffusers"
 
     def _fit_memory(self, job: Job) -> dict:
         """Plan memory for this request: the fastest tier within the budget, moved to before any work."""
@@ -484,7 +486,7 @@ class Engine:
         s = job.settings
         tier, tiling, ests, reasons = plan_memory(job.spec, self.weights, s.width, s.height, s.frames,
                                                   self.plan.cfg_batch, self.plan.vae_tiling,
-                                                  self._per_token_timesteps(job), budget, requested_tier(self.config),
+                                                  self._dit_forward(job), budget, requested_tier(self.config),
                                                   self.plan.vae_precision, self.config.vae_tile_size)
         info = {"budget_gib": round(budget / 2**30, 2) if budget else None, "step_downs": [],
                 "predicted": {e.tier: round(e.peak_gib, 2) for e in ests}}
@@ -518,7 +520,7 @@ class Engine:
             return
         memory.setdefault("planned_peak_gib", memory["predicted_peak_gib"])
         est = estimate(job.spec, self.weights, self.placement.tier, s.width, s.height, s.frames, self.plan.cfg_batch,
-                       self.plan.vae_tiling, self._per_token_timesteps(job), self.plan.vae_precision,
+                       self.plan.vae_tiling, self._dit_forward(job), self.plan.vae_precision,
                        self.config.vae_tile_size)
         memory["predicted_peak_gib"] = round(est.peak_gib, 2)
         memory["predicted_stages_gib"] = est.to_dict()["stages_gib"]

@@ -94,9 +94,9 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         reasons.append(f"vram_budget {budget / 2**30:.1f} GiB enforced on {device}")
     weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
     w, h = spec.sizes[0]  # planned at the model's default size; each request is planned again at its own
+    forward = "artifex" if config.fast_dit else "diffusers"
     placement, vae_tiling, _, why = plan_memory(spec, weights, w, h, spec.frames, cfg_batch, config.vae_tiling,
-                                                False, budget, requested, config.vae_precision,
-                                                config.vae_tile_size)
+                                                forward, budget, requested, config.vae_precision, config.vae_tile_size)
     reasons += why
     if placement != "resident":
         reasons.append(f"memory tier: {placement}")
