@@ -71,7 +71,8 @@ class OptimizationConfig:
     )
     use_channels_last: bool = _f(
         False, "run the VAE in channels_last_3d memory format (no measured gain for the bf16 TI2V-5B 720p decode on "
-        "an H200: 6.42 s vs 6.64 s in one run, 6.32 s vs 6.28 s in the next; benchmarks/results/LOG.md)"
+        "an H200: 6.42 s vs 6.64 s in one run, 6.32 s vs 6.28 s in the next; benchmarks/results/"
+        "pipeline-h200-run1.json and pipeline-h200.json)"
     )
     use_torch_compile: bool = _f(False, "torch.compile the repeated transformer blocks (regional compile)")
     fast_dit: bool = _f(

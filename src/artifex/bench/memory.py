@@ -44,6 +44,7 @@ def dit_activation(model: str, width: int, height: int, frames: int, device, pat
     from artifex.attention import AttentionRuntime
     from artifex.attention.processor import install
     from artifex.engine.dit import accelerate_model
+    from artifex.engine.placement import group_offload
     from artifex.models.loader import cast_keeping_fp32
 
     spec = get_model(model)
@@ -61,12 +62,10 @@ def dit_activation(model: str, width: int, height: int, frames: int, device, pat
         runtime.prepare((1, tokens, spec.transformer.heads, spec.transformer.head_dim), torch.bfloat16, device)
         install([m], runtime)
         accelerate_model(m)
-    if path == "artifex_block_offload":
-        w_ = memory.weights_of(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), [m])
-        streamed = 2 * w_.expert_block + w_.expert_rest  # what the planner counts on the device for this tier
-        m.to("cpu")
-        m.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
-                               num_blocks_per_group=1, use_stream=True, non_blocking=True, record_stream=True)
+    if path == "artifex_block_offload":  # the planner's count of the expert weights on the device in this tier
+        streamed = memory.streamed_bytes(memory.weights_of(torch.nn.Module(), torch.nn.Module(), [m]),
+                                         "block_offload")
+        group_offload(m.to("cpu"), "block_offload", torch.device(device))
 
     def cfg_step():
         for text in texts:

@@ -120,10 +120,14 @@ class Estimate:
     def peak_gib(self) -> float:
         return self.peak_bytes / GIB
 
+    @property
+    def stages_gib(self) -> dict[str, float]:
+        return {k: round(v / GIB, 2) for k, v in self.stages.items()}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["peak_gib"] = round(self.peak_gib, 2)
-        d["stages_gib"] = {k: round(v / GIB, 2) for k, v in self.stages.items()}
+        d["stages_gib"] = self.stages_gib
         del d["stages"]
         return d
 
@@ -168,10 +172,15 @@ def estimate(spec: ModelSpec, w: Weights, tier: str, width: int, height: int, fr
     elif tier == "model_offload":
         on = {"encode_text": w.text_encoder, "denoise": one_expert, "decode": w.vae}
     else:
-        streamed = 2 * (w.expert_block if tier == "block_offload" else w.expert_leaf) + w.expert_rest
-        on = {"encode_text": w.text_encoder, "denoise": streamed, "decode": w.vae}
+        on = {"encode_text": w.text_encoder, "denoise": streamed_bytes(w, tier), "decode": w.vae}
     stages = {k: int((on[k] + act[k]) * SLACK) for k in act}
     return Estimate(tier, max(stages.values()), stages)
+
+
+def streamed_bytes(w: Weights, tier: str) -> int:
+    """Expert weights on the device while a group-offload tier denoises: the running group and the prefetched
+    next one (a block, or a layer), and the parameters outside the blocks."""
+    return 2 * (w.expert_block if tier == "block_offload" else w.expert_leaf) + w.expert_rest
 
 
 def prefetch_peak(est: Estimate, w: Weights) -> int:

@@ -506,7 +506,7 @@ class Engine:
         info["expert_prefetch"] = prefetch
         info["predicted_peak_gib"] = info["predicted"].get(self.placement.tier)
         if est is not None:
-            info["predicted_stages_gib"] = est.to_dict()["stages_gib"]
+            info["predicted_stages_gib"] = est.stages_gib
         if prefetch:
             info["predicted_peak_gib"] = round(max(est.peak_bytes, prefetch_peak(est, self.weights)) / 2**30, 2)
         return info
@@ -523,7 +523,7 @@ class Engine:
                        self.plan.vae_tiling, self._dit_forward(job), self.plan.vae_precision,
                        self.config.vae_tile_size)
         memory["predicted_peak_gib"] = round(est.peak_gib, 2)
-        memory["predicted_stages_gib"] = est.to_dict()["stages_gib"]
+        memory["predicted_stages_gib"] = est.stages_gib
 
     def _stage_peak(self, job: Job, stage: str) -> None:
         """The device's peak (allocated) since the last stage ended, as ``job.memory["measured_stages_gib"][stage]``
@@ -532,8 +532,13 @@ class Engine:
         if peaks is None:
             return
         job.memory.setdefault("measured_stages_gib", {})[stage] = round(peaks[0] / 2**30, 3)
+        self._restart_peaks(peaks)
+
+    def _restart_peaks(self, keep: tuple[int, int]) -> None:
+        """Restart the device's peak counters, folding ``keep`` (allocated, reserved) into ``_peak_floor``, which
+        the result's peak is taken over."""
         floor = self._peak_floor or (0, 0)
-        self._peak_floor = (max(floor[0], peaks[0]), max(floor[1], peaks[1]))
+        self._peak_floor = (max(floor[0], keep[0]), max(floor[1], keep[1]))
         reset_peak_memory(self.device)
 
     def _stepping_down(self, stage: str, run, job: Job):
@@ -551,9 +556,7 @@ class Engine:
                 failed = peak_bytes(self.device)
                 if failed is not None:
                     memory.setdefault("failed_attempt_peak_gib", []).append(round(failed[0] / 2**30, 3))
-                    floor = self._peak_floor or (0, 0)
-                    self._peak_floor = (max(floor[0], before[0]), max(floor[1], before[1]))
-                    reset_peak_memory(self.device)
+                    self._restart_peaks(before)  # what ran before the stage counts; the failed attempt does not
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 if stage == "decode" and not self.plan.vae_tiling:

@@ -31,8 +31,9 @@ active one's (A14B: ~2 x 27 GiB in bf16, ~2 x 14 GiB with fp8_weights) where ``.
 only the inactive one; that is no more than the models took when loaded. The group-offload
 tiers (block_offload, leaf_offload) take the same homes before diffusers' hooks go on:
 with a stream, group offload pins a copy of each tensor on its own (rounded up to a power
-of two) beside the pageable original, which for A14B's two experts is more than a
-128 GiB host holds; given pinned tensors it keeps them as they are. The other tiers drop
+of two) beside the pageable original (A14B's runs that way were killed, exit 137, on a
+128 GiB host; with the homes they peak at 69 GiB of RSS: benchmarks/results/LOG.md,
+memory-h200.json); given pinned tensors it keeps them as they are. The other tiers drop
 the homes (parameters still in them keep them alive, and a later tier reuses pinned
 tensors as they are). Without CUDA (a CPU, CI) nothing is pinned and there is no stream: the
 copies are plain ``.to``, and on a CPU device an expert's home is its own weights, so a
@@ -68,6 +69,7 @@ _ON_DEMAND_TEXT = set(TIERS[1:])
 _ON_DEMAND_VAE = {"model_offload", "block_offload", "leaf_offload"}
 _GROUP_OFFLOAD = {"block_offload": "block_level", "leaf_offload": "leaf_level"}
 _SWAP = {"expert_swap", "model_offload"}  # one expert on the device at a time, swapped with activate_expert
+_HOMED = _SWAP | set(_GROUP_OFFLOAD)  # tiers whose experts live in their CPU homes (``_Home``)
 PIN_CHUNK = 2**30  # bytes of one pinned host allocation (a power of two: the pinned allocator rounds up to one)
 _ALIGN = 512  # offset of each tensor inside a pinned chunk
 
@@ -146,6 +148,16 @@ class _Home:
         return pinned
 
 
+def group_offload(expert: torch.nn.Module, tier: str, device: torch.device) -> None:
+    """diffusers' group-offload hooks on ``expert`` (in CPU memory) as ``tier`` (block_offload: one block per
+    group; leaf_offload: one layer), with a prefetching side stream on CUDA."""
+    stream = device.type == "cuda"
+    expert.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                offload_type=_GROUP_OFFLOAD[tier],
+                                num_blocks_per_group=1 if tier == "block_offload" else None,
+                                use_stream=stream, non_blocking=stream, record_stream=stream)
+
+
 class Placement:
     """Applies one tier to a set of components and moves models as the stages need them."""
 
@@ -176,16 +188,12 @@ class Placement:
             self._fp8_applied = True
         c.text_encoder.to("cpu" if tier in _ON_DEMAND_TEXT else dev)
         c.vae.to("cpu" if tier in _ON_DEMAND_VAE else dev)
-        if tier not in _SWAP and tier not in _GROUP_OFFLOAD:
+        if tier not in _HOMED:
             self._homes = None  # tensors still bound to them keep them alive; the rest of the memory goes
         if tier in _GROUP_OFFLOAD:
-            stream = dev.type == "cuda"
             self._take_homes()  # pinned in chunks: group offload then reuses them instead of pinning copies
             for expert in c.experts:
-                expert.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
-                                            offload_type=_GROUP_OFFLOAD[tier],
-                                            num_blocks_per_group=1 if tier == "block_offload" else None,
-                                            use_stream=stream, non_blocking=stream, record_stream=stream)
+                group_offload(expert, tier, dev)
             return
         if tier in ("resident", "text_offload"):  # text_offload: as the planner counts it, both experts resident
             for expert in c.experts:
@@ -211,8 +219,8 @@ class Placement:
                      pinned / 2**30)
 
     def release(self) -> None:
-        """Undo the tier: hooks removed, every model back in CPU memory (swapped experts in their homes, which
-        stay for the next swap tier: the module docstring)."""
+        """Undo the tier: hooks removed, every model back in CPU memory (experts of a homed tier in their homes,
+        which stay for the next such tier: the module docstring)."""
         from diffusers.hooks import HookRegistry
 
         self._drop_prefetched()
