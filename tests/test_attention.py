@@ -152,3 +152,38 @@ def test_wan_processor_matches_diffusers_processor(backend, image_branch):
         out = model(**kw)[0]
     assert type(model.blocks[0].attn1.processor).__name__ == "WanAttentionProcessor"
     assert rel_l2(out, ref.double()) < 1e-4
+
+
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_cross_attention_runs_the_plain_kernel_of_a_quantizing_backend(monkeypatch, accelerated):
+    from artifex.attention.processor import cross_chain
+    from artifex.engine.dit import accelerate_model
+
+    assert cross_chain("fa3-fp8,sdpa-math") == "fa3,sdpa-math"
+    assert cross_chain("fa3-fp8,fa3,sdpa-math") == "fa3,sdpa-math"  # no backend twice
+    assert cross_chain("sdpa,sdpa-math") == "sdpa,sdpa-math"
+    keys = []
+
+    def recorder(name):
+        def run(q, k, v, *rest):
+            keys.append((name, k.shape[1]))
+            return BACKENDS["sdpa-math"].run(q, k, v, *rest)
+        return dataclasses.replace(BACKENDS["sdpa-math"], name=name, run=run)
+
+    # a quantizing backend whose plain twin is another recorder: which one runs tells which chain was used
+    monkeypatch.setitem(BACKENDS, "twin", recorder("twin"))
+    monkeypatch.setitem(BACKENDS, "quant", dataclasses.replace(recorder("quant"), plain="twin"))
+    model = _tiny_wan()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 3, 8, 12, generator=g).to(DEVICE)
+    text = torch.randn(1, 512, 32, generator=g).to(DEVICE)
+    runtime = AttentionRuntime(chain="quant,sdpa-math")
+    assert runtime.cross_chain == "twin,sdpa-math"
+    install([model], runtime)
+    if accelerated:
+        accelerate_model(model)
+    with torch.no_grad():
+        model(hidden_states=x, timestep=torch.tensor([500.0], device=DEVICE), encoder_hidden_states=text)
+    tokens = 3 * 4 * 6
+    assert sorted(set(keys)) == [("quant", tokens), ("twin", 512)]  # self-attention quantized, cross plain
+    assert len(keys) == 4  # 2 layers x (self, cross)

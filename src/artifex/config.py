@@ -101,7 +101,8 @@ class OptimizationConfig:
     fp8_weights: bool = _f(False, "store the DiT's linear weights in float8 and compute in precision")
     fp8: str = _f(
         "off", "fp8 compute (Hopper/Ada): gemm = the DiT blocks' linear layers as e4m3 x e4m3 matmuls (per-token and "
-        "per-channel scales); all = also FlashAttention-3 on e4m3 q/k/v (fa3-fp8). Changes the output by a few "
+        "per-channel scales); all = also self-attention through FlashAttention-3 on e4m3 q/k/v (fa3-fp8; the "
+        "cross-attention to the 512 text keys stays bf16: no faster in fp8). Changes the output by a few "
         "percent: each sidecar holds the error measured against bf16 at load", ("off", "gemm", "all"),
     )
     fp8_keep: str = _f(

@@ -42,6 +42,7 @@ class Backend:
     module: str | None = None  # importable module the kernel lives in
     in_auto: bool = True  # considered by `auto` (sliced and math are explicit or last resort)
     bound: float | None = None  # relative L2 allowed by verification, when looser than the dtype's (fp8)
+    plain: str | None = None  # the same kernel without quantizing its inputs (for short-key cross-attention)
 
 
 # -- kernels -----------------------------------------------------------------------------
@@ -154,7 +155,7 @@ _ALL = [
     # fp8 changes numerics (rel L2 vs bf16 of a few percent), so `auto` never takes it: explicit opt-in only
     Backend("fa3-fp8", "FlashAttention-3 with e4m3 q/k/v, per-(batch, head) amax scales, bf16 out (Hopper)",
             _fa3_fp8, "pip install fa3-fwd (fp8 forward kernels, loads on torch 2.11), or build flash-attention/hopper",
-            min_sm=90, max_sm=90, module="fa3", in_auto=False, bound=0.1),
+            min_sm=90, max_sm=90, module="fa3", in_auto=False, bound=0.1, plain="fa3"),
     Backend("fa4", "FlashAttention-4 (CuTe DSL, Hopper/Blackwell)", _fa4,
             "pip install flash-attn-4 / flash-attn with the cute interface", min_sm=90, module="flash_attn.cute"),
     Backend("fa2", "FlashAttention-2", _fa2, "pip install flash-attn --no-build-isolation (Ampere or newer)",

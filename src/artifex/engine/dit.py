@@ -256,9 +256,9 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_p
     h = block.norm2(x.float()).type_as(x)
     q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
     del h
-    o = attn.processor.runtime(q, k_txt, v_txt).flatten(2, 3).type_as(x)
+    o = attn.processor.runtime.cross(q, k_txt, v_txt).flatten(2, 3).type_as(x)
     if k_img is not None:
-        o = o + attn.processor.runtime(q, k_img, v_img).flatten(2, 3).type_as(x)
+        o = o + attn.processor.runtime.cross(q, k_img, v_img).flatten(2, 3).type_as(x)
     del q
     x = x + _out_proj(attn.to_out[0], o, out_path)
     del o

@@ -2,8 +2,8 @@
 
 ``fp8 = gemm``: every linear layer of the transformer blocks becomes an ``Fp8Linear``
 (e4m3 weights with per-output-channel scales, per-token e4m3 activations, row-wise
-``torch._scaled_mm``); ``fp8 = all`` also sends attention through ``fa3-fp8`` (e4m3 q/k/v
-with per-head scales). Embeddings, norms, the timestep MLP and the output head stay in
+``torch._scaled_mm``); ``fp8 = all`` also sends self-attention through ``fa3-fp8`` (e4m3
+q/k/v with per-head scales; cross-attention runs the same kernel in bf16, ``cross_chain``). Embeddings, norms, the timestep MLP and the output head stay in
 the compute precision, and so do the block layers named by ``fp8_keep`` (sensitive layers:
 glob patterns over the model's names, each checked to match at least one layer).
 
