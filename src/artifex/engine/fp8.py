@@ -3,9 +3,10 @@
 ``fp8 = gemm``: every linear layer of the transformer blocks becomes an ``Fp8Linear``
 (e4m3 weights with per-output-channel scales, per-token e4m3 activations, row-wise
 ``torch._scaled_mm``); ``fp8 = all`` also sends self-attention through ``fa3-fp8`` (e4m3
-q/k/v with per-head scales; cross-attention runs the same kernel in bf16, ``cross_chain``). Embeddings, norms, the timestep MLP and the output head stay in
-the compute precision, and so do the block layers named by ``fp8_keep`` (sensitive layers:
-glob patterns over the model's names, each checked to match at least one layer).
+q/k/v with per-head scales; cross-attention runs the same kernel in bf16, ``cross_chain``).
+Embeddings, norms, the timestep MLP and the output head stay in the compute precision, and
+so do the block layers named by ``fp8_keep`` (sensitive layers: glob patterns over the
+model's names, each checked to match at least one layer).
 
 Before an expert is quantized, one forward on a small fixed probe (random latents at a
 quarter of the model's default width and height, 5 frames, t = 500, random text) runs with
