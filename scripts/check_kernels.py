@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU check of artifex.kernels: each fast path against its twin (relative L2) and timed, at real Wan shapes.
 
-    python scripts/check_kernels.py [--iters 30] [--warmup 5] [--only qk,fp8,rows,attn] [--out result.json]
+    python scripts/check_kernels.py [--iters 30] [--warmup 5] [--only qk,fp8,rows,attn,ada] [--out result.json]
 
 Sections (each runs on its own; a failure is recorded in the JSON and the others still run):
 - qk: fused q/k RMS norm + rotary (Triton) vs its PyTorch twin and vs diffusers' unfused math,
@@ -13,6 +13,8 @@ Sections (each runs on its own; a failure is recorded in the JSON and the others
   equality of the e4m3 values and scales, GB/s.
 - attn: fa3-fp8 (per-head and per-tensor scales; with and without the quantization) vs bf16
   FA3 / SDPA, TI2V-5B and A14B 720p shapes (rel L2 vs bf16, TFLOP/s).
+- ada: the one-pass adaptive norms (Triton; the block's three forms, bf16 out and fp8 rows) vs their twin
+  compiled by inductor, TI2V-5B 720p (equality of the residual stream, rel L2 of the norm, ms).
 
 Timing: CUDA events, warm-up, median over --iters calls rotating 3 input sets (so no call reads
 what the previous one left in L2). Prints a line per measurement and one JSON line at the end.
@@ -266,11 +268,55 @@ def check_rows(args) -> dict:
     return out
 
 
+def check_ada(args) -> dict:
+    """The adaptive norms (kernels.ada_norm) at TI2V-5B 720p (1 x 27280 x 3072, bf16): Triton vs the twin
+    compiled by inductor (what the blocks ran before), each of the block's three forms, bf16 and fp8 rows."""
+    from artifex.kernels import ada_norm as an
+    from artifex.kernels import compile_static, fp8
+
+    dev, dt, n, c = torch.device("cuda"), torch.bfloat16, 27280, 3072
+    compiled = compile_static(an.ada_norm_torch)
+    g = torch.Generator(dev).manual_seed(5)
+    mod = torch.randn(1, 6, c, device=dev, generator=g) * 0.3
+    w, b = torch.rand(c, device=dev, generator=g) + 0.5, torch.randn(c, device=dev, generator=g) * 0.1
+    forms = {"norm1": dict(shift=0, scale=1), "norm2": dict(res=True, gate=2, weight=w, bias=b),
+             "norm3": dict(res=True, shift=3, scale=4)}
+    sets = [(torch.randn(1, n, c, device=dev, dtype=dt, generator=g) * 2,
+             torch.randn(1, n, c, device=dev, dtype=dt, generator=g)) for _ in range(SETS)]
+    out = {"tokens": n, "width": c, "forms": []}
+    for name, form in forms.items():
+        for quantize in (False, True):
+            def run(x, r, path, form=form, quantize=quantize):  # path None: the compiled twin
+                kw = {**form, "res": r if form.get("res") else None, "quantize": quantize}
+                return an.ada_norm(x, mod, None, 1e-6, path=path, **kw) if path else compiled(x, mod, None, 1e-6,
+                                                                                               **kw)
+
+            with torch.no_grad():
+                gx, gh = run(*sets[0], "triton")
+                tx, th = run(*sets[0], None)
+                row = {"form": name, "quantize": quantize}
+                if gx is not None:
+                    row["x_equal_fraction"] = (gx == tx).float().mean().item()
+                if quantize:
+                    row["rel_l2_dequantized"] = rel_l2(fp8.dequantize(*gh), fp8.dequantize(*th))
+                else:
+                    row["rel_l2_h"] = rel_l2(gh, th)
+                ms = {"triton": time_ms(lambda x, r: run(x, r, "triton"), sets, args.warmup, args.iters),
+                      "compiled_torch": time_ms(lambda x, r: run(x, r, None), sets, args.warmup, args.iters)}
+            row["ms"] = ms
+            log(f"ada {row}")
+            out["forms"].append(row)
+    del sets
+    free()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--only", default="qk,fp8,rows,attn", help="comma-separated sections: qk, fp8, rows, attn")
+    parser.add_argument("--only", default="qk,fp8,rows,attn,ada",
+                        help="comma-separated sections: qk, fp8, rows, attn, ada")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -288,7 +334,7 @@ def main() -> int:
         return 2
     props = torch.cuda.get_device_properties(0)
     result["gpu"] = f"{props.name} sm{props.major}{props.minor}"
-    sections = {"qk": check_qk, "fp8": check_fp8, "rows": check_rows, "attn": check_attn}
+    sections = {"qk": check_qk, "fp8": check_fp8, "rows": check_rows, "attn": check_attn, "ada": check_ada}
     for name in args.only.split(","):
         name = name.strip()
         if name not in sections:
@@ -315,6 +361,8 @@ def summary_of(r: dict) -> dict:
     """The headline figures of each section that ran (sections that failed are left out)."""
     out: dict = {}
     qk, f8, at = r.get("qk", {}), r.get("fp8", {}), r.get("attn", {})
+    for s in r.get("ada", {}).get("forms", []):
+        out.setdefault("ada_norm_ms", {})[f"{s['form']}{'_fp8' if s['quantize'] else ''}"] = s["ms"]
     for s in r.get("rows", {}).get("shapes", []):
         out.setdefault("fp8_rows_ms", {})[f"{s['width']}{'_gelu' if s['gelu'] else ''}"] = s["ms"]
     if "ms" in qk:

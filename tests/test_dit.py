@@ -338,3 +338,40 @@ def test_fp8_blocks_route_gelu_and_attention_outputs_through_the_one_pass_quanti
         out = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
     assert calls.count(True) == 3 and calls.count(False) == 6  # per block: the GELU rows, both attention outputs
     assert _rel(out, ref) < 2e-2
+
+
+def test_fp8_norms_quantize_once_for_every_layer_that_reads_them(monkeypatch):
+    """``norm_path`` "triton_fp8": each adaptive norm hands its readers (q/k/v, the cross-attention's q, the
+    up-projection) e4m3 rows it quantized itself (the twin stands in for the kernel on CPU); the output stays
+    the module path's."""
+    import artifex.engine.dit as dit
+    from artifex.kernels import Decision, fp8
+
+    why = fp8._probe_scaled_mm(torch.device("cpu"))
+    if why:
+        pytest.skip(f"torch {torch.__version__} cannot run fp8 torch._scaled_mm on a CPU: {why}")
+    _, fast = _pair(attention_head_dim=16)
+    fast.to(torch.bfloat16)
+    assert not fp8.quantize_linears(fast.blocks, path="scaled_mm").skipped
+    x, text, _ = _inputs(fast)
+    x, text, t = x.bfloat16(), text.bfloat16(), torch.tensor([600.0, 600.0])
+    block, tokens = fast.blocks[0], torch.zeros(1, 4, 32, dtype=torch.bfloat16)
+    assert dit._norm_path(block, tokens, "fp8_gelu") == "torch"  # CPU: no Triton kernel
+    monkeypatch.setattr(dit, "ada_decide", lambda device, dtype: Decision("triton", "forced"))
+    assert dit._norm_path(block, tokens, "fp8_gelu") == "triton_fp8"
+    assert dit._norm_path(block, tokens, "module") == "triton"  # the feed-forward reads bf16
+    handle = block.norm2.register_forward_pre_hook(lambda m, a: None)
+    assert dit._norm_path(block, tokens, "fp8_gelu") == "torch"  # hooks on a norm: its module runs
+    handle.remove()
+    monkeypatch.undo()
+    with torch.no_grad():
+        ref = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        quantized = []
+        real = dit.ada_norm
+        monkeypatch.setattr(dit, "ada_norm", lambda *a, **k: quantized.append(k["quantize"]) or real(*a, **{
+            **k, "path": "torch"}))
+        monkeypatch.setattr(dit, "_ffn_path", lambda block, x: "fp8_gelu")
+        monkeypatch.setattr(dit, "_norm_path", lambda block, x, ffn_path: "triton_fp8")
+        out = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert quantized == [True] * 3 * len(fast.blocks)
+    assert _rel(out, ref) < 2e-2

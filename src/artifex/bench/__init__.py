@@ -4,7 +4,7 @@
 # bench dit (artifex_fp8 also adds an fp8-GEMM-only row)
 DIT_VARIANTS = ("diffusers_default", "diffusers_best", "artifex_bf16", "artifex_fp8")
 # bench dit, run only when named: Artifex bf16 with one change switched off
-DIT_ABLATIONS = ("artifex_bf16_unfused_qkv", "artifex_bf16_no_gelu_epilogue")
+DIT_ABLATIONS = ("artifex_bf16_unfused_qkv", "artifex_bf16_no_gelu_epilogue", "artifex_bf16_no_ada_norm")
 # bench pipeline: name -> OptimizationConfig fields; "bf16" is Artifex's fastest lossless setup
 PIPELINE_CONFIGS = {
     "bf16": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16"},

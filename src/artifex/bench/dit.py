@@ -157,7 +157,8 @@ def run(model: str, width: int, height: int, frames: int, out_dir: Path | None =
     if "artifex_bf16" in variants:
         record("artifex_bf16", m, False, f"attention {choice.chosen}; compiled blocks: {compile_blocks}")
     for name, switch, what in (("artifex_bf16_unfused_qkv", "fuse_projections", "q, k, v as three GEMMs"),
-                               ("artifex_bf16_no_gelu_epilogue", "ffn_epilogue", "GELU as its own kernel")):
+                               ("artifex_bf16_no_gelu_epilogue", "ffn_epilogue", "GELU as its own kernel"),
+                               ("artifex_bf16_no_ada_norm", "ada_norms", "the adaptive norms compiled by inductor")):
         if name in variants:
             accelerate_model(m, compile_blocks=compile_blocks, **{switch: False})
             record(name, m, False, f"artifex_bf16 with {switch}=False: {what}")

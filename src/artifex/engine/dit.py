@@ -50,6 +50,8 @@ from torch import nn
 from artifex.attention.processor import _TEXT_CONTEXT
 from artifex.kernels import compile_static
 from artifex.kernels import linear_gelu as lg
+from artifex.kernels.ada_norm import ada_norm
+from artifex.kernels.ada_norm import decide as ada_decide
 from artifex.kernels.fp8 import Fp8Linear, quantize_rows_fused, rows_path
 from artifex.kernels.qk_norm_rope import compact_rope, decide, qk_norm_rope
 
@@ -154,8 +156,9 @@ def block_forward(self, x: torch.Tensor, context: torch.Tensor, mod: tuple[torch
     ``mod`` is a ``Modulation``'s (rows, index); ``rope`` the compact (cos, sin) tables; ``qk_path`` which
     QK-norm + RoPE implementation runs ("triton" or "torch")."""
     k_txt, v_txt, k_img, v_img = _cross_kv(self, context)
+    ffn_path = _ffn_path(self, x)
     return self._artifex_core(self, x, mod[0], mod[1], rope[0], rope[1], k_txt, v_txt, k_img, v_img, qk_path,
-                              _ffn_path(self, x), _out_path(self, x))
+                              ffn_path, _out_path(self, x), _norm_path(self, x, ffn_path))
 
 
 def _epilogue_ffn(ffn) -> bool:
@@ -229,42 +232,45 @@ def _cross_kv(block, context: torch.Tensor):
 
 
 def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_path, ffn_path="module",
-               out_path="module"):
+               out_path="module", norm_path="torch"):
     """One Wan block on (B, L, dim) tokens; ``rows``/``index`` are the step's ``Modulation``. Each intermediate
     is dropped (``del``) once used: eagerly (the default, and under offload hooks) Python would otherwise keep
     every local alive to the end of the block, e.g. the fused q/k/v output through the feed-forward (2 A14B
     blocks at 1280x720 over one CFG step, H200: 164 KB per token before, 92 after, diffusers' forward 114;
-    benchmarks/results/memory-stages-denoise-h200*.json). Compiled, inductor plans the buffers itself."""
+    benchmarks/results/memory-stages-denoise-h200*.json). Compiled, inductor plans the buffers itself.
+    ``norm_path`` (``_norm_path``): how the three adaptive norms run."""
     mod = mod_table(block.scale_shift_table, rows)  # shift, scale, gate, c_shift, c_scale, c_gate
 
     # 1. Self-attention: adaptive LayerNorm, q/k/v, fused QK RMSNorm + RoPE, attention, gated residual.
     attn = block.attn1
-    h = (block.norm1(x.float()) * (1 + pick(mod, 1, index)) + pick(mod, 0, index)).type_as(x)
+    _, h = _ada(block.norm1, x, mod, index, norm_path, shift=0, scale=1)
     if attn.fused_projections:
-        q, k, v = attn.to_qkv(h).chunk(3, dim=-1)
+        q, k, v = _in_proj(attn.to_qkv, h, x).chunk(3, dim=-1)
     else:
-        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+        q, k, v = (_in_proj(layer, h, x) for layer in (attn.to_q, attn.to_k, attn.to_v))
     del h
     q, k = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin, attn.heads, qk_path)
     o = attn.processor.runtime(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
     del q, k, v
-    x = (x.float() + _out_proj(attn.to_out[0], o, out_path) * pick(mod, 2, index)).type_as(x)
+    res = _out_proj(attn.to_out[0], o, out_path)
     del o
 
-    # 2. Cross-attention on the cached text (and image) keys and values.
+    # 2. Cross-attention on the cached text (and image) keys and values; the gated residual goes in first.
     attn = block.attn2
-    h = block.norm2(x.float()).type_as(x)
-    q = attn.norm_q(attn.to_q(h)).unflatten(2, (attn.heads, -1))
+    x, h = _ada(block.norm2, x, mod, index, norm_path, res=res, gate=2)
+    del res
+    q = attn.norm_q(_in_proj(attn.to_q, h, x)).unflatten(2, (attn.heads, -1))
     del h
     o = attn.processor.runtime.cross(q, k_txt, v_txt).flatten(2, 3).type_as(x)
     if k_img is not None:
         o = o + attn.processor.runtime.cross(q, k_img, v_img).flatten(2, 3).type_as(x)
     del q
-    x = x + _out_proj(attn.to_out[0], o, out_path)
+    res = _out_proj(attn.to_out[0], o, out_path)
     del o
 
-    # 3. Feed-forward with adaptive LayerNorm and a gated residual.
-    h = (block.norm3(x.float()) * (1 + pick(mod, 4, index)) + pick(mod, 3, index)).type_as(x)
+    # 3. Feed-forward with adaptive LayerNorm (the cross-attention's residual first) and a gated residual.
+    x, h = _ada(block.norm3, x, mod, index, norm_path, shift=3, scale=4, res=res)
+    del res
     if ffn_path == "cublaslt":
         up = block.ffn.net[0].proj
         y = lg.linear_gelu(h, up.weight, up.bias, "cublaslt")
@@ -272,7 +278,7 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_p
         ff = block.ffn.net[2](y)
         del y
     elif ffn_path == "fp8_gelu":
-        y = block.ffn.net[0].proj(h)  # bf16 pre-activation from the fp8 GEMM
+        y = _in_proj(block.ffn.net[0].proj, h, x)  # bf16 pre-activation from the fp8 GEMM
         del h
         ff = block.ffn.net[2].forward_quantized(*quantize_rows_fused(y, gelu=True), y.shape[:-1], y.dtype)
         del y
@@ -280,6 +286,44 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_p
         ff = block.ffn(h)
         del h
     return (x.float() + ff.float() * pick(mod, 5, index)).type_as(x)
+
+
+def _ada(norm, x, mod, index, norm_path: str, shift=None, scale=None, res=None, gate=None):
+    """One of the block's adaptive norms (``kernels.ada_norm`` says what it computes): (x, h), x with ``res``
+    added (gated by ``mod``'s vector ``gate``, if given). "torch" runs the block's own expressions through the
+    norm module (its hooks fire); "triton" the one-pass kernel; "triton_fp8" the kernel with h quantized by
+    row for the fp8 layers that read it (h is then (e4m3, scales), which ``_in_proj`` takes)."""
+    if norm_path == "torch":
+        if res is not None:
+            x = (x.float() + res * pick(mod, gate, index)).type_as(x) if gate is not None else x + res
+        h = norm(x.float())
+        if scale is not None:
+            h = h * (1 + pick(mod, scale, index)) + pick(mod, shift, index)
+        return x, h.type_as(x)
+    out, h = ada_norm(x, mod, index, norm.eps, shift, scale, res, gate, norm.weight, norm.bias,
+                      quantize=norm_path == "triton_fp8", path="triton")
+    return (x if out is None else out), h
+
+
+def _in_proj(layer, h, x: torch.Tensor) -> torch.Tensor:
+    """``layer`` on a norm's output: a plain call, or the fp8 GEMM on rows ``_ada`` already quantized."""
+    return layer.forward_quantized(*h, x.shape[:-1], x.dtype) if isinstance(h, tuple) else layer(h)
+
+
+def _norm_path(block, x: torch.Tensor, ffn_path: str) -> str:
+    """How ``block``'s adaptive norms run: "triton" (the one-pass kernel, bf16/fp16 on CUDA), "triton_fp8"
+    (the same, quantizing for the fp8 layers that read the norms: q/k/v, the cross-attention's q and the
+    up-projection, all on the scaled_mm path without hooks, the feed-forward on "fp8_gelu"), else "torch"
+    (the block's expressions; also whenever hooks sit on a norm, or ``accelerate_model(ada_norms=False)``)."""
+    if not block._artifex_ada or ada_decide(x.device, x.dtype).path != "triton" or any(
+            _hooked(n) for n in (block.norm1, block.norm2, block.norm3)):
+        return "torch"
+    attn = block.attn1
+    qkv = [attn.to_qkv] if attn.fused_projections else [attn.to_q, attn.to_k, attn.to_v]
+    readers = [*qkv, block.attn2.to_q, block.ffn.net[0].proj] if ffn_path == "fp8_gelu" else []
+    fp8 = bool(readers) and all(isinstance(m, Fp8Linear) and m.runs_scaled_mm(x.device) and not _hooked(m)
+                                for m in readers)
+    return "triton_fp8" if fp8 else "triton"
 
 
 @functools.cache
@@ -387,7 +431,7 @@ def unfuse_qkv(attn) -> bool:
 
 
 def accelerate_model(model, compile_blocks: bool = False, fuse_projections: bool = True,
-                     ffn_epilogue: bool = True) -> None:
+                     ffn_epilogue: bool = True, ada_norms: bool = True) -> None:
     """Give ``model`` (a diffusers WanTransformer3DModel) Artifex's forward; idempotent.
 
     Needs Artifex's ``WanAttentionProcessor`` on every attention layer (``attention.install``):
@@ -395,9 +439,9 @@ def accelerate_model(model, compile_blocks: bool = False, fuse_projections: bool
     once for the model (all blocks share the compiled code; shapes are static per request).
     Self-attention q/k/v are fused (``fuse_qkv``) here, so call it after the weights are loaded
     (and fp8-quantized, if they are) and before memory-tier hooks go on.
-    ``fuse_projections`` and ``ffn_epilogue`` (both on by default) switch those two changes, for
-    benchmarks that measure what each buys (``artifex bench dit --variants``); switching
-    ``fuse_projections`` off on an accelerated model splits its q/k/v again.
+    ``fuse_projections``, ``ffn_epilogue`` and ``ada_norms`` (the one-pass adaptive norms; all on by
+    default) switch those changes, for benchmarks that measure what each buys (``artifex bench dit
+    --variants``); switching ``fuse_projections`` off on an accelerated model splits its q/k/v again.
     """
     if getattr(model, "_artifex_dit", None) is None:
         model._artifex_dit = DiTState()
@@ -410,6 +454,7 @@ def accelerate_model(model, compile_blocks: bool = False, fuse_projections: bool
         block._artifex_kv = []
         block._artifex_core = core
         block._artifex_ffn = ffn_epilogue and _epilogue_ffn(block.ffn)
+        block._artifex_ada = ada_norms
 
 
 def restore_model(model) -> None:
@@ -421,7 +466,7 @@ def restore_model(model) -> None:
     split = not _hooked_by_diffusers(model)
     for module in (model, *model.blocks):
         module.__dict__.pop("forward", None)
-        for name in ("_artifex_kv", "_artifex_core", "_artifex_ffn"):
+        for name in ("_artifex_kv", "_artifex_core", "_artifex_ffn", "_artifex_ada"):
             module.__dict__.pop(name, None)
     if split:
         for block in model.blocks:
