@@ -247,7 +247,7 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_p
     if attn.fused_projections:
         q, k, v = _in_proj(attn.to_qkv, h, x).chunk(3, dim=-1)
     else:
-        q, k, v = (_in_proj(layer, h, x) for layer in (attn.to_q, attn.to_k, attn.to_v))
+        q, k, v = _in_proj(attn.to_q, h, x), _in_proj(attn.to_k, h, x), _in_proj(attn.to_v, h, x)
     del h
     q, k = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin, attn.heads, qk_path)
     o = attn.processor.runtime(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
