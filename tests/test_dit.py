@@ -375,3 +375,42 @@ def test_fp8_norms_quantize_once_for_every_layer_that_reads_them(monkeypatch):
         out = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
     assert quantized == [True] * 3 * len(fast.blocks)
     assert _rel(out, ref) < 2e-2
+
+
+def test_fp8_attention_takes_q_and_k_in_e4m3_from_the_qk_kernel_and_falls_back_when_it_fails(monkeypatch):
+    """With fa3-fp8 leading the chain, the QK-norm/RoPE step writes q and k in e4m3 at static per-head scales and
+    the attention op takes them as they are (FA3's part is a CPU stand-in here: v quantized per head, SDPA on
+    the dequantized values). When the kernel fails, q and k are dequantized and the rest of the chain runs;
+    later forwards take the bf16 path."""
+    from artifex.attention import backends
+    from artifex.attention.ops import reset_runtime_failures, runtime_failures
+    from artifex.kernels.fp8_attention import dequantize_heads, fp8_attention_twin
+
+    plain, fast = _pair()
+    x, text, _ = _inputs(plain)
+    t = torch.tensor([700.0, 700.0])
+    kw = dict(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)
+    seen = []
+
+    def stand_in(q8, dq, k8, dk, v, scale, causal):
+        seen.append((q8.dtype, k8.dtype, tuple(dq.shape)))
+        q, k = dequantize_heads(q8, dq, v.dtype), dequantize_heads(k8, dk, v.dtype)
+        return fp8_attention_twin(q, k, v, scale, causal)  # re-quantizing q, k at their own amax: still e4m3
+
+    runtime = fast.blocks[0].attn1.processor.runtime
+    runtime.chain = "fa3-fp8,sdpa-math"
+    reset_runtime_failures()
+    try:
+        with torch.no_grad():
+            ref = plain(**kw)[0]
+            monkeypatch.setattr(backends, "_fa3_fp8_qk8", stand_in)
+            out = fast(**kw)[0]
+            assert seen == [(torch.float8_e4m3fn, torch.float8_e4m3fn, (2, 2))] * len(fast.blocks)
+            assert 1e-4 < _rel(out, ref) < 5e-2  # e4m3 q, k and v
+            monkeypatch.undo()  # the real FA3 cannot run on a CPU: fall back, then stay on the bf16 path
+            fallback = fast(**kw)[0]
+            assert "fa3-fp8" in runtime_failures() and not runtime.quantizes_qk
+            assert _rel(fallback, ref) < 5e-2  # q, k through e4m3 and back, SDPA in fp32
+            assert _rel(fast(**kw)[0], ref) < 1e-4  # no quantization left
+    finally:
+        reset_runtime_failures()

@@ -69,6 +69,13 @@ def _fa3_fp8(q, k, v, scale, causal, dropout, slices):
     return fa3_fp8_attention(_fa3_module(), q, k, v, scale, causal, granularity="head")
 
 
+def _fa3_fp8_qk8(q8, dq, k8, dk, v, scale, causal):
+    """fa3-fp8 on q and k quantized upstream (``torch.ops.artifex.attention_qk8``)."""
+    from artifex.kernels.fp8_attention import fa3_fp8_attention_qk8
+
+    return fa3_fp8_attention_qk8(_fa3_module(), q8, dq, k8, dk, v, scale, causal)
+
+
 def _fa2(q, k, v, scale, causal, dropout, slices):
     from flash_attn import flash_attn_func
 

@@ -63,6 +63,17 @@ class AttentionRuntime:
         if name == "chain":  # set with it, so compiled blocks read a plain attribute
             super().__setattr__("cross_chain", cross_chain(value))
 
+    @property
+    def quantizes_qk(self) -> bool:
+        """Whether the chain starts with fa3-fp8, still in service: its caller may hand it e4m3 q and k (``qk8``)."""
+        return self.chain.split(",")[0] == ops.QK8 and ops.QK8 not in ops.runtime_failures()
+
+    def qk8(self, q: tuple[torch.Tensor, torch.Tensor], k: tuple[torch.Tensor, torch.Tensor],
+            v: torch.Tensor) -> torch.Tensor:
+        """Attention on q and k given as (e4m3 values, (B, H) descales): ``torch.ops.artifex.attention_qk8``."""
+        return torch.ops.artifex.attention_qk8(*q, *k, v, self.chain, self.scale, self.causal, self.dropout,
+                                               self.slices)
+
     def cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention to the text (or image) context, through ``cross_chain`` (see the function)."""
         return torch.ops.artifex.attention(q, k, v, self.cross_chain, self.scale, self.causal, self.dropout,

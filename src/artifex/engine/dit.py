@@ -13,7 +13,11 @@ changing what is computed:
   are kept per block, for CFG's conditional and unconditional passes);
 - **RoPE tables per shape**: built once per latent shape (and per sequence shard), kept in
   the compact (L, D/2) cos/sin form the fused kernel reads;
-- **fused QK RMSNorm + RoPE** (``artifex.kernels``: Triton on CUDA, a PyTorch twin elsewhere);
+- **fused QK RMSNorm + RoPE** (``artifex.kernels``: Triton on CUDA, a PyTorch twin elsewhere); with fp8
+  attention it writes q and k in e4m3 at static per-head scales bounded by the norm weights
+  (``qk_norm_rope_fp8``), so no amax pass or quantization kernel runs over them;
+- **one-pass adaptive norms** (``kernels.ada_norm``): gated residual, LayerNorm, modulation and, for fp8
+  readers, the row quantization, in one read of each row;
 - **fused QKV projection**: each self-attention's ``to_q``/``to_k``/``to_v`` become one ``to_qkv``
   layer (their weights stacked by output channel), one (dim x 3 dim) GEMM instead of three.
   The three layers are replaced, not kept beside it (diffusers' ``fuse_projections`` keeps
@@ -53,7 +57,7 @@ from artifex.kernels import linear_gelu as lg
 from artifex.kernels.ada_norm import ada_norm
 from artifex.kernels.ada_norm import decide as ada_decide
 from artifex.kernels.fp8 import Fp8Linear, quantize_rows_fused, rows_path
-from artifex.kernels.qk_norm_rope import compact_rope, decide, qk_norm_rope
+from artifex.kernels.qk_norm_rope import compact_rope, decide, qk_norm_rope, qk_norm_rope_fp8
 
 
 @dataclass
@@ -137,7 +141,7 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
     context = _context(self, state, encoder_hidden_states, encoder_hidden_states_image)
     mod = modulation(self, timestep, encoder_hidden_states)
 
-    qk_path = decide(x.device, x.dtype).path  # Triton on CUDA, else the PyTorch twin (decided once per device)
+    qk_path = _qk_path(self, x)
     for block in self.blocks:  # plain tuples, so hooks that move a block's inputs (split.py) see every tensor
         x = block(x, context, (mod.rows, mod.index), rope, qk_path)
 
@@ -150,11 +154,20 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
+def _qk_path(model, x: torch.Tensor) -> str:
+    """"triton" on CUDA, else "torch" (the twin; ``decide`` caches per device); with "_fp8" appended when the
+    self-attention runtime quantizes q and k (fa3-fp8): the kernel then writes them in e4m3 itself."""
+    path = decide(x.device, x.dtype).path
+    runtime = model.blocks[0].attn1.processor.runtime if len(model.blocks) else None
+    return path + "_fp8" if getattr(runtime, "quantizes_qk", False) else path
+
+
 def block_forward(self, x: torch.Tensor, context: torch.Tensor, mod: tuple[torch.Tensor, torch.Tensor | None],
                   rope: tuple[torch.Tensor, torch.Tensor], qk_path: str = "torch") -> torch.Tensor:
     """Replaces ``WanTransformerBlock.forward``: text K/V from the cache, then the block's tensor work.
     ``mod`` is a ``Modulation``'s (rows, index); ``rope`` the compact (cos, sin) tables; ``qk_path`` which
-    QK-norm + RoPE implementation runs ("triton" or "torch")."""
+    QK-norm + RoPE implementation runs ("triton" or "torch"; "_fp8" appended: it writes e4m3 q and k for
+    fa3-fp8, ``_qk_path``)."""
     k_txt, v_txt, k_img, v_img = _cross_kv(self, context)
     ffn_path = _ffn_path(self, x)
     return self._artifex_core(self, x, mod[0], mod[1], rope[0], rope[1], k_txt, v_txt, k_img, v_img, qk_path,
@@ -249,8 +262,14 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_p
     else:
         q, k, v = _in_proj(attn.to_q, h, x), _in_proj(attn.to_k, h, x), _in_proj(attn.to_v, h, x)
     del h
-    q, k = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin, attn.heads, qk_path)
-    o = attn.processor.runtime(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
+    if qk_path.endswith("_fp8"):  # e4m3 q and k straight from the kernel, for fa3-fp8
+        q, k = qk_norm_rope_fp8(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin, attn.heads,
+                                qk_path.removesuffix("_fp8"))
+        o = attn.processor.runtime.qk8(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
+    else:
+        q, k = qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin, attn.heads,
+                            qk_path)
+        o = attn.processor.runtime(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
     del q, k, v
     res = _out_proj(attn.to_out[0], o, out_path)
     del o

@@ -72,6 +72,22 @@ def fa3_fp8_attention(fa3_module, q: Tensor, k: Tensor, v: Tensor, scale: float 
     return out.to(q.dtype)
 
 
+def fa3_fp8_attention_qk8(fa3_module, q8: Tensor, dq: Tensor, k8: Tensor, dk: Tensor, v: Tensor,
+                          scale: float | None = None, causal: bool = False) -> Tensor:
+    """``fa3_fp8_attention`` with q and k already e4m3 (``kernels.qk_norm_rope.qk_norm_rope_fp8``: the
+    QK-norm/RoPE kernel writes them at static per-head scales, descales (B, H)); only v is quantized here."""
+    v8, dv = _quantize(v, "head")
+    out = fa3_module.flash_attn_func(q8, k8, v8, softmax_scale=scale, causal=causal, q_descale=dq, k_descale=dk,
+                                     v_descale=dv)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(v.dtype)
+
+
+def dequantize_heads(values: Tensor, descale: Tensor, dtype: torch.dtype) -> Tensor:
+    """e4m3 (B, L, H, D) with descales (B, H) back to ``dtype``."""
+    return _dequantize(values, descale).to(dtype)
+
+
 def fp8_attention_twin(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, causal: bool = False,
                        granularity: str = "head") -> Tensor:
     """The math twin: q, k, v through e4m3 and back, then fp32 SDPA; (B, Lq, H, D) in q's dtype."""

@@ -17,6 +17,8 @@ bf16 between the norm and the rotation (the fused path is the more precise one).
 - ``qk_norm_rope_torch``: the plain PyTorch twin with the same math; runs anywhere.
 - ``qk_norm_rope_triton``: the kernel launcher (also runs under ``TRITON_INTERPRET=1`` on CPU
   tensors, which is how the tests check it without a GPU).
+- ``qk_norm_rope_fp8``: the same written in e4m3 for FlashAttention-3's fp8 kernel, at per-head scales
+  that the norm weights alone bound (``fp8_head_scales``), with their descales.
 - ``decide``: which path runs on a device and dtype, and why; made once per (device, dtype).
 - ``compact_rope`` / ``rope_table``: the rotary table the kernel reads, (L, D/2) fp32 cos and
   sin, from what diffusers' ``WanRotaryPosEmbed`` returns ((1, L, 1, D), pairs repeated), or
@@ -34,6 +36,8 @@ from artifex.kernels import Decision
 
 Tensor = torch.Tensor
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8_E4M3 = torch.float8_e4m3fn
+FP8_E4M3_MAX = float(torch.finfo(FP8_E4M3).max)  # 448
 INSTALL = "pip install triton (bundled with CUDA builds of PyTorch)"
 
 try:  # Triton is optional: CPU builds of PyTorch come without it
@@ -130,12 +134,13 @@ def _eps(eps: float | None, dtype: torch.dtype) -> float:
 
 
 # -- the twin -----------------------------------------------------------------------------
-def _norm_rope_torch(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
+def _norm_rope_torch(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor, heads: int,
+                     dtype: torch.dtype | None = None) -> Tensor:
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()
     a, b = y.unflatten(-1, (heads, -1, 2)).unbind(-1)  # (B, L, H, D/2) each
     c, s = cos[:, None, :], sin[:, None, :]  # (L, 1, D/2)
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(dtype or x.dtype)
 
 
 def qk_norm_rope_torch(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float | None,
@@ -153,8 +158,9 @@ def qk_norm_rope_torch(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor,
 if triton is not None:
 
     @triton.jit
-    def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, row, seq_len, stride_b, stride_l, eps,
-                       HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, inv_ptr, row, seq_len, stride_b, stride_l, eps,
+                       fp8_max, HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       FP8: tl.constexpr):
         HALF: tl.constexpr = HEAD_DIM // 2
         row64 = row.to(tl.int64)
         bi = row64 // seq_len
@@ -172,38 +178,46 @@ if triton is not None:
         c = tl.load(cos_ptr + li * HALF + j)[None, :]
         s = tl.load(sin_ptr + li * HALF + j)[None, :]
         out = tl.reshape(tl.join(a * c - b * s, a * s + b * c), (HEADS_P2, HEAD_DIM))
+        if FP8:  # e4m3 at the head's static scale (``fp8_head_scales``): no amax pass over the output
+            inv = tl.load(inv_ptr + tl.arange(0, HEADS_P2), mask=tl.arange(0, HEADS_P2) < HEADS, other=0.0)
+            out = tl.minimum(tl.maximum(out * inv[:, None], -fp8_max), fp8_max)
         tl.store(out_ptr + row64 * (HEADS * HEAD_DIM) + col, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, seq_len,
-                             q_stride_b, q_stride_l, k_stride_b, k_stride_l, eps,
-                             HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q_inv_ptr, k_inv_ptr,
+                             seq_len, q_stride_b, q_stride_l, k_stride_b, k_stride_l, eps, fp8_max,
+                             HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             FP8: tl.constexpr):
         row = tl.program_id(0)
         if tl.program_id(1) == 0:
-            _norm_rope_row(q_ptr, wq_ptr, qo_ptr, cos_ptr, sin_ptr, row, seq_len, q_stride_b, q_stride_l, eps,
-                           HEADS, HEADS_P2, HEAD_DIM)
+            _norm_rope_row(q_ptr, wq_ptr, qo_ptr, cos_ptr, sin_ptr, q_inv_ptr, row, seq_len, q_stride_b, q_stride_l,
+                           eps, fp8_max, HEADS, HEADS_P2, HEAD_DIM, FP8)
         else:
-            _norm_rope_row(k_ptr, wk_ptr, ko_ptr, cos_ptr, sin_ptr, row, seq_len, k_stride_b, k_stride_l, eps,
-                           HEADS, HEADS_P2, HEAD_DIM)
+            _norm_rope_row(k_ptr, wk_ptr, ko_ptr, cos_ptr, sin_ptr, k_inv_ptr, row, seq_len, k_stride_b, k_stride_l,
+                           eps, fp8_max, HEADS, HEADS_P2, HEAD_DIM, FP8)
 
 
 def _launch(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float, cos: Tensor, sin: Tensor,
-            heads: int) -> tuple[Tensor, Tensor]:
+            heads: int, q_inv: Tensor | None = None, k_inv: Tensor | None = None,
+            out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``q_inv``/``k_inv`` (H,) fp32: write e4m3 (or ``out_dtype``) values times these, clamped to +-448."""
     b, n, d = _shapes(q, k, weight_q, weight_k, heads, cos)
     if d & (d - 1):
         raise ValueError(f"the Triton kernel needs a power-of-two head_dim; got {d}")
     if q.stride(2) != 1 or k.stride(2) != 1:  # rows may be strided (views of a fused qkv), channels not
         q, k = q.contiguous(), k.contiguous()
-    q_out = torch.empty((b, n, heads, d), device=q.device, dtype=q.dtype)
+    fp8 = q_inv is not None
+    q_out = torch.empty((b, n, heads, d), device=q.device, dtype=out_dtype or (FP8_E4M3 if fp8 else q.dtype))
     k_out = torch.empty_like(q_out)
     if b * n == 0:
         return q_out, k_out
     heads_p2 = triton.next_power_of_2(heads)
     warps = 8 if heads_p2 * d >= 4096 else 4
     _qk_norm_rope_kernel[(b * n, 2)](
-        q, k, weight_q.contiguous(), weight_k.contiguous(), q_out, k_out, cos, sin, n,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), eps,
-        HEADS=heads, HEADS_P2=heads_p2, HEAD_DIM=d, num_warps=warps)
+        q, k, weight_q.contiguous(), weight_k.contiguous(), q_out, k_out, cos, sin,
+        q_inv if fp8 else cos, k_inv if fp8 else cos, n,  # (cos: a pointer never read when not fp8)
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), eps, FP8_E4M3_MAX,
+        HEADS=heads, HEADS_P2=heads_p2, HEAD_DIM=d, FP8=fp8, num_warps=warps)
     return q_out, k_out
 
 
@@ -219,6 +233,63 @@ def _qk_norm_rope_fake(q, k, weight_q, weight_k, eps, cos, sin, heads):
     b, n, width = q.shape
     out = q.new_empty((b, n, heads, width // heads))
     return out, torch.empty_like(out)
+
+
+@torch.library.custom_op("artifex::qk_norm_rope_fp8", mutates_args=())
+def _qk_norm_rope_fp8_op(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float, cos: Tensor,
+                         sin: Tensor, heads: int, q_inv: Tensor, k_inv: Tensor) -> tuple[Tensor, Tensor]:
+    return _launch(q, k, weight_q, weight_k, eps, cos, sin, heads, q_inv, k_inv)
+
+
+@_qk_norm_rope_fp8_op.register_fake
+def _qk_norm_rope_fp8_fake(q, k, weight_q, weight_k, eps, cos, sin, heads, q_inv, k_inv):
+    b, n, width = q.shape
+    out = q.new_empty((b, n, heads, width // heads), dtype=FP8_E4M3)
+    return out, torch.empty_like(out)
+
+
+# -- e4m3 output at a static per-head scale (fp8 attention) ------------------------------------
+def fp8_head_scales(weight: Tensor, heads: int) -> Tensor:
+    """(H,) fp32 descales that make every value of the normed, rotated q (or k) fit e4m3, from the norm's
+    weight alone: for a row x of width C, |x_i| * rsqrt(mean(x^2) + eps) <= sqrt(C), so each normed value is at
+    most sqrt(C) * max|w| over its head, and a rotation keeps each pair's length. With that bound mapped to
+    448 no amax pass is needed; e4m3 is floating point, so values far below the bound keep their 3 mantissa
+    bits (only those under 2^-6 of the scale, i.e. ~1/64 of sqrt(C)/448 of the bound, become subnormal)."""
+    width = weight.shape[0]
+    return (weight.float().abs().view(heads, -1).amax(1) * width**0.5).clamp_min(1e-12) / FP8_E4M3_MAX
+
+
+def qk_norm_rope_fp8(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float | None, cos: Tensor,
+                     sin: Tensor, heads: int, path: str | None = None
+                     ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``qk_norm_rope`` written in e4m3: ((q8, q_descale), (k8, k_descale)), values (B, L, H, D) and descales
+    (B, H) fp32 (``fp8_head_scales``, as FlashAttention-3's ``q_descale``/``k_descale`` take them). The twin
+    quantizes the fp32 result the same way."""
+    path = path or decide(q.device, q.dtype).path
+    dq, dk = fp8_head_scales(weight_q, heads), fp8_head_scales(weight_k, heads)
+    b = q.shape[0]
+    if path == "triton":
+        why = _triton_blocker(q.device, q.dtype)
+        if why:
+            raise RuntimeError(f"qk_norm_rope Triton kernel cannot run: {why}")
+        cos, sin = compact_rope(cos, sin)
+        q8, k8 = _qk_norm_rope_fp8_op(q, k, weight_q, weight_k, _eps(eps, q.dtype), cos.to(q.device),
+                                      sin.to(q.device), heads, 1 / dq, 1 / dk)
+    elif path == "torch":
+        cos, sin = compact_rope(cos, sin)
+        cos, sin = cos.to(q.device), sin.to(q.device)
+        _shapes(q, k, weight_q, weight_k, heads, cos)
+        e = _eps(eps, q.dtype)
+        q8, k8 = (_quantize_static(_norm_rope_torch(x, w, e, cos, sin, heads, torch.float32), s)
+                  for x, w, s in ((q, weight_q, dq), (k, weight_k, dk)))
+    else:
+        raise ValueError(f"unknown path {path!r}; paths: triton, torch")
+    return (q8, dq.expand(b, heads).contiguous()), (k8, dk.expand(b, heads).contiguous())
+
+
+def _quantize_static(y: Tensor, descale: Tensor) -> Tensor:
+    """fp32 (B, L, H, D) over the per-head ``descale`` (H,), clamped, e4m3; contiguous."""
+    return (y / descale[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_E4M3).contiguous()
 
 
 def qk_norm_rope_triton(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float | None,
