@@ -122,8 +122,21 @@ def check_qk(args) -> dict:
         vq, vk = triton_path(*qkv.chunk(3, dim=-1)[:2])
         out["strided_input_equal"] = bool(torch.equal(vq, tq) and torch.equal(vk, tk))
         del qkv, vq, vk, exact
+        # e4m3 output at static per-head scales (fp8 attention): e4m3 values against the twin's
+        (fq, fdq), (fk, _) = qnr.qk_norm_rope_fp8(q, k, weight_q, weight_k, eps, cos, sin, h, path="triton")
+        (gq, _), (gk, _) = qnr.qk_norm_rope_fp8(q, k, weight_q, weight_k, eps, cos, sin, h, path="torch")
+        out["fp8_values_differ_fraction"] = max((fq.float() != gq.float()).float().mean().item(),
+                                                (fk.float() != gk.float()).float().mean().item())
+        out["fp8_rel_l2_dequantized_vs_bf16"] = rel_l2(fq.float() * fdq[:, None, :, None], tq)
+        out["fp8_max_abs_over_448"] = max(fq.float().abs().max().item(), fk.float().abs().max().item()) / 448
+        del fq, fk, gq, gk
+
+        def triton_fp8(q, k):
+            return qnr.qk_norm_rope_fp8(q, k, weight_q, weight_k, eps, cos, sin, h, path="triton")
+
         ms = {name: time_ms(fn, sets, args.warmup, args.iters)
-              for name, fn in (("triton", triton_path), ("twin", twin), ("diffusers_unfused", diffusers_unfused))}
+              for name, fn in (("triton", triton_path), ("twin", twin), ("diffusers_unfused", diffusers_unfused),
+                               ("triton_fp8", triton_fp8))}
     moved = 2 * 2 * b * n * w * 2  # read q and k, write both, bf16
     out["ms"] = ms
     out["GB_per_s"] = {k_: moved / (v * 1e-3) / 1e9 for k_, v in ms.items()}

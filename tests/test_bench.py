@@ -50,6 +50,7 @@ def test_kernel_categories_name_the_kernels_seen_on_hopper():
     assert kernel_category("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == "gemm"
     assert kernel_category("triton_red_fused__to_copy_add_mul_native_layer_norm_0") == "compiled_elementwise"
     assert kernel_category("_qk_norm_rope_kernel") == "qk_norm_rope"
+    assert kernel_category("_ada_norm_kernel") == "ada_norm"
     assert kernel_category("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_gelu_t_view_5") \
         == "compiled_elementwise"  # a quantization that inductor named after the matmul it feeds
     assert kernel_category("triton_red_fused__fused_rms_norm_attention_view_3") == "compiled_elementwise"

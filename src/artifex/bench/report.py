@@ -101,6 +101,7 @@ KERNEL_CATEGORIES = (
     ("gemm", re.compile(r"^triton_tem|gemm|nvjet|xmma|cutlass|scaled_mm"
                         r"|aten::(mm|addmm|bmm|linear|matmul|_addmm_activation)$", re.I)),
     ("qk_norm_rope", re.compile(r"qk_norm_rope", re.I)),
+    ("ada_norm", re.compile(r"ada_norm", re.I)),
     ("fp8_quantize", re.compile(r"quantize_rows", re.I)),
     ("copy", re.compile(r"copy|memcpy|memset|aten::(cat|contiguous|clone|to|_to_copy)$", re.I)),
 )
