@@ -363,6 +363,9 @@ def test_fp8_norms_quantize_once_for_every_layer_that_reads_them(monkeypatch):
     handle = block.norm2.register_forward_pre_hook(lambda m, a: None)
     assert dit._norm_path(block, tokens, "fp8_gelu") == "torch"  # hooks on a norm: its module runs
     handle.remove()
+    norm2, block.norm2 = block.norm2, torch.nn.Identity()  # cross_attn_norm=False: no norm for the kernel to run
+    assert dit._norm_path(block, tokens, "fp8_gelu") == "torch"
+    block.norm2 = norm2
     monkeypatch.undo()
     with torch.no_grad():
         ref = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]

@@ -333,9 +333,11 @@ def _norm_path(block, x: torch.Tensor, ffn_path: str) -> str:
     """How ``block``'s adaptive norms run: "triton" (the one-pass kernel, bf16/fp16 on CUDA), "triton_fp8"
     (the same, quantizing for the fp8 layers that read the norms: q/k/v, the cross-attention's q and the
     up-projection, all on the scaled_mm path without hooks, the feed-forward on "fp8_gelu"), else "torch"
-    (the block's expressions; also whenever hooks sit on a norm, or ``accelerate_model(ada_norms=False)``)."""
+    (the block's expressions; also whenever a norm is not a LayerNorm, e.g. ``cross_attn_norm=False``'s
+    Identity, or hooks sit on one, or ``accelerate_model(ada_norms=False)``)."""
+    norms = (block.norm1, block.norm2, block.norm3)
     if not block._artifex_ada or ada_decide(x.device, x.dtype).path != "triton" or any(
-            _hooked(n) for n in (block.norm1, block.norm2, block.norm3)):
+            not isinstance(n, nn.LayerNorm) or _hooked(n) for n in norms):
         return "torch"
     attn = block.attn1
     qkv = [attn.to_qkv] if attn.fused_projections else [attn.to_q, attn.to_k, attn.to_v]
