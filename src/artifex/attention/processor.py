@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from artifex.attention import ops  # noqa: F401  (registers torch.ops.artifex.attention)
+from artifex.attention import ops  # also registers torch.ops.artifex.attention / attention_qk8
 from artifex.attention.backends import BACKENDS
 from artifex.attention.select import AttentionUnavailableError, Choice, select, verify
 
