@@ -107,7 +107,7 @@ def test_doctor_reports_backends_and_environment(capsys):
         # the fused DiT kernels say which path runs here and why
         assert report["kernels"]["qk_norm_rope"]["path"] == "torch"
         assert report["kernels"]["fp8_gemm"]["path"] == "twin" and "CUDA" in report["kernels"]["fp8_gemm"]["reason"]
-        for name in ("ffn_gelu_epilogue", "fp8_row_quantize"):
+        for name in ("ffn_gelu_epilogue", "fp8_row_quantize", "adaptive_norms"):
             assert report["kernels"][name]["path"] == "torch" and "CUDA" in report["kernels"][name]["reason"]
 
 

@@ -97,14 +97,16 @@ def diagnose(dtype: str = "bf16", run_verification: bool = True, head_dim: int =
 
 def kernels(device: torch.device, dtype: torch.dtype) -> dict:
     """The DiT's fused kernels: which path each takes here, and why (each has a PyTorch twin that always runs)."""
-    from artifex.kernels import fp8, linear_gelu
+    from artifex.kernels import ada_norm, fp8, linear_gelu
     from artifex.kernels.qk_norm_rope import decide
 
     qk = decide(device, dtype)
     gemm = fp8.decide(device)
     gelu = linear_gelu.decide(device, dtype)
     rows = fp8.decide_rows(device, dtype)
+    ada = ada_norm.decide(device, dtype)
     return {"qk_norm_rope": {"path": qk.path, "reason": qk.reason},
+            "adaptive_norms": {"path": ada.path, "reason": ada.reason},
             "ffn_gelu_epilogue": {"path": gelu.path, "reason": gelu.reason},
             "fp8_gemm": {"path": gemm.path, "reason": gemm.reason,
                          "fp8_mode": "available" if gemm.path == "scaled_mm" else "refused (fp8 = off only)"},
@@ -135,6 +137,7 @@ def render(report: dict) -> str:
     k = report["kernels"]
     lines += ["", "DiT kernels:",
               f"  {'qk_norm_rope':15s} {k['qk_norm_rope']['path']}: {k['qk_norm_rope']['reason']}",
+              f"  {'adaptive norms':15s} {k['adaptive_norms']['path']}: {k['adaptive_norms']['reason']}",
               f"  {'FFN GELU':15s} {k['ffn_gelu_epilogue']['path']}: {k['ffn_gelu_epilogue']['reason']}",
               f"  {'fp8 GEMMs':15s} {k['fp8_gemm']['path']}: {k['fp8_gemm']['reason']} (config fp8: "
               f"{k['fp8_gemm']['fp8_mode']})",
