@@ -7,19 +7,12 @@ on a GPU in bf16 and with the fp8 row quantization, at the TI2V-5B 720p shape.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from kernel_support import needs_triton, run_interpreted
 
 from artifex.kernels import ada_norm as an
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 FORMS = {"norm1": dict(shift=0, scale=1), "norm2": dict(res=True, gate=2, affine=True),
          "norm3": dict(res=True, shift=3, scale=4)}
 
@@ -135,15 +128,9 @@ print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="Triton is not installed (CPU builds of PyTorch come without it); "
-                           "scripts/check_kernels.py checks the kernel on a GPU")
+@needs_triton
 def test_triton_kernel_matches_twin_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    results = run_interpreted(_INTERPRETED)
     model = results.pop("model")
     assert model["paths"] == ["triton"] and model["rel"] < 1e-5, model  # fp32: sum order only
     assert len(results) == 12

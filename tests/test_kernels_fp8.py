@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from kernel_support import needs_triton, run_interpreted
 from torch import nn
 
 from artifex.kernels import fp8
-
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _rel_l2(a, b):
@@ -197,15 +190,11 @@ print("RESULT " + json.dumps(out))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@needs_triton
 def test_fused_row_quantization_kernel_matches_twin_interpreted():
     """The Triton kernel under Triton's interpreter (CPU) against the twin's math, up to the e4m3 cast (the
     interpreter does not round to e4m3 as the GPU does; scripts/check_kernels.py compares the cast on a GPU)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED_ROWS], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    results = run_interpreted(_INTERPRETED_ROWS)
     assert len(results) == 4
     for key, r in results.items():
         assert r["values"] < 1e-3 and r["scale"] < 1e-5, (key, r)  # fp32 GELU: exp- vs tanh-based forms

@@ -7,19 +7,14 @@ scripts/check_kernels.py does the same on a GPU at the real TI2V-5B shape.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from kernel_support import needs_triton, run_interpreted
 
 from artifex.kernels import qk_norm_rope as qnr
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 HEADS, HEAD_DIM = 2, 32
 
 
@@ -159,16 +154,9 @@ print("RESULT " + json.dumps(results))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="Triton is not installed (CPU builds of PyTorch come without it); "
-                           "scripts/check_kernels.py checks the kernel on a GPU")
+@needs_triton
 def test_triton_kernel_matches_twin_interpreted():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    results = json.loads(line.removeprefix("RESULT "))
+    results = run_interpreted(_INTERPRETED)
     for key, r in results.items():
         assert r["shape_ok"], key
         # fp32 math on both sides: half types may differ by one output rounding, fp32 by a few ulps (sum order;

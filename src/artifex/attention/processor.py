@@ -58,10 +58,9 @@ class AttentionRuntime:
         return torch.ops.artifex.attention(q, k, v, self.chain, self.scale, self.causal, self.dropout,
                                            self.slices)
 
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name == "chain":  # set with it, so compiled blocks read a plain attribute
-            super().__setattr__("cross_chain", cross_chain(value))
+    @property
+    def cross_chain(self) -> str:
+        return cross_chain(self.chain)
 
     @property
     def quantizes_qk(self) -> bool:

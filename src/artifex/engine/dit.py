@@ -54,7 +54,7 @@ from torch import nn
 from artifex.attention.processor import _TEXT_CONTEXT
 from artifex.kernels import compile_static
 from artifex.kernels import linear_gelu as lg
-from artifex.kernels.ada_norm import ada_norm
+from artifex.kernels.ada_norm import ada_norm, ada_norm_torch
 from artifex.kernels.ada_norm import decide as ada_decide
 from artifex.kernels.fp8 import Fp8Linear, quantize_rows_fused, rows_path
 from artifex.kernels.qk_norm_rope import compact_rope, decide, qk_norm_rope, qk_norm_rope_fp8
@@ -313,12 +313,8 @@ def _ada(norm, x, mod, index, norm_path: str, shift=None, scale=None, res=None, 
     norm module (its hooks fire); "triton" the one-pass kernel; "triton_fp8" the kernel with h quantized by
     row for the fp8 layers that read it (h is then (e4m3, scales), which ``_in_proj`` takes)."""
     if norm_path == "torch":
-        if res is not None:
-            x = (x.float() + res * pick(mod, gate, index)).type_as(x) if gate is not None else x + res
-        h = norm(x.float())
-        if scale is not None:
-            h = h * (1 + pick(mod, scale, index)) + pick(mod, shift, index)
-        return x, h.type_as(x)
+        out, h = ada_norm_torch(x, mod, index, None, shift, scale, res, gate, norm=norm)
+        return (x if out is None else out), h
     out, h = ada_norm(x, mod, index, norm.eps, shift, scale, res, gate, norm.weight, norm.bias,
                       quantize=norm_path == "triton_fp8", path="triton")
     return (x if out is None else out), h

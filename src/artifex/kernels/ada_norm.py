@@ -14,9 +14,10 @@ What ``ada_norm`` computes for tokens x (B, L, C) and a block's modulation table
 
 These are the three norms of ``engine.dit.block_core`` (norm1 + modulation; residual + norm2; residual +
 norm3 + modulation). Compiled by inductor, each became a looped reduction that read its rows twice and, with
-fp8 layers, a third time for the amax (H200, TI2V-5B 720p: 0.27-0.35 ms per call against ~0.1-0.2 ms for one
-read and one write; benchmarks/results/dit-h200.json). The Triton kernel holds a tile of whole rows in
-registers: one read of x (and res), one write of x (when res is given) and of h.
+fp8 layers, a third time for the amax. The Triton kernel holds whole rows in registers: one read of x (and
+res), one write of x (when res is given) and of h. H200, TI2V-5B 720p, against the twin compiled by inductor
+(benchmarks/results/kernels-ada-qk-h200.json): norm1 0.152 vs 0.247 ms, norm3 0.230 vs 0.284, fp8 norm1 0.206
+vs 0.374, fp8 norm3 0.259 vs 0.400; fp8 norm2 0.298 vs 0.295 (no gain there).
 
 - ``ada_norm``: the API; ``path`` "triton" (CUDA) or "torch" (the twin: the block's own expressions).
 - ``decide``: which path runs on a device and dtype, and why (once per device and dtype).
@@ -24,14 +25,12 @@ registers: one read of x (and res), one write of x (when res is given) and of h.
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 import torch.nn.functional as F
 
 from artifex.kernels import Decision
 from artifex.kernels.fp8 import _TINY, FP8, FP8_MAX, quantize_rows
-from artifex.kernels.qk_norm_rope import _triton_blocker, triton
+from artifex.kernels.qk_norm_rope import triton, triton_decision
 
 if triton is not None:
     import triton.language as tl
@@ -46,14 +45,19 @@ def _pick(mod: Tensor, j: int, index: Tensor | None) -> Tensor:
 
 def ada_norm_torch(x: Tensor, mod: Tensor | None, index: Tensor | None, eps: float, shift: int | None = None,
                    scale: int | None = None, res: Tensor | None = None, gate: int | None = None,
-                   weight: Tensor | None = None, bias: Tensor | None = None, quantize: bool = False):
+                   weight: Tensor | None = None, bias: Tensor | None = None, quantize: bool = False,
+                   norm=None):
     """The twin: ``block_core``'s expressions. Returns (x, h), x None unless ``res`` is given; with
-    ``quantize`` h is (e4m3 (M, C), scales (M, 1))."""
+    ``quantize`` h is (e4m3 (M, C), scales (M, 1)). ``norm``: the block's LayerNorm module, called instead of
+    ``F.layer_norm`` with ``weight``/``bias``/``eps`` (so its hooks fire, as the block's "torch" path needs)."""
     if res is not None:
         added = res.float() * _pick(mod, gate, index) if gate is not None else res.float()
         x = (x.float() + added).type_as(x)
-    n = F.layer_norm(x.float(), x.shape[-1:], None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+    if norm is not None:
+        n = norm(x.float())
+    else:
+        n = F.layer_norm(x.float(), x.shape[-1:], None if weight is None else weight.float(),
+                         None if bias is None else bias.float(), eps)
     if scale is not None:
         n = n * (1 + _pick(mod, scale, index)) + _pick(mod, shift, index)
     h = n.type_as(x)
@@ -69,7 +73,8 @@ if triton is not None:
                          HAS_INDEX: tl.constexpr, AFFINE: tl.constexpr, QUANTIZE: tl.constexpr,
                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
         # ROWS consecutive rows per program, one at a time: a row's modulation vectors come from L1 after the
-        # program's first row (a tile of rows held at once, as first written, ran at about half the bandwidth).
+        # program's first row. A tile of 4 rows held at once, as first written, was slower in 5 of the 6 forms
+        # (norm3 0.314 against 0.230 ms; benchmarks/results/kernels-ada-h200-run1.json vs kernels-ada-qk-h200.json).
         cols = tl.arange(0, BLOCK)
         mask = cols < width
         if AFFINE:
@@ -122,7 +127,7 @@ def _launch(x: Tensor, mod: Tensor | None, index: Tensor | None, eps: float, shi
     h_scale = torch.empty((m, 1), device=x.device, dtype=torch.float32) if quantize else None
     if m:
         block = triton.next_power_of_2(c)
-        rows = 4  # tuned on an H200 at 27,280 x 3,072 (rows 1-32 x warps 4-16): 4 rows, 4 warps were best
+        rows = 4  # H200, 27,280 x 3,072, rows 1-32 x warps 4-16 (benchmarks/probes/probe3-h200.json): 4 and 4
         def given(t, prep=lambda t: t):  # pointers of absent tensors are never read (their switches are off)
             return x if t is None else prep(t).contiguous()
 
@@ -179,15 +184,4 @@ def ada_norm(x: Tensor, mod: Tensor | None, index: Tensor | None, eps: float, sh
 
 def decide(device: torch.device | str, dtype: torch.dtype) -> Decision:
     """"triton" on CUDA with Triton for bf16/fp16, else "torch" (the twin), and why; once per device and dtype."""
-    return _decide(str(torch.device(device)), dtype)
-
-
-@cache
-def _decide(device: str, dtype: torch.dtype) -> Decision:
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return Decision("torch", f"the Triton adaptive norm needs CUDA; this run is on {dev.type.upper()}")
-    if dtype not in (torch.bfloat16, torch.float16):
-        return Decision("torch", f"the Triton adaptive norm runs bf16/fp16 tokens; these are {dtype}")
-    why = _triton_blocker(dev, dtype)
-    return Decision("torch", why) if why else Decision("triton", "one-pass Triton adaptive LayerNorm")
+    return triton_decision(device, dtype, "the one-pass Triton adaptive norm", (torch.bfloat16, torch.float16))

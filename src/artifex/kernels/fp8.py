@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from artifex.kernels import Decision
-from artifex.kernels.qk_norm_rope import _triton_blocker, triton
+from artifex.kernels.qk_norm_rope import triton, triton_decision
 
 if triton is not None:
     import triton.language as tl
@@ -123,16 +123,7 @@ def _quantize_rows_fake(x, gelu):
 def decide_rows(device: torch.device | str, dtype: torch.dtype) -> Decision:
     """Which path ``quantize_rows_fused`` takes: "triton" on CUDA with Triton, else "torch" (the twin), and why
     (decided once per device and dtype: the blocks ask at every forward)."""
-    return _decide_rows(str(torch.device(device)), dtype)
-
-
-@cache
-def _decide_rows(device: str, dtype: torch.dtype) -> Decision:
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return Decision("torch", f"the Triton row quantization needs CUDA; this run is on {dev.type.upper()}")
-    why = _triton_blocker(dev, dtype)
-    return Decision("torch", why) if why else Decision("triton", "one-pass Triton row quantization (GELU fused)")
+    return triton_decision(device, dtype, "the one-pass Triton row quantization")
 
 
 def rows_path(device: torch.device | str, dtype: torch.dtype) -> str:

@@ -44,8 +44,9 @@ def quantize_fp8(x: Tensor, granularity: str = "head") -> tuple[Tensor, Tensor]:
     return values, descale
 
 
-def _dequantize(values: Tensor, descale: Tensor) -> Tensor:
-    return values.float() * descale[:, None, :, None]
+def dequantize_heads(values: Tensor, descale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """e4m3 (B, L, H, D) with descales (B, H) back to ``dtype``."""
+    return (values.float() * descale[:, None, :, None]).to(dtype)
 
 
 @functools.cache
@@ -83,14 +84,9 @@ def fa3_fp8_attention_qk8(fa3_module, q8: Tensor, dq: Tensor, k8: Tensor, dk: Te
     return out.to(v.dtype)
 
 
-def dequantize_heads(values: Tensor, descale: Tensor, dtype: torch.dtype) -> Tensor:
-    """e4m3 (B, L, H, D) with descales (B, H) back to ``dtype``."""
-    return _dequantize(values, descale).to(dtype)
-
-
 def fp8_attention_twin(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, causal: bool = False,
                        granularity: str = "head") -> Tensor:
     """The math twin: q, k, v through e4m3 and back, then fp32 SDPA; (B, Lq, H, D) in q's dtype."""
-    deq = [_dequantize(*quantize_fp8(t, granularity)).transpose(1, 2) for t in (q, k, v)]
+    deq = [dequantize_heads(*quantize_fp8(t, granularity)).transpose(1, 2) for t in (q, k, v)]
     out = F.scaled_dot_product_attention(*deq, is_causal=causal, scale=scale)
     return out.transpose(1, 2).to(q.dtype)

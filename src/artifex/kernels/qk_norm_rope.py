@@ -93,23 +93,34 @@ def _triton_blocker(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-@cache
-def _decide(device: str, dtype: torch.dtype) -> Decision:
+def triton_decision(device: torch.device | str, dtype: torch.dtype, what: str,
+                    dtypes: tuple[torch.dtype, ...] = DTYPES) -> Decision:
+    """"triton" when ``what`` (a Triton kernel of ``artifex.kernels``, named for the reasons) can run on
+    ``device`` for ``dtype``, else "torch" (its twin), and why; decided once per kernel, device and dtype.
+    The interpreter (TRITON_INTERPRET=1) is a test tool, never the automatic choice."""
     dev = torch.device(device)
-    if dev.type != "cuda":  # the interpreter is a test tool, never the automatic choice
-        return Decision("torch", f"the Triton kernel needs CUDA; this run is on {dev.type.upper()}")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _triton_decision(str(dev), dtype, what, dtypes)
+
+
+@cache
+def _triton_decision(device: str, dtype: torch.dtype, what: str, dtypes: tuple[torch.dtype, ...]) -> Decision:
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return Decision("torch", f"{what} needs CUDA; this run is on {dev.type.upper()}")
+    if dtype not in dtypes:
+        return Decision("torch", f"{what} runs {', '.join(str(d).removeprefix('torch.') for d in dtypes)}; "
+                                 f"this is {str(dtype).removeprefix('torch.')}")
     why = _triton_blocker(dev, dtype)
     if why:
         return Decision("torch", why)
-    return Decision("triton", f"Triton {triton.__version__} on {torch.cuda.get_device_name(dev)}")
+    return Decision("triton", f"{what}: Triton {triton.__version__} on {torch.cuda.get_device_name(dev)}")
 
 
 def decide(device: torch.device | str, dtype: torch.dtype) -> Decision:
     """Which path ``qk_norm_rope`` takes on ``device`` for ``dtype``, and why (decided once, cached)."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return _decide(str(dev), dtype)
+    return triton_decision(device, dtype, "the Triton QK norm + RoPE kernel")
 
 
 # -- checks shared by both paths ----------------------------------------------------------
