@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU check of artifex.kernels: each fast path against its twin (relative L2) and timed, at real Wan shapes.
 
-    python scripts/check_kernels.py [--iters 30] [--warmup 5] [--only qk,fp8,rows,attn,ada] [--out result.json]
+    python scripts/check_kernels.py [--iters 30] [--warmup 5] [--only qk,fp8,rows,attn,ada,vae] [--out result.json]
 
 Sections (each runs on its own; a failure is recorded in the JSON and the others still run):
 - qk: fused q/k RMS norm + rotary (Triton) vs its PyTorch twin and vs diffusers' unfused math,
@@ -13,6 +13,8 @@ Sections (each runs on its own; a failure is recorded in the JSON and the others
   equality of the e4m3 values and scales, GB/s.
 - attn: fa3-fp8 (per-head and per-tensor scales; with and without the quantization) vs bf16
   FA3 / SDPA, TI2V-5B and A14B 720p shapes (rel L2 vs bf16, TFLOP/s).
+- vae: the VAE's fused RMS norm + SiLU (Triton) vs diffusers' modules at the TI2V-5B 720p decoder's shapes
+  (bf16, both layouts: equal fraction, ms), and whole decodes with diffusers' and Artifex's VAE pieces.
 - ada: the one-pass adaptive norms (Triton; the block's three forms, bf16 out and fp8 rows) vs their twin
   compiled by inductor, TI2V-5B 720p (equality of the residual stream, rel L2 of the norm, ms).
 
@@ -324,12 +326,122 @@ def check_ada(args) -> dict:
     return out
 
 
+def check_vae(args) -> dict:
+    """The Wan2.2 VAE (TI2V-5B) at 1280x704x121, bf16: the fused RMS norm + SiLU (kernels.rms_silu) against
+    diffusers' modules at every shape the decoder's norms see (contiguous and channels_last_3d), then whole
+    decodes with diffusers' modules, with Artifex's (engine.vae.accelerate_vae), and with those in
+    channels_last_3d, and the twelve kernels that take the most time in diffusers' and in Artifex's decode."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+    from torch.profiler import ProfilerActivity, profile
+
+    from artifex.engine.vae import accelerate_vae, decode_stream
+    from artifex.kernels import rms_silu as rs
+    from artifex.models.configs import vae_kwargs
+    from artifex.models.registry import get_model
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    spec = get_model("ti2v-5b")
+    torch.manual_seed(0)
+    with torch.device(dev):
+        vae = AutoencoderKLWan(**vae_kwargs(spec)).to(dt).eval()
+    with torch.no_grad():  # norms away from their identity start
+        for m in vae.modules():
+            if isinstance(m, wan.WanRMS_norm):
+                m.gamma.mul_(1 + 0.2 * torch.randn_like(m.gamma))
+    _, t, h, w = spec.latent_shape(1280, 704, 121)
+    g = torch.Generator(dev).manual_seed(6)
+    z = torch.randn(1, spec.vae.z_dim, t, h, w, device=dev, dtype=dt, generator=g)
+    shapes: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: shapes.setdefault((tuple(a[0].shape), id(mod)), mod) and None)
+             for m in vae.decoder.modules() if isinstance(m, wan.WanRMS_norm) and m.channel_first]
+    with torch.no_grad():
+        for _ in decode_stream(vae, z[:, :, :3]):
+            pass
+    for hk in hooks:
+        hk.remove()
+    distinct = {}
+    for (shape, _), mod in shapes.items():
+        if len(shape) == 5:  # the residual blocks' and the head's norms (the attention's norm sees 2-D frames)
+            distinct.setdefault(shape, mod)
+    out = {"latents": list(z.shape), "norms": [], "decode": {}}
+    silu = torch.nn.SiLU()
+    for shape, norm in sorted(distinct.items()):
+        for layout in ("contiguous", "channels_last"):
+            fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+            sets = [((torch.randn(shape, device=dev, dtype=dt, generator=g) * 2).contiguous(memory_format=fmt),)
+                    for _ in range(SETS)]
+            x0 = sets[0][0]
+            with torch.no_grad():
+                want = silu(norm(x0))
+                got = rs.rms_silu(x0, norm.gamma, norm.bias, norm.scale, path="triton")
+                diff = (got.float() - want.float()).abs()
+                ulp = torch.finfo(dt).eps * want.float().abs().clamp_min(2.0 ** -100)
+                row = {"shape": list(shape), "layout": layout, "equal_fraction": (got == want).float().mean().item(),
+                       "max_ulps": (diff / ulp).max().item(), "rel_l2": rel_l2(got, want),
+                       "ms": {"triton": time_ms(lambda x, n=norm: rs.rms_silu(x, n.gamma, n.bias, n.scale,
+                                                                            path="triton"), sets, args.warmup,
+                                                args.iters),
+                              "diffusers": time_ms(lambda x, n=norm: silu(n(x)), sets, args.warmup, args.iters)}}
+            row["triton_gb_per_s"] = round(2 * x0.numel() * 2 / row["ms"]["triton"] / 1e6, 1)  # 1 read + 1 write
+            log(f"vae norm {row}")
+            out["norms"].append(row)
+            del sets, x0
+    free()
+
+    def decode() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([p for p in decode_stream(vae, z)], dim=2)
+
+    pixels = {}
+    for name in ("diffusers", "artifex", "artifex_channels_last"):
+        accelerate_vae(vae, on=name != "diffusers")
+        if name == "artifex_channels_last":
+            for p in vae.parameters():
+                if p.dim() == 5:
+                    p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        times = []
+        try:
+            with torch.no_grad():
+                for _ in decode_stream(vae, z[:, :, :3]):  # warm-up: cuDNN picks its kernels, Triton compiles
+                    pass
+            free()
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(2):
+                start = time.perf_counter()
+                pixels[name] = decode()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        except Exception as e:  # one variant's failure leaves the others' figures
+            out["decode"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"vae decode {name} {out['decode'][name]}")
+            continue
+        out["decode"][name] = {"seconds": [round(x, 3) for x in times],
+                               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        if name != "diffusers":
+            out["decode"][name]["rel_l2_vs_diffusers"] = rel_l2(pixels[name], pixels["diffusers"])
+            pixels[name] = None
+        log(f"vae decode {name} {out['decode'][name]}")
+        free()
+        if name in ("diffusers", "artifex"):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                decode()
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+            kernels.sort(key=lambda e: -e.self_device_time_total)
+            out["decode"][name]["kernel_ms_total"] = round(sum(e.self_device_time_total for e in kernels) / 1e3, 1)
+            out["decode"][name]["top_kernels_ms"] = [(e.key[:90], round(e.self_device_time_total / 1e3, 1), e.count)
+                                                     for e in kernels[:12]]
+    pixels.clear()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--only", default="qk,fp8,rows,attn,ada",
-                        help="comma-separated sections: qk, fp8, rows, attn, ada")
+    parser.add_argument("--only", default="qk,fp8,rows,attn,ada,vae",
+                        help="comma-separated sections: qk, fp8, rows, attn, ada, vae")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -347,7 +459,8 @@ def main() -> int:
         return 2
     props = torch.cuda.get_device_properties(0)
     result["gpu"] = f"{props.name} sm{props.major}{props.minor}"
-    sections = {"qk": check_qk, "fp8": check_fp8, "rows": check_rows, "attn": check_attn, "ada": check_ada}
+    sections = {"qk": check_qk, "fp8": check_fp8, "rows": check_rows, "attn": check_attn, "ada": check_ada,
+                "vae": check_vae}
     for name in args.only.split(","):
         name = name.strip()
         if name not in sections:
@@ -376,6 +489,12 @@ def summary_of(r: dict) -> dict:
     qk, f8, at = r.get("qk", {}), r.get("fp8", {}), r.get("attn", {})
     for s in r.get("ada", {}).get("forms", []):
         out.setdefault("ada_norm_ms", {})[f"{s['form']}{'_fp8' if s['quantize'] else ''}"] = s["ms"]
+    for s in r.get("vae", {}).get("norms", []):
+        key = f"{s['shape'][1]}x{'x'.join(map(str, s['shape'][2:]))}_{s['layout']}"
+        out.setdefault("vae_rms_silu_ms", {})[key] = s["ms"]
+    for name, d in r.get("vae", {}).get("decode", {}).items():
+        if "seconds" in d:
+            out.setdefault("vae_decode_s", {})[name] = min(d["seconds"])
     for s in r.get("rows", {}).get("shapes", []):
         out.setdefault("fp8_rows_ms", {})[f"{s['width']}{'_gelu' if s['gelu'] else ''}"] = s["ms"]
     if "ms" in qk:

@@ -169,7 +169,7 @@ def test_engine_matches_diffusers_pipeline(engine, tmp_path, tiny_checkpoint, im
 def test_batched_cfg_swap_offload_and_channels_last_match_the_default(engine, tmp_path):
     base = generate(engine("tiny-t2v-moe", precision="fp32", tf32=False), tmp_path, "base.mp4", steps=5, frames=9)
     for fields in [dict(max_batch_size=2), dict(experts="swap"), dict(offload_to_cpu=True),
-                   dict(use_channels_last=True), dict(vae_slicing=True)]:
+                   dict(use_channels_last=True), dict(vae_slicing=True), dict(fast_vae=False)]:
         eng = engine("tiny-t2v-moe", precision="fp32", tf32=False, **fields)
         r = generate(eng, tmp_path, "v.mp4", steps=5, frames=9)
         assert _rel_l2(r.latents, base.latents) < 1e-5, fields

@@ -188,3 +188,27 @@ def test_fp8_output_fits_e4m3_by_the_weight_bound_alone():
         assert ((deq - ref).norm() / ref.norm()).item() < 0.04  # e4m3: 3 mantissa bits
     with pytest.raises(ValueError, match="unknown path"):
         qnr.qk_norm_rope_fp8(q, k, wq, wk, 1e-6, ang.cos(), ang.sin(), heads, path="x")
+
+
+def test_triton_decision_is_made_inside_compiled_code(monkeypatch):
+    """A kernel's first decision may come inside a compiled block (the fp8 row quantization in a fresh process):
+    dynamo must take the GPU queries as constants instead of failing on them (torch.* calls that return no
+    tensor). The queries are stood in for by torch calls of the same kind, so this runs without a GPU."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: torch.__config__.show()[:0] + "Fake")
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: (9, len(torch.__config__.show()[:0])))
+
+    def f(x):
+        d = qnr._triton_decision("cuda:0", torch.bfloat16, "a kernel", qnr.DTYPES)
+        return x + 1 if d.path == "triton" else x - 1
+
+    qnr._triton_decision.cache_clear()
+    try:
+        torch._dynamo.reset()
+        out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
+        d = qnr._triton_decision("cuda:0", torch.bfloat16, "a kernel", qnr.DTYPES)
+    finally:
+        qnr._triton_decision.cache_clear()
+    assert torch.equal(out, torch.full((2,), 1.0 if d.path == "triton" else -1.0))
+    if qnr.triton is not None:
+        assert d.path == "triton" and d.reason.endswith("on Fake")

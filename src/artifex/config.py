@@ -70,15 +70,20 @@ class OptimizationConfig:
         0.0, "attention dropout probability (only kernels that support dropout are used); inference uses 0"
     )
     use_channels_last: bool = _f(
-        False, "run the VAE in channels_last_3d memory format (no measured gain for the bf16 TI2V-5B 720p decode on "
-        "an H200: 6.42 s vs 6.64 s in one run, 6.32 s vs 6.28 s in the next; benchmarks/results/"
-        "pipeline-h200-run1.json and pipeline-h200.json)"
+        False, "run the VAE in channels_last_3d memory format on any device; with fast_vae on CUDA it is on anyway "
+        "(the TI2V-5B 720p bf16 decode on an H100: 4.27 s against 4.84 s channels-first, benchmarks/results/"
+        "kernels-vae-h100.json; with diffusers' VAE pieces it measured no gain: pipeline-h200.json)"
     )
     use_torch_compile: bool = _f(False, "torch.compile the repeated transformer blocks (regional compile)")
     fast_dit: bool = _f(
         True, "Artifex's DiT forward: timestep modulation once per distinct timestep, cross-attention text K/V "
         "once per request, RoPE tables once per shape, fused QK RMSNorm + RoPE, one fused QKV projection (the "
         "same model; false = diffusers' forward)"
+    )
+    fast_vae: bool = _f(
+        True, "Artifex's VAE pieces: each RMS norm + SiLU as one kernel, the causal convolutions' spatial padding "
+        "inside cuDNN, nearest upsampling without an fp32 round trip, channels_last_3d on CUDA (diffusers' VAE "
+        "pieces otherwise; the same computation, rounded in another order)"
     )
     offload_to_cpu: bool = _f(
         False, "keep models in CPU memory and move each to the GPU only while it runs (model-level offload)"

@@ -30,7 +30,7 @@ from artifex.engine.memory import estimate, plan_memory, prefetch_fits, prefetch
 from artifex.engine.placement import Placement
 from artifex.engine.plan import Plan, make_plan, memory_budget, requested_tier
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
-from artifex.engine.vae import decode_any
+from artifex.engine.vae import accelerate_vae, decode_any
 from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
 from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
@@ -218,14 +218,15 @@ class Engine:
         c, p = self.c, self.plan
         install(c.experts, self.attention)  # before compile, so compiled blocks call Artifex attention
         c.vae.to(dtype=DTYPES[p.vae_precision])
+        accelerate_vae(c.vae, on=p.fast_vae)  # in place, so components reused by another engine are set either way
         if p.vae_tiling:
             self._tile_vae()
         if p.vae_slicing:
             c.vae.enable_slicing()
-        if p.channels_last:
-            for param in c.vae.parameters():
-                if param.dim() == 5:
-                    param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+        layout = torch.channels_last_3d if p.channels_last else torch.contiguous_format  # either way: shared parts
+        for param in c.vae.parameters():
+            if param.dim() == 5:
+                param.data = param.data.contiguous(memory_format=layout)
         for expert in c.experts:
             if p.fast_dit:  # fuses q/k/v: after loading and fp8 quantization, before the tier's hooks (apply)
                 accelerate_model(expert, compile_blocks=p.compile)

@@ -30,6 +30,7 @@ class Plan:
     cfg_batch: int  # 2: cond and uncond in one batch
     compile: bool
     fast_dit: bool
+    fast_vae: bool
     fp8: str  # off, gemm, all
     tf32: bool
     channels_last: bool
@@ -109,6 +110,10 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
                        + (", attention fa3-fp8" if config.fp8 == "all" else "") + "; error vs bf16 probed at load")
     if config.fp8_weights:
         reasons.append("fp8_weights: DiT linear weights stored in float8 e4m3, computed in " + config.precision)
+    channels_last = config.use_channels_last or (config.fast_vae and device.type == "cuda")
+    if channels_last and not config.use_channels_last:
+        reasons.append("fast_vae on CUDA: the VAE runs in channels_last_3d (its fused norms read that layout and "
+                       "cuDNN needs no layout transposes: kernels-vae-h100.json)")
     return Plan(
         device=str(device),
         precision=config.precision,
@@ -118,9 +123,10 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         cfg_batch=cfg_batch,
         compile=config.use_torch_compile,
         fast_dit=config.fast_dit,
+        fast_vae=config.fast_vae,
         fp8=config.fp8,
         tf32=config.tf32,
-        channels_last=config.use_channels_last,
+        channels_last=channels_last,
         vae_slicing=config.vae_slicing,
         vae_tiling=vae_tiling,
         config_hash=config.hash(),

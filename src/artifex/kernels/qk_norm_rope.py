@@ -75,6 +75,21 @@ def rope_table(rope: torch.nn.Module, latent_shape: tuple[int, ...], device: tor
 
 
 # -- the decision -------------------------------------------------------------------------
+# The decisions are made on first use, which may be inside a compiled block: dynamo cannot trace torch.cuda's
+# queries (they return no tensor), so these two are constants to it (evaluated once, eagerly, while tracing).
+@torch.compiler.assume_constant_result
+def gpu_name(device: str) -> str:
+    """The name of the CUDA device ``device`` ("cuda:0")."""
+    return torch.cuda.get_device_name(torch.device(device))
+
+
+@torch.compiler.assume_constant_result
+def gpu_capability(device: str) -> int:
+    """The compute capability of the CUDA device ``device`` as major * 10 + minor (90 for sm90)."""
+    major, minor = torch.cuda.get_device_capability(torch.device(device))
+    return major * 10 + minor
+
+
 def _triton_blocker(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the Triton kernel cannot run on ``device``/``dtype``, or None (the interpreter counts on CPU)."""
     if triton is None:
@@ -87,9 +102,9 @@ def _triton_blocker(device: torch.device, dtype: torch.dtype) -> str | None:
         return "needs CUDA (or TRITON_INTERPRET=1 for a slow interpreted check); this run is on CPU"
     if device.type != "cuda":
         return f"needs CUDA; this run is on {device.type.upper()}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if dtype == torch.bfloat16 and major < 8:
-        return f"bf16 needs sm80 or newer; this GPU is sm{major}{minor}"
+    capability = gpu_capability(str(device))
+    if dtype == torch.bfloat16 and capability < 80:
+        return f"bf16 needs sm80 or newer; this GPU is sm{capability}"
     return None
 
 
@@ -115,7 +130,7 @@ def _triton_decision(device: str, dtype: torch.dtype, what: str, dtypes: tuple[t
     why = _triton_blocker(dev, dtype)
     if why:
         return Decision("torch", why)
-    return Decision("triton", f"{what}: Triton {triton.__version__} on {torch.cuda.get_device_name(dev)}")
+    return Decision("triton", f"{what}: Triton {triton.__version__} on {gpu_name(str(dev))}")
 
 
 def decide(device: torch.device | str, dtype: torch.dtype) -> Decision:
