@@ -98,6 +98,7 @@ def test_doctor_reports_backends_and_environment(capsys):
     out = capsys.readouterr().out
     assert "attention backends" in out and "sdpa-math" in out and "verified" in out
     assert "PYTORCH_CUDA_ALLOC_CONF" in out and "TOKENIZERS_PARALLELISM" in out
+    assert "VAE kernels (fast_vae):" in out and "RMS norm + SiLU" in out
     assert main(["doctor", "--json", "--no-verify"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["backends"]) >= {"fa3", "fa2", "sdpa", "sdpa-cudnn", "flex", "sage", "xformers", "sliced"}
@@ -107,7 +108,7 @@ def test_doctor_reports_backends_and_environment(capsys):
         # the fused DiT kernels say which path runs here and why
         assert report["kernels"]["qk_norm_rope"]["path"] == "torch"
         assert report["kernels"]["fp8_gemm"]["path"] == "twin" and "CUDA" in report["kernels"]["fp8_gemm"]["reason"]
-        for name in ("ffn_gelu_epilogue", "fp8_row_quantize", "adaptive_norms"):
+        for name in ("ffn_gelu_epilogue", "fp8_row_quantize", "adaptive_norms", "vae_rms_silu"):
             assert report["kernels"][name]["path"] == "torch" and "CUDA" in report["kernels"][name]["reason"]
 
 

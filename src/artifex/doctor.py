@@ -96,8 +96,9 @@ def diagnose(dtype: str = "bf16", run_verification: bool = True, head_dim: int =
 
 
 def kernels(device: torch.device, dtype: torch.dtype) -> dict:
-    """The DiT's fused kernels: which path each takes here, and why (each has a PyTorch twin that always runs)."""
-    from artifex.kernels import ada_norm, fp8, linear_gelu
+    """The DiT's and the VAE's fused kernels: which path each takes here, and why (each has a PyTorch twin that
+    always runs)."""
+    from artifex.kernels import ada_norm, fp8, linear_gelu, rms_silu
     from artifex.kernels.qk_norm_rope import decide
 
     qk = decide(device, dtype)
@@ -105,12 +106,14 @@ def kernels(device: torch.device, dtype: torch.dtype) -> dict:
     gelu = linear_gelu.decide(device, dtype)
     rows = fp8.decide_rows(device, dtype)
     ada = ada_norm.decide(device, dtype)
+    vae = rms_silu.decide(device, dtype)
     return {"qk_norm_rope": {"path": qk.path, "reason": qk.reason},
             "adaptive_norms": {"path": ada.path, "reason": ada.reason},
             "ffn_gelu_epilogue": {"path": gelu.path, "reason": gelu.reason},
             "fp8_gemm": {"path": gemm.path, "reason": gemm.reason,
                          "fp8_mode": "available" if gemm.path == "scaled_mm" else "refused (fp8 = off only)"},
-            "fp8_row_quantize": {"path": rows.path, "reason": rows.reason}}
+            "fp8_row_quantize": {"path": rows.path, "reason": rows.reason},
+            "vae_rms_silu": {"path": vae.path, "reason": vae.reason}}
 
 
 def render(report: dict) -> str:
@@ -141,7 +144,9 @@ def render(report: dict) -> str:
               f"  {'FFN GELU':15s} {k['ffn_gelu_epilogue']['path']}: {k['ffn_gelu_epilogue']['reason']}",
               f"  {'fp8 GEMMs':15s} {k['fp8_gemm']['path']}: {k['fp8_gemm']['reason']} (config fp8: "
               f"{k['fp8_gemm']['fp8_mode']})",
-              f"  {'fp8 row quant':15s} {k['fp8_row_quantize']['path']}: {k['fp8_row_quantize']['reason']}"]
+              f"  {'fp8 row quant':15s} {k['fp8_row_quantize']['path']}: {k['fp8_row_quantize']['reason']}",
+              "", "VAE kernels (fast_vae):",
+              f"  {'RMS norm + SiLU':15s} {k['vae_rms_silu']['path']}: {k['vae_rms_silu']['reason']}"]
     lines += ["", "environment:"]
     for e in report["environment"]:
         value = e["value"] if e["value"] is not None else "(unset)"
