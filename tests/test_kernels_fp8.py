@@ -229,3 +229,70 @@ def test_fp8_keep_leaves_the_named_block_layers_in_bf16_and_refuses_patterns_tha
     with pytest.raises(InvalidRequestError, match="fp8_keep: keeps layers out of fp8 compute, which is off"):
         OptimizationConfig(fp8_keep="blocks.0.*")
     assert OptimizationConfig(fp8="gemm", fp8_keep="blocks.0.*").fp8_keep == "blocks.0.*"
+
+
+def test_unquantized_runs_the_plain_path_and_nests():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    layer = fp8.Fp8Linear.from_linear(lin, path="twin")
+    x = torch.randn(2, 5, 64)
+    quantized = layer(x)
+    with fp8.unquantized():
+        assert fp8.quantization_suspended() and layer._path(x.device) == "plain"
+        assert not layer.runs_scaled_mm(x.device)
+        with fp8.unquantized(False):  # an inner "off" does not lift an outer suspension
+            assert fp8.quantization_suspended()
+        plain = layer(x)
+    assert not fp8.quantization_suspended() and layer._path(x.device) == "twin"
+    with fp8.unquantized(False):
+        assert torch.equal(layer(x), quantized)
+    # unquantized input, e4m3-rounded weight, in x's dtype
+    assert torch.allclose(plain, torch.nn.functional.linear(x, layer.dequantized_weight(), lin.bias), atol=1e-6)
+    assert _rel_l2(plain, lin(x)) < 0.05 and not torch.equal(plain, quantized)
+    with pytest.raises(ValueError, match="paths: scaled_mm, twin, plain"):
+        fp8.Fp8Linear.from_linear(lin, path="bogus")(x)
+
+
+def test_attention_runtime_takes_its_plain_chain_while_fp8_is_suspended():
+    from artifex.attention.processor import AttentionRuntime
+
+    runtime = AttentionRuntime(chain="fa3-fp8,fa3,sdpa")
+    assert runtime.active_chain == "fa3-fp8,fa3,sdpa"
+    with fp8.unquantized():
+        assert runtime.active_chain == "fa3,sdpa" and not runtime.quantizes_qk
+    assert runtime.active_chain == "fa3-fp8,fa3,sdpa"
+
+
+def test_fp8_bf16_steps_keep_the_first_and_last_steps_out_of_fp8(monkeypatch, tmp_path):
+    """The engine's step loop with fp8 layers on CPU (torch runs row-wise ``_scaled_mm`` or the twin there; the
+    engine refuses fp8 on a CPU, so that check is lifted here): which steps ran quantized, which plain."""
+    from artifex.config import OptimizationConfig
+    from artifex.engine import pipeline
+    from artifex.engine.pipeline import Engine
+    from artifex.engine.request import GenerationRequest
+    from artifex.errors import InvalidRequestError
+
+    monkeypatch.setattr(pipeline, "check_fp8", lambda mode, device: None)
+    seen: list[str] = []
+    real = fp8.Fp8Linear.forward
+    monkeypatch.setattr(fp8.Fp8Linear, "forward",
+                        lambda self, x: seen.append("plain" if self._path(x.device) == "plain" else "e4m3")
+                        or real(self, x))
+    eng = Engine.load("tiny-ti2v", config=OptimizationConfig(device="cpu", fp8="gemm", fp8_bf16_steps=1))
+    assert eng.plan.fp8_bf16_steps == 1
+    per_step: list[set[str]] = []
+
+    def on_event(event):
+        if event.stage == "denoise" and event.step > 0:
+            per_step.append(set(seen))
+        if event.stage in ("denoise", "encode_text"):
+            seen.clear()
+
+    eng.generate(GenerationRequest(model="tiny-ti2v", prompt="a kite", steps=4, frames=9, seed=3,
+                                   output=str(tmp_path / "v.mp4")), on_event=on_event)
+    assert per_step == [{"plain"}, {"e4m3"}, {"e4m3"}, {"plain"}]  # the text K/V: once, in the first step
+    assert not fp8.quantization_suspended()
+    with pytest.raises(InvalidRequestError, match="fp8_bf16_steps: keeps steps out of fp8 compute, which is off"):
+        OptimizationConfig(fp8_bf16_steps=2)
+    with pytest.raises(InvalidRequestError, match="fp8_bf16_steps: must be >= 0, got -1"):
+        OptimizationConfig(fp8="gemm", fp8_bf16_steps=-1)

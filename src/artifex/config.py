@@ -115,6 +115,11 @@ class OptimizationConfig:
         "precision, e.g. 'blocks.0.*,blocks.29.*' (the first and last block of TI2V-5B) or '*.ffn.net.2'; "
         "names as in the model: blocks.N.attn1.to_q, blocks.N.attn2.to_out.0, blocks.N.ffn.net.0.proj, ..."
     )
+    fp8_bf16_steps: int = _f(
+        0, "with fp8 compute: the first N and the last N denoising steps run without it, in the compute precision "
+        "(activations unquantized, the plain attention kernel; the weights keep their e4m3 rounding). The steps "
+        "that set the layout and the last details get bf16 accuracy; the others keep fp8's speed"
+    )
     vae_slicing: bool = _f(False, "decode a batch of videos one video at a time")
     vae_tiling: bool = _f(False, "decode the VAE in spatial tiles to cut its peak memory")
     vae_tile_size: int = _f(
@@ -163,6 +168,11 @@ class OptimizationConfig:
             raise InvalidRequestError("fp8", "fp8 compute already stores e4m3 weights; drop fp8_weights")
         if self.fp8_keep and self.fp8 == "off":
             raise InvalidRequestError("fp8_keep", "keeps layers out of fp8 compute, which is off", ["gemm", "all"])
+        if self.fp8_bf16_steps < 0:
+            raise InvalidRequestError("fp8_bf16_steps", f"must be >= 0, got {self.fp8_bf16_steps}")
+        if self.fp8_bf16_steps and self.fp8 == "off":
+            raise InvalidRequestError("fp8_bf16_steps", "keeps steps out of fp8 compute, which is off",
+                                      ["gemm", "all"])
         if self.fp8 == "all" and self.attention not in ("auto", "fa3-fp8"):
             raise InvalidRequestError("fp8", f"fp8=all uses fa3-fp8 attention; attention={self.attention!r} "
                                       "conflicts", ["gemm", "off"])

@@ -17,6 +17,7 @@ import torch
 from artifex.attention import ops  # also registers torch.ops.artifex.attention / attention_qk8
 from artifex.attention.backends import BACKENDS
 from artifex.attention.select import AttentionUnavailableError, Choice, select, verify
+from artifex.kernels.fp8 import quantization_suspended
 
 _TEXT_CONTEXT = 512  # Wan's text context length; longer contexts carry image tokens first (Wan2.1 I2V)
 
@@ -55,8 +56,14 @@ class AttentionRuntime:
         return choice
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.ops.artifex.attention(q, k, v, self.chain, self.scale, self.causal, self.dropout,
+        return torch.ops.artifex.attention(q, k, v, self.active_chain, self.scale, self.causal, self.dropout,
                                            self.slices)
+
+    @property
+    def active_chain(self) -> str:
+        """``chain``, or its plain form (``cross_chain``) while fp8 compute is suspended (``kernels.fp8.unquantized``:
+        the steps ``fp8_bf16_steps`` keeps out of fp8)."""
+        return cross_chain(self.chain) if quantization_suspended() else self.chain
 
     @property
     def cross_chain(self) -> str:
@@ -65,12 +72,12 @@ class AttentionRuntime:
     @property
     def quantizes_qk(self) -> bool:
         """Whether the chain starts with fa3-fp8, still in service: its caller may hand it e4m3 q and k (``qk8``)."""
-        return self.chain.split(",")[0] == ops.QK8 and ops.QK8 not in ops.runtime_failures()
+        return self.active_chain.split(",")[0] == ops.QK8 and ops.QK8 not in ops.runtime_failures()
 
     def qk8(self, q: tuple[torch.Tensor, torch.Tensor], k: tuple[torch.Tensor, torch.Tensor],
             v: torch.Tensor) -> torch.Tensor:
         """Attention on q and k given as (e4m3 values, (B, H) descales): ``torch.ops.artifex.attention_qk8``."""
-        return torch.ops.artifex.attention_qk8(*q, *k, v, self.chain, self.scale, self.causal, self.dropout,
+        return torch.ops.artifex.attention_qk8(*q, *k, v, self.active_chain, self.scale, self.causal, self.dropout,
                                                self.slices)
 
     def cross(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -9,5 +9,7 @@ DIT_ABLATIONS = ("artifex_bf16_unfused_qkv", "artifex_bf16_no_gelu_epilogue", "a
 PIPELINE_CONFIGS = {
     "bf16": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16"},
     "fp8": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16", "fp8": "all"},
+    "fp8_bf16_ends": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16", "fp8": "all",
+                      "fp8_bf16_steps": 2},
     "default": {},
 }

@@ -120,7 +120,8 @@ def diffusers_run(spec, components, width, height, frames, steps, device, out_di
 
 def artifex_run(spec, components, fields: dict, width, height, frames, steps, device, out_dir: Path, name: str,
                 profile: Path | None = None) -> dict:
-    """A warm-up generation (2 steps, same shape), then the timed one; per-stage seconds, peak, sidecar bits."""
+    """A warm-up generation (2 steps, same shape; with ``fp8_bf16_steps`` N, 2N + 2 so that the quantized steps'
+    graphs compile too), then the timed one; per-stage seconds, peak, sidecar bits."""
     from artifex.config import OptimizationConfig
     from artifex.engine.pipeline import Engine
     from artifex.engine.request import GenerationRequest
@@ -132,7 +133,7 @@ def artifex_run(spec, components, fields: dict, width, height, frames, steps, de
                                  frames=frames, output=str(path))
 
     t = time.perf_counter()
-    engine.generate(request(2, out_dir / f"warmup-{name}.mp4"))
+    engine.generate(request(2 + 2 * fields.get("fp8_bf16_steps", 0), out_dir / f"warmup-{name}.mp4"))
     warm = time.perf_counter() - t
     r = engine.generate(request(steps, out_dir / f"artifex-{name}.mp4"))
     row = {"config": name, "fields": fields, "warmup_s": round(warm, 2), "timings_s": r.timings,
@@ -245,6 +246,8 @@ def _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, chec
                           profile if name == configs[0] else None)
         if name == "bf16" or latents is None:
             latents = row["latents"]
+        if name != "bf16" and "bf16" in configs[:configs.index(name)]:  # the same seed, so the same starting noise
+            row["latents_rel_l2_vs_bf16"] = round(((row["latents"] - latents).norm() / latents.norm()).item(), 5)
         row.pop("latents")
         data["runs"].append(row)
         log.info("artifex %s: %s", name, row)
@@ -275,9 +278,11 @@ def summary_of(data: dict, spec, w, h, frames, steps) -> dict:
         "diffusers_peak_gib": d.get("peak_gib"),
         "config": first and first["config"],
     }
-    if "fp8" in runs:
-        named["fp8_total_s"] = runs["fp8"]["total_s"]
-        named["fp8_probe_rel_l2"] = [p["rel_l2_vs_bf16"] for p in (runs["fp8"]["fp8"] or {}).get("probe", [])]
+    for name in (n for n in runs if n.startswith("fp8")):
+        named[f"{name}_total_s"] = runs[name]["total_s"]
+        named[f"{name}_probe_rel_l2"] = [p["rel_l2_vs_bf16"] for p in (runs[name]["fp8"] or {}).get("probe", [])]
+        if "latents_rel_l2_vs_bf16" in runs[name]:
+            named[f"{name}_latents_rel_l2_vs_bf16"] = runs[name]["latents_rel_l2_vs_bf16"]
     if named["total_s"] and named["diffusers_total_s"]:
         named["speedup"] = round(named["diffusers_total_s"] / named["total_s"], 3)
     vae = data.get("vae") or {}
@@ -321,6 +326,8 @@ def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
         note = f"attention {r['attention']}, tier {r['tier']}"
         if r.get("fp8"):
             note += f", fp8 probe rel L2 {[p['rel_l2_vs_bf16'] for p in r['fp8']['probe']]}"
+        if "latents_rel_l2_vs_bf16" in r:
+            note += f", final latents rel L2 vs bf16 {r['latents_rel_l2_vs_bf16']}"
         rows.append([f"Artifex {r['config']}", str(r["total_s"]), str(t.get("encode_text")), str(t.get("denoise")),
                      str(t.get("decode")), str(t.get("write")), str(r["peak_gib"]), str(r["warmup_s"]), note])
     md = (f"# Whole generation, diffusers vs Artifex ({data['device'].get('name')})\n\n"

@@ -33,6 +33,7 @@ from artifex.engine.request import GenerationRequest, Settings, resolve_request
 from artifex.engine.vae import accelerate_vae, decode_any
 from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
+from artifex.kernels.fp8 import unquantized
 from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
 from artifex.models.registry import ModelSpec, get_model
 from artifex.sysinfo import device_info, peak_bytes, peak_memory, reset_peak_memory, versions
@@ -429,8 +430,9 @@ class Engine:
                 elif job.condition is not None:
                     x = torch.cat([job.latents, job.condition], dim=1)
                 timestep = self._timestep(ts, job.frame_mask, job.latents)
-                noise = self.predict(self.c.experts[expert], x.to(self.dtype), timestep, job.cond, job.uncond,
-                                     s.guidance[expert] if job.use_cfg[expert] else None)
+                with unquantized(self._unquantized_step(i, len(timesteps))):
+                    noise = self.predict(self.c.experts[expert], x.to(self.dtype), timestep, job.cond, job.uncond,
+                                         s.guidance[expert] if job.use_cfg[expert] else None)
                 job.latents = job.scheduler.step(noise, ts, job.latents, return_dict=False)[0]
                 job.step = i + 1
                 job.emit(ProgressEvent("denoise", i + 1, len(timesteps), job.elapsed(), timestep=float(ts),
@@ -438,6 +440,11 @@ class Engine:
         finally:
             for expert in sorted({job.experts[i] for i in steps}):
                 self._forget(self.c.experts[expert])
+
+    def _unquantized_step(self, i: int, steps: int) -> bool:
+        """Whether step ``i`` of ``steps`` runs without fp8 compute (``fp8_bf16_steps``: the first and last N)."""
+        edge = self.plan.fp8_bf16_steps
+        return edge > 0 and (i < edge or i >= steps - edge)
 
     def _forget(self, model) -> None:
         """Drop a request's tensors cached for ``model``: its CFG pair and the DiT's text context and K/V."""

@@ -30,10 +30,17 @@ TI2V-5B 720p, inductor's looped GELU + quantize reduction over 14,336-wide rows 
 forward (benchmarks/results/dit-h200-run1.json, the fp8 rows' top kernels); this kernel does the
 same rows in 0.53 ms against 1.21 ms per call (benchmarks/results/kernels-rows-h200.json).
 ``Fp8Linear.forward_quantized`` takes its output.
+
+``unquantized()`` suspends the fp8 compute for the steps that ``fp8_bf16_steps`` keeps out of it: inside it,
+each Fp8Linear multiplies its unquantized input with its dequantized weight in the input's dtype (the "plain"
+path: the activations are not rounded to e4m3, the weights keep their e4m3 rounding), and the attention
+runtimes take their plain kernels (``artifex.attention.processor``). Compiled blocks see the switch as a
+guarded global: one more graph, compiled at its first use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from dataclasses import dataclass, field
 from functools import cache
@@ -180,11 +187,32 @@ def decide(device: torch.device | str) -> Decision:
     return _decide(str(dev))
 
 
+# -- the switch ---------------------------------------------------------------------------
+_suspended = False  # a module global: compiled code guards on its value
+
+
+@contextlib.contextmanager
+def unquantized(on: bool = True):
+    """Within (when ``on``): fp8 compute suspended (module docstring); restores the previous state on exit."""
+    global _suspended
+    before, _suspended = _suspended, bool(on) or _suspended
+    try:
+        yield
+    finally:
+        _suspended = before
+
+
+def quantization_suspended() -> bool:
+    """Whether the caller runs inside ``unquantized()``."""
+    return _suspended
+
+
 # -- the layer ----------------------------------------------------------------------------
 class Fp8Linear(nn.Module):
     """An nn.Linear with an e4m3 weight (per-output-channel scales) and per-token e4m3 activations.
 
-    ``path``: None = ``decide(x.device)`` at call time; "scaled_mm" or "twin" to force one.
+    ``path``: None = ``decide(x.device)`` at call time; "scaled_mm" or "twin" to force one. Inside
+    ``unquantized()`` every Fp8Linear takes the "plain" path (``forward_plain``).
     The fp8 weight and its fp32 scale keep their dtypes through ``module.to(dtype)``; the bias
     follows the model's dtype like any parameter.
     """
@@ -231,7 +259,9 @@ class Fp8Linear(nn.Module):
             return self.forward_scaled_mm(x)
         if path == "twin":
             return self.forward_twin(x)
-        raise ValueError(f"unknown path {path!r}; paths: scaled_mm, twin")
+        if path == "plain":
+            return self.forward_plain(x)
+        raise ValueError(f"unknown path {path!r}; paths: scaled_mm, twin, plain")
 
     def forward_scaled_mm(self, x: Tensor) -> Tensor:
         """The real path: e4m3 x e4m3 on tensor cores, fp32 accumulation, bf16 out."""
@@ -247,10 +277,17 @@ class Fp8Linear(nn.Module):
         return out.reshape(*lead, self.out_features).to(dtype)
 
     def _path(self, device: torch.device) -> str:
+        if quantization_suspended():
+            return "plain"
         return self.path or decide(device).path
 
     def runs_scaled_mm(self, device: torch.device) -> bool:
         return self._path(device) == "scaled_mm"
+
+    def forward_plain(self, x: Tensor) -> Tensor:
+        """Unquantized input times the dequantized weight, in x's dtype (the steps kept out of fp8)."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def forward_twin(self, x: Tensor) -> Tensor:
         """The twin: the same quantization, dequantized, F.linear in x's dtype, rounded through bf16."""
