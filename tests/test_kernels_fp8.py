@@ -222,6 +222,8 @@ def test_fp8_keep_leaves_the_named_block_layers_in_bf16_and_refuses_patterns_tha
                                                                                   fp8.Fp8Linear)
     assert f"{len(kept)} kept" in report["mode_layers"]  # the layers outside the blocks are not counted as kept
     assert report["probe"][0]["rel_l2_vs_bf16"] < 0.1
+    again = quantize_experts(spec, [model], torch.device("cpu"), torch.bfloat16)  # components shared by engines
+    assert again["probe"][0]["rel_l2_vs_bf16"] is None and "already in fp8" in again["probe"][0]["note"]
     other = WanTransformer3DModel(**spec.transformer.diffusers_config()).to(torch.bfloat16).eval()
     with pytest.raises(InvalidRequestError, match=r"fp8_keep: 'blocks\.7\.\*' matches no linear layer.*blocks\.0 to "
                                                   r"blocks\.1"):
