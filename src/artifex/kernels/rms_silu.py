@@ -8,10 +8,12 @@ What ``rms_silu`` computes for x (N, C, *spatial), the norm's ``gamma`` (C, 1, .
     y = dtype(silu(y))                              (the block's ``nonlinearity``), when ``silu``
 
 That is ``WanRMS_norm`` (``channel_first``) and the SiLU after it in every residual block and at the head of the
-Wan VAE's encoder and decoder. Eagerly, at bf16, it is eight kernels over the whole activation, four of them
-in fp32 (the upcast, the norm, the division, the downcast, three multiplies/adds and SiLU); at 1280x704 the
-decoder's top stage holds 256 channels x 4 frames x 352 x 640 positions per chunk. The kernel reads x twice (a
-sum of squares over C, then the normalization) and writes y once.
+Wan VAE's encoder and decoder. Eagerly, at bf16, that is eight passes over the whole activation, four of them
+over fp32 copies: the upcast, the norm, the division, the downcast, the two multiplies, the bias add and SiLU.
+At 1280x704 the decoder's top stage holds 256 channels x 4 frames x 352 x 640 positions per chunk. The kernel
+reads x twice (a sum of squares over C, then the normalization) and writes y once: at that shape 0.45 ms in
+channels_last_3d (0.73 ms channels-first) against 3.80 ms for diffusers' modules, and 99.999% of the bf16
+values bit-equal to theirs, the rest within 4.2 ulps (H100, benchmarks/results/kernels-vae-h100.json).
 
 - ``rms_silu``: the API; ``path`` "triton" (CUDA) or "torch" (the twin).
 - ``rms_silu_torch``: the twin, diffusers' expressions.
