@@ -129,3 +129,25 @@ def test_engine_plans_fast_vae_and_turns_it_off(engine):
     assert on.plan.fast_vae and any(isinstance(m, RmsSilu) for m in on.c.vae.modules())
     off = engine("tiny-ti2v", fast_vae=False)
     assert not off.plan.fast_vae and not any(isinstance(m, RmsSilu) for m in off.c.vae.modules())
+
+
+def test_a_split_decode_gives_the_accelerated_forwards_back():
+    """``distributed.vae_split.banded`` swaps the row-reading convolutions' forwards for the length of a decode;
+    afterwards each has the forward it had before (here: Artifex's), not diffusers' default."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+
+    from artifex.distributed.vae_split import banded
+    from artifex.models.configs import vae_kwargs
+
+    vae = AutoencoderKLWan(**vae_kwargs(get_model("tiny-ti2v"))).eval()
+    accelerate_vae(vae)
+    convs = [m for m in vae.decoder.modules() if isinstance(m, wan.WanCausalConv3d)]
+    before = {id(m): m.__dict__["forward"] for m in convs}
+    with banded(vae.decoder, bands=None):  # the bands are only read while decoding
+        assert any(m.__dict__["forward"] is not before[id(m)] for m in convs)
+    assert all(m.__dict__["forward"] is before[id(m)] for m in convs)
+    accelerate_vae(vae, on=False)
+    with banded(vae.decoder, bands=None):
+        pass
+    assert not any("forward" in m.__dict__ for m in convs)  # diffusers' own again

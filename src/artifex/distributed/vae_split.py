@@ -173,15 +173,20 @@ def banded_modules(decoder: torch.nn.Module, bands: RowBands) -> list[tuple[torc
 
 @contextlib.contextmanager
 def banded(decoder: torch.nn.Module, bands: RowBands):
-    """The decoder's row-reading modules exchange rows with the other bands while inside."""
+    """The decoder's row-reading modules exchange rows with the other bands while inside; on exit each module gets
+    back the forward it had (diffusers' own, or the one ``engine.vae.accelerate_vae`` set)."""
     changed = banded_modules(decoder, bands)
+    before = [(m, m.__dict__.get("forward")) for m, _ in changed]
     try:
         for m, forward in changed:
             m.forward = forward
         yield
     finally:
-        for m, _ in changed:
-            m.__dict__.pop("forward", None)
+        for m, forward in before:
+            if forward is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = forward
 
 
 class SplitDecode:
