@@ -151,3 +151,19 @@ def test_a_split_decode_gives_the_accelerated_forwards_back():
     with banded(vae.decoder, bands=None):
         pass
     assert not any("forward" in m.__dict__ for m in convs)  # diffusers' own again
+
+
+def test_forwards_set_by_others_are_left_alone():
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+
+    from artifex.models.configs import vae_kwargs
+
+    vae = AutoencoderKLWan(**vae_kwargs(get_model("tiny-ti2v"))).eval()
+    conv = next(m for m in vae.decoder.modules() if isinstance(m, wan.WanCausalConv3d))
+    hook = conv.forward  # stands in for an offload hook's wrapper, set on the instance
+    conv.forward = hook
+    accelerate_vae(vae)
+    assert conv.__dict__["forward"] is hook
+    accelerate_vae(vae, on=False)
+    assert conv.__dict__["forward"] is hook

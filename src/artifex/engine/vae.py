@@ -137,11 +137,14 @@ def _swap_norms(module: nn.Module, names: tuple[str, ...], on: bool) -> int:
 
 
 def _swap_forward(module: nn.Module, forward, on: bool) -> int:
-    swapped = "forward" in module.__dict__
-    if on and not swapped:
+    """Set ``forward`` as the module's own forward, or take it away; a forward someone else set on the instance
+    (an offload hook's, a split decode's) is left alone either way."""
+    current = module.__dict__.get("forward")
+    ours = getattr(current, "__func__", None) is forward
+    if on and current is None:
         module.forward = types.MethodType(forward, module)
         return 1
-    if not on and swapped:
+    if not on and ours:
         del module.forward
         return 1
     return 0
