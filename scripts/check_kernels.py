@@ -335,7 +335,7 @@ def check_vae(args) -> dict:
     from diffusers.models.autoencoders import autoencoder_kl_wan as wan
     from torch.profiler import ProfilerActivity, profile
 
-    from artifex.engine.vae import accelerate_vae, decode_stream
+    from artifex.engine.vae import accelerate_vae, decode_stream, set_layout
     from artifex.kernels import rms_silu as rs
     from artifex.models.configs import vae_kwargs
     from artifex.models.registry import get_model
@@ -352,18 +352,18 @@ def check_vae(args) -> dict:
     _, t, h, w = spec.latent_shape(1280, 704, 121)
     g = torch.Generator(dev).manual_seed(6)
     z = torch.randn(1, spec.vae.z_dim, t, h, w, device=dev, dtype=dt, generator=g)
-    shapes: dict = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a: shapes.setdefault((tuple(a[0].shape), id(mod)), mod) and None)
-             for m in vae.decoder.modules() if isinstance(m, wan.WanRMS_norm) and m.channel_first]
+    distinct: dict = {}  # input shape -> the first norm seen with it
+
+    def record(mod, args):
+        if args[0].dim() == 5:  # the residual blocks' and the head's norms (the attention's norm sees 2-D frames)
+            distinct.setdefault(tuple(args[0].shape), mod)
+
+    hooks = [m.register_forward_pre_hook(record) for m in vae.decoder.modules() if isinstance(m, wan.WanRMS_norm)]
     with torch.no_grad():
         for _ in decode_stream(vae, z[:, :, :3]):
             pass
     for hk in hooks:
         hk.remove()
-    distinct = {}
-    for (shape, _), mod in shapes.items():
-        if len(shape) == 5:  # the residual blocks' and the head's norms (the attention's norm sees 2-D frames)
-            distinct.setdefault(shape, mod)
     out = {"latents": list(z.shape), "norms": [], "decode": {}}
     silu = torch.nn.SiLU()
     for shape, norm in sorted(distinct.items()):
@@ -396,10 +396,7 @@ def check_vae(args) -> dict:
     pixels = {}
     for name in ("diffusers", "artifex", "artifex_channels_last"):
         accelerate_vae(vae, on=name != "diffusers")
-        if name == "artifex_channels_last":
-            for p in vae.parameters():
-                if p.dim() == 5:
-                    p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        set_layout(vae, name == "artifex_channels_last")
         times = []
         try:
             with torch.no_grad():

@@ -314,9 +314,9 @@ def _ada(norm, x, mod, index, norm_path: str, shift=None, scale=None, res=None, 
     row for the fp8 layers that read it (h is then (e4m3, scales), which ``_in_proj`` takes)."""
     if norm_path == "torch":
         out, h = ada_norm_torch(x, mod, index, None, shift, scale, res, gate, norm=norm)
-        return (x if out is None else out), h
-    out, h = ada_norm(x, mod, index, norm.eps, shift, scale, res, gate, norm.weight, norm.bias,
-                      quantize=norm_path == "triton_fp8", path="triton")
+    else:
+        out, h = ada_norm(x, mod, index, norm.eps, shift, scale, res, gate, norm.weight, norm.bias,
+                          quantize=norm_path == "triton_fp8", path="triton")
     return (x if out is None else out), h
 
 

@@ -30,7 +30,7 @@ from artifex.engine.memory import estimate, plan_memory, prefetch_fits, prefetch
 from artifex.engine.placement import Placement
 from artifex.engine.plan import Plan, make_plan, memory_budget, requested_tier
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
-from artifex.engine.vae import accelerate_vae, decode_any
+from artifex.engine.vae import accelerate_vae, decode_any, set_layout
 from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
 from artifex.kernels.fp8 import unquantized
@@ -224,10 +224,7 @@ class Engine:
             self._tile_vae()
         if p.vae_slicing:
             c.vae.enable_slicing()
-        layout = torch.channels_last_3d if p.channels_last else torch.contiguous_format  # either way: shared parts
-        for param in c.vae.parameters():
-            if param.dim() == 5:
-                param.data = param.data.contiguous(memory_format=layout)
+        set_layout(c.vae, p.channels_last)
         for expert in c.experts:
             if p.fast_dit:  # fuses q/k/v: after loading and fp8 quantization, before the tier's hooks (apply)
                 accelerate_model(expert, compile_blocks=p.compile)

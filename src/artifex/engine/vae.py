@@ -68,6 +68,15 @@ def decode_any(vae, z: torch.Tensor) -> Iterator[torch.Tensor]:
         yield vae.decode(z, return_dict=False)[0]
 
 
+def set_layout(vae: nn.Module, channels_last: bool) -> None:
+    """Put the VAE's 3-D convolution weights in channels_last_3d (cuDNN then keeps the activations in that layout)
+    or back in the default layout; in place, so components shared by engines are set either way."""
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    for param in vae.parameters():
+        if param.dim() == 5:
+            param.data = param.data.contiguous(memory_format=layout)
+
+
 class RmsSilu(nn.Module):
     """A ``WanRMS_norm`` and the SiLU after it as one module, over the norm's own parameters (state dict keys stay
     those of the norm it replaces)."""

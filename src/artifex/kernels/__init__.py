@@ -9,6 +9,11 @@ Nothing here is wired into a model: the engine applies these from outside.
 
 from dataclasses import dataclass
 
+import torch
+
+FP8 = torch.float8_e4m3fn  # the e4m3 format every fp8 path here uses
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -28,8 +33,6 @@ def compile_static(fn, fullgraph: bool = False, backend: str = "inductor"):
     """``torch.compile(fn, dynamic=False)`` (one specialised graph per input shape) with the process-wide
     recompile limit raised to at least ``RECOMPILE_LIMIT`` (never lowered), so shapes past the eighth are
     compiled too instead of falling back to eager."""
-    import torch
-
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(fn, fullgraph=fullgraph, dynamic=False, backend=backend)

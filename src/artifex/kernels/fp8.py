@@ -49,15 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from artifex.kernels import Decision
+from artifex.kernels import FP8, FP8_MAX, Decision
 from artifex.kernels.qk_norm_rope import triton, triton_decision
 
 if triton is not None:
     import triton.language as tl
 
 Tensor = torch.Tensor
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _TINY = 1e-12  # floor of amax, so an all-zero row or channel gets a finite scale
 # Layers kept in their precision by default: embedders and the timestep projection (small, early,
 # sensitive), the final projection to latents, and anything named as a norm.

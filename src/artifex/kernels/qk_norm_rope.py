@@ -32,12 +32,10 @@ from functools import cache
 
 import torch
 
-from artifex.kernels import Decision
+from artifex.kernels import FP8, FP8_MAX, Decision
 
 Tensor = torch.Tensor
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FP8_E4M3 = torch.float8_e4m3fn
-FP8_E4M3_MAX = float(torch.finfo(FP8_E4M3).max)  # 448
 INSTALL = "pip install triton (bundled with CUDA builds of PyTorch)"
 
 try:  # Triton is optional: CPU builds of PyTorch come without it
@@ -169,13 +167,27 @@ def _norm_rope_torch(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Te
     return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(dtype or x.dtype)
 
 
+def _prepare(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float | None, cos: Tensor, sin: Tensor,
+             heads: int, path: str) -> tuple[float, Tensor, Tensor]:
+    """What every entry point does first: refuse a ``path`` that cannot run here (naming why), check the shapes
+    (the twin), and return the norm's epsilon and the compact rotary table on q's device."""
+    if path == "triton":
+        why = _triton_blocker(q.device, q.dtype)
+        if why:
+            raise RuntimeError(f"qk_norm_rope Triton kernel cannot run: {why}")
+    elif path != "torch":
+        raise ValueError(f"unknown path {path!r}; paths: triton, torch")
+    cos, sin = compact_rope(cos, sin)
+    cos, sin = cos.to(q.device), sin.to(q.device)
+    if path == "torch":
+        _shapes(q, k, weight_q, weight_k, heads, cos)
+    return _eps(eps, q.dtype), cos, sin
+
+
 def qk_norm_rope_torch(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float | None,
                        cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     """The plain PyTorch twin: same math as the kernel, fp32 inside, (B, L, H, D) out."""
-    cos, sin = compact_rope(cos, sin)
-    cos, sin = cos.to(q.device), sin.to(q.device)
-    _shapes(q, k, weight_q, weight_k, heads, cos)
-    e = _eps(eps, q.dtype)
+    e, cos, sin = _prepare(q, k, weight_q, weight_k, eps, cos, sin, heads, "torch")
     return (_norm_rope_torch(q, weight_q, e, cos, sin, heads).contiguous(),
             _norm_rope_torch(k, weight_k, e, cos, sin, heads).contiguous())
 
@@ -186,7 +198,7 @@ if triton is not None:
     @triton.jit
     def _norm_rope_row(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, inv_ptr, row, seq_len, stride_b, stride_l, eps,
                        fp8_max, HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       FP8: tl.constexpr):
+                       E4M3: tl.constexpr):
         HALF: tl.constexpr = HEAD_DIM // 2
         row64 = row.to(tl.int64)
         bi = row64 // seq_len
@@ -204,7 +216,7 @@ if triton is not None:
         c = tl.load(cos_ptr + li * HALF + j)[None, :]
         s = tl.load(sin_ptr + li * HALF + j)[None, :]
         out = tl.reshape(tl.join(a * c - b * s, a * s + b * c), (HEADS_P2, HEAD_DIM))
-        if FP8:  # e4m3 at the head's static scale (``fp8_head_scales``): no amax pass over the output
+        if E4M3:  # e4m3 at the head's static scale (``fp8_head_scales``): no amax pass over the output
             inv = tl.load(inv_ptr + tl.arange(0, HEADS_P2), mask=tl.arange(0, HEADS_P2) < HEADS, other=0.0)
             out = tl.minimum(tl.maximum(out * inv[:, None], -fp8_max), fp8_max)
         tl.store(out_ptr + row64 * (HEADS * HEAD_DIM) + col, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -213,14 +225,14 @@ if triton is not None:
     def _qk_norm_rope_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, q_inv_ptr, k_inv_ptr,
                              seq_len, q_stride_b, q_stride_l, k_stride_b, k_stride_l, eps, fp8_max,
                              HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             FP8: tl.constexpr):
+                             E4M3: tl.constexpr):
         row = tl.program_id(0)
         if tl.program_id(1) == 0:
             _norm_rope_row(q_ptr, wq_ptr, qo_ptr, cos_ptr, sin_ptr, q_inv_ptr, row, seq_len, q_stride_b, q_stride_l,
-                           eps, fp8_max, HEADS, HEADS_P2, HEAD_DIM, FP8)
+                           eps, fp8_max, HEADS, HEADS_P2, HEAD_DIM, E4M3)
         else:
             _norm_rope_row(k_ptr, wk_ptr, ko_ptr, cos_ptr, sin_ptr, k_inv_ptr, row, seq_len, k_stride_b, k_stride_l,
-                           eps, fp8_max, HEADS, HEADS_P2, HEAD_DIM, FP8)
+                           eps, fp8_max, HEADS, HEADS_P2, HEAD_DIM, E4M3)
 
 
 def _launch(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float, cos: Tensor, sin: Tensor,
@@ -233,7 +245,7 @@ def _launch(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float
     if q.stride(2) != 1 or k.stride(2) != 1:  # rows may be strided (views of a fused qkv), channels not
         q, k = q.contiguous(), k.contiguous()
     fp8 = q_inv is not None
-    q_out = torch.empty((b, n, heads, d), device=q.device, dtype=out_dtype or (FP8_E4M3 if fp8 else q.dtype))
+    q_out = torch.empty((b, n, heads, d), device=q.device, dtype=out_dtype or (FP8 if fp8 else q.dtype))
     k_out = torch.empty_like(q_out)
     if b * n == 0:
         return q_out, k_out
@@ -242,8 +254,8 @@ def _launch(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float
     _qk_norm_rope_kernel[(b * n, 2)](
         q, k, weight_q.contiguous(), weight_k.contiguous(), q_out, k_out, cos, sin,
         q_inv if fp8 else cos, k_inv if fp8 else cos, n,  # (cos: a pointer never read when not fp8)
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), eps, FP8_E4M3_MAX,
-        HEADS=heads, HEADS_P2=heads_p2, HEAD_DIM=d, FP8=fp8, num_warps=warps)
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), eps, FP8_MAX,
+        HEADS=heads, HEADS_P2=heads_p2, HEAD_DIM=d, E4M3=fp8, num_warps=warps)
     return q_out, k_out
 
 
@@ -270,7 +282,7 @@ def _qk_norm_rope_fp8_op(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tenso
 @_qk_norm_rope_fp8_op.register_fake
 def _qk_norm_rope_fp8_fake(q, k, weight_q, weight_k, eps, cos, sin, heads, q_inv, k_inv):
     b, n, width = q.shape
-    out = q.new_empty((b, n, heads, width // heads), dtype=FP8_E4M3)
+    out = q.new_empty((b, n, heads, width // heads), dtype=FP8)
     return out, torch.empty_like(out)
 
 
@@ -282,7 +294,7 @@ def fp8_head_scales(weight: Tensor, heads: int) -> Tensor:
     448 no amax pass is needed; e4m3 is floating point, so values far below the bound keep their 3 mantissa
     bits (only those under 2^-6 of the scale, i.e. ~1/64 of sqrt(C)/448 of the bound, become subnormal)."""
     width = weight.shape[0]
-    return (weight.float().abs().view(heads, -1).amax(1) * width**0.5).clamp_min(1e-12) / FP8_E4M3_MAX
+    return (weight.float().abs().view(heads, -1).amax(1) * width**0.5).clamp_min(1e-12) / FP8_MAX
 
 
 def qk_norm_rope_fp8(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float | None, cos: Tensor,
@@ -292,41 +304,27 @@ def qk_norm_rope_fp8(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, e
     (B, H) fp32 (``fp8_head_scales``, as FlashAttention-3's ``q_descale``/``k_descale`` take them). The twin
     quantizes the fp32 result the same way."""
     path = path or decide(q.device, q.dtype).path
+    e, cos, sin = _prepare(q, k, weight_q, weight_k, eps, cos, sin, heads, path)
     dq, dk = fp8_head_scales(weight_q, heads), fp8_head_scales(weight_k, heads)
     b = q.shape[0]
     if path == "triton":
-        why = _triton_blocker(q.device, q.dtype)
-        if why:
-            raise RuntimeError(f"qk_norm_rope Triton kernel cannot run: {why}")
-        cos, sin = compact_rope(cos, sin)
-        q8, k8 = _qk_norm_rope_fp8_op(q, k, weight_q, weight_k, _eps(eps, q.dtype), cos.to(q.device),
-                                      sin.to(q.device), heads, 1 / dq, 1 / dk)
-    elif path == "torch":
-        cos, sin = compact_rope(cos, sin)
-        cos, sin = cos.to(q.device), sin.to(q.device)
-        _shapes(q, k, weight_q, weight_k, heads, cos)
-        e = _eps(eps, q.dtype)
+        q8, k8 = _qk_norm_rope_fp8_op(q, k, weight_q, weight_k, e, cos, sin, heads, 1 / dq, 1 / dk)
+    else:
         q8, k8 = (_quantize_static(_norm_rope_torch(x, w, e, cos, sin, heads, torch.float32), s)
                   for x, w, s in ((q, weight_q, dq), (k, weight_k, dk)))
-    else:
-        raise ValueError(f"unknown path {path!r}; paths: triton, torch")
     return (q8, dq.expand(b, heads).contiguous()), (k8, dk.expand(b, heads).contiguous())
 
 
 def _quantize_static(y: Tensor, descale: Tensor) -> Tensor:
     """fp32 (B, L, H, D) over the per-head ``descale`` (H,), clamped, e4m3; contiguous."""
-    return (y / descale[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_E4M3).contiguous()
+    return (y / descale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
 
 
 def qk_norm_rope_triton(q: Tensor, k: Tensor, weight_q: Tensor, weight_k: Tensor, eps: float | None,
                         cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     """The Triton kernel: one launch for q and k; refuses with the reason when it cannot run here."""
-    why = _triton_blocker(q.device, q.dtype)
-    if why:
-        raise RuntimeError(f"qk_norm_rope Triton kernel cannot run: {why}")
-    cos, sin = compact_rope(cos, sin)
-    cos, sin = cos.to(q.device), sin.to(q.device)
-    return _qk_norm_rope_op(q, k, weight_q, weight_k, _eps(eps, q.dtype), cos, sin, heads)
+    e, cos, sin = _prepare(q, k, weight_q, weight_k, eps, cos, sin, heads, "triton")
+    return _qk_norm_rope_op(q, k, weight_q, weight_k, e, cos, sin, heads)
 
 
 # -- the API ------------------------------------------------------------------------------
