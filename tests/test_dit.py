@@ -10,7 +10,7 @@ from diffusers import WanTransformer3DModel
 
 from artifex.attention import install
 from artifex.attention.processor import AttentionRuntime
-from artifex.engine.dit import accelerate_model, clear_caches, modulation, restore_model
+from artifex.engine.dit import accelerate_model, clear_caches, modulation, restore_model, share_first_block
 
 
 def _rel(a, b):
@@ -110,6 +110,68 @@ def test_text_kv_is_computed_once_per_context_tensor_two_kept_and_follows_a_new_
         clear_caches(fast)
         again = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
     assert torch.equal(again, first)
+
+
+def test_cfg_passes_share_the_first_blocks_self_attention_bit_for_bit():
+    """Inside ``share_first_block`` the second pass on the same latents and timestep takes the first block's
+    self-attention branch from the first pass; any other input (a changed tensor, another timestep tensor)
+    computes its own. Outputs are the same tensors as without sharing."""
+    plain, fast = _pair()
+    x, text, _ = _inputs(plain)
+    uncond = torch.randn_like(text)
+    t = torch.tensor([700.0, 700.0])
+    calls = []
+    attention, rest = fast.blocks[0]._artifex_core
+    fast.blocks[0]._artifex_core = (lambda *a: calls.append(1) or attention(*a), rest)
+    state = fast._artifex_dit
+
+    def cfg_step(x, t):
+        return [fast(hidden_states=x, timestep=t, encoder_hidden_states=c, return_dict=False)[0]
+                for c in (text, uncond)]
+
+    with torch.no_grad():
+        alone = cfg_step(x, t)
+        assert len(calls) == 2
+        with share_first_block(fast):
+            shared = cfg_step(x, t)
+            assert len(calls) == 3 and state.share.res is None  # taken by the second pass, not held past it
+            moved = x + 0.25
+            first = fast(hidden_states=moved, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            moved.mul_(2.0)  # changed in place between the passes: the second computes its own
+            second = fast(hidden_states=moved, timestep=t, encoder_hidden_states=uncond, return_dict=False)[0]
+            fast(hidden_states=x, timestep=t.clone(), encoder_hidden_states=text, return_dict=False)
+            assert len(calls) == 6
+        assert not state.sharing and state.share is None
+        fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)
+        assert len(calls) == 7
+        ref = plain(hidden_states=(x + 0.25) * 2.0, timestep=t, encoder_hidden_states=uncond, return_dict=False)[0]
+        with share_first_block(plain):  # diffusers' forward: runs as it is
+            plain_out = plain(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert all(torch.equal(a, b) for a, b in zip(shared, alone))
+    assert _rel(first, plain(hidden_states=x + 0.25, timestep=t, encoder_hidden_states=text,
+                             return_dict=False)[0]) < 1e-5
+    assert _rel(second, ref) < 1e-5 and _rel(alone[0], plain_out) < 1e-5
+
+
+def test_engine_cfg_sharing_leaves_the_video_unchanged(engine, tmp_path, monkeypatch):
+    """CFG in two passes (the default) with and without the first block's shared self-attention: the same
+    latents, bit for bit."""
+    import contextlib
+
+    from artifex.engine import pipeline
+    from artifex.engine.request import GenerationRequest
+
+    eng = engine("tiny-ti2v")
+    assert eng.plan.cfg_batch == 1
+
+    def run():
+        req = GenerationRequest(model="tiny-ti2v", prompt="a lighthouse in fog", seed=5, steps=3, frames=5,
+                                output=str(tmp_path / "v.mp4"))
+        return eng.generate(req).latents
+
+    shared = run()
+    monkeypatch.setattr(pipeline, "share_first_block", lambda model: contextlib.nullcontext())
+    assert torch.equal(run(), shared)
 
 
 def test_restore_gives_diffusers_forward_back():

@@ -396,8 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "vs Artifex, per-stage time and peak memory (GPU)")
     bp.add_argument("--model", default="ti2v-5b")
     bp.add_argument("--configs", nargs="+", default=["bf16", "fp8"], choices=list(PIPELINE_CONFIGS),
-                    help="Artifex runs: bf16 (compiled, batched CFG, bf16 VAE), fp8 (the same + fp8=all), default "
-                         "(OptimizationConfig's defaults)")
+                    help="Artifex runs: bf16 (compiled, CFG in two passes, bf16 VAE), fp8 (the same + fp8=all), "
+                         "default (OptimizationConfig's defaults)")
     bp.add_argument("--diffusers", default="full", choices=["full", "forwards", "off"],
                     help="full: diffusers' whole run; forwards: 3 steps, denoise estimated x steps; off")
     bp.add_argument("--steps", type=int)

@@ -5,11 +5,12 @@
 DIT_VARIANTS = ("diffusers_default", "diffusers_best", "artifex_bf16", "artifex_fp8")
 # bench dit, run only when named: Artifex bf16 with one change switched off
 DIT_ABLATIONS = ("artifex_bf16_unfused_qkv", "artifex_bf16_no_gelu_epilogue", "artifex_bf16_no_ada_norm")
-# bench pipeline: name -> OptimizationConfig fields; "bf16" is Artifex's fastest lossless setup
+# bench pipeline: name -> OptimizationConfig fields; "bf16" is Artifex's fastest lossless setup. CFG runs in two
+# passes (max_batch_size 1): at 720p one batch of two is no faster (benchmarks/probes/probe1-h100.json: 1606.9 ms
+# against 2 x 798.1), and two passes share the first block's self-attention (engine.dit.share_first_block).
 PIPELINE_CONFIGS = {
-    "bf16": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16"},
-    "fp8": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16", "fp8": "all"},
-    "fp8_bf16_ends": {"use_torch_compile": True, "max_batch_size": 2, "vae_precision": "bf16", "fp8": "all",
-                      "fp8_bf16_steps": 2},
+    "bf16": {"use_torch_compile": True, "vae_precision": "bf16"},
+    "fp8": {"use_torch_compile": True, "vae_precision": "bf16", "fp8": "all"},
+    "fp8_bf16_ends": {"use_torch_compile": True, "vae_precision": "bf16", "fp8": "all", "fp8_bf16_steps": 2},
     "default": {},
 }

@@ -43,7 +43,7 @@ def dit_activation(model: str, width: int, height: int, frames: int, device, pat
 
     from artifex.attention import AttentionRuntime
     from artifex.attention.processor import install
-    from artifex.engine.dit import accelerate_model
+    from artifex.engine.dit import accelerate_model, share_first_block
     from artifex.engine.placement import group_offload
     from artifex.models.loader import cast_keeping_fp32
 
@@ -67,9 +67,10 @@ def dit_activation(model: str, width: int, height: int, frames: int, device, pat
                                          "block_offload")
         group_offload(m.to("cpu"), "block_offload", torch.device(device))
 
-    def cfg_step():
-        for text in texts:
-            m(hidden_states=x, timestep=step, encoder_hidden_states=text, return_dict=False)
+    def cfg_step():  # as the engine runs CFG in two passes
+        with share_first_block(m):
+            for text in texts:
+                m(hidden_states=x, timestep=step, encoder_hidden_states=text, return_dict=False)
 
     cfg_step()  # the first forward builds caches (RoPE tables, the offload's prefetch order)
     gib, secs = _peak(cfg_step, device)

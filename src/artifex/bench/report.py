@@ -55,6 +55,30 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
+def matmul_sustained_tflops(device: torch.device, seconds: float = 3.0,
+                            dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """bf16 matmul throughput the card holds under load (GPU only, else None): 8192^3 products back to back for
+    ``seconds``, so the SM clock settles where sustained tensor-core work keeps it, then 20 more timed as one.
+    ``matmul_peak_tflops`` times single products with idle gaps between them, at the boost clock; a whole DiT
+    forward runs at the lower one (benchmarks/probes/probe6-h100.json)."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize(device)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    stop.record()
+    torch.cuda.synchronize(device)
+    return 20 * 2 * n**3 / (start.elapsed_time(stop) / 1e3) / 1e12
+
+
 def write(out_dir: Path, stem: str, data: dict, markdown: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"

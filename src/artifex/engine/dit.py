@@ -11,6 +11,9 @@ changing what is computed:
   embeddings, so each block computes them on its first step for a given context tensor and
   reuses them for every later step of the request (the engine passes the same tensors; two
   are kept per block, for CFG's conditional and unconditional passes);
+- **the first block's self-attention once per CFG step** (``share_first_block``): CFG's two passes read the
+  same latents and timestep and differ first in the first block's cross-attention, so the second pass takes
+  the first's self-attention branch as it is (bit for bit);
 - **RoPE tables per shape**: built once per latent shape (and per sequence shard), kept in
   the compact (L, D/2) cos/sin form the fused kernel reads;
 - **fused QK RMSNorm + RoPE** (``artifex.kernels``: Triton on CUDA, a PyTorch twin elsewhere); with fp8
@@ -39,11 +42,13 @@ modules, so it runs before anything hooks them (``Engine._place_models``: after 
 fp8 quantization, before the memory tier). ``restore_model`` puts diffusers' forwards back and
 splits ``to_qkv`` into the three layers again (kept fused, which diffusers' and Artifex's
 processors both run, while diffusers hooks are on the model). A block's tensor work is one
-function (``block_core``), the unit that ``torch.compile`` compiles once for all blocks of a model.
+function (``block_core``, in two parts: the self-attention and the rest), the units that ``torch.compile``
+compiles once for all blocks of a model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from dataclasses import dataclass
@@ -82,13 +87,55 @@ def pick(mod: torch.Tensor, j: int, index: torch.Tensor | None) -> torch.Tensor:
     return mod[:, j].unsqueeze(1) if index is None else mod[:, j][index]
 
 
+@dataclass
+class FirstBlockShare:
+    """The first block's self-attention residual branch for one model input (``share_first_block``): the input
+    tensors themselves and their versions (an in-place change between two passes makes them differ)."""
+
+    hidden_states: torch.Tensor
+    timestep: torch.Tensor
+    versions: tuple[int, int]
+    res: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, hidden_states: torch.Tensor, timestep: torch.Tensor) -> FirstBlockShare:
+        return cls(hidden_states, timestep, (hidden_states._version, timestep._version))
+
+    def matches(self, hidden_states: torch.Tensor, timestep: torch.Tensor) -> bool:
+        return (hidden_states is self.hidden_states and timestep is self.timestep
+                and (hidden_states._version, timestep._version) == self.versions)
+
+
 class DiTState:
     """Per-model caches: RoPE tables by latent shape (kept for the model's life: they depend only on the shape,
-    the device and the hooks on ``rope``), text context by context tensor (one request's)."""
+    the device and the hooks on ``rope``), text context by context tensor (one request's), and, inside
+    ``share_first_block``, the first block's self-attention for the current input."""
 
     def __init__(self):
         self.rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.context: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # (given, image, projected)
+        self.sharing = False
+        self.share: FirstBlockShare | None = None
+
+
+@contextlib.contextmanager
+def share_first_block(model):
+    """Within it, forwards of ``model`` on the same ``hidden_states`` and ``timestep`` tensors (unchanged in
+    between) compute the first block's self-attention once: CFG's two passes of a step. The passes differ only
+    in the text context, which the first block reads after its self-attention (in its cross-attention), so the
+    second pass takes the first's residual branch as it is: the same tensor, bit for bit. Saved per step: one
+    of the forward's self-attentions (at TI2V-5B 720p, one of 30 blocks' FA3 call and its q/k/v and output
+    GEMMs). Held: that branch, (B, L, dim) in the model's dtype, from the first block of the first pass to the
+    first block of the second. A model without Artifex's forward runs as it is; nothing is kept on exit."""
+    state = getattr(model, "_artifex_dit", None)
+    if state is None:
+        yield
+        return
+    state.sharing = True
+    try:
+        yield
+    finally:
+        state.sharing, state.share = False, None
 
 
 def modulation(model, timestep: torch.Tensor, like: torch.Tensor) -> Modulation:
@@ -142,8 +189,14 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
     mod = modulation(self, timestep, encoder_hidden_states)
 
     qk_path = _qk_path(self, x)
-    for block in self.blocks:  # plain tuples, so hooks that move a block's inputs (split.py) see every tensor
-        x = block(x, context, (mod.rows, mod.index), rope, qk_path)
+    share = None
+    if state.sharing:
+        if state.share is None or not state.share.matches(hidden_states, timestep):
+            state.share = FirstBlockShare.of(hidden_states, timestep)
+        share = state.share
+    for i, block in enumerate(self.blocks):  # plain tuples, so hooks that move a block's inputs (split.py) see
+        shared = (share,) if share is not None and i == 0 else ()  # every tensor
+        x = block(x, context, (mod.rows, mod.index), rope, qk_path, *shared)
 
     table = mod_table(self.scale_shift_table, mod.temb.unsqueeze(1))
     shift, scale = pick(table, 0, mod.index), pick(table, 1, mod.index)  # (B, L or 1, dim)
@@ -163,15 +216,25 @@ def _qk_path(model, x: torch.Tensor) -> str:
 
 
 def block_forward(self, x: torch.Tensor, context: torch.Tensor, mod: tuple[torch.Tensor, torch.Tensor | None],
-                  rope: tuple[torch.Tensor, torch.Tensor], qk_path: str = "torch") -> torch.Tensor:
+                  rope: tuple[torch.Tensor, torch.Tensor], qk_path: str = "torch",
+                  share: FirstBlockShare | None = None) -> torch.Tensor:
     """Replaces ``WanTransformerBlock.forward``: text K/V from the cache, then the block's tensor work.
     ``mod`` is a ``Modulation``'s (rows, index); ``rope`` the compact (cos, sin) tables; ``qk_path`` which
     QK-norm + RoPE implementation runs ("triton" or "torch"; "_fp8" appended: it writes e4m3 q and k for
-    fa3-fp8, ``_qk_path``)."""
+    fa3-fp8, ``_qk_path``). ``share`` (the first block, under ``share_first_block``): where the self-attention's
+    residual branch is kept by the first pass of a CFG step and taken by the second."""
     k_txt, v_txt, k_img, v_img = _cross_kv(self, context)
     ffn_path = _ffn_path(self, x)
-    return self._artifex_core(self, x, mod[0], mod[1], rope[0], rope[1], k_txt, v_txt, k_img, v_img, qk_path,
-                              ffn_path, _out_path(self, x), _norm_path(self, x, ffn_path))
+    out_path, norm_path = _out_path(self, x), _norm_path(self, x, ffn_path)
+    attention, rest = self._artifex_core
+    res = None
+    if share is not None:  # the second pass takes the branch (so it is not held past this block)
+        res, share.res = share.res, None
+    if res is None:
+        res = attention(self, x, mod[0], mod[1], rope[0], rope[1], qk_path, out_path, norm_path)
+        if share is not None:
+            share.res = res
+    return rest(self, x, res, mod[0], mod[1], k_txt, v_txt, k_img, v_img, ffn_path, out_path, norm_path)
 
 
 def _epilogue_ffn(ffn) -> bool:
@@ -246,15 +309,22 @@ def _cross_kv(block, context: torch.Tensor):
 
 def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_path, ffn_path="module",
                out_path="module", norm_path="torch"):
-    """One Wan block on (B, L, dim) tokens; ``rows``/``index`` are the step's ``Modulation``. Each intermediate
-    is dropped (``del``) once used: eagerly (the default, and under offload hooks) Python would otherwise keep
-    every local alive to the end of the block, e.g. the fused q/k/v output through the feed-forward (2 A14B
-    blocks at 1280x720 over one CFG step, H200: 164 KB per token before, 92 after, diffusers' forward 114;
+    """One Wan block on (B, L, dim) tokens; ``rows``/``index`` are the step's ``Modulation``: ``attention_core``
+    then ``rest_core``, the two parts that are compiled (``compiled_block_core``). Each intermediate is dropped
+    (``del``) once used: eagerly (the default, and under offload hooks) Python would otherwise keep every local
+    alive to the end of the block, e.g. the fused q/k/v output through the feed-forward (2 A14B blocks at
+    1280x720 over one CFG step, H200: 164 KB per token before, 92 after, diffusers' forward 114;
     benchmarks/results/memory-stages-denoise-h200*.json). Compiled, inductor plans the buffers itself.
     ``norm_path`` (``_norm_path``): how the three adaptive norms run."""
-    mod = mod_table(block.scale_shift_table, rows)  # shift, scale, gate, c_shift, c_scale, c_gate
+    res = attention_core(block, x, rows, index, cos, sin, qk_path, out_path, norm_path)
+    return rest_core(block, x, res, rows, index, k_txt, v_txt, k_img, v_img, ffn_path, out_path, norm_path)
 
-    # 1. Self-attention: adaptive LayerNorm, q/k/v, fused QK RMSNorm + RoPE, attention, gated residual.
+
+def attention_core(block, x, rows, index, cos, sin, qk_path, out_path="module", norm_path="torch"):
+    """1. Self-attention: adaptive LayerNorm, q/k/v, fused QK RMSNorm + RoPE, attention, output projection.
+    Returns the residual branch, before its gate (``rest_core`` adds it). It reads only the tokens and the
+    timestep, so CFG's two passes of a step compute the same one in the first block (``share_first_block``)."""
+    mod = mod_table(block.scale_shift_table, rows)
     attn = block.attn1
     _, h = _ada(block.norm1, x, mod, index, norm_path, shift=0, scale=1)
     if attn.fused_projections:
@@ -271,8 +341,15 @@ def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_p
                             qk_path)
         o = attn.processor.runtime(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
     del q, k, v
-    res = _out_proj(attn.to_out[0], o, out_path)
-    del o
+    return _out_proj(attn.to_out[0], o, out_path)
+
+
+def rest_core(block, x, res, rows, index, k_txt, v_txt, k_img, v_img, ffn_path="module", out_path="module",
+              norm_path="torch"):
+    """2. and 3. of the block, given ``attention_core``'s residual branch ``res``: its gated residual, the
+    cross-attention on the cached text (and image) keys and values, the feed-forward. Returns the block's
+    output tokens."""
+    mod = mod_table(block.scale_shift_table, rows)  # shift, scale, gate, c_shift, c_scale, c_gate
 
     # 2. Cross-attention on the cached text (and image) keys and values; the gated residual goes in first.
     attn = block.attn2
@@ -343,12 +420,18 @@ def _norm_path(block, x: torch.Tensor, ffn_path: str) -> str:
     return "triton_fp8" if fp8 else "triton"
 
 
+EAGER_CORE = (attention_core, rest_core)
+
+
 @functools.cache
-def compiled_block_core(fullgraph: bool):
-    """``block_core`` compiled once per process: every block of every model shares its compiled graphs.
-    ``fullgraph=False`` is the variant that may break its graph, for attention runtimes that must run eagerly
-    (Ulysses' all-to-alls: ``allow_graph_breaks``)."""
-    return compile_static(block_core, fullgraph=fullgraph)
+def compiled_block_core(fullgraph: bool) -> tuple:
+    """``block_core``'s two parts (``attention_core``, ``rest_core``) compiled once per process: every block of
+    every model shares their compiled graphs. Two graphs rather than one, so that the first block can skip its
+    self-attention in CFG's second pass (``share_first_block``) without a third graph; nothing fuses across the
+    cut (the output projection's GEMM on one side, the residual + norm kernel on the other). ``fullgraph=False``
+    is the variant that may break its graph, for attention runtimes that must run eagerly (Ulysses'
+    all-to-alls: ``allow_graph_breaks``)."""
+    return tuple(compile_static(fn, fullgraph=fullgraph) for fn in EAGER_CORE)
 
 
 def allow_graph_breaks(model, allowed: bool) -> None:
@@ -453,7 +536,8 @@ def accelerate_model(model, compile_blocks: bool = False, fuse_projections: bool
 
     Needs Artifex's ``WanAttentionProcessor`` on every attention layer (``attention.install``):
     the blocks call the attention runtime it holds. ``compile_blocks`` compiles ``block_core``
-    once for the model (all blocks share the compiled code; shapes are static per request).
+    once for the model (two parts, ``compiled_block_core``; all blocks share the compiled code; shapes are
+    static per request).
     Self-attention q/k/v are fused (``fuse_qkv``) here, so call it after the weights are loaded
     (and fp8-quantized, if they are) and before memory-tier hooks go on.
     ``fuse_projections``, ``ffn_epilogue`` and ``ada_norms`` (the one-pass adaptive norms; all on by
@@ -465,7 +549,7 @@ def accelerate_model(model, compile_blocks: bool = False, fuse_projections: bool
         model.forward = types.MethodType(model_forward, model)
         for block in model.blocks:
             block.forward = types.MethodType(block_forward, block)
-    core = compiled_block_core(True) if compile_blocks else block_core
+    core = compiled_block_core(True) if compile_blocks else EAGER_CORE
     for block in model.blocks:
         (fuse_qkv if fuse_projections else unfuse_qkv)(block.attn1)
         block._artifex_kv = []

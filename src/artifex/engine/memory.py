@@ -144,6 +144,8 @@ def activations(spec: ModelSpec, width: int, height: int, frames: int, batch: in
         dit = batch * tokens * DIT_BYTES_PER_TOKEN_DIM * a.dim
         # the running expert's cached cross-attention K/V (``engine.dit``): every block, CFG's two contexts, bf16
         dit += a.layers * 2 * 2 * spec.text_len * a.dim * 2
+        if batch == 1:  # CFG in two passes: the first block's self-attention branch held between them, bf16
+            dit += tokens * a.dim * 2  # (``engine.dit.share_first_block``)
     else:
         dit = batch * tokens * (DIFFUSERS_BYTES_PER_TOKEN_DIM * a.dim + DIFFUSERS_BYTES_PER_TOKEN_FFN * a.ffn)
     if dit_forward == "diffusers_per_token":  # fp32 modulation per token (6 x dim) and its projection

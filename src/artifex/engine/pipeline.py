@@ -24,7 +24,7 @@ from PIL import Image
 
 from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
-from artifex.engine.dit import accelerate_model, clear_caches
+from artifex.engine.dit import accelerate_model, clear_caches, share_first_block
 from artifex.engine.fp8 import check_fp8, quantize_experts
 from artifex.engine.memory import estimate, plan_memory, prefetch_fits, prefetch_peak, tiers_for, weights_of
 from artifex.engine.placement import Placement
@@ -605,8 +605,11 @@ class Engine:
                          encoder_hidden_states=self._pair(model, cond, uncond), return_dict=False)[0].float()
             pos, neg = both.chunk(2)
         else:
-            pos = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0].float()
-            neg = model(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False)[0].float()
+            with share_first_block(model):  # the two passes' first self-attention is the same: computed once
+                pos = model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond,
+                            return_dict=False)[0].float()
+                neg = model(hidden_states=x, timestep=timestep, encoder_hidden_states=uncond,
+                            return_dict=False)[0].float()
         return neg + guidance * (pos - neg)
 
     def _pair(self, model, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
