@@ -75,8 +75,8 @@ def test_sidecar_holds_what_it_claims(engine, tmp_path):
     assert side["seed"] == 7
     assert side["settings"]["guidance"] == [5.0, 3.0] and side["settings"]["shift"] == 12.0
     assert side["settings"]["frames"] == 9 and side["settings"]["steps"] == 4
-    assert side["video"] == {"path": r.video_path.name, "codec": "h264", "pix_fmt": "yuv420p", "fps": 16,
-                             "frames": 9, "width": 160, "height": 96}
+    assert side["video"] == {"path": r.video_path.name, "codec": "h264", "pix_fmt": "yuv420p", "color": "bt709 tv",
+                             "fps": 16, "frames": 9, "width": 160, "height": 96}
     assert set(side["timings_s"]) >= {"load", "encode_text", "denoise", "decode", "write", "total"}
     assert all(v >= 0 for v in side["timings_s"].values())
     assert side["timings_s"]["total"] >= side["timings_s"]["denoise"]

@@ -57,3 +57,22 @@ def test_an_aborted_stream_leaves_no_file(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="uint8"):
         Mp4Stream(tmp_path / "y.mp4", fps=16).add(np.zeros((2, 32, 32, 3), dtype=np.float32))
+
+
+def test_mp4_is_bt709_and_tagged_so_colours_come_back(tmp_path):
+    """Flat colour patches: the stream is tagged BT.709 / limited range, its luma is BT.709's (pure red: 16 +
+    219 x 0.2126 = 62.6, where swscale's default BT.601 gives 81.5), and decoding by the tags returns the colours."""
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [200, 150, 120], [128, 128, 128]], dtype=np.uint8)
+    frames = np.repeat(np.repeat(colours[:, None, None, :], 32, 1), 32, 2)  # one 32x32 frame per colour
+    write_mp4(frames, tmp_path / "c.mp4", fps=16)
+    with av.open(str(tmp_path / "c.mp4")) as c:
+        cc = c.streams.video[0].codec_context
+        assert (cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range) == (1, 1, 1, 1)
+        decoded = list(c.decode(video=0))
+    planes = np.stack([f.to_ndarray(format="yuv420p") for f in decoded]).astype(float)  # (T, 48, 32): Y, U, V
+    y, u, v = planes[:, :32], planes[:, 32:40].reshape(-1, 16, 16), planes[:, 40:].reshape(-1, 16, 16)
+    assert abs(y[0, 16, 16] - 63) <= 1
+    # BT.709 limited range back to RGB at each patch's centre (chroma is stored at half resolution)
+    yc, uc, vc = (y[:, 16, 16] - 16) * 255 / 219, (u[:, 8, 8] - 128) * 255 / 224, (v[:, 8, 8] - 128) * 255 / 224
+    rgb = np.stack([yc + 1.5748 * vc, yc - 0.1873 * uc - 0.4681 * vc, yc + 1.8556 * uc], axis=1)
+    assert np.abs(rgb - colours).max() <= 4

@@ -625,8 +625,9 @@ class Engine:
         return {
             "artifex_sidecar": 1,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "video": {"path": r.video_path.name, "codec": "h264", "pix_fmt": "yuv420p", "fps": r.settings.fps,
-                      "frames": r.settings.frames, "width": r.settings.width, "height": r.settings.height},
+            "video": {"path": r.video_path.name, "codec": "h264", "pix_fmt": "yuv420p", "color": "bt709 tv",
+                      "fps": r.settings.fps, "frames": r.settings.frames, "width": r.settings.width,
+                      "height": r.settings.height},
             "request": request.to_dict(),
             "settings": r.settings.to_dict(),
             "seed": r.settings.seed,

@@ -1,4 +1,9 @@
-"""mp4 output: H.264 (libx264, yuv420p) through PyAV, written atomically, whole or as frames arrive."""
+"""mp4 output: H.264 (libx264, yuv420p) through PyAV, written atomically, whole or as frames arrive.
+
+Colour: RGB frames become limited-range BT.709 YUV, and the stream says so (colour primaries, transfer and
+matrix BT.709, range "tv"). Untagged, players pick the matrix themselves (BT.709 for HD sizes in most), while
+swscale's default conversion is BT.601: reds and skin tones came out shifted.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+BT709, TV_RANGE = 1, 1  # FFmpeg's AVCOL_PRI/TRC/SPC_BT709 and AVCOL_RANGE_MPEG (limited range)
 
 
 class Mp4Stream:
@@ -78,6 +85,8 @@ class Mp4Stream:
         self._stream = self._container.add_stream("libx264", rate=self.fps)
         self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
         self._stream.options = {"crf": str(self.crf), "preset": "medium"}
+        cc = self._stream.codec_context
+        cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = BT709, BT709, BT709, TV_RANGE
 
     def _encode(self, frames: np.ndarray) -> None:
         import av
@@ -85,7 +94,8 @@ class Mp4Stream:
         if self._container is None:
             self._open(frames.shape[1], frames.shape[2])
         for frame in frames:
-            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", dst_colorspace="ITU709")
+            self._container.mux(self._stream.encode(yuv))
 
     def _drain(self) -> None:
         while (frames := self._queue.get()) is not None:
