@@ -80,11 +80,13 @@ class Mp4Stream:
 
     def _open(self, height: int, width: int) -> None:
         import av
+        from av.video.reformatter import VideoReformatter
 
         self._container = av.open(str(self.tmp), mode="w", format="mp4", options={"movflags": "+faststart"})
         self._stream = self._container.add_stream("libx264", rate=self.fps)
         self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
         self._stream.options = {"crf": str(self.crf), "preset": "medium"}
+        self._to_yuv = VideoReformatter()
         cc = self._stream.codec_context
         cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = BT709, BT709, BT709, TV_RANGE
 
@@ -93,8 +95,9 @@ class Mp4Stream:
 
         if self._container is None:
             self._open(frames.shape[1], frames.shape[2])
-        for frame in frames:
-            yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", dst_colorspace="ITU709")
+        for frame in frames:  # one reformatter for the stream: a frame's own reformat builds a scaler every call
+            rgb = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            yuv = self._to_yuv.reformat(rgb, format="yuv420p", dst_colorspace="ITU709")
             self._container.mux(self._stream.encode(yuv))
 
     def _drain(self) -> None:
