@@ -41,8 +41,8 @@ attention runtime in each ``WanAttentionProcessor`` keep working. The QKV fusion
 modules, so it runs before anything hooks them (``Engine._place_models``: after loading and
 fp8 quantization, before the memory tier). ``restore_model`` puts diffusers' forwards back and
 splits ``to_qkv`` into the three layers again (kept fused, which diffusers' and Artifex's
-processors both run, while diffusers hooks are on the model). A block's tensor work is one
-function (``block_core``, in two parts: the self-attention and the rest), the units that ``torch.compile``
+processors both run, while diffusers hooks are on the model). A block's tensor work is two
+functions (``attention_core``: the self-attention; ``rest_core``: the rest), the units that ``torch.compile``
 compiles once for all blocks of a model.
 """
 
@@ -307,17 +307,13 @@ def _cross_kv(block, context: torch.Tensor):
     return kv
 
 
-def block_core(block, x, rows, index, cos, sin, k_txt, v_txt, k_img, v_img, qk_path, ffn_path="module",
-               out_path="module", norm_path="torch"):
-    """One Wan block on (B, L, dim) tokens; ``rows``/``index`` are the step's ``Modulation``: ``attention_core``
-    then ``rest_core``, the two parts that are compiled (``compiled_block_core``). Each intermediate is dropped
-    (``del``) once used: eagerly (the default, and under offload hooks) Python would otherwise keep every local
-    alive to the end of the block, e.g. the fused q/k/v output through the feed-forward (2 A14B blocks at
-    1280x720 over one CFG step, H200: 164 KB per token before, 92 after, diffusers' forward 114;
-    benchmarks/results/memory-stages-denoise-h200*.json). Compiled, inductor plans the buffers itself.
-    ``norm_path`` (``_norm_path``): how the three adaptive norms run."""
-    res = attention_core(block, x, rows, index, cos, sin, qk_path, out_path, norm_path)
-    return rest_core(block, x, res, rows, index, k_txt, v_txt, k_img, v_img, ffn_path, out_path, norm_path)
+# A Wan block's tensor work on (B, L, dim) tokens is two functions, ``attention_core`` and then ``rest_core``
+# (``block_forward`` calls them; ``compiled_block_core`` compiles them). ``rows``/``index`` are the step's
+# ``Modulation``; ``norm_path`` (``_norm_path``) says how the three adaptive norms run. Each intermediate is
+# dropped (``del``) once used: eagerly (the default, and under offload hooks) Python would otherwise keep every
+# local alive to the end of the block, e.g. the fused q/k/v output through the feed-forward (2 A14B blocks at
+# 1280x720 over one CFG step, H200: 164 KB per token before, 92 after, diffusers' forward 114;
+# benchmarks/results/memory-stages-denoise-h200*.json). Compiled, inductor plans the buffers itself.
 
 
 def attention_core(block, x, rows, index, cos, sin, qk_path, out_path="module", norm_path="torch"):
@@ -425,7 +421,7 @@ EAGER_CORE = (attention_core, rest_core)
 
 @functools.cache
 def compiled_block_core(fullgraph: bool) -> tuple:
-    """``block_core``'s two parts (``attention_core``, ``rest_core``) compiled once per process: every block of
+    """A block's two parts (``attention_core``, ``rest_core``) compiled once per process: every block of
     every model shares their compiled graphs. Two graphs rather than one, so that the first block can skip its
     self-attention in CFG's second pass (``share_first_block``) without a third graph; nothing fuses across the
     cut (the output projection's GEMM on one side, the residual + norm kernel on the other). ``fullgraph=False``
@@ -492,7 +488,7 @@ def _fusable(attn) -> bool:
 @torch.no_grad()
 def fuse_qkv(attn) -> bool:
     """Replace a self-attention's ``to_q``/``to_k``/``to_v`` with one ``to_qkv`` (rows q, then k, then v) and
-    set ``fused_projections``, which diffusers' and Artifex's processors and ``block_core`` read. The three
+    set ``fused_projections``, which diffusers' and Artifex's processors and ``attention_core`` read. The three
     layers are dropped: weights are held once (the stacked copy is made one layer at a time). Returns whether
     it fused; cross-attention, an already fused layer, or layers other than plain ``nn.Linear``/``Fp8Linear``
     trios are left as they are."""
@@ -535,9 +531,8 @@ def accelerate_model(model, compile_blocks: bool = False, fuse_projections: bool
     """Give ``model`` (a diffusers WanTransformer3DModel) Artifex's forward; idempotent.
 
     Needs Artifex's ``WanAttentionProcessor`` on every attention layer (``attention.install``):
-    the blocks call the attention runtime it holds. ``compile_blocks`` compiles ``block_core``
-    once for the model (two parts, ``compiled_block_core``; all blocks share the compiled code; shapes are
-    static per request).
+    the blocks call the attention runtime it holds. ``compile_blocks`` compiles the block's two parts
+    once (``compiled_block_core``; all blocks share the compiled code; shapes are static per request).
     Self-attention q/k/v are fused (``fuse_qkv``) here, so call it after the weights are loaded
     (and fp8-quantized, if they are) and before memory-tier hooks go on.
     ``fuse_projections``, ``ffn_epilogue`` and ``ada_norms`` (the one-pass adaptive norms; all on by

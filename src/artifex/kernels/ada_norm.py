@@ -12,7 +12,7 @@ What ``ada_norm`` computes for tokens x (B, L, C) and a block's modulation table
     h = dtype(n)
     quantize:         h -> e4m3 rows + fp32 scales (M, 1), as ``kernels.fp8.quantize_rows`` of the rounded h
 
-These are the three norms of ``engine.dit.block_core`` (norm1 + modulation; residual + norm2; residual +
+These are the three norms of a block in ``engine.dit`` (norm1 + modulation; residual + norm2; residual +
 norm3 + modulation). Compiled by inductor, each became a looped reduction that read its rows twice and, with
 fp8 layers, a third time for the amax. The Triton kernel holds whole rows in registers: one read of x (and
 res), one write of x (when res is given) and of h. H200, TI2V-5B 720p, against the twin compiled by inductor
@@ -47,7 +47,7 @@ def ada_norm_torch(x: Tensor, mod: Tensor | None, index: Tensor | None, eps: flo
                    scale: int | None = None, res: Tensor | None = None, gate: int | None = None,
                    weight: Tensor | None = None, bias: Tensor | None = None, quantize: bool = False,
                    norm=None):
-    """The twin: ``block_core``'s expressions. Returns (x, h), x None unless ``res`` is given; with
+    """The twin: the block's own expressions (``engine.dit``). Returns (x, h), x None unless ``res`` is given; with
     ``quantize`` h is (e4m3 (M, C), scales (M, 1)). ``norm``: the block's LayerNorm module, called instead of
     ``F.layer_norm`` with ``weight``/``bias``/``eps`` (so its hooks fire, as the block's "torch" path needs)."""
     if res is not None:
