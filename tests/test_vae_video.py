@@ -45,10 +45,13 @@ def test_background_mp4_stream_writes_what_write_mp4_writes(tmp_path):
     out = Mp4Stream(tmp_path / "stream.mp4", fps=16, background=True)
     for chunk in (frames[:1], frames[1:5], frames[5:]):
         out.add(chunk)
-    assert out._stream.codec_context.thread_type.name == "FRAME"  # x264's frame threads (probe9-h100.json)
     assert out.close() == tmp_path / "stream.mp4"
     assert np.array_equal(_frames(tmp_path / "stream.mp4"), _frames(tmp_path / "plain.mp4"))
     assert not list(tmp_path.glob(".*partial*"))
+    sync = Mp4Stream(tmp_path / "sync.mp4", fps=16)
+    sync.add(frames[:1])
+    assert sync._stream.codec_context.thread_type.name == "FRAME"  # x264's frame threads (probe9-h100.json)
+    sync.close()
 
 
 def test_an_aborted_stream_leaves_no_file(tmp_path):
