@@ -108,9 +108,10 @@ def _launch_rows(x: Tensor, gelu: bool, out_dtype: torch.dtype = FP8) -> tuple[T
     values = torch.empty((m, width), device=x.device, dtype=out_dtype)
     scale = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     if m:
-        block = triton.next_power_of_2(width)
+        block = triton.next_power_of_2(width)  # warps: 8 from 2048 lanes on (the 14,336-wide GELU rows 0.546 ms
+        # against 0.576 with 16; the 3,072-wide rows 0.114 with 4 or 8: benchmarks/probes/probe10-h100.json)
         _quantize_rows_kernel[(m,)](rows, values, scale, width, rows.stride(0), _TINY, FP8_MAX, BLOCK=block,
-                                    GELU=gelu, num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+                                    GELU=gelu, num_warps=8 if block >= 2048 else 4)
     return values, scale
 
 
