@@ -162,7 +162,7 @@ def test_engine_cfg_sharing_leaves_the_video_unchanged(engine, tmp_path, monkeyp
     from artifex.engine.request import GenerationRequest
 
     eng = engine("tiny-ti2v")
-    assert eng.plan.cfg_batch == 1
+    assert eng.plan.cfg_batch == 1 and any("first block's self-attention" in r for r in eng.plan.reasons)
 
     def run():
         req = GenerationRequest(model="tiny-ti2v", prompt="a lighthouse in fog", seed=5, steps=3, frames=5,

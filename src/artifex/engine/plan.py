@@ -104,6 +104,9 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         reasons.append(f"memory tier: {placement}")
     if cfg_batch == 2:
         reasons.append("max_batch_size >= 2: CFG's conditional and unconditional passes run as one batch")
+    elif config.fast_dit:
+        reasons.append("CFG in two passes: the first block's self-attention runs once per step and the second pass "
+                       "takes it (the same tensor, bit for bit)")
     if config.use_torch_compile:
         reasons.append("use_torch_compile: repeated transformer blocks compiled (first steps include compile time)")
     if config.fp8 != "off":
