@@ -83,7 +83,8 @@ for width in (96, 1000):  # a power of two's tail masked; rows not a multiple of
     w, bias = torch.randn(width) * 0.2 + 1, torch.randn(width) * 0.1
     cases = {"norm1": (dict(shift=0, scale=1), mod[:2], None),
              "norm2": (dict(res=res, gate=2, weight=w, bias=bias), mod[:2], None),
-             "norm3_per_token": (dict(res=res, shift=3, scale=4), mod, index)}
+             "norm3_per_token": (dict(res=res, shift=3, scale=4), mod, index),
+             "output_per_token": (dict(shift=0, scale=1), mod[:, 4:], index)}  # the model's (R, 2, C) table
     for name, (kw, m, idx) in cases.items():
         tx, th = an.ada_norm_torch(x, m, idx, 1e-6, **kw)
         for quantize in (False, True):
@@ -122,8 +123,11 @@ with torch.no_grad():
     dit.ada_decide = lambda device, dtype: Decision("triton", "forced for the test")
     real = dit._norm_path
     dit._norm_path = lambda *a: paths.append(real(*a)) or paths[-1]
+    tables, real_ada = [], dit.ada_norm
+    dit.ada_norm = lambda *a, **k: tables.append(a[1].shape[1]) or real_ada(*a, **k)
     got = model(**kw)[0]
-out["model"] = {"rel": ((got - ref).norm() / ref.norm()).item(), "paths": sorted(set(paths))}
+out["model"] = {"rel": ((got - ref).norm() / ref.norm()).item(), "paths": sorted(set(paths)),
+                "tables": sorted(set(tables))}
 print("RESULT " + json.dumps(out))
 """
 
@@ -133,7 +137,8 @@ def test_triton_kernel_matches_twin_interpreted():
     results = run_interpreted(_INTERPRETED)
     model = results.pop("model")
     assert model["paths"] == ["triton"] and model["rel"] < 1e-5, model  # fp32: sum order only
-    assert len(results) == 12
+    assert model["tables"] == [2, 6], model  # the output norm (shift, scale) went through the kernel too
+    assert len(results) == 16
     for key, r in results.items():
         assert r["x"] is None or r["x"] == 0.0, (key, r)  # the residual stream: one fp32 add, same rounding
         assert r.get("h", 0) < 1e-6 and r.get("values", 0) < 1e-3 and r.get("scale", 0) < 1e-6, (key, r)

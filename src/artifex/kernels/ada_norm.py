@@ -1,7 +1,7 @@
 """The Wan block's adaptive LayerNorms in one pass over each row: gated residual, LayerNorm, modulation and,
 for fp8 layers, the row quantization of the result.
 
-What ``ada_norm`` computes for tokens x (B, L, C) and a block's modulation table ``mod`` (R, 6, C) fp32
+What ``ada_norm`` computes for tokens x (B, L, C) and a modulation table ``mod`` (R, k, C) fp32
 (``engine.dit.mod_table``; row r of a token is ``index[b, l]``, or b when ``index`` is None):
 
     if res is given:  x = dtype(x + res * mod[r, gate])      (fp32 inside; gate None: x + res)
@@ -12,12 +12,13 @@ What ``ada_norm`` computes for tokens x (B, L, C) and a block's modulation table
     h = dtype(n)
     quantize:         h -> e4m3 rows + fp32 scales (M, 1), as ``kernels.fp8.quantize_rows`` of the rounded h
 
-These are the three norms of a block in ``engine.dit`` (norm1 + modulation; residual + norm2; residual +
-norm3 + modulation). Compiled by inductor, each became a looped reduction that read its rows twice and, with
-fp8 layers, a third time for the amax. The Triton kernel holds whole rows in registers: one read of x (and
-res), one write of x (when res is given) and of h. H200, TI2V-5B 720p, against the twin compiled by inductor
-(benchmarks/results/kernels-ada-qk-h200.json): norm1 0.152 vs 0.247 ms, norm3 0.230 vs 0.284, fp8 norm1 0.206
-vs 0.374, fp8 norm3 0.259 vs 0.400; fp8 norm2 0.298 vs 0.295 (no gain there).
+These are the three norms of a block in ``engine.dit`` (norm1 + modulation; residual + norm2; residual + norm3 +
+modulation; ``mod`` holds the block's six vectors) and the model's output norm (``norm_out`` + the output shift
+and scale: two vectors). Compiled by inductor, each of the block's norms became a looped reduction that read its
+rows twice and, with fp8 layers, a third time for the amax. The Triton kernel holds whole rows in registers: one
+read of x (and res), one write of x (when res is given) and of h. H200, TI2V-5B 720p, against the twin compiled
+by inductor (benchmarks/results/kernels-ada-qk-h200.json): norm1 0.152 vs 0.247 ms, norm3 0.230 vs 0.284, fp8
+norm1 0.206 vs 0.374, fp8 norm3 0.259 vs 0.400; fp8 norm2 0.298 vs 0.295 (no gain there).
 
 - ``ada_norm``: the API; ``path`` "triton" (CUDA) or "torch" (the twin: the block's own expressions).
 - ``decide``: which path runs on a device and dtype, and why (once per device and dtype).
@@ -68,7 +69,7 @@ if triton is not None:
 
     @triton.jit
     def _ada_norm_kernel(x_ptr, res_ptr, mod_ptr, index_ptr, w_ptr, b_ptr, x_out_ptr, h_ptr, scale_ptr,
-                         rows, seq_len, width, eps, tiny, fp8_max,
+                         rows, seq_len, width, mod_stride, eps, tiny, fp8_max,
                          SHIFT: tl.constexpr, SCALE: tl.constexpr, GATE: tl.constexpr, HAS_RES: tl.constexpr,
                          HAS_INDEX: tl.constexpr, AFFINE: tl.constexpr, QUANTIZE: tl.constexpr,
                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -87,7 +88,7 @@ if triton is not None:
                     r = tl.load(index_ptr + row).to(tl.int64)
                 else:
                     r = row // seq_len
-                mod_row = mod_ptr + r * (6 * width) + cols
+                mod_row = mod_ptr + r * mod_stride + cols
                 offs = row * width + cols
                 x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_RES:
@@ -134,7 +135,7 @@ def _launch(x: Tensor, mod: Tensor | None, index: Tensor | None, eps: float, shi
         _ada_norm_kernel[(triton.cdiv(m, rows),)](
             x, given(res), given(mod), given(index, lambda t: t.reshape(-1)), given(weight, Tensor.float),
             given(bias, Tensor.float), given(x_out), h, given(h_scale),
-            m, n, c, eps, _TINY, FP8_MAX,
+            m, n, c, 0 if mod is None else mod.shape[1] * c, eps, _TINY, FP8_MAX,
             SHIFT=shift, SCALE=scale, GATE=gate, HAS_RES=res is not None, HAS_INDEX=index is not None,
             AFFINE=weight is not None, QUANTIZE=quantize, ROWS=rows, BLOCK=block,
             num_warps=8 if block >= 8192 else 4)
@@ -166,8 +167,9 @@ def ada_norm(x: Tensor, mod: Tensor | None, index: Tensor | None, eps: float, sh
              scale: int | None = None, res: Tensor | None = None, gate: int | None = None,
              weight: Tensor | None = None, bias: Tensor | None = None, quantize: bool = False,
              path: str = "torch"):
-    """See the module's docstring. x, res (B, L, C); ``mod`` (R, 6, C) fp32, ``index`` (B, L) or None;
-    ``shift``/``scale``/``gate``: which of ``mod``'s six vectors (None: not applied). Returns (x, h): x is the
+    """See the module's docstring. x, res (B, L, C); ``mod`` (R, k, C) fp32 (a block's six vectors, or the
+    model's output shift and scale), ``index`` (B, L) or None; ``shift``/``scale``/``gate``: which of ``mod``'s
+    vectors (None: not applied). Returns (x, h): x is the
     updated residual stream (None without ``res``), h (B, L, C) in x's dtype, or with ``quantize``
     (e4m3 (B*L, C), fp32 scales (B*L, 1)). ``path``: "triton" or "torch" (``decide`` says which can run)."""
     if (shift is None) != (scale is None):
