@@ -194,31 +194,32 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
         if state.share is None or not state.share.matches(hidden_states, timestep):
             state.share = FirstBlockShare.of(hidden_states, timestep)
         share = state.share
+    pending = None  # the last block's gated residual, not yet added (the next norm adds it)
     for i, block in enumerate(self.blocks):  # plain tuples, so hooks that move a block's inputs (split.py) see
-        shared = (share,) if share is not None and i == 0 else ()  # every tensor
-        x = block(x, context, (mod.rows, mod.index), rope, qk_path, *shared)
+        x, *pending = block(x, context, (mod.rows, mod.index), rope, qk_path,  # every tensor
+                            share if i == 0 else None, pending)
 
-    x = self.proj_out(_output_norm(self, x, mod))  # (B, L, p_t * p_h * p_w * C)
+    x = self.proj_out(_output_norm(self, x, mod, *pending))  # (B, L, p_t * p_h * p_w * C)
     x = x.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
     out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
     return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
-def _output_norm(model, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
-    """``norm_out`` and the output shift and scale, as diffusers' forward computes them: in one pass of the
-    adaptive-norm kernel where it runs (eagerly it is five passes over fp32 copies: ~1 ms at TI2V-5B 720p), else
-    diffusers' expressions. The modulation is taken to x's device (a two-device split keeps the timestep
-    embedding on the first and the last blocks on the second, as diffusers' forward also allows)."""
+def _output_norm(model, x: torch.Tensor, mod: Modulation, ff: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The last block's gated residual (``ff`` x ``gate``), ``norm_out`` and the output shift and scale, as
+    diffusers' forward computes them: in one pass of the adaptive-norm kernel where it runs (eagerly the norm
+    alone is five passes over fp32 copies: ~1 ms at TI2V-5B 720p), else diffusers' expressions. The modulation
+    is taken to x's device (a two-device split keeps the timestep embedding on the first and the last blocks on
+    the second, as diffusers' forward also allows)."""
     table = mod_table(model.scale_shift_table, mod.temb.unsqueeze(1)).to(x.device)  # (R, 2, dim): shift, scale
+    table = torch.cat([table, gate], dim=1)  # and the last block's gate: (R, 3, dim)
     index = None if mod.index is None else mod.index.to(x.device)
     norm = model.norm_out
-    if (isinstance(norm, nn.LayerNorm) and not _hooked(norm) and model._artifex_ada
-            and ada_decide(x.device, x.dtype).path == "triton"):
-        _, h = ada_norm(x, table, index, norm.eps, shift=0, scale=1, weight=norm.weight, bias=norm.bias,
-                        path="triton")
-        return h
-    shift, scale = pick(table, 0, index), pick(table, 1, index)  # (B, L or 1, dim)
-    return (norm(x.float()) * (1 + scale) + shift).type_as(x)
+    path = "triton" if (isinstance(norm, nn.LayerNorm) and not _hooked(norm) and model._artifex_ada
+                        and ada_decide(x.device, x.dtype).path == "triton") else "torch"
+    _, h = ada_norm(x, table, index, norm.eps, shift=0, scale=1, res=ff, gate=2, weight=norm.weight,
+                    bias=norm.bias, path=path)
+    return h
 
 
 def _qk_path(model, x: torch.Tensor) -> str:
@@ -231,21 +232,30 @@ def _qk_path(model, x: torch.Tensor) -> str:
 
 def block_forward(self, x: torch.Tensor, context: torch.Tensor, mod: tuple[torch.Tensor, torch.Tensor | None],
                   rope: tuple[torch.Tensor, torch.Tensor], qk_path: str = "torch",
-                  share: FirstBlockShare | None = None) -> torch.Tensor:
+                  share: FirstBlockShare | None = None,
+                  pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """Replaces ``WanTransformerBlock.forward``: text K/V from the cache, then the block's tensor work.
     ``mod`` is a ``Modulation``'s (rows, index); ``rope`` the compact (cos, sin) tables; ``qk_path`` which
     QK-norm + RoPE implementation runs ("triton" or "torch"; "_fp8" appended: it writes e4m3 q and k for
     fa3-fp8, ``_qk_path``). ``share`` (the first block, under ``share_first_block``): where the self-attention's
-    residual branch is kept by the first pass of a CFG step and taken by the second."""
+    residual branch is kept by the first pass of a CFG step and taken by the second.
+
+    ``pending`` is the previous block's feed-forward output and gate (B, L, dim), (R, 1, dim), whose gated
+    residual this block's first norm adds (one pass over the tokens instead of two); None for the first block
+    (zeros then: x + 0 x 0 is x exactly, and every block runs the same compiled graph). Returns (x, ff, gate):
+    the tokens with this block's feed-forward residual still pending (``model_forward`` adds the last one in
+    the output norm)."""
     k_txt, v_txt, k_img, v_img = _cross_kv(self, context)
     ffn_path = _ffn_path(self, x)
     out_path, norm_path = _out_path(self, x), _norm_path(self, x, ffn_path)
     attention, rest = self._artifex_core
     res = None
-    if share is not None:  # the second pass takes the branch (so it is not held past this block)
+    if share is not None and pending is None:  # the second pass takes the branch (not held past this block)
         res, share.res = share.res, None
     if res is None:
-        res = attention(self, x, mod[0], mod[1], rope[0], rope[1], qk_path, out_path, norm_path)
+        if pending is None:
+            pending = torch.zeros_like(x), torch.zeros(mod[0].shape[0], 1, x.shape[-1], device=x.device)
+        x, res = attention(self, x, *pending, mod[0], mod[1], rope[0], rope[1], qk_path, out_path, norm_path)
         if share is not None:
             share.res = res
     return rest(self, x, res, mod[0], mod[1], k_txt, v_txt, k_img, v_img, ffn_path, out_path, norm_path)
@@ -330,13 +340,15 @@ def _cross_kv(block, context: torch.Tensor):
 # benchmarks/results/memory-stages-denoise-h200*.json). Compiled, inductor plans the buffers itself.
 
 
-def attention_core(block, x, rows, index, cos, sin, qk_path, out_path="module", norm_path="torch"):
-    """1. Self-attention: adaptive LayerNorm, q/k/v, fused QK RMSNorm + RoPE, attention, output projection.
-    Returns the residual branch, before its gate (``rest_core`` adds it). It reads only the tokens and the
-    timestep, so CFG's two passes of a step compute the same one in the first block (``share_first_block``)."""
-    mod = mod_table(block.scale_shift_table, rows)
+def attention_core(block, x, ff, gate, rows, index, cos, sin, qk_path, out_path="module", norm_path="torch"):
+    """1. The previous block's gated feed-forward residual (``ff`` x ``gate``), then self-attention: adaptive
+    LayerNorm, q/k/v, fused QK RMSNorm + RoPE, attention, output projection. Returns (x, the residual branch
+    before its gate; ``rest_core`` adds it). It reads only the tokens and the timestep, so CFG's two passes of a
+    step compute the same one in the first block (``share_first_block``)."""
+    mod = torch.cat([mod_table(block.scale_shift_table, rows), gate], dim=1)  # the block's six, then ``gate``
     attn = block.attn1
-    _, h = _ada(block.norm1, x, mod, index, norm_path, shift=0, scale=1)
+    x, h = _ada(block.norm1, x, mod, index, norm_path, shift=0, scale=1, res=ff, gate=6)
+    del ff
     if attn.fused_projections:
         q, k, v = _in_proj(attn.to_qkv, h, x).chunk(3, dim=-1)
     else:
@@ -351,14 +363,14 @@ def attention_core(block, x, rows, index, cos, sin, qk_path, out_path="module", 
                             qk_path)
         o = attn.processor.runtime(q, k, v.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(x)
     del q, k, v
-    return _out_proj(attn.to_out[0], o, out_path)
+    return x, _out_proj(attn.to_out[0], o, out_path)
 
 
 def rest_core(block, x, res, rows, index, k_txt, v_txt, k_img, v_img, ffn_path="module", out_path="module",
               norm_path="torch"):
     """2. and 3. of the block, given ``attention_core``'s residual branch ``res``: its gated residual, the
-    cross-attention on the cached text (and image) keys and values, the feed-forward. Returns the block's
-    output tokens."""
+    cross-attention on the cached text (and image) keys and values, the feed-forward. Returns (x, the
+    feed-forward's output, its gate (R, 1, dim)): the next norm adds the gated residual."""
     mod = mod_table(block.scale_shift_table, rows)  # shift, scale, gate, c_shift, c_scale, c_gate
 
     # 2. Cross-attention on the cached text (and image) keys and values; the gated residual goes in first.
@@ -391,7 +403,8 @@ def rest_core(block, x, res, rows, index, k_txt, v_txt, k_img, v_img, ffn_path="
     else:
         ff = block.ffn(h)
         del h
-    return (x.float() + ff.float() * pick(mod, 5, index)).type_as(x)
+    # the gate as a tensor of its own (R, 1, dim), laid out like the first block's zeros: one compiled graph
+    return x, ff, mod_table(block.scale_shift_table[:, 5:6], rows[:, 5:6])
 
 
 def _ada(norm, x, mod, index, norm_path: str, shift=None, scale=None, res=None, gate=None):
