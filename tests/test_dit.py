@@ -438,7 +438,7 @@ def test_fp8_norms_quantize_once_for_every_layer_that_reads_them(monkeypatch):
         monkeypatch.setattr(dit, "_ffn_path", lambda block, x: "fp8_gelu")
         monkeypatch.setattr(dit, "_norm_path", lambda block, x, ffn_path: "triton_fp8")
         out = fast(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-    assert quantized == [True] * 3 * len(fast.blocks) + [None]  # then the output norm, read by bf16 proj_out
+    assert quantized == [True] * 3 * len(fast.blocks)  # (the output norm runs its module here: CPU)
     assert _rel(out, ref) < 2e-2
 
 

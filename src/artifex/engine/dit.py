@@ -208,18 +208,16 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
 def _output_norm(model, x: torch.Tensor, mod: Modulation, ff: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """The last block's gated residual (``ff`` x ``gate``), ``norm_out`` and the output shift and scale, as
     diffusers' forward computes them: in one pass of the adaptive-norm kernel where it runs (eagerly the norm
-    alone is five passes over fp32 copies: ~1 ms at TI2V-5B 720p), else diffusers' expressions. The modulation
-    is taken to x's device (a two-device split keeps the timestep embedding on the first and the last blocks on
-    the second, as diffusers' forward also allows)."""
+    alone is five passes over fp32 copies: ~1 ms at TI2V-5B 720p), else diffusers' expressions through the
+    ``norm_out`` module (its hooks fire). The modulation is taken to x's device (a two-device split keeps the
+    timestep embedding on the first and the last blocks on the second, as diffusers' forward also allows)."""
     table = mod_table(model.scale_shift_table, mod.temb.unsqueeze(1)).to(x.device)  # (R, 2, dim): shift, scale
     table = torch.cat([table, gate], dim=1)  # and the last block's gate: (R, 3, dim)
     index = None if mod.index is None else mod.index.to(x.device)
     norm = model.norm_out
     path = "triton" if (isinstance(norm, nn.LayerNorm) and not _hooked(norm) and model._artifex_ada
                         and ada_decide(x.device, x.dtype).path == "triton") else "torch"
-    _, h = ada_norm(x, table, index, norm.eps, shift=0, scale=1, res=ff, gate=2, weight=norm.weight,
-                    bias=norm.bias, path=path)
-    return h
+    return _ada(norm, x, table, index, path, shift=0, scale=1, res=ff, gate=2)[1]
 
 
 def _qk_path(model, x: torch.Tensor) -> str:
