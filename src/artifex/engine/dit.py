@@ -20,7 +20,8 @@ changing what is computed:
   attention it writes q and k in e4m3 at static per-head scales bounded by the norm weights
   (``qk_norm_rope_fp8``), so no amax pass or quantization kernel runs over them;
 - **one-pass adaptive norms** (``kernels.ada_norm``): gated residual, LayerNorm, modulation and, for fp8
-  readers, the row quantization, in one read of each row;
+  readers, the row quantization, in one read of each row; a block's last gated residual is added by the next
+  block's first norm, the last block's by the model's output norm, which runs in the same kernel;
 - **fused QKV projection**: each self-attention's ``to_q``/``to_k``/``to_v`` become one ``to_qkv``
   layer (their weights stacked by output channel), one (dim x 3 dim) GEMM instead of three.
   The three layers are replaced, not kept beside it (diffusers' ``fuse_projections`` keeps
@@ -206,11 +207,13 @@ def model_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, enc
 
 
 def _output_norm(model, x: torch.Tensor, mod: Modulation, ff: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """The last block's gated residual (``ff`` x ``gate``), ``norm_out`` and the output shift and scale, as
-    diffusers' forward computes them: in one pass of the adaptive-norm kernel where it runs (eagerly the norm
-    alone is five passes over fp32 copies: ~1 ms at TI2V-5B 720p), else diffusers' expressions through the
-    ``norm_out`` module (its hooks fire). The modulation is taken to x's device (a two-device split keeps the
-    timestep embedding on the first and the last blocks on the second, as diffusers' forward also allows)."""
+    """The last block's gated residual (``ff`` x ``gate``), ``norm_out`` and the output shift and scale, as diffusers'
+    forward computes them: in one pass of the adaptive-norm kernel where it runs (eagerly five passes over fp32
+    copies; with the residual folds, the bf16 TI2V-5B 720p profile's copies and other small kernels went from
+    2.55 to 1.27 ms: benchmarks/results/dit-h100-run3.json vs dit-h100.json), else diffusers' expressions
+    through the ``norm_out`` module (its hooks fire). The modulation is taken to x's device (a two-device split
+    keeps the timestep embedding on the first and the last blocks on the second, as diffusers' forward also
+    allows)."""
     table = mod_table(model.scale_shift_table, mod.temb.unsqueeze(1)).to(x.device)  # (R, 2, dim): shift, scale
     table = torch.cat([table, gate], dim=1)  # and the last block's gate: (R, 3, dim)
     index = None if mod.index is None else mod.index.to(x.device)

@@ -114,7 +114,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
                        + (", attention fa3-fp8" if config.fp8 == "all" else "") + "; error vs bf16 probed at load")
     if config.fp8_weights:
         reasons.append("fp8_weights: DiT linear weights stored in float8 e4m3, computed in " + config.precision)
-    if config.fp8 != "off" and config.fp8_bf16_steps:
+    if config.fp8_bf16_steps:  # the config refuses it with fp8 off
         reasons.append(f"fp8_bf16_steps={config.fp8_bf16_steps}: the first and last {config.fp8_bf16_steps} "
                        "denoising steps run without fp8 compute")
     channels_last = config.use_channels_last or (config.fast_vae and device.type == "cuda")
@@ -132,7 +132,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         fast_dit=config.fast_dit,
         fast_vae=config.fast_vae,
         fp8=config.fp8,
-        fp8_bf16_steps=config.fp8_bf16_steps if config.fp8 != "off" else 0,
+        fp8_bf16_steps=config.fp8_bf16_steps,
         tf32=config.tf32,
         channels_last=channels_last,
         vae_slicing=config.vae_slicing,

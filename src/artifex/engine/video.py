@@ -86,13 +86,13 @@ class Mp4Stream:
         self._stream = self._container.add_stream("libx264", rate=self.fps)
         self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
         self._stream.options = {"crf": str(self.crf), "preset": "medium"}
+        cc = self._stream.codec_context
         # x264's frame threads, not PyAV's default slice threads: on the 1280x704 noise frames that random weights
         # decode to, 24-26 against 19-21 frames/s and 0.7 s less left to encode after the decode, for a file
         # 0.1% smaller (16-core H100 host, benchmarks/probes/probe9-h100.json)
-        self._stream.codec_context.thread_type = "FRAME"
-        self._to_yuv = VideoReformatter()
-        cc = self._stream.codec_context
+        cc.thread_type = "FRAME"
         cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = BT709, BT709, BT709, TV_RANGE
+        self._to_yuv = VideoReformatter()
 
     def _encode(self, frames: np.ndarray) -> None:
         import av
