@@ -46,9 +46,9 @@ def worker(rank: int, world: int, port: int, cases: list[dict], outdir: str, hom
     torch.set_num_threads(1)  # several ranks share a small CPU
     register_test_specs()
     from artifex.config import OptimizationConfig
+    from artifex.distributed.executor import parallelize
     from artifex.distributed.groups import build_groups
     from artifex.distributed.layout import ParallelLayout
-    from artifex.distributed.runner import parallelize
     from artifex.engine.pipeline import Engine
     from artifex.engine.request import GenerationRequest
 

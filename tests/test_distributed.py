@@ -184,7 +184,7 @@ def test_launch_refuses_a_bad_layout_before_starting_processes(tmp_path):
 
 
 def test_torchrun_module_needs_torchrun(tmp_path):
-    cmd = [sys.executable, "-m", "artifex.distributed.launch", "--model", "tiny-t2v-moe", "--prompt", "x"]
+    cmd = [sys.executable, "-m", "artifex.cli.launch", "--model", "tiny-t2v-moe", "--prompt", "x"]
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 2 and "start this with torchrun" in p.stderr

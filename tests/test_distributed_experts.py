@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from artifex.distributed.experts import ExpertPipeline, ExpertPipelineError
 from artifex.engine.request import GenerationRequest
 from artifex.errors import InvalidRequestError
+from artifex.multidevice.experts import ExpertPipeline, ExpertPipelineError
 
 FP32 = dict(precision="fp32", tf32=False)
 

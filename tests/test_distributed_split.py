@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from artifex.config import OptimizationConfig
-from artifex.distributed.split import split_across_devices
 from artifex.engine.pipeline import Engine
 from artifex.engine.request import GenerationRequest
 from artifex.errors import InvalidRequestError
+from artifex.multidevice.split import split_across_devices
 
 
 @pytest.mark.parametrize("model, extra", [("tiny-t2v-moe", {}), ("tiny-ti2v", {"image": True})])

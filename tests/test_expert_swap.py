@@ -88,7 +88,7 @@ def test_a_swap_binds_copies_in_and_the_homes_out(engine, tmp_path, tier):
 
 
 def test_prefetch_copies_the_next_expert_during_the_last_step_before_the_switch(engine, tmp_path, monkeypatch):
-    import artifex.engine.pipeline as pipeline
+    import artifex.engine.memory_guard as pipeline  # where the memory policy asks the planner
 
     base = _run(engine("tiny-t2v-moe", precision="fp32", tf32=False), tmp_path, "a.mp4")
     eng, copies = _swap_engine()

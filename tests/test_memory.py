@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -175,7 +176,7 @@ def test_a_failed_attempts_peak_is_recorded_apart_from_the_runs_peak(monkeypatch
     """Peak counters as CUDA keeps them (faked here: the CPU has none): the OOM'd decode's peak goes in
     ``failed_attempt_peak_gib``; the counters restart for the retry, the completed stages' peak is kept as the
     floor the result's peak is folded over; each stage's peak is recorded."""
-    import artifex.engine.pipeline as pipeline
+    import artifex.engine.memory_guard as pipeline  # the memory policy reads the device's peak counters
     from artifex.engine.pipeline import Engine
 
     gib = 2**30
@@ -204,7 +205,7 @@ def test_a_failed_attempts_peak_is_recorded_apart_from_the_runs_peak(monkeypatch
     r = eng.generate(GenerationRequest(model="tiny-t2v-moe", prompt="x", seed=1, steps=2, frames=5,
                                        output=str(tmp_path / "v.mp4")))
     assert r.memory["failed_attempt_peak_gib"] == [30.0]
-    assert eng._peak_floor == (9 * gib, 10 * gib)  # the denoise stage's peak, from before the failed decode
+    assert eng.memory_guard.peak_floor == (9 * gib, 10 * gib)  # the denoise stage's peak, from before the failed decode
     # each stage's own peak (the decode's is the retry's, counted from zero), beside the planner's stages
     assert r.memory["measured_stages_gib"] == {"encode_text": 0.0, "denoise": 9.0, "decode": 4.0}
     assert set(r.memory["predicted_stages_gib"]) == {"encode_text", "denoise", "decode"}
@@ -282,7 +283,7 @@ def test_oom_step_down_can_be_turned_off(tmp_path):
     from artifex.engine.pipeline import Engine
 
     eng = Engine.load("tiny-t2v-moe", config=OptimizationConfig(precision="fp32"))
-    eng.oom_step_down = False  # as a parallel layout sets it
+    eng.layout = dataclasses.replace(eng.layout, oom_step_down=False)  # as a parallel layout sets it
 
     def fail(module, args):
         raise torch.OutOfMemoryError("out of memory (injected)")

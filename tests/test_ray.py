@@ -62,7 +62,7 @@ def cluster(tiny_checkpoint):
 
 def _wait_for_status(address: str, tries: int = 30) -> None:
     """Ray reports 'No cluster status' for a few seconds after start: wait until its status lists resources."""
-    from artifex.distributed.cluster import auth_env, ray_executable
+    from artifex.ray.cluster import auth_env, ray_executable
 
     env, _ = auth_env()
     for _ in range(tries):
@@ -169,9 +169,9 @@ def test_executor_ships_inputs_and_outputs_as_for_another_node(cluster, tmp_path
     import ray
 
     from artifex.config import OptimizationConfig
-    from artifex.distributed.ray_pool import RayExecutor
+    from artifex.ray.executor import RayPool as RayExecutor
     from artifex.serve.settings import ServeSettings
-    from artifex.serve.worker import WorkerLost
+    from artifex.serve.worker import WorkerLost, run_job
 
     address, dashboard = cluster
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # start() may set it (a token here); undone afterwards
@@ -181,11 +181,11 @@ def test_executor_ships_inputs_and_outputs_as_for_another_node(cluster, tmp_path
         assert executor.info()["dashboard"] == f"http://127.0.0.1:{dashboard}" and executor.gpus_per_worker == 0
         settings = ServeSettings(models=("tiny-ti2v",), data_dir=tmp_path / "data")
         settings.outputs_dir.mkdir(parents=True)
-        (runner,) = executor.runners("tiny-ti2v", settings, OptimizationConfig())
-        assert runner.load() > 0 and runner.identity["pid"] != os.getpid()
+        (runner,) = executor.executors("tiny-ti2v")
+        assert runner.load("tiny-ti2v", config=OptimizationConfig()) > 0 and runner.identity["pid"] != os.getpid()
         events = []
         output = settings.outputs_dir / "job.mp4"
-        outcome = runner.run("job", {"model": "tiny-ti2v", "prompt": "shipped", "image": str(image_file),
+        outcome = run_job(runner, {"model": "tiny-ti2v", "prompt": "shipped", "image": str(image_file),
                                      "width": 64, "height": 64, "frames": 5, "steps": 2, "seed": 0,
                                      "output": str(output)}, lambda *e: events.append(e))
         assert outcome["state"] == "succeeded", outcome
@@ -204,7 +204,8 @@ def test_executor_ships_inputs_and_outputs_as_for_another_node(cluster, tmp_path
 
 
 def test_bad_ray_input_is_named():
-    from artifex.distributed.ray_pool import RayExecutor, check_address
+    from artifex.ray.executor import RayPool as RayExecutor
+    from artifex.ray.executor import check_address
 
     with pytest.raises(InvalidRequestError, match=r"cannot reach a Ray cluster at 127\.0\.0\.1:\d+"):
         check_address(f"127.0.0.1:{free_port()}")
@@ -235,7 +236,7 @@ def test_without_ray_artifex_runs_and_the_ray_commands_say_how_to_install_it(tmp
                             "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert serve.returncode == 2 and "pip install 'artifex[ray]'" in serve.stderr, serve.stderr
 
-    from artifex.distributed.cluster import import_ray, ray_executable
+    from artifex.ray.cluster import import_ray, ray_executable
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ArtifexError, match=r"Ray is not installed .*pip install 'artifex\[ray\]'"):

@@ -13,12 +13,33 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from artifex.errors import InvalidRequestError
+
+_UNITS = {"": 2**30, "g": 2**30, "gb": 2**30, "gib": 2**30, "m": 2**20, "mb": 2**20, "mib": 2**20, "t": 2**40,
+          "tb": 2**40, "tib": 2**40}
+
+
+def parse_budget(text: str | int | float | None) -> int | None:
+    """'24GB', '24 GiB', '16000MB', '0.5TB' or a number of GiB -> bytes. GB and GiB both mean 2^30."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise InvalidRequestError("vram_budget", f"cannot read {text!r} as an amount of memory",
+                                      "a number with GB, GiB, MB, MiB or TB, e.g. 24GB")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if value <= 0:
+        raise InvalidRequestError("vram_budget", f"must be positive, got {text!r}")
+    return int(value * _UNITS[unit])
 
 log = logging.getLogger("artifex")
 
@@ -162,8 +183,6 @@ class OptimizationConfig:
         if not (0.0 <= self.flash_attention_dropout < 1.0):
             raise InvalidRequestError("flash_attention_dropout", "must be in [0, 1)")
         if self.vram_budget is not None:
-            from artifex.engine.memory import parse_budget
-
             parse_budget(self.vram_budget)
         if self.fp8 != "off" and self.fp8_weights:
             raise InvalidRequestError("fp8", "fp8 compute already stores e4m3 weights; drop fp8_weights")

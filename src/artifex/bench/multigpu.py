@@ -296,8 +296,9 @@ def layout_main(args: argparse.Namespace) -> int:
 
     from artifex.config import OptimizationConfig
     from artifex.distributed.commtime import CommTimer
+    from artifex.distributed.executor import parallelize
     from artifex.distributed.groups import build_groups, init_distributed
-    from artifex.distributed.runner import ParallelRunner
+    from artifex.engine.executor import LocalExecutor
     from artifex.engine.pipeline import Engine
     from artifex.models.registry import get_model
 
@@ -326,10 +327,10 @@ def layout_main(args: argparse.Namespace) -> int:
         engine = Engine.from_components(spec, components, config)
         build_s = time.perf_counter() - t
         timer = CommTimer(dev)
-        runner = ParallelRunner(engine, groups, timer) if parallel else None
+        executor = parallelize(engine, groups, timer=timer) if parallel else LocalExecutor(engine)
         barrier = (lambda: dist.barrier(group=control)) if parallel else (lambda: None)
         with tempfile.TemporaryDirectory(prefix="artifex-multigpu-videos-") as videos:
-            mine = _run_layout(engine, runner, spec, w, h, frames, steps, args.warmup_steps, timer, dev,
+            mine = _run_layout(engine, executor, spec, w, h, frames, steps, args.warmup_steps, timer, dev,
                                Path(videos), barrier)
             t = time.perf_counter()
             barrier()  # the ranks that did not decode wait here for rank 0's decode and write
@@ -377,14 +378,16 @@ def _components(spec, args, dev):
     return random_components(spec, args.precision, build_device=dev), "random (real shapes)"
 
 
-def _run_layout(engine, runner, spec, w, h, frames, steps, warmup_steps, timer, dev, work: Path, barrier) -> dict:
+def _run_layout(engine, executor, spec, w, h, frames, steps, warmup_steps, timer, dev, work: Path, barrier) -> dict:
     """This rank's part of one layout: a warm-up generation, then the measured one. ``barrier`` waits for the
     layout's ranks (rank 0 decodes the warm-up video while the others would already start the measured run)."""
+    import dataclasses
+
     import torch
 
     from artifex.engine.request import GenerationRequest
 
-    generate = runner.generate if runner is not None else engine.generate
+    generate = executor.generate
     work.mkdir(parents=True, exist_ok=True)
 
     def request(n: int, name: str) -> GenerationRequest:
@@ -401,7 +404,8 @@ def _run_layout(engine, runner, spec, w, h, frames, steps, warmup_steps, timer, 
     barrier()
     timer.reset()
 
-    predict, first = engine.predict, []
+    layout, first = engine.layout, []
+    predict = layout.predict or engine.guided
 
     def capture(*a):  # the first step's flow prediction, compared across layouts
         out = predict(*a)
@@ -416,12 +420,12 @@ def _run_layout(engine, runner, spec, w, h, frames, steps, warmup_steps, timer, 
             sync()
             marks.append(time.perf_counter())
 
-    engine.predict = capture
+    engine.layout = dataclasses.replace(layout, predict=capture)
     try:
         sync()
         result = generate(request(steps, "run"), on_event=on_event)
     finally:
-        engine.predict = predict
+        engine.layout = layout
     sync()
     step_s = [b - a for a, b in zip(marks, marks[1:])]
     return {"rank": _rank(), "warmup_s": round(warm, 2), "timings_s": result.timings,

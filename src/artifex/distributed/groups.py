@@ -89,7 +89,7 @@ def init_distributed(backend: str = "auto") -> tuple[str, str]:
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise InvalidRequestError("environment", f"{', '.join(missing)} not set: start this with torchrun "
-                                  "(torchrun --nproc-per-node N -m artifex.distributed.launch ...) or artifex launch")
+                                  "(torchrun --nproc-per-node N -m artifex.cli.launch ...) or artifex launch")
     backend = pick_backend(backend)
     device = rank_device(backend)
     if not dist.is_initialized():

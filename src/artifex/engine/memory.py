@@ -13,18 +13,16 @@ a tier fits a budget with ``HEADROOM`` to spare. `artifex plan` prints the table
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from artifex.config import parse_budget  # noqa: F401  (where the budget is read; the planner takes it from here)
 from artifex.engine.placement import TIERS
 from artifex.errors import InvalidRequestError
 from artifex.models.registry import ModelSpec
 
 GIB = 2**30
-_UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20, "t": 2**40, "tb": 2**40,
-          "tib": 2**40}
 
 # Activation constants (bytes), fitted to stage peaks measured on the GPU (benchmarks/results/memory-stages-*.json):
 # DiT per token and batch element, per unit of width: the engine's own forward (eager, as by default; the FFN's
@@ -57,23 +55,6 @@ HEADROOM = 0.85
 
 def fits(peak_bytes: int, budget: int) -> bool:
     return peak_bytes <= HEADROOM * budget
-
-
-def parse_budget(text: str | int | float | None) -> int | None:
-    """'24GB', '24 GiB', '16000MB', '0.5TB' or a number of GiB -> bytes. GB and GiB both mean 2^30."""
-    if text is None or text == "":
-        return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise InvalidRequestError("vram_budget", f"cannot read {text!r} as an amount of memory",
-                                      "a number with GB, GiB, MB, MiB or TB, e.g. 24GB")
-        value, unit = float(m.group(1)), m.group(2).lower()
-    if value <= 0:
-        raise InvalidRequestError("vram_budget", f"must be positive, got {text!r}")
-    return int(value * _UNITS[unit])
 
 
 @dataclass

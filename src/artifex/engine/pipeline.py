@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import html
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +24,20 @@ from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
 from artifex.engine.dit import accelerate_model, clear_caches, share_first_block
 from artifex.engine.fp8 import check_fp8, quantize_experts
-from artifex.engine.memory import estimate, plan_memory, prefetch_fits, prefetch_peak, tiers_for, weights_of
+from artifex.engine.layout import EngineLayout
+from artifex.engine.memory import weights_of
+from artifex.engine.memory_guard import MemoryGuard
+from artifex.engine.outputs import build_sidecar, default_output, write_json
 from artifex.engine.placement import Placement
-from artifex.engine.plan import Plan, make_plan, memory_budget, requested_tier
+from artifex.engine.plan import Plan, make_plan
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
-from artifex.engine.vae import accelerate_vae, decode_any, set_layout
+from artifex.engine.vae import accelerate_vae, set_layout
 from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
 from artifex.kernels.fp8 import unquantized
 from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
 from artifex.models.registry import ModelSpec, get_model
-from artifex.sysinfo import device_info, peak_bytes, peak_memory, reset_peak_memory, versions
+from artifex.sysinfo import peak_memory
 
 log = logging.getLogger("artifex")
 
@@ -75,9 +76,9 @@ class GenerationResult:
 
 
 @dataclass(eq=False)
-class Job:
+class GenerationJob:
     """One request on its way through the engine's stages (``Engine.prepare`` .. ``Engine.finish``): what a stage
-    hands the next, on this device or, moved, on another (``artifex.distributed.experts``)."""
+    hands the next, on this device or, moved, on another (``artifex.multidevice.experts``)."""
 
     request: GenerationRequest
     spec: ModelSpec
@@ -162,22 +163,9 @@ class Engine:
         self.dtype = DTYPES[plan.precision]
         self.load_s = load_s
         self.attention = runtime_from_config(config, read_env().home)
-        # Seams for parallel layouts (artifex.distributed): how one step's flow prediction is computed, whether
-        # this process writes the video (one rank of a group does), how the VAE turns latents into pixels chunk
-        # by chunk ((vae, z) -> pixels; a layout splits it over its ranks), and whether a rank that does not
-        # write still takes part in that decode.
-        self.predict: Callable[..., torch.Tensor] = self._predict
-        self.writes_output = True
-        self.decode_stream: Callable[[object, torch.Tensor], Iterator[torch.Tensor]] = decode_any
-        self.joins_decode = False
-        # An OOM step-down re-places models on this process alone; a parallel layout turns it off (the other
-        # ranks would wait in a collective while this one moves models).
-        self.oom_step_down = True
-        self._peak_floor: tuple[int, int] | None = None  # a request's completed stages' peaks, kept over an OOM retry
-        # What one self-attention call looks like on this process, for choosing its kernel: a parallel layout
-        # sets these (Ulysses: every token, heads / degree; CFG-parallel: one pass per rank).
-        self.attention_heads_divisor = 1
-        self.attention_batch: int | None = None
+        # Where this engine's work runs (one process by default; a parallel layout gives it another).
+        self.layout = EngineLayout()
+        self.memory_guard = MemoryGuard(self)
         self._pair_memo: dict[int, tuple] = {}  # per expert (id): cond and uncond as one batch
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         check_fp8(config.fp8, self.device)
@@ -221,7 +209,7 @@ class Engine:
         c.vae.to(dtype=DTYPES[p.vae_precision])
         accelerate_vae(c.vae, on=p.fast_vae)  # in place, so components reused by another engine are set either way
         if p.vae_tiling:
-            self._tile_vae()
+            self.tile_vae()
         if p.vae_slicing:
             c.vae.enable_slicing()
         set_layout(c.vae, p.channels_last)
@@ -232,8 +220,9 @@ class Engine:
                 expert.compile_repeated_blocks(fullgraph=True)
         self.placement.apply()
 
-    def _tile_vae(self) -> None:
+    def tile_vae(self) -> None:
         """Spatial tiles in the VAE: the config's edge (overlapping by a quarter), else diffusers' default."""
+        self.plan.vae_tiling = True
         edge = self.config.vae_tile_size
         if edge:
             self.c.vae.enable_tiling(tile_sample_min_height=edge, tile_sample_min_width=edge,
@@ -241,7 +230,7 @@ class Engine:
         else:
             self.c.vae.enable_tiling()
 
-    def _retier(self, tier: str) -> None:
+    def retier(self, tier: str) -> None:
         """Move every model to the placement of ``tier`` (a planner decision or an OOM step-down)."""
         self.placement.move_to(tier)
         self.plan.placement = tier
@@ -283,10 +272,10 @@ class Engine:
             z = (latents * std + mean).to(vae.dtype)
             if self.plan.channels_last:
                 z = z.contiguous(memory_format=torch.channels_last_3d)
-            yield from self.decode_stream(vae, z)
+            yield from self.layout.decode_stream(vae, z)
 
     @torch.no_grad()
-    def decode_only(self, job: Job) -> None:
+    def decode_only(self, job: GenerationJob) -> None:
         """A non-writing rank's part in a decode split over ranks: the same stages as ``finish``, nothing kept."""
         job.emit(ProgressEvent("decode", 0, 1, job.elapsed()))
         self.placement.park_experts()
@@ -329,13 +318,13 @@ class Engine:
     def generate(self, request: GenerationRequest, on_event: EventCallback | None = None,
                  output_dir: str | Path | None = None) -> GenerationResult:
         job = self.prepare(request, on_event)
-        job.memory = self._fit_memory(job)
-        reset_peak_memory(self.device)
-        self._peak_floor = None
-        with _matmul_precision(self.plan.tf32):
+        guard = self.memory_guard
+        job.memory = guard.fit(job)
+        guard.start()
+        with matmul_precision(self.plan.tf32):
             # 1. Text embeddings and 2. seeded noise (1, z, T', H', W') with the image condition, if any.
             self.encode(job)
-            self._stage_peak(job, "encode_text")
+            guard.stage_peak(job, "encode_text")
 
             # 3. Denoise every step: flow-matching UniPC, the MoE switch at the boundary, CFG per expert
             #    (after an OOM step-down, again from the noise).
@@ -343,32 +332,32 @@ class Engine:
                 self.start_denoising(job)
                 self.denoise(job)
 
-            self._stepping_down("denoise", denoise, job)
+            guard.stepping_down("denoise", denoise, job)
             if job.frame_mask is not None:  # TI2V: the frames given by the image stay the encoded image
                 job.latents = (1 - job.frame_mask) * job.condition + job.frame_mask * job.latents
             job.mark("denoise")
-            self._stage_peak(job, "denoise")
-            if not self.writes_output:  # another rank of a parallel group writes (this one may help decode)
-                if self.joins_decode:
+            guard.stage_peak(job, "denoise")
+            if not self.layout.writes_output:  # another rank of a parallel group writes (this one may help decode)
+                if self.layout.joins_decode:
                     self.decode_only(job)
                 return self._result(job, None)
 
             # 4. Decode to pixels and 5. write the mp4 and its sidecar.
             return self.finish(job, output_dir)
 
-    # -- the stages of a generation, also called one by one (artifex.distributed.experts) ----------
-    def prepare(self, request: GenerationRequest, on_event: EventCallback | None = None) -> Job:
+    # -- the stages of a generation, also called one by one (artifex.multidevice.experts) ----------
+    def prepare(self, request: GenerationRequest, on_event: EventCallback | None = None) -> GenerationJob:
         """Check and resolve ``request``: the job the stages below carry forward."""
         if get_model(request.model) is not self.spec:
             raise ValueError(f"this engine runs {self.spec.name}, the request asks for {request.model}")
         spec, s, image = resolve_request(request)
         for w in s.warnings:
             log.warning(w)
-        return Job(request=request, spec=spec, settings=s, image=image, emit=on_event or (lambda e: None),
+        return GenerationJob(request=request, spec=spec, settings=s, image=image, emit=on_event or (lambda e: None),
                    device=self.device)
 
     @torch.no_grad()
-    def encode(self, job: Job) -> None:
+    def encode(self, job: GenerationJob) -> None:
         """1. The prompt embeddings and 2. the starting latents and image condition of ``job``."""
         s, spec, emit = job.settings, job.spec, job.emit
         # 1. Text: conditional and (if any expert uses CFG) unconditional embeddings.
@@ -393,7 +382,7 @@ class Engine:
                 job.condition = torch.cat([self._i2v_mask(job.noise), self.encode_video(video)], dim=1)
             job.mark("encode_image")
 
-    def start_denoising(self, job: Job) -> None:
+    def start_denoising(self, job: GenerationJob) -> None:
         """A fresh scheduler and the expert of each step; the latents back to the noise; the attention backend."""
         s, arch = job.settings, job.spec.transformer
         job.scheduler = self.make_scheduler(s.shift)
@@ -401,13 +390,13 @@ class Engine:
         job.experts = expert_schedule(job.scheduler.timesteps, self.c.info.boundary_ratio,
                                       job.scheduler.config.num_train_timesteps)
         job.latents, job.step = job.noise, 0
-        batch = self.attention_batch or (self.plan.cfg_batch if any(job.use_cfg) else 1)
-        heads = arch.heads // self.attention_heads_divisor
+        batch = self.layout.attention_batch or (self.plan.cfg_batch if any(job.use_cfg) else 1)
+        heads = arch.heads // self.layout.attention_heads_divisor
         job.attention_shape = (batch, job.spec.tokens(s.width, s.height, s.frames), heads, arch.head_dim)
         job.attention = self.attention.prepare(job.attention_shape, self.dtype, self.device)
 
     @torch.no_grad()
-    def denoise(self, job: Job, until: int | None = None) -> None:
+    def denoise(self, job: GenerationJob, until: int | None = None) -> None:
         """Steps ``job.step`` up to ``until`` (default: the last) of ``job``'s scheduler; the MoE switch at the
         boundary (``expert_schedule``), CFG per expert. The DiT caches of the experts these steps use are
         cleared at the end (they hold this request's tensors)."""
@@ -449,137 +438,42 @@ class Engine:
         clear_caches(model)
 
     @torch.no_grad()
-    def finish(self, job: Job, output_dir: str | Path | None = None) -> GenerationResult:
+    def finish(self, job: GenerationJob, output_dir: str | Path | None = None) -> GenerationResult:
         """4. Decode ``job``'s latents and 5. write the mp4 (each decoded chunk goes to the encoder thread at once),
         then the sidecar."""
         s = job.settings
         job.emit(ProgressEvent("decode", 0, 1, job.elapsed()))
         self.placement.park_experts()
-        video_path = Path(s.output) if s.output else _default_output(output_dir, job.spec.name, s.seed)
+        video_path = Path(s.output) if s.output else default_output(output_dir, job.spec.name, s.seed)
         start = time.perf_counter()
-        finish = self._stepping_down("decode", lambda: self.decode_to_mp4(job.latents, video_path, s.fps), job)
+        finish = self.memory_guard.stepping_down("decode", lambda: self.decode_to_mp4(job.latents, video_path, s.fps),
+                                                 job)
         job.timings["decode"] = round(time.perf_counter() - start - finish, 4)  # with the encoder overlapping
         job.timings["write"] = round(finish, 4)  # what was left to encode after the last frame decoded
-        self._stage_peak(job, "decode")
+        self.memory_guard.stage_peak(job, "decode")
         job.emit(ProgressEvent("write", 1, 1, job.elapsed()))
         job.timings["total"] = round(job.elapsed(), 4)
         result = self._result(job, video_path)
-        result.sidecar = {**self._sidecar(job.request, result), **job.sidecar_extra}
-        _write_json(result.sidecar_path, result.sidecar)
+        result.sidecar = build_sidecar(self, job.request, result, {**self.layout.sidecar, **job.sidecar_extra})
+        write_json(result.sidecar_path, result.sidecar)
         job.emit(ProgressEvent("done", 1, 1, job.timings["total"]))
         return result
 
-    def _result(self, job: Job, video_path: Path | None) -> GenerationResult:
+    def _result(self, job: GenerationJob, video_path: Path | None) -> GenerationResult:
         switch = job.experts.index(1) if 1 in job.experts else None
         return GenerationResult(
             video_path=video_path, sidecar_path=video_path.with_suffix(".json") if video_path else None,
             settings=job.settings, plan=self.plan, timings=job.timings,
-            peak_memory=peak_memory(job.device, self._peak_floor),
+            peak_memory=peak_memory(job.device, self.memory_guard.peak_floor),
             experts_per_step=job.experts, switch_step=switch, attention=job.attention, memory=job.memory,
             latents=job.latents.float().cpu())
 
-    def _dit_forward(self, job: Job) -> str:
+    def _dit_forward(self, job: GenerationJob) -> str:
         """Which DiT forward the planner counts (``memory.DIT_FORWARDS``): Artifex's, or diffusers' (``fast_dit``
         off), which for TI2V given an image embeds one timestep per token (Artifex's embeds the distinct ones)."""
         if self.plan.fast_dit:
             return "artifex"
         return "diffusers_per_token" if job.image is not None else "diffusers"
-
-    def _fit_memory(self, job: Job) -> dict:
-        """Plan memory for this request: the fastest tier within the budget, moved to before any work."""
-        budget = memory_budget(self.config, self.device)
-        s = job.settings
-        tier, tiling, ests, reasons = plan_memory(job.spec, self.weights, s.width, s.height, s.frames,
-                                                  self.plan.cfg_batch, self.plan.vae_tiling,
-                                                  self._dit_forward(job), budget, requested_tier(self.config),
-                                                  self.plan.vae_precision, self.config.vae_tile_size)
-        info = {"budget_gib": round(budget / 2**30, 2) if budget else None, "step_downs": [],
-                "predicted": {e.tier: round(e.peak_gib, 2) for e in ests}}
-        for r in reasons:
-            log.info(r)
-        if tiling and not self.plan.vae_tiling:
-            self._tile_vae()
-            self.plan.vae_tiling = True
-        if tier != self.placement.tier:
-            self._retier(tier)
-        # A swap tier prefetches the next expert only where the planner has room for both (an OOM step-down's
-        # move_to turns it off for the rest of the request).
-        est = next((e for e in ests if e.tier == tier), None)
-        prefetch = est is not None and prefetch_fits(est, self.weights, budget)
-        self.placement.set_prefetch_room(prefetch)
-        info["tier"] = self.placement.tier
-        info["expert_prefetch"] = prefetch
-        info["predicted_peak_gib"] = info["predicted"].get(self.placement.tier)
-        if est is not None:
-            info["predicted_stages_gib"] = est.stages_gib
-        if prefetch:
-            info["predicted_peak_gib"] = round(max(est.peak_bytes, prefetch_peak(est, self.weights)) / 2**30, 2)
-        return info
-
-    def _repredict(self, job: Job) -> None:
-        """After an OOM step-down: the planner's prediction for what runs now (tier and VAE tiling), so the
-        sidecar compares the measured peak with the configuration that produced it; the first plan's figure is
-        kept as ``planned_peak_gib``."""
-        memory, s = job.memory, job.settings
-        if "predicted_peak_gib" not in memory:
-            return
-        memory.setdefault("planned_peak_gib", memory["predicted_peak_gib"])
-        est = estimate(job.spec, self.weights, self.placement.tier, s.width, s.height, s.frames, self.plan.cfg_batch,
-                       self.plan.vae_tiling, self._dit_forward(job), self.plan.vae_precision,
-                       self.config.vae_tile_size)
-        memory["predicted_peak_gib"] = round(est.peak_gib, 2)
-        memory["predicted_stages_gib"] = est.stages_gib
-
-    def _stage_peak(self, job: Job, stage: str) -> None:
-        """The device's peak (allocated) since the last stage ended, as ``job.memory["measured_stages_gib"][stage]``
-        beside the planner's ``predicted_stages_gib``; the counters restart, the peak kept in ``_peak_floor``."""
-        peaks = peak_bytes(self.device)
-        if peaks is None:
-            return
-        job.memory.setdefault("measured_stages_gib", {})[stage] = round(peaks[0] / 2**30, 3)
-        self._restart_peaks(peaks)
-
-    def _restart_peaks(self, keep: tuple[int, int]) -> None:
-        """Restart the device's peak counters, folding ``keep`` (allocated, reserved) into ``_peak_floor``, which
-        the result's peak is taken over."""
-        floor = self._peak_floor or (0, 0)
-        self._peak_floor = (max(floor[0], keep[0]), max(floor[1], keep[1]))
-        reset_peak_memory(self.device)
-
-    def _stepping_down(self, stage: str, run, job: Job):
-        """Run a stage of ``job``; on a device OOM free memory, take the next leaner tier (or tile the VAE), run it
-        again. The failed attempt's peak goes in ``job.memory["failed_attempt_peak_gib"]``, not in the result's
-        peak: the counters restart for the retry, with the completed stages' peaks kept (``_peak_floor``)."""
-        memory = job.memory
-        while True:
-            before = peak_bytes(self.device)
-            try:
-                return run()
-            except torch.OutOfMemoryError as e:
-                if not self.oom_step_down:
-                    raise
-                failed = peak_bytes(self.device)
-                if failed is not None:
-                    memory.setdefault("failed_attempt_peak_gib", []).append(round(failed[0] / 2**30, 3))
-                    self._restart_peaks(before)  # what ran before the stage counts; the failed attempt does not
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if stage == "decode" and not self.plan.vae_tiling:
-                    self._tile_vae()
-                    self.plan.vae_tiling = True
-                    step = {"stage": stage, "change": "vae_tiling on"}
-                else:
-                    tiers = tiers_for(self.spec)
-                    here = tiers.index(self.placement.tier)
-                    if here + 1 >= len(tiers):
-                        raise
-                    step = {"stage": stage, "change": f"{self.placement.tier} -> {tiers[here + 1]}"}
-                    self._retier(tiers[here + 1])
-                step["error"] = str(e).splitlines()[0][:200]
-                memory["step_downs"].append(step)
-                memory["tier"] = self.placement.tier
-                self._repredict(job)
-                log.warning("out of memory in %s: %s, retrying the stage", stage, step["change"])
 
     def _i2v_mask(self, latents: torch.Tensor) -> torch.Tensor:
         """I2V's 4-channel mask: 1 for the latent slots holding the given first frame, else 0."""
@@ -596,8 +490,13 @@ class Engine:
         _, ph, pw = self.spec.transformer.patch
         return (frame_mask[0, 0][:, ::ph, ::pw] * ts).flatten().unsqueeze(0)  # (1, tokens)
 
-    def _predict(self, model, x, timestep, cond, uncond, guidance: float | None) -> torch.Tensor:
-        """The flow prediction, with classifier-free guidance when ``guidance`` is set (fp32 result)."""
+    def predict(self, model, x, timestep, cond, uncond, guidance: float | None) -> torch.Tensor:
+        """The flow prediction of one step: the layout's (CFG-parallel) where it has one, else ``guided``."""
+        return (self.layout.predict or self.guided)(model, x, timestep, cond, uncond, guidance)
+
+    def guided(self, model, x, timestep, cond, uncond, guidance: float | None) -> torch.Tensor:
+        """The flow prediction, with classifier-free guidance when ``guidance`` is set (fp32 result): two passes
+        sharing the first self-attention, or one batch (``plan.cfg_batch`` 2)."""
         if guidance is None:
             return model(hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0].float()
         if self.plan.cfg_batch == 2:
@@ -620,36 +519,9 @@ class Engine:
             memo = self._pair_memo[id(model)] = (cond, uncond, torch.cat([cond, uncond]))
         return memo[2]
 
-    def _sidecar(self, request: GenerationRequest, r: GenerationResult) -> dict:
-        _, t, h, w = self.spec.latent_shape(r.settings.width, r.settings.height, r.settings.frames)
-        return {
-            "artifex_sidecar": 1,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "video": {"path": r.video_path.name, "codec": "h264", "pix_fmt": "yuv420p", "color": "bt709 tv",
-                      "fps": r.settings.fps, "frames": r.settings.frames, "width": r.settings.width,
-                      "height": r.settings.height},
-            "request": request.to_dict(),
-            "settings": r.settings.to_dict(),
-            "seed": r.settings.seed,
-            "model": {"name": self.spec.name, "checkpoint": str(self.c.info.path),
-                      "boundary_ratio": self.c.info.boundary_ratio, "latent_shape": [self.spec.vae.z_dim, t, h, w],
-                      "tokens_per_forward": self.spec.tokens(r.settings.width, r.settings.height, r.settings.frames)},
-            "experts_per_step": r.experts_per_step,
-            "switch_step": r.switch_step,
-            "plan": r.plan.to_dict(),
-            "attention": r.attention.to_dict(),
-            "memory": r.memory,
-            "fp8": self.fp8_report,
-            "config": self.config.to_dict(),
-            "timings_s": {"load": round(self.load_s, 4), **r.timings},
-            "peak_memory": r.peak_memory,
-            "versions": versions(),
-            "device": device_info(self.device),
-        }
-
 
 @contextlib.contextmanager
-def _matmul_precision(tf32: bool):
+def matmul_precision(tf32: bool):
     """TF32 for fp32 matmuls/convs for the length of one generation, then restore."""
     old = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
@@ -659,17 +531,6 @@ def _matmul_precision(tf32: bool):
     finally:
         torch.set_float32_matmul_precision(old[0])
         torch.backends.cudnn.allow_tf32 = old[1]
-
-
-def _default_output(output_dir: str | Path | None, model: str, seed: int) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    return Path(output_dir or read_env().output_dir) / f"{model}-{stamp}-seed{seed}.mp4"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
 
 
 def _quiet_libraries() -> None:

@@ -170,7 +170,7 @@ class Placement:
         self._fp8_applied = False
         self.active_expert: int | None = None
         # The VAE keeps per-call state on its modules (diffusers' causal-conv feature caches): one caller at a time,
-        # should two threads share it (artifex.distributed.experts: an I2V image encode beside a decode).
+        # should two threads share it (artifex.multidevice.experts: an I2V image encode beside a decode).
         self._vae_lock = threading.RLock()
         # Expert swapping (the module docstring): each expert's CPU home in a swap tier, the side stream of the
         # copies to a CUDA device, the prefetched copies (expert -> (device tensors, event to wait on)), and

@@ -11,29 +11,32 @@ import hashlib
 import json
 import logging
 import math
-import os
 import threading
 import time
 from pathlib import Path
 
 from artifex.config import OptimizationConfig
+from artifex.engine.executor import ExecutorPool, LocalPool
+from artifex.engine.outputs import write_atomic
 from artifex.engine.request import GenerationRequest, resolve_request
 from artifex.errors import InvalidRequestError
 from artifex.models.registry import get_model
 from artifex.serve.inputs import ApiError, Submission, check_image
 from artifex.serve.jobs import ACTIVE, Job, JobStore, QueueFull
 from artifex.serve.metrics import Metrics
+from artifex.serve.progress import LiveProgress
 from artifex.serve.settings import ServeSettings
-from artifex.serve.worker import LiveProgress, LocalExecutor, ModelPool, ModelWorker
+from artifex.serve.worker import ModelPool, ModelWorker
 
 log = logging.getLogger("artifex.serve")
 
 
 class Service:
-    def __init__(self, settings: ServeSettings, config: OptimizationConfig, token: str | None, executor=None):
-        """``executor``: where engines run (default ``LocalExecutor``); a ``RayExecutor`` must be started."""
+    def __init__(self, settings: ServeSettings, config: OptimizationConfig, token: str | None,
+                 pool: ExecutorPool | None = None):
+        """``pool``: where engines run (default: this process, ``LocalPool``); a Ray or world pool must be started."""
         self.settings, self.config, self.token = settings, config, token
-        self.executor = executor or LocalExecutor()
+        self.pool = pool or LocalPool()
         self.started = time.time()
         for d in (settings.data_dir, settings.outputs_dir, settings.uploads_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -45,9 +48,9 @@ class Service:
         for name in settings.models:
             spec = get_model(name)
             pool = ModelPool(spec.name, [])
-            for i, runner in enumerate(self.executor.runners(spec.name, settings, config)):
-                pool.workers.append(ModelWorker(spec.name, i, runner, settings, self.store, self.live, self.metrics,
-                                                self._job_finished, others_alive=_besides(pool, i)))
+            for i, executor in enumerate(self.pool.executors(spec.name)):
+                pool.workers.append(ModelWorker(spec.name, i, executor, settings, config, self.store, self.live,
+                                                self.metrics, self._job_finished, others_alive=_besides(pool, i)))
             self.workers[spec.name] = pool
         self.stopping = False
 
@@ -65,7 +68,7 @@ class Service:
         self.stopping = True
         for w in self.workers.values():
             w.stop()
-        self.executor.shutdown()
+        self.pool.shutdown()
         self.store.close()
 
     def _sweep_files(self) -> None:
@@ -87,7 +90,7 @@ class Service:
 
     def workers_view(self) -> dict:
         """Where the engines run and each worker's state, memory and load (/api/workers, the web page)."""
-        return {"executor": self.executor.info(),
+        return {"executor": self.pool.info(),
                 "workers": [w.view() for pool in self.workers.values() for w in pool.workers]}
 
     # -- submission ------------------------------------------------------------------------
@@ -323,16 +326,6 @@ class Service:
 def _besides(pool: ModelPool, index: int):
     """Whether a worker of ``pool`` other than number ``index`` may still run the model's jobs."""
     return lambda: pool.alive_besides(pool.workers[index])
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a synced temporary file and a rename: the file is whole or absent."""
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 __all__ = ["Service", "ACTIVE"]

@@ -1,19 +1,29 @@
-"""``artifex batch``: one video per prompt, one after another or (A14B, ``--expert-pipeline``) pipelined over two
-devices by ``artifex.distributed.experts``. Registered on the main parser by ``add_commands``; nothing heavy is
-imported until the command runs.
-"""
+"""``artifex generate``, ``demo`` and ``batch``: requests from flags, run by an executor in this process."""
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
+import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from artifex.cli.common import (
+    add_config_flags,
+    add_generate_flags,
+    build_config,
+    experts_of,
+    progress_printer,
+    report,
+    request_from_args,
+    single_files,
+)
+from artifex.env import read_env
 from artifex.errors import InvalidRequestError
+from artifex.models.registry import MODELS
 
-if TYPE_CHECKING:
-    from artifex.engine.pipeline import EventCallback, GenerationResult, ProgressEvent
+DEMO_PROMPT = "a red kite flying over a golden beach at sunset, slow motion, cinematic"
 
 BATCH_HELP = """One video per prompt, with the flags of ``artifex generate`` (the same settings for every prompt).
 
@@ -26,24 +36,65 @@ VAE decode. A failed job does not stop the others; the exit status is 1 if any f
 
 
 def add_commands(sub) -> None:
-    """Register ``artifex batch`` (after ``generate``, whose flags it shares)."""
-    import argparse
-    import copy
+    g = sub.add_parser("generate", help="generate a video from a prompt (and an image)")
+    add_generate_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="generate a short clip with a built-in tiny model (no download, CPU is fine)")
+    d.add_argument("--model", default="tiny-ti2v",
+                   choices=[n for n, s in MODELS.items() if s.tiny and s.image != "required"])
+    d.add_argument("--prompt", default=DEMO_PROMPT)
+    d.add_argument("--frames", type=int, default=49)
+    d.add_argument("--seed", type=int, default=42)
+    d.add_argument("--output", type=Path, help="mp4 path (default: artifex-output/demo.mp4)")
+    add_config_flags(d)
+    d.set_defaults(func=cmd_demo)
 
     # A copy of generate's parser: resolving the conflicting --prompt/--output would edit its (shared) actions.
-    p = sub.add_parser("batch", parents=[copy.deepcopy(sub.choices["generate"])], conflict_handler="resolve",
+    b = sub.add_parser("batch", parents=[copy.deepcopy(g)], conflict_handler="resolve",
                        help="one video per prompt; --expert-pipeline pipelines A14B jobs over two devices",
                        description=BATCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts = b.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     prompts.add_argument("--prompts-file", type=Path, help="a text file, one prompt a line")
-    p.add_argument("--output", type=Path, help="mp4 path, only with a single prompt (else use --output-dir)")
-    g = p.add_argument_group("expert pipeline")
-    g.add_argument("--expert-pipeline", action="store_true",
+    b.add_argument("--output", type=Path, help="mp4 path, only with a single prompt (else use --output-dir)")
+    e = b.add_argument_group("expert pipeline")
+    e.add_argument("--expert-pipeline", action="store_true",
                    help="A14B: expert 0 (+ text encoder) on device 0, expert 1 (+ VAE) on device 1, jobs pipelined")
-    g.add_argument("--devices", help="FIRST,SECOND for --expert-pipeline (default: the engine's GPU and another "
+    e.add_argument("--devices", help="FIRST,SECOND for --expert-pipeline (default: the engine's GPU and another "
                                      "one; cpu,cpu without CUDA)")
-    p.set_defaults(func=cmd_batch)
+    b.set_defaults(func=cmd_batch)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from artifex.engine.executor import LocalExecutor
+    from artifex.engine.request import resolve_request
+
+    request = request_from_args(args)
+    resolve_request(request)  # the request is checked before any time goes into loading weights
+    config = build_config(args, args.preset)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    executor = LocalExecutor()
+    executor.load(args.model, checkpoint=args.checkpoint, config=config, single_files=single_files(args))
+    result = executor.generate(request, on_event=progress_printer(experts_of(args.model)), output_dir=args.output_dir)
+    report(result)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from artifex.engine.executor import LocalExecutor
+    from artifex.engine.request import GenerationRequest
+
+    output = args.output or read_env().output_dir / "demo.mp4"
+    print(f"artifex demo: {args.model} (random tiny weights, built offline) on this machine", file=sys.stderr)
+    executor = LocalExecutor()
+    executor.load(args.model, config=build_config(args))
+    request = GenerationRequest(model=executor.engine.spec.name, prompt=args.prompt, seed=args.seed,
+                                frames=args.frames, output=str(output))
+    result = executor.generate(request, on_event=progress_printer(experts_of(args.model)))
+    report(result)
+    print(f"demo video written to {Path(result.video_path).resolve()}", file=sys.stderr)
+    return 0
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -58,16 +109,14 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _batch_printer(total: int):
+def batch_printer(total: int):
     """printer(index) -> a progress callback printing one line per stage and job (denoise: the first step of each
     expert, every 10th step and the last)."""
-    import sys
-
     lock = threading.Lock()
     last_expert: dict[int, int | None] = {}
 
-    def printer(index: int) -> EventCallback:
-        def on_event(e: ProgressEvent) -> None:
+    def printer(index: int):
+        def on_event(e) -> None:
             job = index if e.job is None else e.job
             what = e.stage
             if e.stage == "denoise":
@@ -84,12 +133,7 @@ def _batch_printer(total: int):
 
 
 def cmd_batch(args) -> int:
-    import sys
-
-    from artifex.cli import build_config
-    from artifex.distributed.cli import request_from_args
-    from artifex.distributed.experts import ExpertPipeline, ExpertPipelineError
-    from artifex.engine.pipeline import Engine
+    from artifex.engine.executor import LocalExecutor
     from artifex.engine.plan import requested_tier
     from artifex.engine.request import resolve_request
 
@@ -108,14 +152,15 @@ def cmd_batch(args) -> int:
     if args.expert_pipeline and requested_tier(config) == "auto":
         config = config.merged({"memory_tier": "resident"})  # each device holds half: no offload tier
     print(f"loading {args.model} ...", file=sys.stderr)
-    engine = Engine.load(args.model, checkpoint=args.checkpoint, config=config,
-                         single_files={"transformer": args.transformer_file, "transformer_2": args.transformer_2_file,
-                                       "vae": args.vae_file})
-    printer = _batch_printer(len(requests))
-    results: list[GenerationResult | None] = [None] * len(requests)
+    executor = LocalExecutor()
+    executor.load(args.model, checkpoint=args.checkpoint, config=config, single_files=single_files(args))
+    printer = batch_printer(len(requests))
+    results: list = [None] * len(requests)
     errors: dict[int, BaseException] = {}
     if args.expert_pipeline:
-        with ExpertPipeline(engine, devices) as pipe:
+        from artifex.multidevice.experts import ExpertPipeline, ExpertPipelineError
+
+        with ExpertPipeline(executor.engine, devices) as pipe:
             print(f"expert pipeline: high-noise expert on {pipe.devices[0]}, low-noise expert and VAE on "
                   f"{pipe.devices[1]}", file=sys.stderr)
             one = printer(0)  # events carry their job index
@@ -126,7 +171,7 @@ def cmd_batch(args) -> int:
     else:
         for i, request in enumerate(requests):
             try:
-                results[i] = engine.generate(request, on_event=printer(i), output_dir=args.output_dir)
+                results[i] = executor.generate(request, on_event=printer(i), output_dir=args.output_dir)
             except Exception as e:  # the next job still runs
                 errors[i] = e
     for i, r in enumerate(results):

@@ -41,11 +41,18 @@ from pathlib import Path
 import torch
 
 from artifex.attention import install
-from artifex.distributed.split import move_tensors
-from artifex.engine.pipeline import Engine, EventCallback, GenerationResult, Job, ProgressEvent, _matmul_precision
+from artifex.engine.pipeline import (
+    Engine,
+    EventCallback,
+    GenerationJob,
+    GenerationResult,
+    ProgressEvent,
+    matmul_precision,
+)
 from artifex.engine.request import GenerationRequest
 from artifex.errors import ArtifexError, GenerationCancelled, InvalidRequestError
 from artifex.models.registry import MODELS
+from artifex.multidevice.split import move_tensors
 from artifex.sysinfo import peak_memory, reset_peak_memory
 
 
@@ -113,7 +120,8 @@ class ExpertPipeline:
         self.engine, self.first, self.second = engine, first, second
         self.devices = [str(first), str(second)]
         # A tier step-down would move every model onto the engine's one device.
-        self._oom_step_down, engine.oom_step_down = engine.oom_step_down, False
+        self._layout = engine.layout
+        engine.layout = dataclasses.replace(engine.layout, oom_step_down=False)
         # Expert 1's own attention runtime: stage A preparing the next job's shape leaves stage B's chain alone.
         self.second_attention = dataclasses.replace(engine.attention, choices={})
         install([c.experts[1]], self.second_attention)
@@ -128,7 +136,7 @@ class ExpertPipeline:
         install(e.c.experts, e.attention)
         for m in (e.c.text_encoder, e.c.vae, *e.c.experts):
             m.to(e.device)
-        e.oom_step_down = self._oom_step_down
+        e.layout = self._layout
 
     def __enter__(self) -> ExpertPipeline:
         return self
@@ -180,7 +188,7 @@ class ExpertPipeline:
 
         threads = [threading.Thread(target=stage_a, name="artifex-stage-a", daemon=True),
                    threading.Thread(target=stage_b, name="artifex-stage-b", daemon=True)]
-        with _matmul_precision(self.engine.plan.tf32):  # process-wide: set once for both threads
+        with matmul_precision(self.engine.plan.tf32):  # process-wide: set once for both threads
             for d in (self.first, self.second):
                 reset_peak_memory(d)
             for t in threads:
@@ -206,7 +214,7 @@ class ExpertPipeline:
 
     # -- the two stages --------------------------------------------------------------------
     @torch.no_grad()  # grad mode is per thread
-    def _stage_a(self, index: int, request: GenerationRequest, emit: EventCallback) -> Job:
+    def _stage_a(self, index: int, request: GenerationRequest, emit: EventCallback) -> GenerationJob:
         """Device 0: resolve, encode, the high-noise steps; then the job moves to device 1."""
         eng = self.engine
         job = eng.prepare(request, emit)
@@ -236,7 +244,7 @@ class ExpertPipeline:
         return job
 
     @torch.no_grad()
-    def _stage_b(self, job: Job, output_dir: str | Path | None) -> GenerationResult:
+    def _stage_b(self, job: GenerationJob, output_dir: str | Path | None) -> GenerationResult:
         """Device 1: the low-noise steps, decode, mp4 and sidecar."""
         eng = self.engine
         job.mark("queued")  # waiting for stage B to finish the job before

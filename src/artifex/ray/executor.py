@@ -1,30 +1,30 @@
-"""Workers as Ray actors: one warm engine per GPU group, placed and watched by Ray, fed by the serve job loop.
+"""Engines as Ray actors: one warm engine per GPU group, placed and watched by Ray.
 
-    executor = RayExecutor("auto", workers=2, gpus_per_worker=1)
-    executor.start(["ti2v-5b"])                              # connect; check the cluster can hold every group
-    service = Service(settings, config, token, executor)     # one ModelWorker thread per actor
+    pool = RayPool("auto", workers=2, gpus_per_worker=1)
+    pool.start(["ti2v-5b"])                                  # connect; check the cluster can hold every group
+    service = Service(settings, config, token, pool)         # one worker thread per actor
+    # or, on its own:
+    (executor,) = RayPool("auto", workers=1).started(["ti2v-5b"]).executors("ti2v-5b")
+    executor.load("ti2v-5b"); executor.generate(request)
 
-The seam is the serve executor's (``artifex.serve.worker``): ``start`` connects and plans,
-``runners`` gives one ``RayRunner`` per actor, and each runner has the job loop's five
-methods (load, warm_up, run, health, restart). Each actor (``EngineActor``) holds one
-``Engine``; loading, warming up, generating, progress, cancel and health are its named
-methods. A worker thread pulls the oldest queued job whenever its actor is free, so jobs
-spread over every actor of every node (data parallel). Ray places an actor on
-``num_gpus = group size`` (a placement group of one bundle, PACK, for groups of two GPUs;
-the engine is then split over them with ``artifex.distributed.split``), or on one CPU when
-the cluster has no GPUs. Any Ray error that means the actor is gone becomes ``WorkerLost``:
-the job store counts a failed attempt and queues the job again, another actor takes it,
-and this worker replaces its actor.
+``RayExecutor`` is the ``Executor`` of one actor (``EngineActor``), which holds a
+``LocalExecutor``; loading, warming up, generating, progress, cancel and health are its
+named methods. Ray places an actor on ``num_gpus = group size`` (a placement group of one
+bundle, PACK, for groups of two GPUs; the engine is then split over them with
+``artifex.multidevice.split``), or on one CPU when the cluster has no GPUs. Any Ray error
+that means the actor is gone becomes ``ExecutorLost``: a server's job store counts a failed
+attempt and queues the job again, another actor takes it, and that worker replaces its actor.
 
-Files: an actor on the server's node reads the upload and writes the mp4 and its sidecar
-straight into the data directory; an actor on another node gets the image's bytes, writes
-into a temporary directory of its own and returns the files' bytes, which the server
-writes into the data directory (atomically). Progress: the actor keeps each running job's
-events and the server polls them while it waits, forwarding each to the job.
+Files: an actor on the caller's node reads the image and writes the mp4 and its sidecar
+straight where the request says; an actor on another node gets the image's bytes, writes
+into a temporary directory of its own and returns the files' bytes, which the caller writes
+(atomically). Progress: the actor keeps each running request's events and the caller polls
+them while it waits, handing each to ``on_event``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -36,15 +36,22 @@ import uuid
 from pathlib import Path
 
 from artifex.config import OptimizationConfig
-from artifex.distributed.cluster import dashboard_url, import_ray, use_cluster_token
+from artifex.engine.executor import (
+    Executor,
+    ExecutorLost,
+    ExecutorPool,
+    LocalExecutor,
+    RemoteError,
+    describe_error,
+    process_report,
+)
+from artifex.engine.outputs import write_atomic
 from artifex.errors import ArtifexError, GenerationCancelled, InvalidRequestError
-from artifex.serve.service import write_atomic
-from artifex.serve.settings import ServeSettings
-from artifex.serve.worker import ProgressFn, WorkerLost, process_report, run_generation, warm_up_engine
+from artifex.ray.cluster import dashboard_url, import_ray, use_cluster_token
 
 log = logging.getLogger("artifex.serve")
 
-POLL_S = 0.2  # how often the server asks a busy actor for progress
+POLL_S = 0.2  # how often the caller asks a busy actor for progress
 REPORT_EVERY_S = 5.0  # and for its memory and load
 PLACE_TIMEOUT_S = 300.0  # an actor (or its GPU group) not placed in this time counts as lost
 MAX_GROUP = 2  # GPUs one engine can use: 1, or 2 through the two-device split
@@ -59,20 +66,21 @@ def _lost_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(E, n) for n in names if hasattr(E, n))
 
 
-def _lost(e: BaseException) -> WorkerLost:
-    """A Ray error of ``_lost_errors`` as ``WorkerLost``, named with its first line."""
-    return WorkerLost(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+def _lost(e: BaseException) -> ExecutorLost:
+    """A Ray error of ``_lost_errors`` as ``ExecutorLost``, named with its first line."""
+    return ExecutorLost(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 # -- inside the actor ---------------------------------------------------------------------------
 class EngineActor:
-    """One warm ``Engine`` in a Ray actor process (threaded: progress, cancel and health answer mid-job)."""
+    """One warm engine (a ``LocalExecutor``) in a Ray actor process (threaded: progress, cancel and health answer
+    mid-request)."""
 
-    def __init__(self, model: str, checkpoint: str | None, config: OptimizationConfig, gpus: int):
-        self.model, self.checkpoint, self.config, self.gpus = model, checkpoint, config, gpus
-        self.engine = None
+    def __init__(self, gpus: int):
+        self.gpus = gpus
+        self.local = LocalExecutor()
         self._lock = threading.Lock()
-        self._events: dict[str, list[tuple[str, int, int]]] = {}
+        self._events: dict[str, list] = {}
         self._cancel: set[str] = set()
 
     def identity(self) -> dict:
@@ -82,71 +90,74 @@ class EngineActor:
         return {"kind": "ray", "node": ray.util.get_node_ip_address(), "node_id": ctx.get_node_id(),
                 "actor_id": ctx.get_actor_id(), "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
-    def load(self) -> dict:
+    def load(self, model: str, checkpoint: str | None, config: OptimizationConfig | None,
+             single_files: dict | None) -> dict:
         """Load the engine (and split it over two GPUs for a group of two): {"load_s"} or {"error"}."""
-        from artifex.engine.pipeline import Engine
-
         t0 = time.perf_counter()
         try:
-            self.engine = Engine.load(self.model, checkpoint=self.checkpoint, config=self.config)
+            self.local.load(model, checkpoint, config, single_files)
             if self.gpus == 2:
-                from artifex.distributed.split import split_across_devices
+                from artifex.multidevice.split import split_across_devices
 
-                split_across_devices(self.engine, ("cuda:0", "cuda:1"))
+                split_across_devices(self.local.engine, ("cuda:0", "cuda:1"))
         except ArtifexError as e:
             return {"error": str(e)}
-        log.info("loaded %s in a Ray actor; plan: %s", self.model, self.engine.plan.to_dict())
         return {"load_s": time.perf_counter() - t0}
 
     def warm_up(self, shapes) -> float:
-        t0 = time.perf_counter()
-        folder = Path(tempfile.mkdtemp(prefix="artifex-warmup-"))
-        try:
-            warm_up_engine(self.engine, folder, shapes, lambda: False)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        return time.perf_counter() - t0
+        return self.local.warm_up(shapes)
 
-    def generate(self, job_id: str, fields: dict, image: tuple[str, bytes] | None, ship: bool) -> dict:
-        """Run one job. ``image``: (name, bytes) when the upload is on another node; ``ship``: write into a
-        temporary directory and return the files' bytes (``outcome["files"]``) instead of writing ``output``."""
-        events: list[tuple[str, int, int]] = []
+    def generate(self, call_id: str, request, output_dir: str | None, image: tuple[str, bytes] | None,
+                 ship: bool) -> dict:
+        """Run one request: {"result"} or {"cancelled"} or {"error": describe_error}, with "events" and, when
+        ``ship``, "files" (the written files' bytes, from a temporary directory instead of ``request.output``).
+        ``image``: (name, bytes) when the caller's image is on another node."""
+        events: list = []
         with self._lock:
-            self._events[job_id] = events
+            self._events[call_id] = events
         work = Path(tempfile.mkdtemp(prefix="artifex-job-")) if (image or ship) else None
-        fields = dict(fields)
         if image is not None:
             (work / image[0]).write_bytes(image[1])
-            fields["image"] = str(work / image[0])
+            request = dataclasses.replace(request, image=str(work / image[0]))
         if ship:
-            fields["output"] = str(work / Path(fields["output"]).name)
+            name = Path(request.output).name if request.output else None
+            request = dataclasses.replace(request, output=str(work / name) if name else None)
+            output_dir = str(work)
 
-        def on_progress(stage: str, step: int, total: int) -> None:
-            if stage != "done" and job_id in self._cancel:
-                raise GenerationCancelled(f"job {job_id} cancelled at {stage}")
-            events.append((stage, step, total))
+        def on_event(e) -> None:
+            if e.stage != "done" and call_id in self._cancel:
+                raise GenerationCancelled(f"request {call_id} cancelled at {e.stage}")
+            events.append(e)
 
         try:
-            outcome = run_generation(self.engine, fields, on_progress)
-            if ship and outcome["state"] == "succeeded":
-                outcome["files"] = {key: Path(outcome[key]).read_bytes() for key in ("video", "sidecar")}
-            outcome["events"] = list(events)
-            return outcome
+            try:
+                result = self.local.generate(request, on_event=on_event, output_dir=output_dir)
+            except GenerationCancelled:
+                return {"cancelled": True, "events": list(events)}
+            except Exception as e:  # the request fails; the actor lives on
+                if not isinstance(e, ArtifexError):
+                    log.exception("request failed")
+                return {"error": describe_error(e), "events": list(events)}
+            out = {"result": result, "events": list(events)}
+            if ship:
+                out["files"] = {key: Path(p).read_bytes() for key, p in
+                                (("video", result.video_path), ("sidecar", result.sidecar_path)) if p is not None}
+            return out
         finally:
             with self._lock:
-                self._events.pop(job_id, None)
-                self._cancel.discard(job_id)
+                self._events.pop(call_id, None)
+                self._cancel.discard(call_id)
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
 
-    def progress(self, job_id: str, since: int) -> list[tuple[str, int, int]]:
+    def progress(self, call_id: str, since: int) -> list:
         with self._lock:
-            return list(self._events.get(job_id, [])[since:])
+            return list(self._events.get(call_id, [])[since:])
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, call_id: str) -> None:
         with self._lock:
-            if job_id in self._events:
-                self._cancel.add(job_id)
+            if call_id in self._events:
+                self._cancel.add(call_id)
 
     def health(self) -> dict:
         devices = []
@@ -157,7 +168,7 @@ class EngineActor:
         return process_report(devices)
 
 
-# -- on the server ----------------------------------------------------------------------------
+# -- on the caller's side ------------------------------------------------------------------------
 def check_address(address: str) -> None:
     """Refuse what cannot be a cluster address, and an address nothing answers at, before Ray retries it."""
     if address.startswith("ray://"):
@@ -175,14 +186,14 @@ def check_address(address: str) -> None:
                                          "with 'artifex cluster start --head' or give the head's HOST:PORT") from None
 
 
-class RayExecutor:
+class RayPool(ExecutorPool):
     """Engines in Ray actors: ``workers`` per served model, each on ``gpus_per_worker`` GPUs (0: one CPU)."""
 
     kind = "ray"
 
     def __init__(self, address: str = "auto", workers: int | None = None, gpus_per_worker: int | None = None,
                  ship_outputs: bool | None = None):
-        """``ship_outputs``: True sends files through Ray even on the server's node (None: only from other nodes)."""
+        """``ship_outputs``: True sends files through Ray even on the caller's node (None: only from other nodes)."""
         self.address, self.workers, self.gpus_per_worker = address, workers, gpus_per_worker
         self.ship_outputs = ship_outputs
         self.dashboard: str | None = None
@@ -252,8 +263,12 @@ class RayExecutor:
                                       f"at most {max(slots // len(models), 0)} per model")
         self.gpus_per_worker, self.workers = group, workers
 
-    def runners(self, model: str, settings: ServeSettings, config: OptimizationConfig) -> list[RayRunner]:
-        return [RayRunner(self, model, i, settings, config) for i in range(self.workers)]
+    def started(self, models: list[str]) -> RayPool:
+        self.start(models)
+        return self
+
+    def executors(self, model: str) -> list[RayExecutor]:
+        return [RayExecutor(self, model, i) for i in range(self.workers)]
 
     def info(self) -> dict:
         return {"kind": self.kind, "address": self.gcs_address or self.address, "dashboard": self.dashboard,
@@ -275,7 +290,7 @@ class RayExecutor:
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(pg)  # not left pending, to take GPUs later
             self._groups.remove(pg)
-            raise WorkerLost(f"no node had {group} free GPUs for {PLACE_TIMEOUT_S:.0f} s") from None
+            raise ExecutorLost(f"no node had {group} free GPUs for {PLACE_TIMEOUT_S:.0f} s") from None
         return {"num_gpus": group, "num_cpus": 1,
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)}
 
@@ -291,60 +306,61 @@ class RayExecutor:
             ray.shutdown()
 
 
-class RayRunner:
-    """The server's handle on one actor: what ``ModelWorker`` calls, with Ray's errors turned into ``WorkerLost``."""
+class RayExecutor(Executor):
+    """The ``Executor`` of one Ray actor, with Ray's errors that mean the actor is gone turned into ``ExecutorLost``."""
 
-    def __init__(self, executor: RayExecutor, model: str, index: int, settings: ServeSettings,
-                 config: OptimizationConfig):
-        self.executor, self.model, self.index, self.settings, self.config = executor, model, index, settings, config
+    kind = "ray"
+
+    def __init__(self, pool: RayPool, model: str, index: int):
+        super().__init__()
+        self.pool, self.model, self.index = pool, model, index
         self.actor = None
         self.options: dict | None = None  # placement, kept across restarts (a placement group is reused)
         self.ship = False
-        self.identity: dict = {"kind": "ray", "node": None, "pid": None, "gpus": []}
-        self.report: dict = {}  # the actor's last memory/load report: at health checks, and while it runs jobs
+        self.identity = {"kind": "ray", "node": None, "pid": None, "gpus": []}
 
     def _call(self, method: str, *args, timeout: float | None = None):
         ray = import_ray()
         if self.actor is None:
-            raise WorkerLost("no actor")
+            raise ExecutorLost("no actor")
         try:
             return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout)
         except _lost_errors() as e:
             raise _lost(e) from None
 
-    def load(self) -> float:
+    def load(self, model, checkpoint=None, config=None, single_files=None) -> float:
         ray = import_ray()
         t0 = time.perf_counter()
+        self.model = model
         if self.options is None:
-            self.options = self.executor.placement()
-        group = self.executor.gpus_per_worker
+            self.options = self.pool.placement()
         actor_class = ray.remote(EngineActor)
-        self.actor = actor_class.options(name=f"artifex-{self.model}-{self.index}-{uuid.uuid4().hex[:8]}",
+        self.actor = actor_class.options(name=f"artifex-{model}-{self.index}-{uuid.uuid4().hex[:8]}",
                                          max_concurrency=4, max_restarts=0, **self.options).remote(
-            self.model, self.settings.checkpoints.get(self.model), self.config, group)
+            self.pool.gpus_per_worker)
         try:
             self.identity = self._call("identity", timeout=PLACE_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
-            raise WorkerLost(f"the actor was not placed within {PLACE_TIMEOUT_S:.0f} s") from None
-        ship = self.executor.ship_outputs
-        self.ship = self.identity["node_id"] != self.executor.node_id if ship is None else ship
-        log.info("worker %s/%d: actor pid %s on %s (GPUs %s)", self.model, self.index, self.identity["pid"],
-                 self.identity["node"], self.identity["gpus"] or "none", extra={"model": self.model})
-        result = self._call("load")
+            raise ExecutorLost(f"the actor was not placed within {PLACE_TIMEOUT_S:.0f} s") from None
+        ship = self.pool.ship_outputs
+        self.ship = self.identity["node_id"] != self.pool.node_id if ship is None else ship
+        log.info("worker %s/%d: actor pid %s on %s (GPUs %s)", model, self.index, self.identity["pid"],
+                 self.identity["node"], self.identity["gpus"] or "none", extra={"model": model})
+        result = self._call("load", model, checkpoint, config, single_files)
         if "error" in result:
             raise ArtifexError(result["error"])
         return time.perf_counter() - t0
 
-    def warm_up(self, should_stop) -> float:
-        return self._call("warm_up", self.settings.warmup_shapes)
+    def warm_up(self, shapes=None, should_stop=lambda: False) -> float:
+        return self._call("warm_up", shapes)
 
-    def run(self, job_id: str, fields: dict, on_progress: ProgressFn) -> dict:
+    def generate(self, request, on_event=None, output_dir=None):
         ray = import_ray()
-        output = Path(fields["output"])
         image = None
-        if self.ship and fields.get("image"):
-            path = Path(fields["image"])
+        if self.ship and request.image:
+            path = Path(request.image)
             image = (path.name, path.read_bytes())
+        call_id = uuid.uuid4().hex
         seen, cancelled = 0, False
         report, report_due = None, time.monotonic() + REPORT_EVERY_S
 
@@ -352,58 +368,64 @@ class RayRunner:
             nonlocal seen, cancelled
             for event in events:
                 seen += 1
-                if cancelled:
+                if cancelled or on_event is None:
                     continue
                 try:
-                    on_progress(*event)
+                    on_event(event)
                 except GenerationCancelled:
                     cancelled = True
-                    self.actor.cancel.remote(job_id)
+                    self.actor.cancel.remote(call_id)
 
         try:
-            ref = self.actor.generate.remote(job_id, fields, image, self.ship)
+            ref = self.actor.generate.remote(call_id, request, None if output_dir is None else str(output_dir), image,
+                                             self.ship)
             while True:
                 done, _ = ray.wait([ref], timeout=POLL_S)
                 if done:
                     outcome = ray.get(ref)
                     break
                 try:
-                    forward(ray.get(self.actor.progress.remote(job_id, seen), timeout=30))
+                    forward(ray.get(self.actor.progress.remote(call_id, seen), timeout=30))
                 except ray.exceptions.GetTimeoutError:
                     pass
-                if report is None and time.monotonic() >= report_due:  # memory mid-job, without waiting for it
+                if report is None and time.monotonic() >= report_due:  # memory mid-request, without waiting for it
                     report = self.actor.health.remote()
                 elif report is not None and ray.wait([report], timeout=0)[0]:
-                    self.report, report, report_due = ray.get(report), None, time.monotonic() + REPORT_EVERY_S
+                    self._report, report, report_due = ray.get(report), None, time.monotonic() + REPORT_EVERY_S
         except _lost_errors() as e:
             raise _lost(e) from None
-        except ray.exceptions.RayTaskError as e:  # a bug around the engine, not the job's fault alone
-            return {"state": "failed", "error": {"code": "internal_error", "message": str(e).splitlines()[0]}}
+        except ray.exceptions.RayTaskError as e:  # a bug around the engine, not the request's fault alone
+            raise RemoteError("internal_error", str(e).splitlines()[0]) from None
         for event in outcome.pop("events", [])[seen:]:  # the last steps, finished before the last poll
-            if event[0] == "done" or not cancelled:
+            if on_event is not None and (event.stage == "done" or not cancelled):
                 try:
-                    on_progress(*event)
+                    on_event(event)
                 except GenerationCancelled:
-                    pass
+                    cancelled = True
+        if "error" in outcome:
+            raise RemoteError(**outcome["error"])
+        if "cancelled" in outcome or cancelled:
+            raise GenerationCancelled(f"request {call_id} cancelled")
+        result = outcome["result"]
         files = outcome.pop("files", None)
-        if files is not None:  # from another node: the server writes them into its data directory
-            targets = {"video": output, "sidecar": output.with_suffix(".json")}
+        if files is not None:  # from another node: the caller writes them where the request says
+            from artifex.engine.outputs import default_output
+
+            video = Path(request.output) if request.output else default_output(output_dir, self.model,
+                                                                                 result.settings.seed)
+            targets = {"video": video, "sidecar": video.with_suffix(".json")}
             for key, data in files.items():
                 write_atomic(targets[key], data)
-                outcome[key] = str(targets[key])
-        return outcome
+            result.video_path, result.sidecar_path = targets["video"], targets["sidecar"]
+        return result
 
     def health(self) -> dict:
         ray = import_ray()
         try:
-            self.report = self._call("health", timeout=30)
-            return self.report
+            self._report = self._call("health", timeout=30)
+            return self._report
         except ray.exceptions.GetTimeoutError:
-            raise WorkerLost("the actor did not answer its health check within 30 s") from None
-
-    def restart(self) -> None:
-        """Drop the (dead or unresponsive) actor; the next ``load`` starts a fresh one in the same placement."""
-        self.close()
+            raise ExecutorLost("the actor did not answer its health check within 30 s") from None
 
     def close(self) -> None:
         ray = import_ray()

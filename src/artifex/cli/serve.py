@@ -1,7 +1,9 @@
-"""``artifex serve`` and ``artifex monitor``; registered on the main parser by ``add_commands``.
+"""``artifex serve`` and ``artifex monitor``.
 
 Heavy imports (FastAPI, uvicorn, torch) happen inside the commands, so ``artifex --help``
-stays fast.
+stays fast. Where the engines run is an executor pool: this process (default), Ray actors
+(``--ray``), or torch.distributed ranks this server starts for a multi-GPU layout
+(``--layout CxU``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from artifex.cli.common import add_config_flags, config_flags
 from artifex.env import read_env
 from artifex.errors import InvalidRequestError
 
@@ -41,8 +44,6 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 def add_commands(sub) -> None:
     """Register ``serve`` and ``monitor`` on the ``artifex`` subparsers."""
-    from artifex.cli import _add_config_flags
-
     s = sub.add_parser("serve", help="run the HTTP video-generation service (jobs, progress, web page, metrics)",
                        description="Serve models over HTTP: a persistent job queue (SQLite in the data directory), "
                                    "progress as server-sent events, the OpenAI Videos API shape, a web page at /, "
@@ -73,6 +74,11 @@ def add_commands(sub) -> None:
     s.add_argument("--warmup-shape", action="append", type=_shape, default=[], metavar="WxHxF",
                    help="warm up at this shape before ready (repeatable; default: each model's default shape)")
     s.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
+    w = s.add_argument_group("multi-GPU layout (torch.distributed ranks started by the server)")
+    w.add_argument("--layout", metavar="CxU", help="serve each model on cfg x ulysses ranks of this machine, e.g. 2x1 "
+                   "(CFG-parallel) or 1x2 (Ulysses); one GPU per rank with CUDA, else gloo processes on the CPU")
+    w.add_argument("--layout-backend", default="auto", choices=["auto", "gloo", "nccl"],
+                   help="torch.distributed backend of the layout's ranks (default: nccl with CUDA, else gloo)")
     r = s.add_argument_group("Ray cluster (pip install 'artifex[ray]')")
     r.add_argument("--ray", metavar="auto|HOST:PORT",
                    help="run the engines as Ray actors: auto = the cluster running on this machine, else a local "
@@ -85,7 +91,7 @@ def add_commands(sub) -> None:
                         "(default: 1 when the cluster has GPUs, else 0)")
     s.add_argument("--debug", action="store_true", help="verbose (DEBUG) logs")
     s.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines (default: json)")
-    _add_config_flags(s)
+    add_config_flags(s)
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("monitor", help="show a running server's queue, jobs, stage times and GPU live")
@@ -109,8 +115,7 @@ def build_serve_config(args: argparse.Namespace):
     for path in (env.config, getattr(args, "config", None)):
         if path:
             config, serve_file = load_config_file(path, config, serve_file)
-    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
-    config = config.merged(flags)
+    config = config.merged(config_flags(args))
 
     settings = ServeSettings(
         models=tuple(dict.fromkeys(m.strip().lower() for m in args.model)),
@@ -163,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from artifex.serve.app import create_app
     from artifex.serve.service import Service
 
-    service = Service(settings, config, token, executor=build_executor(args, settings))
+    service = Service(settings, config, token, pool=build_pool(args, settings))
     app = create_app(service)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=True,
                 timeout_graceful_shutdown=3, server_header=False,
@@ -171,19 +176,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_executor(args: argparse.Namespace, settings):
-    """``--ray``: a started ``RayExecutor`` (connected, its groups checked); else None (engines in this process)."""
+def build_pool(args: argparse.Namespace, settings):
+    """Where the engines run: ``--ray`` a started ``RayPool`` (connected, its groups checked); ``--layout`` a
+    ``WorldPool`` (ranks of this machine per model); else None (engines in this process)."""
+    if args.layout and args.ray:
+        raise InvalidRequestError("layout", "a torch.distributed layout runs on this machine's ranks; Ray places "
+                                  "one engine per actor: choose --layout or --ray")
+    if args.layout:
+        from artifex.distributed.world import WorldPool, parse_layout
+
+        pool = WorldPool(parse_layout(args.layout), backend=args.layout_backend)
+        pool.start(list(settings.models))
+        return pool
     if not args.ray:
         for flag in ("ray_workers", "ray_gpus_per_worker"):
             if getattr(args, flag) is not None:
                 raise InvalidRequestError(flag, "is for Ray workers; add --ray auto or --ray HOST:PORT")
         return None
-    from artifex.distributed.ray_pool import RayExecutor
+    from artifex.ray.executor import RayPool
 
-    executor = RayExecutor(args.ray, workers=args.ray_workers, gpus_per_worker=args.ray_gpus_per_worker)
-    executor.start(list(settings.models))
-    log.info("Ray cluster %s, dashboard %s", executor.gcs_address, executor.dashboard or "not running")
-    return executor
+    pool = RayPool(args.ray, workers=args.ray_workers, gpus_per_worker=args.ray_gpus_per_worker)
+    pool.start(list(settings.models))
+    log.info("Ray cluster %s, dashboard %s", pool.gcs_address, pool.dashboard or "not running")
+    return pool
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:

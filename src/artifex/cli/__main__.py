@@ -1,0 +1,5 @@
+import sys
+
+from artifex.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""What every command shares: config flags, the request of generate's flags, the progress bar, the report, tables.
+
+Nothing heavy is imported here (torch, diffusers): argument errors and request checks answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from artifex.config import OptimizationConfig
+from artifex.env import read_env
+from artifex.models.registry import MODELS, get_model
+from artifex.presets import PRESETS, get_preset
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT (e.g. 1280x704), got {text!r}") from None
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per ``OptimizationConfig`` field (its help from the field's documentation), plus ``--config``."""
+    g = p.add_argument_group("optimization (OptimizationConfig; also settable in a TOML file with --config)")
+    g.add_argument("--config", type=Path, help="TOML file of OptimizationConfig fields")
+    for name, (default, help_text, choices, kind) in OptimizationConfig.field_help().items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            g.add_argument(flag, dest=f"opt_{name}", action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_text} (default: {default})")
+        else:
+            g.add_argument(flag, dest=f"opt_{name}", type=kind, default=None, choices=choices,
+                           help=f"{help_text} (default: {default})")
+
+
+def config_flags(args: argparse.Namespace) -> dict:
+    """The ``OptimizationConfig`` fields given as flags."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+
+
+def build_config(args: argparse.Namespace, preset: str | None = None) -> OptimizationConfig:
+    """defaults < preset optimizations < $ARTIFEX_CONFIG < --config < flags."""
+    config = OptimizationConfig()
+    if preset:
+        config = config.merged(get_preset(preset).optimizations)
+    env = read_env()
+    if env.config:
+        config = OptimizationConfig.from_toml(env.config, config)
+    if getattr(args, "config", None):
+        config = OptimizationConfig.from_toml(args.config, config)
+    return config.merged(config_flags(args))
+
+
+def add_generate_flags(g: argparse.ArgumentParser) -> None:
+    """The flags of ``artifex generate`` (also those of ``batch`` and ``launch``)."""
+    g.add_argument("--model", required=True, help=f"one of: {', '.join(n for n, s in MODELS.items() if s.runnable)}")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt")
+    g.add_argument("--image", help="conditioning image (required by i2v models, optional for ti2v)")
+    g.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
+    g.add_argument("--size", type=size_arg, help="WIDTHxHEIGHT, e.g. 1280x704 (default: preset or model)")
+    g.add_argument("--frames", type=int, help="number of frames, 4n+1")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance", type=float, help="CFG scale (the high-noise expert's for A14B)")
+    g.add_argument("--guidance-low", type=float, help="CFG scale of the low-noise expert (A14B)")
+    g.add_argument("--shift", type=float, help="flow-matching sigma shift")
+    g.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the sidecar)")
+    g.add_argument("--output", type=Path, help="mp4 path (default: a new file in the output directory)")
+    g.add_argument("--output-dir", type=Path,
+                   help="output directory (default: $ARTIFEX_OUTPUT_DIR or ./artifex-output)")
+    g.add_argument("--checkpoint", help="diffusers-format directory or hub id (default: the model's published one)")
+    g.add_argument("--transformer-file", help="single-file safetensors replacing transformer/ weights")
+    g.add_argument("--transformer-2-file", help="single-file safetensors replacing transformer_2/ weights (A14B)")
+    g.add_argument("--vae-file", help="single-file safetensors replacing vae/ weights")
+    add_config_flags(g)
+
+
+def request_from_args(args: argparse.Namespace):
+    """The ``GenerationRequest`` of ``artifex generate``'s flags."""
+    from artifex.engine.request import GenerationRequest
+
+    width, height = args.size if args.size else (None, None)
+    return GenerationRequest(
+        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
+        width=width, height=height, frames=args.frames, steps=args.steps, guidance=args.guidance,
+        guidance_low=args.guidance_low, shift=args.shift, seed=args.seed, preset=args.preset,
+        output=str(args.output) if args.output else None,
+    )
+
+
+def single_files(args: argparse.Namespace) -> dict[str, str | None]:
+    return {"transformer": args.transformer_file, "transformer_2": args.transformer_2_file, "vae": args.vae_file}
+
+
+def progress_printer(experts: int = 2):
+    """A tqdm bar over the denoising steps (with the expert of the step for a two-expert model), and one line per
+    other stage."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def on_event(e) -> None:
+        if e.stage == "denoise":
+            bar = state.get("bar")
+            if bar is None:
+                bar = state["bar"] = tqdm(total=e.total, desc="denoise", unit="step", file=sys.stderr)
+            bar.update(e.step - bar.n)
+            post = {"t": f"{e.timestep:.0f}"}
+            if experts > 1:
+                post = {"expert": "high" if e.expert == 0 else "low", **post}
+            bar.set_postfix(post, refresh=False)
+            if e.step == e.total:
+                bar.close()
+        elif e.stage != "done":
+            print(f"[{e.elapsed_s:7.2f}s] {e.stage}", file=sys.stderr)
+
+    return on_event
+
+
+def experts_of(model: str) -> int:
+    return get_model(model).experts
+
+
+def report(result) -> None:
+    t = result.timings
+    s = result.settings
+    print(f"{s.model}: {s.width}x{s.height}, {s.frames} frames, {s.steps} steps, seed {s.seed}; "
+          f"denoise {t['denoise']:.2f}s, decode {t['decode']:.2f}s, total {t['total']:.2f}s", file=sys.stderr)
+    if result.switch_step is not None:
+        print(f"experts: high-noise for steps 0-{result.switch_step - 1}, low-noise from step {result.switch_step}",
+              file=sys.stderr)
+    print(f"sidecar: {result.sidecar_path}", file=sys.stderr)
+    print(result.video_path)
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for j, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def shape_of(args: argparse.Namespace) -> tuple[int, int, int]:
+    """A command's (width, height, frames): the flags, else the model's defaults; checked like a request."""
+    from artifex.engine.request import check_frames, check_size
+
+    spec = get_model(args.model)
+    w, h = args.size or spec.sizes[0]
+    frames = args.frames or spec.frames
+    for warning in check_size(spec, w, h):
+        print(f"warning: {warning}")
+    check_frames(spec, frames)
+    return w, h, frames

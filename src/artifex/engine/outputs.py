@@ -1,0 +1,70 @@
+"""What a generation writes: the mp4 path, the JSON sidecar beside it (what was asked, what ran: settings, plan,
+layout; how long each stage took, peak memory, versions), built in one place and written once, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from artifex.env import read_env
+from artifex.sysinfo import device_info, versions
+
+if TYPE_CHECKING:
+    from artifex.engine.pipeline import Engine, GenerationResult
+    from artifex.engine.request import GenerationRequest
+
+
+def build_sidecar(engine: Engine, request: GenerationRequest, r: GenerationResult, extra: dict) -> dict:
+    """The sidecar of ``r``; ``extra``: keys a layout or a pipelined job adds (e.g. ``parallel``)."""
+    spec, s = engine.spec, r.settings
+    _, t, h, w = spec.latent_shape(s.width, s.height, s.frames)
+    return {
+        "artifex_sidecar": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "video": {"path": r.video_path.name, "codec": "h264", "pix_fmt": "yuv420p", "color": "bt709 tv",
+                  "fps": s.fps, "frames": s.frames, "width": s.width, "height": s.height},
+        "request": request.to_dict(),
+        "settings": s.to_dict(),
+        "seed": s.seed,
+        "model": {"name": spec.name, "checkpoint": str(engine.c.info.path),
+                  "boundary_ratio": engine.c.info.boundary_ratio, "latent_shape": [spec.vae.z_dim, t, h, w],
+                  "tokens_per_forward": spec.tokens(s.width, s.height, s.frames)},
+        "experts_per_step": r.experts_per_step,
+        "switch_step": r.switch_step,
+        "plan": r.plan.to_dict(),
+        "attention": r.attention.to_dict(),
+        "memory": r.memory,
+        "fp8": engine.fp8_report,
+        "config": engine.config.to_dict(),
+        "timings_s": {"load": round(engine.load_s, 4), **r.timings},
+        "peak_memory": r.peak_memory,
+        "versions": versions(),
+        "device": device_info(engine.device),
+        **extra,
+    }
+
+
+def default_output(output_dir: str | Path | None, model: str, seed: int) -> Path:
+    """A fresh mp4 name in ``output_dir`` (default: the environment's output directory)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return Path(output_dir or read_env().output_dir) / f"{model}-{stamp}-seed{seed}.mp4"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (a partial file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a synced temporary file and a rename: the file is whole or absent."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
