@@ -36,6 +36,7 @@ from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
 from artifex.kernels.fp8 import unquantized
 from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
+from artifex.models.lora import fuse_loras, parse_lora_specs
 from artifex.models.registry import ModelSpec, get_model
 from artifex.sysinfo import device_info, peak_bytes, peak_memory, reset_peak_memory, versions
 
@@ -166,6 +167,7 @@ class Engine:
         self.device = torch.device(plan.device)
         self.dtype = DTYPES[plan.precision]
         self.load_s = load_s
+        self.loras: list[dict] = []  # what from_components fused (file, scale, expert, layers, seconds)
         self.attention = runtime_from_config(config, read_env().home)
         # Seams for parallel layouts (artifex.distributed): how one step's flow prediction is computed, whether
         # this process writes the video (one rank of a group does), how the VAE turns latents into pixels chunk
@@ -220,7 +222,14 @@ class Engine:
             log.info("plan: %s", r)
         for w in scheduler_warnings(spec, components.scheduler_config):
             log.warning(w)
-        return cls(spec, components, plan, config, load_s=load_s)
+        # LoRAs go into the weights as loaded: before fp8 quantization and q/k/v fusion (in the constructor).
+        loras = fuse_loras(components.experts, parse_lora_specs(config.lora), spec.name, device=plan.device)
+        for r in loras:
+            log.info("lora: fused %s (scale %g) into expert %d: %d layers in %.2f s", r["file"], r["scale"],
+                     r["expert_index"], r["layers"], r["fuse_s"])
+        engine = cls(spec, components, plan, config, load_s=load_s)
+        engine.loras = loras
+        return engine
 
     def _place_models(self) -> None:
         c, p = self.c, self.plan
@@ -644,6 +653,7 @@ class Engine:
             "attention": r.attention.to_dict(),
             "memory": r.memory,
             "fp8": self.fp8_report,
+            "lora": self.loras,
             "config": self.config.to_dict(),
             "timings_s": {"load": round(self.load_s, 4), **r.timings},
             "peak_memory": r.peak_memory,
