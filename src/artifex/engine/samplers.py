@@ -66,7 +66,7 @@ class FlowEuler:
         if self._given is not None and len(self._given) != steps:
             raise ValueError(f"{self.name}: the schedule has {len(self._given)} sigmas, asked for {steps} steps")
         sigmas = self._given if self._given is not None else default_sigmas(steps, self.shift)
-        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)
+        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])  # on the CPU, as diffusers keeps them: no syncs
         self.timesteps = (self.sigmas[:-1] * self.config.num_train_timesteps).to(device)
         self._index = 0
 

@@ -95,12 +95,12 @@ def parse_lora_spec(text: str) -> LoraSpec:
 
 
 def parse_lora_specs(text: str | Iterable[str] | None) -> tuple[LoraSpec, ...]:
-    """The ``lora`` config field (comma-separated specs), or an iterable of specs (repeated ``--lora`` flags)."""
+    """The ``lora`` config field (comma-separated specs: file names cannot hold a comma there), or an iterable of
+    specs (repeated ``--lora`` flags)."""
     if not text:
         return ()
     parts = text.split(",") if isinstance(text, str) else list(text)
-    specs = tuple(parse_lora_spec(p) for p in parts if p.strip())
-    return specs
+    return tuple(parse_lora_spec(p) for p in parts if p.strip())
 
 
 def format_lora_specs(specs: Iterable[LoraSpec]) -> str:
