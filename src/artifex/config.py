@@ -151,6 +151,12 @@ class OptimizationConfig:
     max_batch_size: int = _f(
         1, "most DiT passes run as one batch; 2 runs CFG's conditional and unconditional passes together"
     )
+    lora: str = _f(
+        "", "LoRAs fused into the DiT weights at load (no cost per step): comma-separated [high=|low=]FILE[:SCALE], "
+        "a local .safetensors in the diffusers/PEFT, original-Wan (diffusion_model.*, LightX2V / ComfyUI) or "
+        "musubi/Kohya (lora_unet_*) format; no prefix = every expert, high=/low= one A14B expert; scale 1 by "
+        "default. Every key must match a layer (else an error names the keys); DoRA, LoHa, LoKr are refused"
+    )
     gradient_checkpointing: bool = _f(
         False, "accepted for compatibility with the guide; has no effect at inference (a warning says so)"
     )
@@ -184,6 +190,10 @@ class OptimizationConfig:
             raise InvalidRequestError("flash_attention_dropout", "must be in [0, 1)")
         if self.vram_budget is not None:
             parse_budget(self.vram_budget)
+        if self.lora:
+            from artifex.models.lora import parse_lora_specs
+
+            parse_lora_specs(self.lora)
         if self.fp8 != "off" and self.fp8_weights:
             raise InvalidRequestError("fp8", "fp8 compute already stores e4m3 weights; drop fp8_weights")
         if self.fp8_keep and self.fp8 == "off":

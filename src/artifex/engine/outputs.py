@@ -38,6 +38,7 @@ def build_sidecar(engine: Engine, request: GenerationRequest, r: GenerationResul
         "attention": r.attention.to_dict(),
         "memory": r.memory,
         "fp8": engine.fp8_report,
+        "lora": engine.loras,
         "config": engine.config.to_dict(),
         "timings_s": {"load": round(engine.load_s, 4), **r.timings},
         "peak_memory": r.peak_memory,

@@ -31,11 +31,13 @@ from artifex.engine.outputs import build_sidecar, default_output, write_json
 from artifex.engine.placement import Placement
 from artifex.engine.plan import Plan, make_plan
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
+from artifex.engine.samplers import checkpoint_shift, make_sampler, scheduler_warnings
 from artifex.engine.vae import accelerate_vae, set_layout
 from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
 from artifex.kernels.fp8 import unquantized
 from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
+from artifex.models.lora import fuse_loras, parse_lora_specs
 from artifex.models.registry import ModelSpec, get_model
 from artifex.sysinfo import peak_memory
 
@@ -99,7 +101,7 @@ class GenerationJob:
     condition: torch.Tensor | None = None  # TI2V: the encoded image; I2V: mask + encoded video
     frame_mask: torch.Tensor | None = None  # TI2V with an image: 0 where the image holds the frame
     # 3. denoising
-    scheduler: object = None  # UniPC with its multistep state
+    scheduler: object = None  # the sampler with its state (UniPC: its multistep history)
     experts: list[int] = field(default_factory=list)  # the expert of each step
     step: int = 0  # steps done
     latents: torch.Tensor | None = None
@@ -117,8 +119,12 @@ class GenerationJob:
         self._last = now
 
 
-def expert_schedule(timesteps: torch.Tensor, boundary: float | None, num_train_timesteps: int) -> list[int]:
-    """Which expert runs each step: 0 (high-noise) while t >= boundary * T, then 1 (low-noise)."""
+def expert_schedule(timesteps: torch.Tensor, boundary: float | None, num_train_timesteps: int,
+                    switch_step: int | None = None) -> list[int]:
+    """Which expert runs each step: 0 (high-noise) while t >= boundary * T, then 1 (low-noise); with
+    ``switch_step`` (a two-expert request's alternative to the boundary) 0 before that step index, 1 from it."""
+    if switch_step is not None:
+        return [0 if i < switch_step else 1 for i in range(len(timesteps))]
     if boundary is None:
         return [0] * len(timesteps)
     return [0 if float(t) >= boundary * num_train_timesteps else 1 for t in timesteps]
@@ -162,6 +168,7 @@ class Engine:
         self.device = torch.device(plan.device)
         self.dtype = DTYPES[plan.precision]
         self.load_s = load_s
+        self.loras: list[dict] = []  # what from_components fused (file, scale, expert, layers, seconds)
         self.attention = runtime_from_config(config, read_env().home)
         # Where this engine's work runs (one process by default; a parallel layout gives it another).
         self.layout = EngineLayout()
@@ -201,7 +208,16 @@ class Engine:
         plan = make_plan(spec, config, components)
         for r in plan.reasons:
             log.info("plan: %s", r)
-        return cls(spec, components, plan, config, load_s=load_s)
+        for w in scheduler_warnings(spec, components.scheduler_config):
+            log.warning(w)
+        # LoRAs go into the weights as loaded: before fp8 quantization and q/k/v fusion (in the constructor).
+        loras = fuse_loras(components.experts, parse_lora_specs(config.lora), spec.name, device=plan.device)
+        for r in loras:
+            log.info("lora: fused %s (scale %g) into expert %d: %d layers in %.2f s", r["file"], r["scale"],
+                     r["expert_index"], r["layers"], r["fuse_s"])
+        engine = cls(spec, components, plan, config, load_s=load_s)
+        engine.loras = loras
+        return engine
 
     def _place_models(self) -> None:
         c, p = self.c, self.plan
@@ -306,12 +322,9 @@ class Engine:
         std = torch.tensor(cfg.latents_std, dtype=torch.float32, device=like.device).view(shape)
         return mean, std
 
-    def make_scheduler(self, shift: float):
-        from diffusers import UniPCMultistepScheduler
-
-        cfg = {k: v for k, v in self.c.scheduler_config.items() if not k.startswith("_")}
-        cfg.update(flow_shift=shift, use_flow_sigmas=True, prediction_type="flow_prediction")
-        return UniPCMultistepScheduler.from_config(cfg)
+    def make_scheduler(self, settings: Settings):
+        """The request's sampler (``artifex.engine.samplers``): UniPC from the checkpoint's config, Euler or DMD."""
+        return make_sampler(settings, self.c.scheduler_config)
 
     # -- the whole generation -------------------------------------------------------------
     @torch.no_grad()
@@ -326,7 +339,7 @@ class Engine:
             self.encode(job)
             guard.stage_peak(job, "encode_text")
 
-            # 3. Denoise every step: flow-matching UniPC, the MoE switch at the boundary, CFG per expert
+            # 3. Denoise every step: the sampler (UniPC by default), the MoE switch at the boundary, CFG per expert
             #    (after an OOM step-down, again from the noise).
             def denoise():
                 self.start_denoising(job)
@@ -350,7 +363,7 @@ class Engine:
         """Check and resolve ``request``: the job the stages below carry forward."""
         if get_model(request.model) is not self.spec:
             raise ValueError(f"this engine runs {self.spec.name}, the request asks for {request.model}")
-        spec, s, image = resolve_request(request)
+        spec, s, image = resolve_request(request, checkpoint_shift(self.c.scheduler_config))
         for w in s.warnings:
             log.warning(w)
         return GenerationJob(request=request, spec=spec, settings=s, image=image, emit=on_event or (lambda e: None),
@@ -385,10 +398,10 @@ class Engine:
     def start_denoising(self, job: GenerationJob) -> None:
         """A fresh scheduler and the expert of each step; the latents back to the noise; the attention backend."""
         s, arch = job.settings, job.spec.transformer
-        job.scheduler = self.make_scheduler(s.shift)
+        job.scheduler = self.make_scheduler(s)
         job.scheduler.set_timesteps(s.steps, device=self.device)
         job.experts = expert_schedule(job.scheduler.timesteps, self.c.info.boundary_ratio,
-                                      job.scheduler.config.num_train_timesteps)
+                                      job.scheduler.config.num_train_timesteps, s.switch_step)
         job.latents, job.step = job.noise, 0
         batch = self.layout.attention_batch or (self.plan.cfg_batch if any(job.use_cfg) else 1)
         heads = arch.heads // self.layout.attention_heads_divisor

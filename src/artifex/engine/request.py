@@ -9,6 +9,7 @@ Sizes and frame counts are validated, never rounded.
 from __future__ import annotations
 
 import functools
+import math
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from artifex.engine.samplers import FASTWAN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, SAMPLERS
 from artifex.errors import InvalidRequestError, NotSupportedYetError
 from artifex.models.registry import ModelSpec, get_model
 from artifex.presets import Preset, get_preset, pick_size
@@ -43,6 +45,10 @@ class GenerationRequest:
     seed: int | None = None
     preset: str | None = None
     output: str | None = None  # mp4 path; default: a fresh name in the output directory
+    sampler: str | None = None  # unipc (default), euler, dmd (artifex.engine.samplers)
+    timesteps: list[float] | None = None  # euler/dmd: the timesteps (0, 1000], decreasing; defines steps
+    sigmas: list[float] | None = None  # euler/dmd: the sigmas (0, 1], decreasing (instead of timesteps)
+    switch_step: int | None = None  # A14B: the first step of the low-noise expert (instead of the boundary)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +90,11 @@ class Settings:
     fps: int
     preset: str | None
     output: str | None
+    sampler: str = "unipc"
+    timesteps: list[float] | None = None  # the explicit schedule, if any (euler/dmd); not shifted again
+    sigmas: list[float] | None = None
+    switch_step: int | None = None  # A14B: the expert switch by step index, overriding the boundary
+    shift_source: str = "model default"  # where shift came from: request, checkpoint or model default
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -108,6 +119,21 @@ def _num(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequestError(name, f"must be a number, got {value!r}")
     return float(value)
+
+
+def _schedule(name: str, values: Any, top: float) -> list[float]:
+    """A request's explicit schedule: a non-empty list of finite numbers in (0, top], strictly decreasing."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
+        raise InvalidRequestError(name, f"must be a non-empty list of numbers, got {values!r}")
+    if len(values) > 1000:
+        raise InvalidRequestError(name, f"has {len(values)} values; at most 1000 steps")
+    out = [_num(name, v) for v in values]
+    for i, v in enumerate(out):
+        if not math.isfinite(v) or not 0 < v <= top:
+            raise InvalidRequestError(name, f"value {i} is {v:g}, outside (0, {top:g}]")
+        if i and v >= out[i - 1]:
+            raise InvalidRequestError(name, f"must decrease strictly; value {i} ({v:g}) follows {out[i - 1]:g}")
+    return out
 
 
 def open_image(path: str) -> Image.Image:
@@ -153,8 +179,12 @@ def check_frames(spec: ModelSpec, frames: int) -> None:
         raise InvalidRequestError("frames", f"{frames} exceeds the model's position table")
 
 
-def resolve_request(req: GenerationRequest) -> tuple[ModelSpec, Settings, Image.Image | None]:
-    """Validate ``req`` and fill every gap; returns the spec, the settings and the decoded image."""
+def resolve_request(req: GenerationRequest, checkpoint_shift: float | None = None,
+                    ) -> tuple[ModelSpec, Settings, Image.Image | None]:
+    """Validate ``req`` and fill every gap; returns the spec, the settings and the decoded image.
+
+    ``checkpoint_shift``: the shift the loaded checkpoint's scheduler config declares (a distilled or fine-tuned
+    checkpoint ships its own); a request without a shift runs at it rather than at the model's default."""
     spec = get_model(req.model)
     if not spec.runnable:
         raise NotSupportedYetError(f"{spec.name} is in the registry but its pipeline is not built yet; "
@@ -187,9 +217,32 @@ def resolve_request(req: GenerationRequest) -> tuple[ModelSpec, Settings, Image.
         preset.num_frames(spec) if preset else spec.frames)
     check_frames(spec, frames)
 
-    steps = _int("steps", req.steps) if req.steps is not None else (preset.steps(spec) if preset else spec.steps)
+    sampler = req.sampler if req.sampler is not None else "unipc"
+    if sampler not in SAMPLERS:
+        raise InvalidRequestError("sampler", f"unknown sampler {sampler!r}", SAMPLERS)
+    if req.timesteps is not None and req.sigmas is not None:
+        raise InvalidRequestError("sigmas", "give timesteps or sigmas, not both")
+    timesteps = _schedule("timesteps", req.timesteps, NUM_TRAIN_TIMESTEPS) if req.timesteps is not None else None
+    sigmas = _schedule("sigmas", req.sigmas, 1.0) if req.sigmas is not None else None
+    schedule_field, schedule = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+    if schedule is not None and sampler == "unipc":
+        raise InvalidRequestError(schedule_field, "the unipc sampler takes no explicit schedule; choose a sampler "
+                                                  "that does with the sampler field", ["euler", "dmd"])
+    if sampler == "dmd" and schedule is None and req.shift is None and req.steps in (None, len(FASTWAN_TIMESTEPS)):
+        timesteps = schedule = list(FASTWAN_TIMESTEPS)  # FastWan's published DMD schedule (not shifted)
+        schedule_field = "timesteps"
+
+    if req.steps is not None:
+        steps = _int("steps", req.steps)
+    elif schedule is not None:
+        steps = len(schedule)  # the schedule defines the step count
+    else:
+        steps = preset.steps(spec) if preset else spec.steps
     if steps <= 0 or steps > 1000:
         raise InvalidRequestError("steps", f"must be between 1 and 1000, got {steps}")
+    if schedule is not None and len(schedule) != steps:
+        raise InvalidRequestError(schedule_field, f"has {len(schedule)} values but steps is {steps}; give as many "
+                                                  "values as steps, or leave steps out")
 
     guidance = list(spec.guidance)
     if req.guidance is not None:
@@ -204,13 +257,31 @@ def resolve_request(req: GenerationRequest) -> tuple[ModelSpec, Settings, Image.
         if g < 0:
             raise InvalidRequestError(name, f"must be >= 0 (1 or less turns classifier-free guidance off), got {g}")
 
-    shift = _num("shift", req.shift) if req.shift is not None else spec.shift
-    if shift <= 0:
+    if req.shift is not None:
+        shift, shift_source = _num("shift", req.shift), "request"
+        if req.timesteps is not None or req.sigmas is not None:
+            raise InvalidRequestError("shift", f"has no effect with explicit {schedule_field} (they are the "
+                                               "shifted values the model sees); leave shift out")
+    elif checkpoint_shift is not None:
+        shift, shift_source = float(checkpoint_shift), "checkpoint"
+    else:
+        shift, shift_source = spec.shift, "model default"
+    if not math.isfinite(shift) or shift <= 0:
         raise InvalidRequestError("shift", f"must be > 0, got {shift}")
-    limit = max_steps(shift)
+    limit = max_steps(shift) if sampler == "unipc" else steps
     if steps > limit:
         raise InvalidRequestError("steps", f"{steps} steps at shift {shift:g} repeat integer timesteps, which the "
                                            f"UniPC solver cannot step through", f"at most {limit} at this shift")
+
+    switch_step = None
+    if req.switch_step is not None:
+        switch_step = _int("switch_step", req.switch_step)
+        if spec.experts < 2:
+            raise InvalidRequestError("switch_step", f"{spec.name} has one expert; the switch is for two-expert "
+                                                     "(A14B) models")
+        if not 0 <= switch_step <= steps:
+            raise InvalidRequestError("switch_step", f"must be in [0, {steps}] (the first of the {steps} steps run "
+                                                     f"by the low-noise expert), got {switch_step}")
 
     if req.seed is None:
         seed = random.SystemRandom().randint(0, MAX_SEED)
@@ -228,7 +299,8 @@ def resolve_request(req: GenerationRequest) -> tuple[ModelSpec, Settings, Image.
     settings = Settings(
         model=spec.name, prompt=req.prompt, negative_prompt=negative, image=req.image, width=width, height=height,
         frames=frames, steps=steps, guidance=tuple(guidance), shift=shift, seed=seed, fps=spec.fps,
-        preset=preset.name if preset else None, output=req.output, warnings=warnings,
+        preset=preset.name if preset else None, output=req.output, sampler=sampler, timesteps=timesteps,
+        sigmas=sigmas, switch_step=switch_step, shift_source=shift_source, warnings=warnings,
     )
     return spec, settings, image
 
