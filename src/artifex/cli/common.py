@@ -23,13 +23,23 @@ def size_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT (e.g. 1280x704), got {text!r}") from None
 
 
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, e.g. 1000,757,522; got {text!r}") from None
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per ``OptimizationConfig`` field (its help from the field's documentation), plus ``--config``."""
     g = p.add_argument_group("optimization (OptimizationConfig; also settable in a TOML file with --config)")
     g.add_argument("--config", type=Path, help="TOML file of OptimizationConfig fields")
     for name, (default, help_text, choices, kind) in OptimizationConfig.field_help().items():
         flag = "--" + name.replace("_", "-")
-        if kind is bool:
+        if name == "lora":  # repeatable on the command line; the config holds the comma-joined list
+            g.add_argument(flag, dest="opt_lora", action="append", default=None, metavar="[high=|low=]FILE[:SCALE]",
+                           help=f"{help_text} (repeatable)")
+        elif kind is bool:
             g.add_argument(flag, dest=f"opt_{name}", action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help_text} (default: {default})")
         else:
@@ -38,8 +48,11 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_flags(args: argparse.Namespace) -> dict:
-    """The ``OptimizationConfig`` fields given as flags."""
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    """The ``OptimizationConfig`` fields given as flags (repeated --lora joined as the config holds them)."""
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    if isinstance(flags.get("lora"), list):
+        flags["lora"] = ",".join(flags["lora"])
+    return flags
 
 
 def build_config(args: argparse.Namespace, preset: str | None = None) -> OptimizationConfig:
@@ -67,7 +80,16 @@ def add_generate_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", type=float, help="CFG scale (the high-noise expert's for A14B)")
     g.add_argument("--guidance-low", type=float, help="CFG scale of the low-noise expert (A14B)")
-    g.add_argument("--shift", type=float, help="flow-matching sigma shift")
+    g.add_argument("--shift", type=float, help="flow-matching sigma shift (default: the checkpoint's, else the "
+                   "model's)")
+    g.add_argument("--sampler", help="unipc (default; the model's solver), euler (flow-matching Euler: Lightning "
+                   "4-step), dmd (FastWan's 3-step: predict x0, re-noise with fresh seeded noise)")
+    g.add_argument("--timesteps", type=float_list, help="euler/dmd: the timesteps, decreasing in (0, 1000], e.g. "
+                   "1000,937.5,833.3,625 (sets the steps)")
+    g.add_argument("--sigmas", type=float_list, help="euler/dmd: the sigmas, decreasing in (0, 1] (instead of "
+                   "--timesteps)")
+    g.add_argument("--switch-step", type=int, help="A14B: the first step of the low-noise expert (instead of the "
+                   "boundary timestep), e.g. 2 for the Lightning 4-step LoRAs")
     g.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the sidecar)")
     g.add_argument("--output", type=Path, help="mp4 path (default: a new file in the output directory)")
     g.add_argument("--output-dir", type=Path,
@@ -88,7 +110,8 @@ def request_from_args(args: argparse.Namespace):
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, image=args.image,
         width=width, height=height, frames=args.frames, steps=args.steps, guidance=args.guidance,
         guidance_low=args.guidance_low, shift=args.shift, seed=args.seed, preset=args.preset,
-        output=str(args.output) if args.output else None,
+        output=str(args.output) if args.output else None, sampler=args.sampler, timesteps=args.timesteps,
+        sigmas=args.sigmas, switch_step=args.switch_step,
     )
 
 

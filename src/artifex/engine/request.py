@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from artifex.engine.samplers import FASTWAN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, SAMPLERS
+from artifex.engine.schedules import FASTWAN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, SAMPLERS
 from artifex.errors import InvalidRequestError, NotSupportedYetError
 from artifex.models.registry import ModelSpec, get_model
 from artifex.presets import Preset, get_preset, pick_size

@@ -24,10 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-SAMPLERS = ("unipc", "euler", "dmd")
-NUM_TRAIN_TIMESTEPS = 1000  # Wan's training timesteps; euler/dmd timesteps are sigma * 1000
-LIGHTNING_TIMESTEPS = (1000.0, 937.5, 833.3, 625.0)  # 4 steps, shift 5 (Lightning / LightX2V), rounded
-FASTWAN_TIMESTEPS = (1000.0, 757.0, 522.0)  # FastWan2.2 DMD, 3 steps
+from artifex.engine.schedules import NUM_TRAIN_TIMESTEPS, SAMPLERS
+
 # The DMD re-noising generator's seed: request seed + this (request seeds are below 2**32, so the stream is never
 # the starting noise of any request).
 DMD_SEED_OFFSET = 2**32
