@@ -13,6 +13,7 @@ a tier fits a budget with ``HEADROOM`` to spare. `artifex plan` prints the table
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -71,6 +72,9 @@ def parse_budget(text: str | int | float | None) -> int | None:
             raise InvalidRequestError("vram_budget", f"cannot read {text!r} as an amount of memory",
                                       "a number with GB, GiB, MB, MiB or TB, e.g. 24GB")
         value, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(value):  # nan, inf, or more digits than a float holds
+        raise InvalidRequestError("vram_budget", f"must be a finite amount, got {text!r}",
+                                  "a number with GB, GiB, MB, MiB or TB, e.g. 24GB")
     if value <= 0:
         raise InvalidRequestError("vram_budget", f"must be positive, got {text!r}")
     return int(value * _UNITS[unit])
@@ -118,7 +122,12 @@ class Estimate:
 
     @property
     def peak_gib(self) -> float:
-        return self.peak_bytes / GIB
+        """The peak in GiB, rounded as the stages are: the largest of ``stages_gib``. So a table that prints both
+        (at any coarser precision) never shows a peak below one of its own stages, as rounding each from bytes
+        can (12.149 GiB -> 12.1 next to a stage of 12.15 -> 12.2)."""
+        if self.stages:
+            return max(self.stages_gib.values())
+        return round(self.peak_bytes / GIB, 2)
 
     @property
     def stages_gib(self) -> dict[str, float]:
@@ -126,7 +135,7 @@ class Estimate:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["peak_gib"] = round(self.peak_gib, 2)
+        d["peak_gib"] = self.peak_gib
         d["stages_gib"] = self.stages_gib
         del d["stages"]
         return d
