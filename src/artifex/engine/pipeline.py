@@ -12,6 +12,7 @@ import contextlib
 import html
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -667,9 +668,21 @@ def _default_output(output_dir: str | Path | None, model: str, seed: int) -> Pat
 
 
 def _write_json(path: Path, data: dict) -> None:
+    """Strict JSON (no NaN or Infinity tokens, which most readers refuse). The request's numbers are finite by
+    validation; a measurement that came out non-finite (a diverged error figure) is written as null."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(json.dumps(_finite_or_null(data), indent=2, default=str, allow_nan=False))
     tmp.replace(path)
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _quiet_libraries() -> None:

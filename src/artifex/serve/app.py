@@ -46,6 +46,11 @@ def _error(status: int, code: str, message: str, param: str | None = None, allow
     return JSONResponse(e.body(), status_code=status, headers=e.headers)
 
 
+def _strict(value) -> str:
+    """JSON for the event stream, as strict as the JSON answers (which FastAPI encodes with allow_nan=False)."""
+    return json.dumps(value, allow_nan=False)
+
+
 def _static(name: str) -> str:
     return resources.files("artifex.serve").joinpath("static", name).read_text()
 
@@ -329,12 +334,12 @@ def create_app(service: Service) -> FastAPI:
                         return
                     view = await run_in_threadpool(service.job_view, job)
                     if job.state in TERMINAL:
-                        yield f"event: done\ndata: {json.dumps(view)}\n\n"
+                        yield f"event: done\ndata: {_strict(view)}\n\n"
                         return
                     key = (view["state"], view["progress"], view["queue_position"])
                     if key != seen_view:
                         seen_view, last_sent = key, now
-                        yield f"event: progress\ndata: {json.dumps(view)}\n\n"
+                        yield f"event: progress\ndata: {_strict(view)}\n\n"
                 if now - last_sent > 15:
                     last_sent = now
                     yield ": keep-alive\n\n"

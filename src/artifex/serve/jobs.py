@@ -87,6 +87,11 @@ class Job:
         return cls(**d)
 
 
+def _strict(value: Any) -> str:
+    """JSON as every reader accepts it: a NaN or an infinity here is a bug upstream, not something to store."""
+    return json.dumps(value, allow_nan=False)
+
+
 def new_job_id() -> str:
     return "video_" + uuid.uuid4().hex
 
@@ -150,8 +155,8 @@ class JobStore:
             db.execute(
                 "INSERT INTO jobs (id, model, state, request, settings, warnings, image, dedup_key, api, created_at) "
                 "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, model, json.dumps(request), json.dumps(settings), json.dumps(warnings), image, dedup_key,
-                 api, time.time()))
+                (job_id, model, _strict(request), _strict(settings), _strict(warnings), image, dedup_key, api,
+                 time.time()))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return Job.from_row(row), True
 
@@ -175,7 +180,7 @@ class JobStore:
             db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, error = ?, timings = ?, output_bytes = ? "
                 "WHERE id = ? AND state = 'running'",
-                (state, time.time(), json.dumps(error) if error else None, json.dumps(timings) if timings else None,
+                (state, time.time(), _strict(error) if error else None, _strict(timings) if timings else None,
                  output_bytes, job_id))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return Job.from_row(row) if row else None

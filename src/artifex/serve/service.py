@@ -112,9 +112,10 @@ class Service:
         worker = self.workers[model]
         if worker.status == "failed":
             raise ApiError(503, "model_unavailable", f"model: {model} failed to load: {worker.error}", "model")
-        if len(fields["prompt"]) > s.max_prompt_chars:
-            raise InvalidRequestError("prompt", f"{len(fields['prompt'])} characters is too long",
-                                      f"at most {s.max_prompt_chars}")
+        for name in ("prompt", "negative_prompt"):
+            text = fields.get(name)
+            if isinstance(text, str) and len(text) > s.max_prompt_chars:
+                raise InvalidRequestError(name, f"{len(text)} characters is too long", f"at most {s.max_prompt_chars}")
         image_field = "input_reference" if sub.api == "openai" else "image"
         image_name = image_sha = None
         if sub.image is not None:
@@ -140,22 +141,17 @@ class Service:
                             image_sha: str | None, api: str, image_field: str) -> tuple[Job, bool]:
         s = self.settings
         request = GenerationRequest.from_dict({**fields, "image": str(image_path) if image_path else None})
+        frames = fields.get("frames")
+        if api == "openai" and isinstance(frames, int) and frames > s.max_frames:  # OpenAI requests give seconds
+            fps = get_model(fields["model"]).fps
+            raise InvalidRequestError("seconds", f"{(frames - 1) / fps:g} s is over this server's limit",
+                                      f"at most {(s.max_frames - 1) / fps:g}")
         try:
-            spec, settings, _ = resolve_request(request)
+            spec, settings, _ = resolve_request(request, s.request_limits())
         except InvalidRequestError as e:
             if e.field == "image" and image_field != "image":
                 raise InvalidRequestError(image_field, str(e).split(": ", 1)[-1]) from None
             raise
-        checks = (("steps", settings.steps, s.max_steps, f"1..{s.max_steps}"),
-                  ("frames", settings.frames, s.max_frames, f"4n+1 up to {s.max_frames}"),
-                  ("width", settings.width, s.max_width, f"multiples of {spec.spatial_multiple} up to {s.max_width}"),
-                  ("height", settings.height, s.max_height,
-                   f"multiples of {spec.spatial_multiple} up to {s.max_height}"))
-        for name, value, limit, allowed in checks:
-            if value > limit:
-                if name == "frames" and api == "openai":  # OpenAI requests give frames as seconds
-                    name, allowed = "seconds", f"at most {(limit - 1) / spec.fps:g}"
-                raise InvalidRequestError(name, f"{value} is over this server's limit", allowed)
         stored = {k: v for k, v in request.to_dict().items() if k not in ("image", "output")}
         stored["seed"] = settings.seed  # a random seed is drawn once: a re-run after a crash makes the same video
         view = settings.to_dict()
