@@ -175,6 +175,39 @@ def test_huge_and_deep_json_is_a_400_not_a_500(app):
         assert r.status_code == 400 and strict(r.text)["error"]["param"] == "body", r.text
 
 
+def test_retry_after_comes_from_measured_job_times_per_model_and_workers(app, tmp_path):
+    """A queue of 10 jobs of a model whose recent jobs took 11 s each, on one worker: about 110 s, whatever the
+    other models' jobs took (the old estimate mixed every model's mean and divided by every worker)."""
+    client, _ = app
+    serve = ServeSettings(models=("tiny-t2v-moe", "tiny-ti2v"), data_dir=tmp_path / "data", max_queue=10,
+                          warmup=False)
+    service = Service(serve, OptimizationConfig(), None)
+    try:
+        store = service.store
+
+        def ran(model: str, seconds: float) -> None:
+            job, _ = store.submit(model=model, request={}, settings={}, warnings=[], image=None, dedup_key=None,
+                                  api="artifex", max_queue=100)
+            store.claim(model)
+            store.finish(job.id, "succeeded")
+            store._db.execute("UPDATE jobs SET started_at = 1000.0, finished_at = ? WHERE id = ?",
+                              (1000.0 + seconds, job.id))
+
+        for _ in range(3):
+            ran("tiny-t2v-moe", 11.0)
+        ran("tiny-ti2v", 300.0)  # a slow model with nothing queued does not slow the estimate
+        for _ in range(10):
+            store.submit(model="tiny-t2v-moe", request={}, settings={}, warnings=[], image=None, dedup_key=None,
+                         api="artifex", max_queue=100)
+        assert service.retry_after() == 110
+        r = TestClient(create_app(service), base_url="http://127.0.0.1").post("/api/jobs", json={**FAST, "prompt": "one too many"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "110", r.text
+        assert "110 s" in strict(r.text)["error"]["message"]
+        assert store.queue_depth() == 10
+    finally:
+        service.store.close()
+
+
 # -- property-based: any body gets a 2xx or a 4xx ------------------------------------------------------
 JUNK = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),

@@ -291,6 +291,23 @@ class JobStore:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
 
+    def queued_by_model(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT model, COUNT(*) FROM jobs WHERE state = 'queued' GROUP BY model"
+                                         ).fetchall())
+
+    RECENT_JOBS = 20
+
+    def mean_recent_seconds(self, model: str, n: int | None = None) -> float | None:
+        """Mean wall time (started to finished) of the last ``n`` jobs of ``model`` that ran to an end of their
+        own (succeeded, later expired, or failed); None before the first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT finished_at - started_at FROM jobs WHERE model = ? AND state IN ('succeeded', 'expired', "
+                "'failed') AND started_at IS NOT NULL AND finished_at >= started_at ORDER BY finished_at DESC "
+                "LIMIT ?", (model, n or self.RECENT_JOBS)).fetchall()
+        return sum(r[0] for r in rows) / len(rows) if rows else None
+
     def queue_position(self, job: Job) -> int:
         """How many jobs of the same model run before this queued one (0: next)."""
         with self._lock:

@@ -177,11 +177,26 @@ class Service:
             log.info("job queued", extra={"job_id": job.id, "model": job.model})
         return job, created
 
-    def retry_after(self, depth: int) -> int:
-        means = [m for m in (self.metrics.mean_job_seconds(n) for n in self.workers) if m]
-        per_job = sum(means) / len(means) if means else 5.0
-        engines = sum(len(pool.workers) for pool in self.workers.values())
-        return int(min(3600, max(1, math.ceil(per_job * depth / max(1, engines)))))
+    # Seconds per job assumed for a model none of whose jobs has run yet (and no other model's either).
+    UNMEASURED_JOB_S = 5.0
+
+    def retry_after(self, depth: int | None = None) -> int:
+        """Seconds until the queue has drained, from measured job times: per model, its queued jobs times the
+        mean wall time of its recent jobs (the store's last ``RECENT_JOBS``, started to finished), over its
+        workers that can run them; the models drain side by side, so the slowest sets it. ``depth`` is unused
+        (the store is asked per model), kept for callers that pass the total."""
+        queued = self.store.queued_by_model()
+        means = {m: self.store.mean_recent_seconds(m) for m in self.workers}
+        known = [v for v in means.values() if v]
+        fallback = max(known) if known else self.UNMEASURED_JOB_S
+        drain = 0.0
+        for model, pool in self.workers.items():
+            n = queued.get(model, 0)
+            if not n:
+                continue
+            workers = sum(1 for w in pool.workers if w.status != "failed") or 1
+            drain = max(drain, n * (means[model] or fallback) / workers)
+        return int(min(3600, max(1, math.ceil(drain))))
 
     # -- one job -----------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
