@@ -175,6 +175,19 @@ def test_huge_and_deep_json_is_a_400_not_a_500(app):
         assert r.status_code == 400 and strict(r.text)["error"]["param"] == "body", r.text
 
 
+def test_openapi_and_docs_are_public_as_documented_the_rest_needs_the_token(app):
+    client, _ = app
+    from artifex.serve.app import PUBLIC_ROUTES
+
+    assert {"/openapi.json", "/docs", "/redoc", "/healthz", "/readyz", "/api/info"} <= set(PUBLIC_ROUTES)
+    for path in ("/openapi.json", "/docs", "/redoc", "/healthz", "/api/info"):
+        assert client.get(path, headers={"Authorization": ""}).status_code == 200, path
+    doc = client.get("/openapi.json").json()
+    assert "/openapi.json" in doc["info"]["description"]  # the document says which routes are public
+    for path in ("/api/jobs", "/api/models", "/metrics", "/v1/videos", "/api/workers"):
+        assert client.get(path, headers={"Authorization": ""}).status_code == 401, path
+
+
 def test_retry_after_comes_from_measured_job_times_per_model_and_workers(app, tmp_path):
     """A queue of 10 jobs of a model whose recent jobs took 11 s each, on one worker: about 110 s, whatever the
     other models' jobs took (the old estimate mixed every model's mean and divided by every worker)."""

@@ -37,6 +37,10 @@ _PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src '
              "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
              "frame-ancestors 'none'")
 _STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+# Routes that answer without the token. They hold nothing of a user's: the page (it asks for the token), liveness,
+# readiness, what the page needs before it has a token, and the API's schema with its two viewers (the schema is the
+# same for every server of this version, and a client reads it to learn how to authenticate). README says so too.
+PUBLIC_ROUTES = ("/", "/static/*", "/healthz", "/readyz", "/api/info", "/openapi.json", "/docs", "/redoc")
 _ERRORS = {400: {"model": schemas.ErrorOut}, 401: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}}
 
 
@@ -71,8 +75,9 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(
         title="Artifex", version=__version__, lifespan=lifespan,
         description="Wan2.2 video generation: a persistent job queue with progress streaming, plus the OpenAI "
-                    "Videos API shape under /v1/videos. Every route but /, /healthz, /readyz and /api/info needs "
-                    "`Authorization: Bearer <token>`.",
+                    "Videos API shape under /v1/videos. Every route but " + ", ".join(PUBLIC_ROUTES) + " needs "
+                    "`Authorization: Bearer <token>`; those hold no jobs, videos or server state (the page, health, "
+                    "and this document, which describes the API's shape only).",
     )
     bearer = HTTPBearer(auto_error=False, description="the server's API token (ARTIFEX_API_TOKEN, --token-file, "
                                                       "or <data dir>/api_token)")
