@@ -325,3 +325,18 @@ def test_a_valid_body_is_stored_with_finite_values(app):
     assert job["settings"]["guidance"] == [4.5, 3.0] and job["settings"]["shift"] == 7
     assert math.isfinite(job["settings"]["shift"]) and total(service) == before + 1
     service.delete(job["id"])
+
+
+def test_monitor_shows_step_counts_only_for_denoising():
+    """The bar is the job's overall percent; a step count beside it is the denoising steps, not a stage's 0/1."""
+    from artifex.serve.monitor import render
+
+    def line(progress: dict) -> str:
+        snap = {"samples": [], "ready": {"models": {}}, "queued": [], "queued_total": 0,
+                "running": [{"id": "video_1", "model": "tiny-ti2v", "progress": progress, "eta_s": 1.0}]}
+        return next(x for x in render("http://x", snap).splitlines() if "video_1" in x)
+
+    decode = line({"stage": "decode", "step": 0, "total": 1, "percent": 92.0})
+    assert "92.0%" in decode and "0/1" not in decode
+    denoise = line({"stage": "denoise", "step": 3, "total": 40, "percent": 11.4})
+    assert "step 3/40" in denoise
