@@ -340,3 +340,19 @@ def test_monitor_shows_step_counts_only_for_denoising():
     assert "92.0%" in decode and "0/1" not in decode
     denoise = line({"stage": "denoise", "step": 3, "total": 40, "percent": 11.4})
     assert "step 3/40" in denoise
+
+
+def test_the_job_list_counts_every_state_beyond_its_page(app):
+    """The page's table shows the newest jobs only; the list says how many there are of each state."""
+    client, service = app
+    ids = [strict(post_json(client, "/api/jobs", {**FAST, "prompt": f"job {i}"}).text)["id"] for i in range(3)]
+    try:
+        service.cancel(ids[0])
+        page = client.get("/api/jobs?limit=1").json()
+        assert len(page["jobs"]) == 1 and page["total"] == sum(page["counts"].values())
+        assert page["counts"]["queued"] >= 2 and page["counts"]["cancelled"] >= 1
+        assert set(page["counts"]) == {"queued", "running", "succeeded", "failed", "cancelled", "expired"}
+        assert client.get("/api/jobs?limit=1&model=tiny-ti2v").json()["counts"]["queued"] == 0
+    finally:
+        for job_id in ids:
+            service.delete(job_id)

@@ -282,11 +282,13 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/api/jobs", dependencies=auth, tags=["jobs"], response_model=schemas.JobList, responses=_ERRORS)
     def list_jobs(limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0), state: str | None = None,
                   model: str | None = None) -> dict:
-        """Jobs, newest first, a page at a time (``limit``, ``offset``), optionally of one state or model."""
+        """Jobs, newest first, a page at a time (``limit``, ``offset``), optionally of one state or model;
+        ``counts``: how many jobs there are in each state (of ``model``, if given), whatever the page shows."""
         if state is not None and state not in STATES:
             raise InvalidRequestError("state", f"unknown state {state!r}", STATES)
         jobs, total = service.store.list_jobs(state=state, model=model, limit=limit, offset=offset)
-        return {"jobs": [service.job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
+        return {"jobs": [service.job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset,
+                "counts": service.store.counts(model=model)}
 
     @app.get("/api/jobs/{job_id}", dependencies=auth, tags=["jobs"], response_model=schemas.JobOut,
              responses=_ERRORS)

@@ -280,9 +280,11 @@ class JobStore:
                                     (*page_args, limit, offset)).fetchall()
         return [Job.from_row(r) for r in rows], total
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, model: str | None = None) -> dict[str, int]:
+        """Jobs in each state (of ``model``, if given)."""
+        where, args = (" WHERE model = ?", (model,)) if model else ("", ())
         with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+            rows = self._db.execute(f"SELECT state, COUNT(*) FROM jobs{where} GROUP BY state", args).fetchall()
         out = dict.fromkeys(STATES, 0)
         out.update({s: n for s, n in rows})
         return out
