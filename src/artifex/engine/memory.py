@@ -122,21 +122,19 @@ class Estimate:
 
     @property
     def peak_gib(self) -> float:
-        """The peak in GiB, rounded as the stages are: the largest of ``stages_gib``. So a table that prints both
-        (at any coarser precision) never shows a peak below one of its own stages, as rounding each from bytes
-        can (12.149 GiB -> 12.1 next to a stage of 12.15 -> 12.2)."""
-        if self.stages:
-            return max(self.stages_gib.values())
-        return round(self.peak_bytes / GIB, 2)
+        return self.peak_bytes / GIB
 
     @property
     def stages_gib(self) -> dict[str, float]:
         return {k: round(v / GIB, 2) for k, v in self.stages.items()}
 
     def to_dict(self) -> dict:
+        """The peak and the stages in GiB, unrounded: whoever prints them rounds both the same way, so a table
+        never shows a peak below one of its own stages (rounding the stages to 2 decimals first and then to 1,
+        the peak straight to 1, printed a peak of 12.1 beside a stage of 12.149 -> 12.15 -> 12.2)."""
         d = asdict(self)
         d["peak_gib"] = self.peak_gib
-        d["stages_gib"] = self.stages_gib
+        d["stages_gib"] = {k: v / GIB for k, v in self.stages.items()}
         del d["stages"]
         return d
 
