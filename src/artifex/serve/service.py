@@ -141,16 +141,17 @@ class Service:
                             image_sha: str | None, api: str, image_field: str) -> tuple[Job, bool]:
         s = self.settings
         request = GenerationRequest.from_dict({**fields, "image": str(image_path) if image_path else None})
-        frames = fields.get("frames")
-        if api == "openai" and isinstance(frames, int) and frames > s.max_frames:  # OpenAI requests give seconds
-            fps = get_model(fields["model"]).fps
-            raise InvalidRequestError("seconds", f"{(frames - 1) / fps:g} s is over this server's limit",
-                                      f"at most {(s.max_frames - 1) / fps:g}")
         try:
             spec, settings, _ = resolve_request(request, s.request_limits())
         except InvalidRequestError as e:
             if e.field == "image" and image_field != "image":
                 raise InvalidRequestError(image_field, str(e).split(": ", 1)[-1]) from None
+            if e.field == "frames" and api == "openai":  # OpenAI requests give the length as seconds
+                fps = get_model(fields["model"]).fps
+                frames = fields.get("frames")
+                length = f"{(frames - 1) / fps:g} s" if isinstance(frames, int) else "the preset's length"
+                raise InvalidRequestError("seconds", f"{length} is over this server's limit",
+                                          f"at most {(s.max_frames - 1) / fps:g}") from None
             raise
         stored = {k: v for k, v in request.to_dict().items() if k not in ("image", "output")}
         stored["seed"] = settings.seed  # a random seed is drawn once: a re-run after a crash makes the same video
