@@ -187,3 +187,18 @@ def test_cross_attention_runs_the_plain_kernel_of_a_quantizing_backend(monkeypat
     tokens = 3 * 4 * 6
     assert sorted(set(keys)) == [("quant", tokens), ("twin", 512)]  # self-attention quantized, cross plain
     assert len(keys) == 4  # 2 layers x (self, cross)
+
+
+def test_a_choice_says_where_its_timings_come_from(tmp_path):
+    """Only a choice read from an existing cache file says "cache", and then which file and when it was timed."""
+    cache = tmp_path / "fresh" / "attention-selection.json"
+    shape = (1, 72, 2, 32)
+    first = select("auto", DEVICE, torch.float32, shape, cache_path=cache)
+    assert first.source == "timed" and first.cache_file == str(cache) and first.timed_at
+    assert json.loads(cache.read_text())["entries"][next(iter(json.loads(cache.read_text())["entries"]))]["date"] \
+        == first.timed_at
+    second = select("auto", DEVICE, torch.float32, shape, cache_path=cache)
+    assert (second.source, second.cache_file, second.timed_at) == ("cache", str(cache), first.timed_at)
+    assert second.to_dict()["timed_at"] == first.timed_at
+    alone = select("auto", DEVICE, torch.float32, shape)  # no cache file at all
+    assert alone.source == "timed" and alone.cache_file is None

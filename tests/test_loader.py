@@ -159,3 +159,29 @@ def test_single_file_transformer_in_original_wan_format_loads(tiny_checkpoint, t
         load_components(spec, path, "bf16", single_files={"transformer": str(single)})
     with pytest.raises(CheckpointError, match=r"tiny-ti2v has no transformer_2"):
         load_components(get_model("tiny-ti2v"), tiny_checkpoint("tiny-ti2v"), single_files={"transformer_2": str(single)})
+
+
+def test_the_variant_hint_counts_the_experts_and_never_names_the_model_itself(checkpoint_copy):
+    """The guess compares every checked field and the number of transformers, and names only other variants."""
+    path = checkpoint_copy("tiny-t2v-moe")
+    cfg_path = path / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["ffn_dim"] = 256
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"ffn_dim is 256, but tiny-t2v-moe has 128: this is not a tiny-t2v-moe "
+                                              r"checkpoint \(no known variant has 2 transformers of this shape\)"):
+        check_checkpoint(get_model("tiny-t2v-moe"), path)
+
+    # One transformer of tiny-t2v-moe's shape is no tiny-t2v-moe checkpoint (that has two): no variant matches.
+    path = checkpoint_copy("tiny-i2v-moe")
+    index_path = path / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["_class_name"], index["transformer_2"] = "WanPipeline", [None, None]
+    index_path.write_text(json.dumps(index))
+    cfg_path = path / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["in_channels"] = 16  # now tiny-t2v-moe's transformer shape (in 16, out 16), declared once
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"in_channels is 16, but tiny-ti2v has 48: this is not a tiny-ti2v "
+                                              r"checkpoint \(no known variant has 1 transformer of this shape\)"):
+        check_checkpoint(get_model("tiny-ti2v"), path)

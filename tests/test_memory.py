@@ -373,3 +373,18 @@ def test_combine_keeps_each_gpus_runs_apart(tmp_path):
     assert data["summary"]["ti2v5b_720p_24gb"]["peak_gib"] == 12.2
     assert data["summary"]["ti2v5b_720p_unconstrained_time_s"] == 100.0
     assert json.loads((tmp_path / "memory-h200.json").read_text())["summary"]["planner_max_rel_error"] == 0.071
+
+
+def test_a_tiers_peak_is_never_printed_below_one_of_its_stages():
+    """`artifex plan` prints the peak and the stages of ``Estimate.to_dict`` to one decimal: a stage of 12.149 GiB
+    used to reach it already rounded to 12.15, printing as 12.2 beside a peak of 12.1."""
+    from artifex.engine.memory import GIB, Estimate
+
+    for gib in (12.149, 78.649, 90.5499, 0.049, 3.0):
+        stages = {"encode_text": int(1.0 * GIB), "denoise": int(gib * GIB), "decode": int(0.5 * GIB)}
+        e = Estimate("resident", max(stages.values()), stages)
+        shown = e.to_dict()
+        assert shown["peak_gib"] == max(shown["stages_gib"].values()) == e.peak_gib
+        for digits in (1, 2):
+            peak = f"{shown['peak_gib']:.{digits}f}"
+            assert peak == max((f"{v:.{digits}f}" for v in shown["stages_gib"].values()), key=float), (gib, digits)

@@ -80,3 +80,53 @@ def test_request_from_dict_rejects_unknown_and_missing_fields():
         GenerationRequest.from_dict({"model": "ti2v-5b", "prompt": "x", "num_steps": 3})
     with pytest.raises(InvalidRequestError, match="prompt: is required"):
         GenerationRequest.from_dict({"model": "ti2v-5b"})
+
+
+@pytest.mark.parametrize("field", ["guidance", "guidance_low", "shift"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 10**400])
+def test_non_finite_numbers_are_refused_naming_the_field_and_range(field, value):
+    """What the CLI's --guidance inf / --shift nan reach: refused before a model is loaded or a file written."""
+    with pytest.raises(InvalidRequestError, match=rf"{field}: must be a finite number.*\(allowed: 0\.?0?1? to 100"):
+        resolve(**{field: value})
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(guidance=101.0), r"guidance: must be at most 100, got 101 \(allowed: 0 to 100"),
+    (dict(shift=1e6), r"shift: must be between 0.01 and 100, got 1e\+06 \(allowed: 0.01 to 100\)"),
+    (dict(frames=100001), r"frames: 100001 exceeds the model's position table .*\(allowed: at most 4093\)"),
+    (dict(width=32768, height=720), r"width: 32768 exceeds .*\(allowed: at most 16384\)"),
+    (dict(prompt="a cat\x00"), r"prompt: holds the control character U\+0000 at position 5"),
+    (dict(negative_prompt="\ud800"), r"negative_prompt: holds a lone UTF-16 surrogate"),
+    (dict(seed=2**64), r"seed: must be in \[0, 4294967295\], got 18446744073709551616 \(allowed: 0..4294967295\)"),
+])
+def test_ranges_and_text_are_checked(kw, pattern):
+    with pytest.raises(InvalidRequestError, match=pattern):
+        resolve(**kw)
+    _, s, _ = resolve(prompt="tabs\tand\nnewlines are text")
+    assert s.prompt == "tabs\tand\nnewlines are text"
+
+
+def test_hints_respect_the_limits_in_force():
+    """A server's caps are checked with the model's, so a hint never names a value the server refuses."""
+    from artifex.engine.request import RequestLimits
+
+    limits = RequestLimits(max_width=1280, max_height=1280, max_frames=121, max_steps=100)
+    with pytest.raises(InvalidRequestError, match=r"width: 99999 is over this server's limit \(allowed: multiples of "
+                                                  r"16 up to 1280\)"):
+        resolve_request(GenerationRequest(model="t2v-a14b", prompt="x", width=99999, height=99999), limits)
+    with pytest.raises(InvalidRequestError, match=r"width: 1267 is not a multiple of 16 .*nearest valid: 1264 "
+                                                  r"\(allowed: multiples of 16 up to 1264\)"):  # not 1280
+        resolve_request(GenerationRequest(model="t2v-a14b", prompt="x", width=1267, height=720),
+                        RequestLimits(max_width=1270))
+    with pytest.raises(InvalidRequestError, match=r"frames: 100001 is over this server's limit \(allowed: 4n\+1 up "
+                                                  r"to 121\)"):
+        resolve_request(GenerationRequest(model="t2v-a14b", prompt="x", frames=100001), limits)
+    with pytest.raises(InvalidRequestError, match=r"frames: must be 4n\+1 .*got 118; nearest valid: 117 \(allowed: "
+                                                  r"4n\+1 up to 117\)"):  # not 121
+        resolve_request(GenerationRequest(model="t2v-a14b", prompt="x", frames=118), RequestLimits(max_frames=118))
+    with pytest.raises(InvalidRequestError, match=r"steps: 500 is over this server's limit \(allowed: 1..100\)"):
+        resolve_request(GenerationRequest(model="t2v-a14b", prompt="x", steps=500), limits)
+    # without a server's limits the model's own maximum bounds the hint
+    with pytest.raises(InvalidRequestError, match=r"nearest valid: 16368, 16384 \(allowed: multiples of 16 up to "
+                                                  r"16384\)"):
+        resolve(width=16370, height=720)

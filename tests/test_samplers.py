@@ -243,5 +243,5 @@ def test_the_checkpoints_shift_and_solver_settings_are_used(checkpoint_copy, tmp
 
 def test_shift_source_without_a_checkpoint_value():
     assert resolve().shift_source == "model default" and resolve().shift == 12.0
-    assert resolve_request(GenerationRequest(model="tiny-t2v-moe", prompt="x"), 3.0)[1].shift == 3.0
+    assert resolve_request(GenerationRequest(model="tiny-t2v-moe", prompt="x"), checkpoint_shift=3.0)[1].shift == 3.0
     assert resolve(shift=4.0).shift_source == "request"

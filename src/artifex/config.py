@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -37,6 +38,9 @@ def parse_budget(text: str | int | float | None) -> int | None:
             raise InvalidRequestError("vram_budget", f"cannot read {text!r} as an amount of memory",
                                       "a number with GB, GiB, MB, MiB or TB, e.g. 24GB")
         value, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(value):  # nan, inf, or more digits than a float holds
+        raise InvalidRequestError("vram_budget", f"must be a finite amount, got {text!r}",
+                                  "a number with GB, GiB, MB, MiB or TB, e.g. 24GB")
     if value <= 0:
         raise InvalidRequestError("vram_budget", f"must be positive, got {text!r}")
     return int(value * _UNITS[unit])
@@ -48,6 +52,12 @@ EXPERT_RESIDENCY = ("auto", "resident", "swap")
 MEMORY_TIERS = ("auto", "resident", "text_offload", "expert_swap", "model_offload", "block_offload", "leaf_offload")
 ATTENTION_CHOICES = ("auto", "fa3", "fa3-fp8", "fa4", "fa2", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa",
                      "flex", "sage", "xformers", "sliced", "sdpa-math")
+
+
+# Integer fields and their ranges (the upper ends only keep nonsense out: a tile wider than any frame the position
+# tables allow, more query chunks or fp8-free steps than a run has, more passes per batch than a step makes).
+_INT_RANGES = (("max_batch_size", 1, 64), ("attention_slicing", 0, 1024), ("vae_tile_size", 0, 16384),
+               ("fp8_bf16_steps", 0, 1000))
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):
@@ -179,15 +189,25 @@ class OptimizationConfig:
             if kind.startswith("float") and value is not None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise InvalidRequestError(f.name, f"must be a number, got {value!r}")
-        if self.max_batch_size < 1:
-            raise InvalidRequestError("max_batch_size", f"must be >= 1, got {self.max_batch_size}")
+                try:
+                    finite = math.isfinite(value)
+                except OverflowError:  # an integer too large for a float
+                    finite = False
+                if not finite:  # TOML writes nan and inf
+                    raise InvalidRequestError(f.name, f"must be a finite number, got {value!r}")
+        for name, lo, hi in _INT_RANGES:
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                raise InvalidRequestError(name, f"must be >= {lo} and at most {hi}, got {value}", f"{lo}..{hi}")
         if self.vae_tile_size and (self.vae_tile_size < 64 or self.vae_tile_size % 32):
             raise InvalidRequestError("vae_tile_size", f"must be 0 (default tiles) or a multiple of 32 that is at "
                                       f"least 64, got {self.vae_tile_size}", "0, 64, 96, 128, ... (pixels)")
-        if self.attention_slicing < 0:
-            raise InvalidRequestError("attention_slicing", f"must be >= 0, got {self.attention_slicing}")
         if not (0.0 <= self.flash_attention_dropout < 1.0):
-            raise InvalidRequestError("flash_attention_dropout", "must be in [0, 1)")
+            raise InvalidRequestError("flash_attention_dropout",
+                                      f"must be in [0, 1), got {self.flash_attention_dropout}", "0 <= p < 1")
+        if self.flash_attention_scale is not None and not self.flash_attention_scale > 0:
+            raise InvalidRequestError("flash_attention_scale", f"must be > 0, got {self.flash_attention_scale}",
+                                      "a positive number (default: 1/sqrt(head_dim))")
         if self.vram_budget is not None:
             parse_budget(self.vram_budget)
         if self.lora:
@@ -198,8 +218,6 @@ class OptimizationConfig:
             raise InvalidRequestError("fp8", "fp8 compute already stores e4m3 weights; drop fp8_weights")
         if self.fp8_keep and self.fp8 == "off":
             raise InvalidRequestError("fp8_keep", "keeps layers out of fp8 compute, which is off", ["gemm", "all"])
-        if self.fp8_bf16_steps < 0:
-            raise InvalidRequestError("fp8_bf16_steps", f"must be >= 0, got {self.fp8_bf16_steps}")
         if self.fp8_bf16_steps and self.fp8 == "off":
             raise InvalidRequestError("fp8_bf16_steps", "keeps steps out of fp8 compute, which is off",
                                       ["gemm", "all"])
@@ -234,7 +252,7 @@ class OptimizationConfig:
 
     def hash(self) -> str:
         """A short stable key of every field (for caches keyed by configuration)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        blob = json.dumps(self.to_dict(), sort_keys=True, allow_nan=False).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_toml(self) -> str:
@@ -244,7 +262,7 @@ class OptimizationConfig:
             if v is None:
                 lines.append(f"# {f.name} =   # {f.metadata['help']}")
                 continue
-            lines.append(f"{f.name} = {json.dumps(v)}")
+            lines.append(f"{f.name} = {json.dumps(v, allow_nan=False)}")
         return "\n".join(lines) + "\n"
 
     def merged(self, overrides: dict[str, Any]) -> OptimizationConfig:

@@ -59,6 +59,10 @@ class Choice:
     dtype: str
     rejected: dict[str, str] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Where a timed choice was stored, or a cached one read ("cache"), and when its timings were taken: a cached
+    # choice says which file and run it came from, so it can be told from one timed now.
+    cache_file: str | None = None
+    timed_at: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -228,6 +232,7 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
 
     timings: dict[str, float] = {}
     source = "preference"
+    cache_file = timed_at = None
     # Time on the real shape on a GPU, and on a CPU when the shape is small enough to be cheap;
     # a stated preference (the guide's use_flash_attention) wins over timing.
     cheap = attention_flops(b, n, n, h, d) <= CPU_TIMING_FLOPS
@@ -238,6 +243,7 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
         if hit and isinstance(hit.get("timings_ms"), dict) and set(hit["timings_ms"]) <= set(candidates) \
                 and hit["timings_ms"]:
             timings, source = {k: float(v) for k, v in hit["timings_ms"].items()}, "cache"
+            cache_file, timed_at = str(cache_path), hit.get("date")
         else:
             for name in ranked:
                 try:
@@ -249,16 +255,19 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
                     torch.cuda.empty_cache()
                 except Exception as e:
                     rejected[name] = f"failed while timing: {type(e).__name__}: {e}"[:300]
-            source = "timed"
+            source, timed_at = "timed", time.strftime("%Y-%m-%d %H:%M:%S")
             if cache_path and timings:
-                cache["entries"][key] = {"timings_ms": timings, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+                cache["entries"][key] = {"timings_ms": timings, "date": timed_at}
                 _write_cache(cache_path, cache)
+                cache_file = str(cache_path)
         ranked = sorted(timings, key=timings.get) + [r for r in ranked if r not in timings and r not in rejected]
         if not ranked:
             return Choice("auto", LAST_RESORT, [LAST_RESORT], "preference", shape, dname, rejected, timings)
     chain = ranked + ([LAST_RESORT] if LAST_RESORT not in ranked else [])
-    choice = Choice("auto", chain[0], chain, source, shape, dname, rejected, timings)
-    log.info("attention: %s for %s %s (%s); rejected: %s", choice.chosen, "x".join(map(str, shape)), dname, source,
+    choice = Choice("auto", chain[0], chain, source, shape, dname, rejected, timings, cache_file, timed_at)
+    where = {"cache": f"from {cache_file}, timed {timed_at}", "timed": f"timed now, kept in {cache_file}"
+             if cache_file else "timed now"}.get(source, source)
+    log.info("attention: %s for %s %s (%s); rejected: %s", choice.chosen, "x".join(map(str, shape)), dname, where,
              "; ".join(f"{k}: {v}" for k, v in rejected.items()) or "none")
     return choice
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -126,6 +127,8 @@ def build_serve_config(args: argparse.Namespace):
     if args.max_disk is not None:
         overrides["max_disk"] = parse_bytes(args.max_disk, "max_disk")
     if args.max_upload_mb is not None:
+        if not math.isfinite(args.max_upload_mb) or args.max_upload_mb <= 0:
+            raise InvalidRequestError("max_upload_mb", f"must be a positive number of MiB, got {args.max_upload_mb}")
         overrides["max_upload_bytes"] = int(args.max_upload_mb * 2**20)
     if args.warmup_shape:
         overrides["warmup_shapes"] = tuple(args.warmup_shape)

@@ -106,9 +106,12 @@ class Estimate:
         return {k: round(v / GIB, 2) for k, v in self.stages.items()}
 
     def to_dict(self) -> dict:
+        """The peak and the stages in GiB, unrounded: whoever prints them rounds both the same way, so a table
+        never shows a peak below one of its own stages (rounding the stages to 2 decimals first and then to 1,
+        the peak straight to 1, printed a peak of 12.1 beside a stage of 12.149 -> 12.15 -> 12.2)."""
         d = asdict(self)
-        d["peak_gib"] = round(self.peak_gib, 2)
-        d["stages_gib"] = self.stages_gib
+        d["peak_gib"] = self.peak_gib
+        d["stages_gib"] = {k: v / GIB for k, v in self.stages.items()}
         del d["stages"]
         return d
 

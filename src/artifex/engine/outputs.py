@@ -4,6 +4,7 @@ layout; how long each stage took, peak memory, versions), built in one place and
 from __future__ import annotations
 
 import json
+import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,10 +56,22 @@ def default_output(output_dir: str | Path | None, model: str, seed: int) -> Path
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically (a partial file renamed into place)."""
+    """Write ``data`` to ``path`` atomically (a partial file renamed into place), as strict JSON (no NaN or Infinity
+    tokens, which most readers refuse). The request's numbers are finite by validation; a measurement that came out
+    non-finite (a diverged error figure) is written as null."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(json.dumps(_finite_or_null(data), indent=2, default=str, allow_nan=False))
     tmp.replace(path)
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def write_atomic(path: Path, data: bytes) -> None:

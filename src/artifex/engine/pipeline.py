@@ -363,7 +363,7 @@ class Engine:
         """Check and resolve ``request``: the job the stages below carry forward."""
         if get_model(request.model) is not self.spec:
             raise ValueError(f"this engine runs {self.spec.name}, the request asks for {request.model}")
-        spec, s, image = resolve_request(request, checkpoint_shift(self.c.scheduler_config))
+        spec, s, image = resolve_request(request, checkpoint_shift=checkpoint_shift(self.c.scheduler_config))
         for w in s.warnings:
             log.warning(w)
         return GenerationJob(request=request, spec=spec, settings=s, image=image, emit=on_event or (lambda e: None),

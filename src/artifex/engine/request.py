@@ -3,7 +3,10 @@
 ``GenerationRequest`` is what a user asked for: plain JSON-able fields, most optional.
 ``resolve_request`` fills the gaps from the preset and the model's defaults, checks
 every field, and returns ``Settings``: the exact values the engine will run with.
-Sizes and frame counts are validated, never rounded.
+Sizes and frame counts are validated, never rounded. Every number is checked for type,
+finiteness and range before anything uses it (NaN and infinities are refused at every door),
+and the hints an error gives (nearest valid sizes, maxima) respect the limits in force: the
+model's, and a server's (``RequestLimits``) when one passes them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,21 @@ from artifex.presets import Preset, get_preset, pick_size
 # RoPE tables of the Wan DiT cover 1024 positions per axis (rope_max_seq_len).
 _MAX_POSITIONS = 1024
 MAX_SEED = 2**32 - 1
+MAX_STEPS = 1000
+# Classifier-free guidance scales in use are 1-10; far larger ones only saturate the video.
+GUIDANCE_RANGE = (0.0, 100.0)
+# The flow schedule's shift: Wan uses 1-17; below 0.01 or above 100 every timestep collapses onto one end.
+SHIFT_RANGE = (0.01, 100.0)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """A server's own caps on requests (``artifex serve --max-*``); None: only the model's limits apply."""
+
+    max_width: int | None = None
+    max_height: int | None = None
+    max_frames: int | None = None
+    max_steps: int | None = None
 
 
 @dataclass
@@ -103,10 +121,16 @@ class Settings:
         return d
 
 
-def _nearest_valid(value: int, multiple: int, offset: int = 0) -> str:
+def _nearest_valid(value: int, multiple: int, offset: int = 0, most: int | None = None) -> str:
+    """The valid values (``multiple * n + offset``, positive, at most ``most``) on either side of ``value``."""
     lo = (value - offset) // multiple * multiple + offset
-    cands = sorted({c for c in (lo, lo + multiple) if c > 0})
+    cands = sorted({c for c in (lo, lo + multiple) if c > 0 and (most is None or c <= most)})
     return ", ".join(str(c) for c in cands)
+
+
+def _largest_valid(most: int, multiple: int, offset: int = 0) -> int:
+    """The largest ``multiple * n + offset`` that is at most ``most``."""
+    return (most - offset) // multiple * multiple + offset
 
 
 def _int(name: str, value: Any) -> int:
@@ -115,10 +139,33 @@ def _int(name: str, value: Any) -> int:
     return value
 
 
-def _num(name: str, value: Any) -> float:
+def _num(name: str, value: Any, allowed: str) -> float:
+    """A finite number; ``allowed`` names the range in the error."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequestError(name, f"must be a number, got {value!r}")
-    return float(value)
+        raise InvalidRequestError(name, f"must be a number, got {value!r}", allowed)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise InvalidRequestError(name, f"must be a finite number, got {value}", allowed) from None
+    if not math.isfinite(number):
+        raise InvalidRequestError(name, f"must be a finite number, got {value!r}", allowed)
+    return number
+
+
+def _text(name: str, value: Any) -> str:
+    """A string that the text encoder, the job store and JSON can all carry: valid Unicode, no control
+    characters besides tab and line breaks (a NUL would be cut or refused further down)."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(name, f"must be a string, got {type(value).__name__}")
+    for i, ch in enumerate(value):
+        code = ord(ch)
+        if (code < 0x20 and ch not in "\t\n\r") or code == 0x7F:
+            raise InvalidRequestError(name, f"holds the control character U+{code:04X} at position {i}",
+                                      "text; tab, newline and carriage return are the only control characters")
+        if 0xD800 <= code <= 0xDFFF:
+            raise InvalidRequestError(name, f"holds a lone UTF-16 surrogate (U+{code:04X}) at position {i}; "
+                                            "it is not valid Unicode text")
+    return value
 
 
 def _schedule(name: str, values: Any, top: float) -> list[float]:
@@ -127,7 +174,14 @@ def _schedule(name: str, values: Any, top: float) -> list[float]:
         raise InvalidRequestError(name, f"must be a non-empty list of numbers, got {values!r}")
     if len(values) > 1000:
         raise InvalidRequestError(name, f"has {len(values)} values; at most 1000 steps")
-    out = [_num(name, v) for v in values]
+    allowed = f"numbers in (0, {top:g}], decreasing"
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidRequestError(name, f"must be a number, got {v!r}", allowed)
+    try:
+        out = [float(v) for v in values]
+    except OverflowError:  # an integer too large for a float
+        raise InvalidRequestError(name, "holds an integer too large for a float", allowed) from None
     for i, v in enumerate(out):
         if not math.isfinite(v) or not 0 < v <= top:
             raise InvalidRequestError(name, f"value {i} is {v:g}, outside (0, {top:g}]")
@@ -151,71 +205,82 @@ def open_image(path: str) -> Image.Image:
         ) from None
 
 
-def check_size(spec: ModelSpec, width: int, height: int) -> list[str]:
-    """Errors for sizes the model cannot run; a warning for sizes it was not trained on."""
+def check_size(spec: ModelSpec, width: int, height: int, limits: RequestLimits | None = None) -> list[str]:
+    """Errors for sizes the model (or the server's ``limits``) cannot run; a warning for sizes it was not
+    trained on."""
     m = spec.spatial_multiple
     for name, v in (("width", width), ("height", height)):
+        model_max = m * _MAX_POSITIONS
+        server_max = getattr(limits, f"max_{name}", None) if limits else None
+        most = _largest_valid(min(model_max, server_max or model_max), m)
+        allowed = f"multiples of {m} up to {most}"
         if v <= 0:
-            raise InvalidRequestError(name, f"must be positive, got {v}")
+            raise InvalidRequestError(name, f"must be positive, got {v}", allowed)
+        if server_max is not None and server_max < model_max and v > server_max:
+            raise InvalidRequestError(name, f"{v} is over this server's limit", allowed)
+        if v > model_max:
+            raise InvalidRequestError(name, f"{v} exceeds the model's position table "
+                                            f"({_MAX_POSITIONS} positions of {m} pixels)", f"at most {most}")
         if v % m:
             raise InvalidRequestError(
                 name, f"{v} is not a multiple of {m} ({spec.name}: VAE stride x patch); nearest valid: "
-                      f"{_nearest_valid(v, m)}")
-        if v // m > _MAX_POSITIONS:
-            raise InvalidRequestError(name, f"{v} exceeds the model's position table", f"at most {m * _MAX_POSITIONS}")
+                      f"{_nearest_valid(v, m, most=most)}", allowed)
     if (width, height) not in spec.sizes:
         trained = ", ".join(f"{w}x{h}" for w, h in spec.sizes)
         return [f"{width}x{height} is not a size {spec.name} was trained on ({trained}); quality may suffer"]
     return []
 
 
-def check_frames(spec: ModelSpec, frames: int) -> None:
+def check_frames(spec: ModelSpec, frames: int, limits: RequestLimits | None = None) -> None:
+    """Frame counts the VAE packs (``4n+1``) within the model's position table and the server's ``limits``."""
     s = spec.vae.temporal_stride
+    model_max = s * (_MAX_POSITIONS - 1) + 1
+    server_max = limits.max_frames if limits else None
+    most = _largest_valid(min(model_max, server_max or model_max), s, 1)
+    allowed = f"{s}n+1 up to {most}"
+    if server_max is not None and server_max < model_max and frames > server_max:
+        raise InvalidRequestError("frames", f"{frames} is over this server's limit", allowed)
+    if frames > model_max:
+        raise InvalidRequestError("frames", f"{frames} exceeds the model's position table ({_MAX_POSITIONS} "
+                                            f"latent frames)", f"at most {most}")
     if frames < 1 or (frames - 1) % s:
         raise InvalidRequestError(
             "frames", f"must be {s}n+1 (the VAE packs {s} frames per latent frame after the first); "
-                      f"got {frames}; nearest valid: {_nearest_valid(max(frames, 1), s, 1)}")
-    if (frames - 1) // s + 1 > _MAX_POSITIONS:
-        raise InvalidRequestError("frames", f"{frames} exceeds the model's position table")
+                      f"got {frames}; nearest valid: {_nearest_valid(max(frames, 1), s, 1, most=most)}", allowed)
 
 
-def resolve_request(req: GenerationRequest, checkpoint_shift: float | None = None,
-                    ) -> tuple[ModelSpec, Settings, Image.Image | None]:
+def resolve_request(req: GenerationRequest, limits: RequestLimits | None = None,
+                    checkpoint_shift: float | None = None) -> tuple[ModelSpec, Settings, Image.Image | None]:
     """Validate ``req`` and fill every gap; returns the spec, the settings and the decoded image.
 
     ``checkpoint_shift``: the shift the loaded checkpoint's scheduler config declares (a distilled or fine-tuned
-    checkpoint ships its own); a request without a shift runs at it rather than at the model's default."""
+    checkpoint ships its own); a request without a shift runs at it rather than at the model's default.
+    ``limits``: a server's caps, checked here with the model's so that every hint respects both."""
+    if not isinstance(req.model, str):
+        raise InvalidRequestError("model", f"must be a string, got {type(req.model).__name__}")
     spec = get_model(req.model)
     if not spec.runnable:
         raise NotSupportedYetError(f"{spec.name} is in the registry but its pipeline is not built yet; "
                                    "runnable models: " + ", ".join(n for n in _runnable()))
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise InvalidRequestError("prompt", "must be a non-empty string")
+    _text("prompt", req.prompt)
+    if req.preset is not None and not isinstance(req.preset, str):
+        raise InvalidRequestError("preset", f"must be a string, got {type(req.preset).__name__}")
     preset: Preset | None = get_preset(req.preset) if req.preset else None
 
-    image = None
-    if req.image is not None:
-        if spec.image == "none":
-            others = ", ".join(n for n, s in _runnable().items() if s.image != "none" and s.tiny == spec.tiny)
-            raise InvalidRequestError("image", f"{spec.name} takes no image", f"models that do: {others}")
-        image = open_image(req.image)
-    elif spec.image == "required":
-        raise InvalidRequestError("image", f"{spec.name} generates from an image; pass one (--image PATH)")
-
-    warnings: list[str] = []
+    # Every number is checked before the image is opened: nothing costly happens for a request refused anyway.
     if (req.width is None) != (req.height is None):
         raise InvalidRequestError("width" if req.width is None else "height",
                                   "give both width and height, or neither")
+    given_size = None
     if req.width is not None:
-        width, height = _int("width", req.width), _int("height", req.height)
-    else:
-        aspect = image.width / image.height if image is not None else None
-        width, height = pick_size(spec, preset.size if preset else "largest", aspect)
-    warnings += check_size(spec, width, height)
+        given_size = _int("width", req.width), _int("height", req.height)
+        check_size(spec, *given_size, limits)
 
     frames = _int("frames", req.frames) if req.frames is not None else (
         preset.num_frames(spec) if preset else spec.frames)
-    check_frames(spec, frames)
+    check_frames(spec, frames, limits)
 
     sampler = req.sampler if req.sampler is not None else "unipc"
     if sampler not in SAMPLERS:
@@ -232,33 +297,43 @@ def resolve_request(req: GenerationRequest, checkpoint_shift: float | None = Non
         timesteps = schedule = list(FASTWAN_TIMESTEPS)  # FastWan's published DMD schedule (not shifted)
         schedule_field = "timesteps"
 
+    top = min(MAX_STEPS, limits.max_steps) if limits and limits.max_steps else MAX_STEPS
     if req.steps is not None:
         steps = _int("steps", req.steps)
     elif schedule is not None:
         steps = len(schedule)  # the schedule defines the step count
     else:
         steps = preset.steps(spec) if preset else spec.steps
-    if steps <= 0 or steps > 1000:
-        raise InvalidRequestError("steps", f"must be between 1 and 1000, got {steps}")
+    if steps <= 0 or steps > top:
+        if limits and limits.max_steps and limits.max_steps < MAX_STEPS and steps > top:
+            raise InvalidRequestError("steps", f"{steps} is over this server's limit", f"1..{top}")
+        raise InvalidRequestError("steps", f"must be between 1 and {top}, got {steps}", f"1..{top}")
     if schedule is not None and len(schedule) != steps:
         raise InvalidRequestError(schedule_field, f"has {len(schedule)} values but steps is {steps}; give as many "
                                                   "values as steps, or leave steps out")
 
+    g_lo, g_hi = GUIDANCE_RANGE
+    g_allowed = f"{g_lo:g} to {g_hi:g} (1 or less turns classifier-free guidance off)"
     guidance = list(spec.guidance)
     if req.guidance is not None:
-        guidance[0] = _num("guidance", req.guidance)
+        guidance[0] = _num("guidance", req.guidance, g_allowed)
         if spec.experts == 1:
             guidance = guidance[:1]
     if req.guidance_low is not None:
         if spec.experts < 2:
             raise InvalidRequestError("guidance_low", f"{spec.name} has one expert; use guidance only")
-        guidance[1] = _num("guidance_low", req.guidance_low)
+        guidance[1] = _num("guidance_low", req.guidance_low, g_allowed)
     for name, g in zip(("guidance", "guidance_low"), guidance):
-        if g < 0:
-            raise InvalidRequestError(name, f"must be >= 0 (1 or less turns classifier-free guidance off), got {g}")
+        if g < g_lo:
+            raise InvalidRequestError(name, f"must be >= 0 (1 or less turns classifier-free guidance off), got {g}",
+                                      g_allowed)
+        if g > g_hi:
+            raise InvalidRequestError(name, f"must be at most {g_hi:g}, got {g:g}", g_allowed)
 
+    s_lo, s_hi = SHIFT_RANGE
+    s_allowed = f"{s_lo:g} to {s_hi:g}"
     if req.shift is not None:
-        shift, shift_source = _num("shift", req.shift), "request"
+        shift, shift_source = _num("shift", req.shift, s_allowed), "request"
         if req.timesteps is not None or req.sigmas is not None:
             raise InvalidRequestError("shift", f"has no effect with explicit {schedule_field} (they are the "
                                                "shifted values the model sees); leave shift out")
@@ -267,7 +342,9 @@ def resolve_request(req: GenerationRequest, checkpoint_shift: float | None = Non
     else:
         shift, shift_source = spec.shift, "model default"
     if not math.isfinite(shift) or shift <= 0:
-        raise InvalidRequestError("shift", f"must be > 0, got {shift}")
+        raise InvalidRequestError("shift", f"must be > 0, got {shift:g}", s_allowed)
+    if not s_lo <= shift <= s_hi:
+        raise InvalidRequestError("shift", f"must be between {s_lo:g} and {s_hi:g}, got {shift:g}", s_allowed)
     limit = max_steps(shift) if sampler == "unipc" else steps
     if steps > limit:
         raise InvalidRequestError("steps", f"{steps} steps at shift {shift:g} repeat integer timesteps, which the "
@@ -288,13 +365,33 @@ def resolve_request(req: GenerationRequest, checkpoint_shift: float | None = Non
     else:
         seed = _int("seed", req.seed)
         if not 0 <= seed <= MAX_SEED:
-            raise InvalidRequestError("seed", f"must be in [0, {MAX_SEED}], got {seed}")
+            raise InvalidRequestError("seed", f"must be in [0, {MAX_SEED}], got {seed}", f"0..{MAX_SEED}")
 
     negative = req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
     if not isinstance(negative, str):
         raise InvalidRequestError("negative_prompt", "must be a string")
+    _text("negative_prompt", negative)
     if req.output is not None and not str(req.output).lower().endswith(".mp4"):
         raise InvalidRequestError("output", f"must be an .mp4 path, got {req.output!r}")
+
+    image = None
+    if req.image is not None:
+        if spec.image == "none":
+            others = ", ".join(n for n, s in _runnable().items() if s.image != "none" and s.tiny == spec.tiny)
+            raise InvalidRequestError("image", f"{spec.name} takes no image", f"models that do: {others}")
+        if not isinstance(req.image, str):
+            raise InvalidRequestError("image", f"must be a file path, got {type(req.image).__name__}")
+        image = open_image(req.image)
+    elif spec.image == "required":
+        raise InvalidRequestError("image", f"{spec.name} generates from an image; pass one (--image PATH)")
+
+    warnings: list[str] = []
+    if given_size is not None:
+        width, height = given_size
+    else:
+        aspect = image.width / image.height if image is not None else None
+        width, height = pick_size(spec, preset.size if preset else "largest", aspect)
+    warnings += check_size(spec, width, height, limits)
 
     settings = Settings(
         model=spec.name, prompt=req.prompt, negative_prompt=negative, image=req.image, width=width, height=height,

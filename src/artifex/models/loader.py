@@ -140,16 +140,23 @@ def _check_weights(folder: Path, stem: str) -> int:
     raise CheckpointError(folder, f"holds no weights: expected {single.name} or {index.name}")
 
 
-def _which_model(cfg: dict, role: str) -> str:
-    """Name the known variants whose architecture matches a transformer config (for error hints)."""
+_ARCH_KEYS = ("in_channels", "out_channels", "num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim",
+              "text_dim")
+
+
+def _which_model(spec: ModelSpec, index: dict, cfg: dict) -> str:
+    """Name the other known variants this checkpoint matches (for error hints): the same pipeline class, the same
+    number of experts (transformers the index declares) and the same transformer shape on every checked field."""
+    experts = sum(1 for role in ("transformer", "transformer_2") if _declared(index, role))
     names = []
-    for spec in MODELS.values():
-        a = spec.transformer
-        if (cfg.get("num_layers"), cfg.get("num_attention_heads"), cfg.get("in_channels")) == (
-            a.layers, a.heads, a.in_channels
-        ):
-            names.append(spec.name)
-    return f" (it looks like {' or '.join(names)})" if names else ""
+    for other in MODELS.values():
+        want = other.transformer.diffusers_config()
+        if other.name != spec.name and other.pipeline_class == index.get("_class_name") \
+                and other.experts == experts and all(cfg.get(k) == want[k] for k in _ARCH_KEYS):
+            names.append(other.name)
+    if names:
+        return f" (it looks like {' or '.join(names)})"
+    return f" (no known variant has {experts} transformer{'s' if experts != 1 else ''} of this shape)"
 
 
 def check_checkpoint(spec: ModelSpec, path: Path) -> CheckpointInfo:
@@ -173,12 +180,11 @@ def check_checkpoint(spec: ModelSpec, path: Path) -> CheckpointInfo:
             raise CheckpointError(folder, f"is missing ({spec.name} needs {', '.join(roles)})")
         cfg = read_json(folder / "config.json")
         want = spec.transformer.diffusers_config()
-        for key in ("in_channels", "out_channels", "num_layers", "num_attention_heads", "attention_head_dim",
-                    "ffn_dim", "text_dim"):
+        for key in _ARCH_KEYS:
             if cfg.get(key) != want[key]:
                 raise CheckpointError(folder / "config.json",
                                       f"{key} is {cfg.get(key)}, but {spec.name} has {want[key]}: this is not a "
-                                      f"{spec.name} checkpoint{_which_model(cfg, role)}")
+                                      f"{spec.name} checkpoint{_which_model(spec, index, cfg)}")
         weight_bytes[role] = _check_weights(folder, _DIFFUSERS_WEIGHTS)
     vae_cfg = read_json(path / "vae" / "config.json")
     if vae_cfg.get("z_dim") != spec.vae.z_dim:

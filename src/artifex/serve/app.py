@@ -37,6 +37,10 @@ _PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src '
              "media-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
              "frame-ancestors 'none'")
 _STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+# Routes that answer without the token. They hold nothing of a user's: the page (it asks for the token), liveness,
+# readiness, what the page needs before it has a token, and the API's schema with its two viewers (the schema is the
+# same for every server of this version, and a client reads it to learn how to authenticate). README says so too.
+PUBLIC_ROUTES = ("/", "/static/*", "/healthz", "/readyz", "/api/info", "/openapi.json", "/docs", "/redoc")
 _ERRORS = {400: {"model": schemas.ErrorOut}, 401: {"model": schemas.ErrorOut}, 404: {"model": schemas.ErrorOut}}
 
 
@@ -44,6 +48,11 @@ def _error(status: int, code: str, message: str, param: str | None = None, allow
            headers: dict | None = None) -> JSONResponse:
     e = ApiError(status, code, message, param, allowed, headers)
     return JSONResponse(e.body(), status_code=status, headers=e.headers)
+
+
+def _strict(value) -> str:
+    """JSON for the event stream, as strict as the JSON answers (which FastAPI encodes with allow_nan=False)."""
+    return json.dumps(value, allow_nan=False)
 
 
 def _static(name: str) -> str:
@@ -66,8 +75,9 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(
         title="Artifex", version=__version__, lifespan=lifespan,
         description="Wan2.2 video generation: a persistent job queue with progress streaming, plus the OpenAI "
-                    "Videos API shape under /v1/videos. Every route but /, /healthz, /readyz and /api/info needs "
-                    "`Authorization: Bearer <token>`.",
+                    "Videos API shape under /v1/videos. Every route but " + ", ".join(PUBLIC_ROUTES) + " needs "
+                    "`Authorization: Bearer <token>`; those hold no jobs, videos or server state (the page, health, "
+                    "and this document, which describes the API's shape only).",
     )
     bearer = HTTPBearer(auto_error=False, description="the server's API token (ARTIFEX_API_TOKEN, --token-file, "
                                                       "or <data dir>/api_token)")
@@ -272,11 +282,13 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/api/jobs", dependencies=auth, tags=["jobs"], response_model=schemas.JobList, responses=_ERRORS)
     def list_jobs(limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0), state: str | None = None,
                   model: str | None = None) -> dict:
-        """Jobs, newest first, a page at a time (``limit``, ``offset``), optionally of one state or model."""
+        """Jobs, newest first, a page at a time (``limit``, ``offset``), optionally of one state or model;
+        ``counts``: how many jobs there are in each state (of ``model``, if given), whatever the page shows."""
         if state is not None and state not in STATES:
             raise InvalidRequestError("state", f"unknown state {state!r}", STATES)
         jobs, total = service.store.list_jobs(state=state, model=model, limit=limit, offset=offset)
-        return {"jobs": [service.job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset}
+        return {"jobs": [service.job_view(j) for j in jobs], "total": total, "limit": limit, "offset": offset,
+                "counts": service.store.counts(model=model)}
 
     @app.get("/api/jobs/{job_id}", dependencies=auth, tags=["jobs"], response_model=schemas.JobOut,
              responses=_ERRORS)
@@ -329,12 +341,12 @@ def create_app(service: Service) -> FastAPI:
                         return
                     view = await run_in_threadpool(service.job_view, job)
                     if job.state in TERMINAL:
-                        yield f"event: done\ndata: {json.dumps(view)}\n\n"
+                        yield f"event: done\ndata: {_strict(view)}\n\n"
                         return
                     key = (view["state"], view["progress"], view["queue_position"])
                     if key != seen_view:
                         seen_view, last_sent = key, now
-                        yield f"event: progress\ndata: {json.dumps(view)}\n\n"
+                        yield f"event: progress\ndata: {_strict(view)}\n\n"
                 if now - last_sent > 15:
                     last_sent = now
                     yield ": keep-alive\n\n"

@@ -14,6 +14,8 @@ import binascii
 import hashlib
 import io
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +70,8 @@ def parse_json(body: bytes) -> dict:
         raise ApiError(400, "invalid_json", "body: the request body is empty; send a JSON object", "body")
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, "invalid_json", f"body: malformed JSON ({e})", "body") from None
+    except (ValueError, RecursionError) as e:  # malformed, not UTF-8, an integer of over 4300 digits, too deep
+        raise ApiError(400, "invalid_json", f"body: malformed JSON ({type(e).__name__}: {e})"[:500], "body") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", f"body: must be a JSON object, got {type(data).__name__}", "body")
     return data
@@ -88,20 +90,34 @@ def _coerce(name: str, value: Any, kind: type, from_form: bool) -> Any:
         if text == "":
             return None
         try:
-            return int(text) if kind is int else float(text)
+            value = int(text) if kind is int else float(text)
         except ValueError:
             what = "an integer" if kind is int else "a number"
-            raise InvalidRequestError(name, f"must be {what}, got {value!r}") from None
+            raise InvalidRequestError(name, f"must be {what}, got {value[:100]!r}") from None
+        return value if kind is int else _finite(name, value)
     if kind is str:
         if not isinstance(value, str):
-            raise InvalidRequestError(name, f"must be a string, got {json.dumps(value)}")
+            raise InvalidRequestError(name, f"must be a string, got {json.dumps(value)[:100]}")
         return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidRequestError(name, f"must be an integer, got {json.dumps(value)}")
+            raise InvalidRequestError(name, f"must be an integer, got {json.dumps(value)[:100]}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequestError(name, f"must be a number, got {json.dumps(value)}")
+        raise InvalidRequestError(name, f"must be a number, got {json.dumps(value)[:100]}")
+    return _finite(name, value)
+
+
+def _finite(name: str, value: int | float) -> int | float:
+    """A number field's value, if it is finite as a float. Python's JSON reader takes NaN, Infinity and 1e309
+    (read as inf), and an integer can be too large for a float; none of them is a usable value."""
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        shown = str(value) if isinstance(value, float) else f"an integer of {len(str(value))} digits"
+        raise InvalidRequestError(name, f"must be a finite number, got {shown}", "finite numbers (no NaN or Infinity)")
     return value
 
 
@@ -177,10 +193,13 @@ def openai_submission(data: dict, image: bytes | None, from_form: bool, default_
     seconds = data.get("seconds")
     if seconds is not None:
         fps = fps_of(fields["model"])
+        allowed = f"positive multiples of {4 / fps:g} s"
+        if seconds <= 0:
+            raise InvalidRequestError("seconds", f"must be positive, got {seconds:g}", allowed)
         frames = seconds * fps
-        if seconds <= 0 or abs(frames - round(frames)) > 1e-6 or round(frames) % 4:
+        if not math.isfinite(frames) or abs(frames - round(frames)) > 1e-6 or round(frames) % 4:
             raise InvalidRequestError("seconds", f"{seconds:g} s at {fps} fps is not a whole number of 4-frame "
-                                                 f"latent steps", f"multiples of {4 / fps:g} s")
+                                                 f"latent steps", allowed)
         fields["frames"] = int(round(frames)) + 1
     return Submission(fields=fields, image=image, api="openai")
 
@@ -205,7 +224,15 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int, name: str = "image
             im.load()
     except InvalidRequestError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidRequestError(name, f"the upload is not a readable image ({type(e).__name__}: {e})",
+    except UnidentifiedImageError:
+        raise InvalidRequestError(name, "the upload is not an image in a format Pillow recognises",
                                   IMAGE_FORMATS) from None
+    except Exception as e:  # any decoder failure on client bytes (truncated, corrupt, a decompression bomb)
+        raise InvalidRequestError(name, f"the upload is not a readable image ({type(e).__name__}: "
+                                        f"{_no_addresses(str(e))[:300]})", IMAGE_FORMATS) from None
     return hashlib.sha256(data).hexdigest(), _EXT[fmt]
+
+
+def _no_addresses(text: str) -> str:
+    """An error text without Python object reprs (``<_io.BytesIO object at 0x7f...>``): the client's upload."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the upload", text)

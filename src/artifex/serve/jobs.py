@@ -87,6 +87,11 @@ class Job:
         return cls(**d)
 
 
+def _strict(value: Any) -> str:
+    """JSON as every reader accepts it: a NaN or an infinity here is a bug upstream, not something to store."""
+    return json.dumps(value, allow_nan=False)
+
+
 def new_job_id() -> str:
     return "video_" + uuid.uuid4().hex
 
@@ -150,8 +155,8 @@ class JobStore:
             db.execute(
                 "INSERT INTO jobs (id, model, state, request, settings, warnings, image, dedup_key, api, created_at) "
                 "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, model, json.dumps(request), json.dumps(settings), json.dumps(warnings), image, dedup_key,
-                 api, time.time()))
+                (job_id, model, _strict(request), _strict(settings), _strict(warnings), image, dedup_key, api,
+                 time.time()))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return Job.from_row(row), True
 
@@ -175,7 +180,7 @@ class JobStore:
             db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, error = ?, timings = ?, output_bytes = ? "
                 "WHERE id = ? AND state = 'running'",
-                (state, time.time(), json.dumps(error) if error else None, json.dumps(timings) if timings else None,
+                (state, time.time(), _strict(error) if error else None, _strict(timings) if timings else None,
                  output_bytes, job_id))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return Job.from_row(row) if row else None
@@ -275,9 +280,11 @@ class JobStore:
                                     (*page_args, limit, offset)).fetchall()
         return [Job.from_row(r) for r in rows], total
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, model: str | None = None) -> dict[str, int]:
+        """Jobs in each state (of ``model``, if given)."""
+        where, args = (" WHERE model = ?", (model,)) if model else ("", ())
         with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+            rows = self._db.execute(f"SELECT state, COUNT(*) FROM jobs{where} GROUP BY state", args).fetchall()
         out = dict.fromkeys(STATES, 0)
         out.update({s: n for s, n in rows})
         return out
@@ -285,6 +292,23 @@ class JobStore:
     def queue_depth(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+
+    def queued_by_model(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT model, COUNT(*) FROM jobs WHERE state = 'queued' GROUP BY model"
+                                         ).fetchall())
+
+    RECENT_JOBS = 20
+
+    def mean_recent_seconds(self, model: str, n: int | None = None) -> float | None:
+        """Mean wall time (started to finished) of the last ``n`` jobs of ``model`` that ran to an end of their
+        own (succeeded, later expired, or failed); None before the first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT finished_at - started_at FROM jobs WHERE model = ? AND state IN ('succeeded', 'expired', "
+                "'failed') AND started_at IS NOT NULL AND finished_at >= started_at ORDER BY finished_at DESC "
+                "LIMIT ?", (model, n or self.RECENT_JOBS)).fetchall()
+        return sum(r[0] for r in rows) / len(rows) if rows else None
 
     def queue_position(self, job: Job) -> int:
         """How many jobs of the same model run before this queued one (0: next)."""

@@ -71,7 +71,9 @@ def render(base: str, snap: dict) -> str:
     lines.append("running:" if snap["running"] else "running: none")
     for j in snap["running"]:
         p = j.get("progress") or {}
-        step = f"{p.get('step')}/{p.get('total')}" if p.get("total") else ""
+        # step/total counts denoising steps; other stages report 0/1 .. 1/1 of themselves, which beside the
+        # job's overall percent (decode starts at 92%) only reads as a contradiction
+        step = f"step {p.get('step')}/{p.get('total')}" if p.get("stage") == "denoise" and p.get("total") else ""
         eta = f"eta {j['eta_s']:.1f}s" if j.get("eta_s") is not None else ""
         lines.append(f"  {j['id']}  {j['model']}  {p.get('stage', ''):<12} {_bar(p.get('percent'))} {step} {eta}")
     if snap["queued"]:

@@ -65,6 +65,7 @@ class JobList(BaseModel):
     total: int
     limit: int
     offset: int
+    counts: dict[str, int] = Field(default_factory=dict, description="jobs in each state (of the model, if given)")
 
 
 class ErrorDetail(BaseModel):

@@ -115,9 +115,10 @@ class Service:
         worker = self.workers[model]
         if worker.status == "failed":
             raise ApiError(503, "model_unavailable", f"model: {model} failed to load: {worker.error}", "model")
-        if len(fields["prompt"]) > s.max_prompt_chars:
-            raise InvalidRequestError("prompt", f"{len(fields['prompt'])} characters is too long",
-                                      f"at most {s.max_prompt_chars}")
+        for name in ("prompt", "negative_prompt"):
+            text = fields.get(name)
+            if isinstance(text, str) and len(text) > s.max_prompt_chars:
+                raise InvalidRequestError(name, f"{len(text)} characters is too long", f"at most {s.max_prompt_chars}")
         image_field = "input_reference" if sub.api == "openai" else "image"
         image_name = image_sha = None
         if sub.image is not None:
@@ -144,21 +145,17 @@ class Service:
         s = self.settings
         request = GenerationRequest.from_dict({**fields, "image": str(image_path) if image_path else None})
         try:
-            spec, settings, _ = resolve_request(request)
+            spec, settings, _ = resolve_request(request, limits=s.request_limits())
         except InvalidRequestError as e:
             if e.field == "image" and image_field != "image":
                 raise InvalidRequestError(image_field, str(e).split(": ", 1)[-1]) from None
+            if e.field == "frames" and api == "openai":  # OpenAI requests give the length as seconds
+                fps = get_model(fields["model"]).fps
+                frames = fields.get("frames")
+                length = f"{(frames - 1) / fps:g} s" if isinstance(frames, int) else "the preset's length"
+                raise InvalidRequestError("seconds", f"{length} is over this server's limit",
+                                          f"at most {(s.max_frames - 1) / fps:g}") from None
             raise
-        checks = (("steps", settings.steps, s.max_steps, f"1..{s.max_steps}"),
-                  ("frames", settings.frames, s.max_frames, f"4n+1 up to {s.max_frames}"),
-                  ("width", settings.width, s.max_width, f"multiples of {spec.spatial_multiple} up to {s.max_width}"),
-                  ("height", settings.height, s.max_height,
-                   f"multiples of {spec.spatial_multiple} up to {s.max_height}"))
-        for name, value, limit, allowed in checks:
-            if value > limit:
-                if name == "frames" and api == "openai":  # OpenAI requests give frames as seconds
-                    name, allowed = "seconds", f"at most {(limit - 1) / spec.fps:g}"
-                raise InvalidRequestError(name, f"{value} is over this server's limit", allowed)
         stored = {k: v for k, v in request.to_dict().items() if k not in ("image", "output")}
         stored["seed"] = settings.seed  # a random seed is drawn once: a re-run after a crash makes the same video
         view = settings.to_dict()
@@ -184,11 +181,26 @@ class Service:
             log.info("job queued", extra={"job_id": job.id, "model": job.model})
         return job, created
 
-    def retry_after(self, depth: int) -> int:
-        means = [m for m in (self.metrics.mean_job_seconds(n) for n in self.workers) if m]
-        per_job = sum(means) / len(means) if means else 5.0
-        engines = sum(len(pool.workers) for pool in self.workers.values())
-        return int(min(3600, max(1, math.ceil(per_job * depth / max(1, engines)))))
+    # Seconds per job assumed for a model none of whose jobs has run yet (and no other model's either).
+    UNMEASURED_JOB_S = 5.0
+
+    def retry_after(self, depth: int | None = None) -> int:
+        """Seconds until the queue has drained, from measured job times: per model, its queued jobs times the
+        mean wall time of its recent jobs (the store's last ``RECENT_JOBS``, started to finished), over its
+        workers that can run them; the models drain side by side, so the slowest sets it. ``depth`` is unused
+        (the store is asked per model), kept for callers that pass the total."""
+        queued = self.store.queued_by_model()
+        means = {m: self.store.mean_recent_seconds(m) for m in self.workers}
+        known = [v for v in means.values() if v]
+        fallback = max(known) if known else self.UNMEASURED_JOB_S
+        drain = 0.0
+        for model, pool in self.workers.items():
+            n = queued.get(model, 0)
+            if not n:
+                continue
+            workers = sum(1 for w in pool.workers if w.status != "failed") or 1
+            drain = max(drain, n * (means[model] or fallback) / workers)
+        return int(min(3600, max(1, math.ceil(drain))))
 
     # -- one job -----------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:

@@ -7,6 +7,7 @@ value stops the server at start-up with the field named, not at the first reques
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -27,7 +28,10 @@ def parse_bytes(text: str | int, name: str = "max_disk") -> int:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
         if not m or m.group(2).lower() not in _SIZE_UNITS:
             raise InvalidRequestError(name, f"not a size: {text!r}", "a number of bytes, or with K, M, G, T (e.g. 50G)")
-        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+        number = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+        if not math.isfinite(number):  # more digits than a float holds
+            raise InvalidRequestError(name, f"not a size: {text!r}", "a number of bytes, or with K, M, G, T (e.g. 50G)")
+        value = int(number)
     if value < 0:
         raise InvalidRequestError(name, f"must be >= 0, got {value}")
     return value
@@ -69,8 +73,27 @@ class ServeSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidRequestError(name, f"must be a positive integer, got {v!r}")
-        if not 0 < self.port < 65536:
-            raise InvalidRequestError("port", f"must be in 1..65535, got {self.port}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise InvalidRequestError("port", f"must be an integer in 1..65535, got {self.port!r}", "1..65535")
+        if not isinstance(self.host, str) or not self.host:
+            raise InvalidRequestError("host", f"must be a host name or address, got {self.host!r}")
+        if isinstance(self.max_disk, bool) or not isinstance(self.max_disk, int) or self.max_disk < 0:
+            raise InvalidRequestError("max_disk", f"must be a number of bytes >= 0, got {self.max_disk!r}",
+                                      "a number of bytes, or with K, M, G, T (e.g. 50G); 0 = no cap")
+        for name in ("auth", "warmup", "debug"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(name, f"must be true or false, got {getattr(self, name)!r}")
+        shapes = self.warmup_shapes
+        if not isinstance(shapes, (list, tuple)) or not all(
+                isinstance(x, (list, tuple)) and len(x) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in x) for x in shapes):
+            raise InvalidRequestError("warmup_shapes", f"must be a list of [width, height, frames] of positive "
+                                                       f"integers, got {shapes!r}"[:300])
+        object.__setattr__(self, "warmup_shapes", tuple(tuple(x) for x in shapes))
+        if isinstance(self.token_file, str):  # from a [serve] table
+            object.__setattr__(self, "token_file", Path(self.token_file).expanduser())
+        if self.token_file is not None and not isinstance(self.token_file, Path):
+            raise InvalidRequestError("token_file", f"must be a file path, got {self.token_file!r}")
 
     @property
     def db_path(self) -> Path:
@@ -83,6 +106,14 @@ class ServeSettings:
     @property
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
+
+    def request_limits(self):
+        """The caps ``resolve_request`` checks with the model's own (a ``RequestLimits``), so its hints never
+        exceed them."""
+        from artifex.engine.request import RequestLimits
+
+        return RequestLimits(max_width=self.max_width, max_height=self.max_height, max_frames=self.max_frames,
+                             max_steps=self.max_steps)
 
     def limits(self) -> dict[str, int]:
         return {"max_steps": self.max_steps, "max_frames": self.max_frames, "max_width": self.max_width,

@@ -238,13 +238,17 @@ function tableRow(cells) {
   return tr;
 }
 
+const JOBS_SHOWN = 15;
+
+// The newest jobs of any state, and how many there are of each (the table shows only the newest).
 async function refreshQueue() {
   let data;
   try {
-    data = await (await api("/api/jobs?limit=15")).json();
+    data = await (await api("/api/jobs?limit=" + JOBS_SHOWN)).json();
   } catch (err) {
     return;
   }
+  $("queue-summary").textContent = jobsSummary(data);
   const body = $("queue").querySelector("tbody");
   body.innerHTML = "";
   for (const job of data.jobs) {
@@ -255,6 +259,14 @@ async function refreshQueue() {
     tr.addEventListener("click", () => watch(job));
     body.appendChild(tr);
   }
+}
+
+function jobsSummary(data) {
+  const counts = data.counts || {};
+  const parts = ["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+    .filter((state) => counts[state]).map((state) => counts[state] + " " + state);
+  const shown = data.jobs.length < data.total ? "the " + data.jobs.length + " newest of " : "";
+  return data.total ? shown + data.total + " jobs: " + parts.join(", ") : "no jobs yet";
 }
 
 function gib(bytes) { return (bytes / 2 ** 30).toFixed(1); }
