@@ -90,6 +90,7 @@ def test_the_guide_benchmark_script_maps_onto_bench_pipeline():
         "bench", "pipeline", "--model", "ti2v-5b", "--steps", "2"]
 
 
+@pytest.mark.slow
 def test_bench_multigpu_runs_every_layout_in_its_own_gloo_world_and_reports(tmp_path, artifex_home):
     """One plain process, the same through the runner (a gloo world of one), CFG-parallel 2 and Ulysses 2 (two gloo
     ranks each), each warmed up and measured; the same latents for every layout (fp32), every collective counted."""
@@ -141,6 +142,7 @@ def test_bench_multigpu_refuses_bad_input_before_starting_ranks(flags, message, 
     assert message in err and "torch.distributed.run" not in err
 
 
+@pytest.mark.slow
 def test_bench_multigpu_ulysses_runs_inside_compiled_blocks(tmp_path, artifex_home):
     """Ulysses' all-to-alls run eagerly inside compiled blocks (the graph breaks around attention), then the
     blocks go back to the whole-graph compile; with --append the earlier one-GPU run stays the reference, its

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import av
+import pytest
 
 from artifex.cli import build_config, build_parser, main
 
@@ -79,6 +80,7 @@ def test_config_precedence(tmp_path, monkeypatch):
         False, True, 3, True, "fp32")
 
 
+@pytest.mark.slow
 def test_demo_runs_as_a_real_command(tmp_path):
     out = tmp_path / "demo.mp4"
     env = {**os.environ, "ARTIFEX_OUTPUT_DIR": str(tmp_path)}

@@ -79,6 +79,7 @@ def test_other_invalid_layouts_are_refused_clearly():
 
 
 # -- real processes ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_cfg_parallel_and_ulysses_match_one_process(tmp_path, artifex_home, image_file):
     ti2v = dict(prompt="a cat walking on the beach", seed=9, steps=3, frames=5, image=str(image_file))
     partial_cfg = {**T2V, "guidance_low": 1.0}  # low-noise expert without CFG: rank 0 computes, broadcasts
@@ -97,6 +98,7 @@ def test_two_processes_cfg_parallel_and_ulysses_match_one_process(tmp_path, arti
     assert [r[0]["attention_shape"][0::2] for r in results] == [[1, 2], [1, 1], [1, 1], [1, 2]]
 
 
+@pytest.mark.slow
 def test_four_processes_cfg2_x_ulysses2_and_ulysses4_match_one_process(tmp_path, artifex_home):
     from artifex.models.registry import MODELS
     from artifex.models.tiny import save_tiny_checkpoint
@@ -121,6 +123,7 @@ def _mp4_frames(path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_vae_decode_and_rank_0_writes_the_one_process_video(tmp_path, artifex_home,
                                                                                    image_file):
     """Every rank decodes a band of each frame (``vae_split``); rank 0's mp4 has the frames of the one-process run,
@@ -155,6 +158,7 @@ def test_two_processes_split_the_vae_decode_and_rank_0_writes_the_one_process_vi
         assert side["parallel"]["split_vae_decode"] is split
 
 
+@pytest.mark.slow
 def test_artifex_launch_runs_torchrun_and_rank_0_alone_writes_a_playable_mp4(tmp_path, artifex_home, tiny_checkpoint):
     tiny_checkpoint("tiny-t2v-moe")  # built once here, not by two ranks at the same time
     out = tmp_path / "out"
@@ -175,6 +179,7 @@ def test_artifex_launch_runs_torchrun_and_rank_0_alone_writes_a_playable_mp4(tmp
     assert side["seed"] == 3
 
 
+@pytest.mark.slow
 def test_launch_refuses_a_bad_layout_before_starting_processes(tmp_path):
     cmd = [sys.executable, "-m", "artifex", "launch", "--ulysses", "3", "--model", "tiny-t2v-moe", "--prompt", "x"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -183,6 +188,7 @@ def test_launch_refuses_a_bad_layout_before_starting_processes(tmp_path):
     assert "(allowed: 1, 2)" in p.stderr and "torch.distributed.run" not in p.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_module_needs_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "artifex.cli.launch", "--model", "tiny-t2v-moe", "--prompt", "x"]
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}

@@ -61,6 +61,7 @@ def test_one_executor_class_and_every_door_drives_one():
         assert name in (SRC / "artifex" / door).read_text(), door
 
 
+@pytest.mark.slow
 def test_a_refused_request_imports_neither_torch_nor_diffusers():
     code = ("import sys\nfrom artifex.cli import main\n"
             "rc = main(['generate', '--model', 'tiny-ti2v', '--prompt', 'x', '--frames', '80'])\n"
@@ -144,6 +145,7 @@ def test_serve_runs_a_model_on_a_layout(tmp_path):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_a_layout_and_ray_together_are_refused(tmp_path):
     p = subprocess.run([sys.executable, "-m", "artifex", "serve", "--model", "tiny-t2v-moe", "--no-auth",
                         "--layout", "2x1", "--ray", "auto", "--data-dir", str(tmp_path)],

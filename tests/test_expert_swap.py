@@ -229,6 +229,7 @@ def test_prefetch_room_for_the_real_shapes():
     assert not prefetch_fits(ests[0], w, 141 * GIB)  # resident: nothing to prefetch
 
 
+@pytest.mark.slow
 def test_the_gpu_check_script_runs_the_swap_tiers_and_finds_them_equal(tmp_path, artifex_home):
     """scripts/check_expert_swap.py (the GPU check of pinned swaps) on the CPU's plain path: every tier's latents
     equal the resident run's, exit status 0, the JSON written."""

@@ -74,6 +74,7 @@ def _wait_for_status(address: str, tries: int = 30) -> None:
     raise TimeoutError(f"ray status never listed the cluster's resources: {r.stdout} {r.stderr}")
 
 
+@pytest.mark.slow
 def test_cluster_status_shows_ray_status_and_the_dashboard(cluster):
     address, dashboard = cluster
     r = artifex("cluster", "status", "--address", address)
@@ -99,6 +100,7 @@ def _wait(predicate, what: str, timeout: float = 120.0):
     raise TimeoutError(what)
 
 
+@pytest.mark.slow
 def test_serve_on_ray_actors_retries_the_job_of_a_killed_actor(cluster, tmp_path):
     address, dashboard = cluster
     srv = Server(tmp_path / "data", ["tiny-t2v-moe"], ["--ray", address, "--ray-workers", "2", "--no-auth",
@@ -163,6 +165,7 @@ def test_serve_on_ray_actors_retries_the_job_of_a_killed_actor(cluster, tmp_path
         srv.stop()
 
 
+@pytest.mark.slow
 def test_executor_ships_inputs_and_outputs_as_for_another_node(cluster, tmp_path, image_file, monkeypatch):
     """ship_outputs=True: the image goes to the actor as bytes, the mp4 and sidecar come back as bytes and the
     server writes them, exactly what happens when the actor runs on another node."""
@@ -227,6 +230,7 @@ def test_bad_ray_input_is_named():
     assert (cpu.gpus_per_worker, cpu.workers) == (0, 1)
 
 
+@pytest.mark.slow
 def test_without_ray_artifex_runs_and_the_ray_commands_say_how_to_install_it(tmp_path, monkeypatch):
     """Ray made unimportable: artifex still imports and starts; --ray and the cluster commands name the extra."""
     code = ("import sys; sys.modules['ray'] = None\n"

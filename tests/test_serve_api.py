@@ -51,6 +51,7 @@ def error_of(r) -> dict:
 
 
 # -- auth --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_token_is_generated_stored_and_required(server):
     token_file = server.data_dir / "api_token"
     assert token_file.exists() and stat.S_IMODE(token_file.stat().st_mode) == 0o600
@@ -71,6 +72,7 @@ def test_token_is_generated_stored_and_required(server):
 
 
 # -- the main path -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_submit_progress_events_and_playable_download_with_ranges(server, tmp_path):
     r = server.post("/api/jobs", json={**FAST, "prompt": "a red kite over a beach", "steps": 60})
     assert r.status_code == 201, r.text
@@ -110,6 +112,7 @@ def test_submit_progress_events_and_playable_download_with_ranges(server, tmp_pa
     assert attach.headers["content-disposition"].startswith("attachment")
 
 
+@pytest.mark.slow
 def test_image_uploads_multipart_and_data_url(server, tmp_path):
     png = png_bytes(160, 96)
     r = server.post("/api/jobs", data={"model": "tiny-i2v-moe", "prompt": "the picture comes alive", "steps": "3",
@@ -130,6 +133,7 @@ def test_image_uploads_multipart_and_data_url(server, tmp_path):
     assert list((server.data_dir / "uploads").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_identical_requests_with_a_seed_return_the_stored_result(server):
     body = {**FAST, "prompt": "a lighthouse in fog", "seed": 1234}
     first = server.post("/api/jobs", json=body)
@@ -150,6 +154,7 @@ def test_identical_requests_with_a_seed_return_the_stored_result(server):
         assert server.wait_job(job_id)["state"] == "succeeded"
 
 
+@pytest.mark.slow
 def test_cancel_queued_and_running_jobs(server):
     slow = server.submit(model="tiny-t2v-moe", prompt="a long one", size="160x96", frames=17, steps=400, shift=1.0)
     queued = server.submit(**FAST, prompt="waits behind it")
@@ -208,6 +213,7 @@ BAD_JSON = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body,status,param,allowed", BAD_JSON, ids=[f"{i}-{c[2]}" for i, c in enumerate(BAD_JSON)])
 def test_bad_json_requests_are_4xx_naming_the_field(server, body, status, param, allowed):
     r = server.post("/api/jobs", json=body)
@@ -219,6 +225,7 @@ def test_bad_json_requests_are_4xx_naming_the_field(server, body, status, param,
         assert allowed in (err["allowed"] or ""), err
 
 
+@pytest.mark.slow
 def test_bad_bodies_uploads_and_ids(server):
     before = server.get("/api/jobs?limit=1").json()["total"]
     cases = [
@@ -265,6 +272,7 @@ def test_bad_bodies_uploads_and_ids(server):
 
 
 # -- the OpenAI Videos API shape -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_openai_videos_api(server, tmp_path):
     r = server.post("/v1/videos", json={"model": "tiny-t2v-moe", "prompt": "a paper boat", "seconds": "0.5",
                                         "size": "128x64", "steps": 3})
@@ -316,6 +324,7 @@ def test_openai_videos_api(server, tmp_path):
 
 
 # -- observability -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_metrics_and_monitor(server):
     server.wait_job(server.submit(**FAST, prompt="for the metrics")["id"])
     r = server.get("/metrics")
@@ -345,6 +354,7 @@ def test_metrics_and_monitor(server):
     assert out.returncode == 1 and "401" in out.stderr
 
 
+@pytest.mark.slow
 def test_openapi_document(server):
     doc = server.get("/openapi.json", auth=False).json()
     paths = doc["paths"]
@@ -358,6 +368,7 @@ def test_openapi_document(server):
     assert "HTTPBearer" in doc["components"]["securitySchemes"]
 
 
+@pytest.mark.slow
 def test_page_and_origin_rules(server):
     r = server.get("/", auth=False)
     assert r.status_code == 200 and "<title>Artifex</title>" in r.text
@@ -386,6 +397,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
+@pytest.mark.slow
 def test_web_page_in_headless_chromium(server, tmp_path):
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":
@@ -452,6 +464,7 @@ def test_web_page_in_headless_chromium(server, tmp_path):
             browser.close()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client warns about OpenAI's own Sora service
 def test_the_openai_python_client_works_unchanged(server, tmp_path):
     """The official ``openai`` package, pointed at this server, creates, polls, downloads, lists, deletes."""

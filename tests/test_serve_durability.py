@@ -11,12 +11,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 from serve_support import REPO, Server, frame_count
 
 FAST = {"model": "tiny-t2v-moe", "size": "128x64", "frames": 9, "steps": 3}
 
 
+@pytest.mark.slow
 def test_kill_9_mid_job_then_restart_loses_nothing(tmp_path, artifex_home):
     token = "test-token-" + "k" * 32
     srv = Server(tmp_path / "data", ["tiny-t2v-moe"], ["--max-steps", "1000", "--no-warmup"],
@@ -66,6 +68,7 @@ def test_kill_9_mid_job_then_restart_loses_nothing(tmp_path, artifex_home):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_200_concurrent_submissions_queue_bound_and_disk_cap(tmp_path, artifex_home):
     """Through the launch script: the queue never holds more than --max-queue, every 429 carries
     Retry-After, every accepted job finishes, and the disk cap evicts the oldest videos first."""
@@ -147,6 +150,7 @@ def test_200_concurrent_submissions_queue_bound_and_disk_cap(tmp_path, artifex_h
         srv.stop()
 
 
+@pytest.mark.slow
 def test_no_auth_is_refused_off_loopback_and_bad_settings_fail_fast(tmp_path):
     cases = [
         (["--host", "0.0.0.0", "--no-auth"], "no_auth: --no-auth is only allowed on a loopback address"),

@@ -10,6 +10,7 @@ and 2 or 3 ranks with bands of unequal height.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from distributed_support import run_vae_cases, tiny_vae_and_latents
 
@@ -54,6 +55,7 @@ def check(chunks_per_rank: list[list], ref: torch.Tensor) -> float:
     return err
 
 
+@pytest.mark.slow
 def test_split_decode_on_two_and_three_ranks_equals_one_process_for_both_vae_kinds(tmp_path):
     two = [dict(model="tiny-t2v-moe", rows=7, cols=5),  # bands of 4 and 3 latent rows
            dict(model="tiny-ti2v", rows=7, cols=5),  # the Wan2.2 VAE: residual up blocks, patchified output

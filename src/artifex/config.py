@@ -197,8 +197,10 @@ class OptimizationConfig:
                     raise InvalidRequestError(f.name, f"must be a finite number, got {value!r}")
         for name, lo, hi in _INT_RANGES:
             value = getattr(self, name)
-            if not lo <= value <= hi:
-                raise InvalidRequestError(name, f"must be >= {lo} and at most {hi}, got {value}", f"{lo}..{hi}")
+            if value < lo:
+                raise InvalidRequestError(name, f"must be >= {lo}, got {value}", f"{lo}..{hi}")
+            if value > hi:
+                raise InvalidRequestError(name, f"must be at most {hi}, got {value}", f"{lo}..{hi}")
         if self.vae_tile_size and (self.vae_tile_size < 64 or self.vae_tile_size % 32):
             raise InvalidRequestError("vae_tile_size", f"must be 0 (default tiles) or a multiple of 32 that is at "
                                       f"least 64, got {self.vae_tile_size}", "0, 64, 96, 128, ... (pixels)")
