@@ -1,10 +1,11 @@
 """Parallel layouts over torch.distributed: CFG-parallel, Ulysses sequence-parallel, their product.
 
 ``layout`` checks a layout (pure), ``groups`` joins the world and builds its process groups,
-``cfg`` and ``ulysses`` are the two mechanisms, ``runner.parallelize`` applies them to an
-``Engine`` from outside, ``launch`` is the torchrun entry point, ``split`` the two-device
-memory split of one process. ``cluster`` wraps Ray's own start/status/stop and ``ray_pool`` runs
-served engines as Ray actors (both import Ray only when used).
+``cfg``, ``ulysses`` and ``vae_split`` are the mechanisms, ``executor.DistributedExecutor`` is
+one rank's executor (it gives the engine the layout's ``EngineLayout``), ``world.WorldExecutor``
+starts a layout's ranks and drives them from one process (``artifex serve --layout``). The
+torchrun entry point is the CLI's (``artifex.cli.launch``); one process over two devices is
+``artifex.multidevice``; Ray is ``artifex.ray``.
 """
 
 from artifex.distributed.layout import ParallelLayout, divisors, layouts_for

@@ -1,7 +1,13 @@
 """Fused and low-precision kernels, each one module: the kernel's thin API, its plain twin, a decision.
 
-- ``qk_norm_rope``: RMS norm of q and k over all heads plus Wan's rotary embedding, one launch.
-- ``fp8``: an e4m3 linear (``Fp8Linear``, ``quantize_linears``) over ``torch._scaled_mm``.
+- ``qk_norm_rope``: RMS norm of q and k over all heads plus Wan's rotary embedding, one launch (and in e4m3).
+- ``ada_norm``: the blocks' adaptive LayerNorms (norm, shift and scale, a gated residual folded in), one pass.
+- ``rms_silu``: the VAE's RMS norm + SiLU, one pass.
+- ``fp8``: an e4m3 linear (``Fp8Linear``, ``quantize_linears``) over ``torch._scaled_mm``, with a one-pass row
+  quantization kernel.
+- ``fp8_attention``: q/k/v to e4m3 at per-head scales for FlashAttention-3's fp8 kernel, and its twin.
+- ``linear_gelu``: the feed-forward's first linear with GELU in cuBLASLt's epilogue.
+- ``triton_util``: Triton (optional), the GPU queries and the run-or-twin decision every Triton kernel here makes.
 
 The attention kernels (fp8 FlashAttention-3 included) live in ``artifex.attention.backends``.
 Nothing here is wired into a model: the engine applies these from outside.

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from artifex.kernels import FP8, FP8_MAX, Decision
-from artifex.kernels.qk_norm_rope import triton, triton_decision
+from artifex.kernels.triton_util import triton, triton_decision
 
 if triton is not None:
     import triton.language as tl

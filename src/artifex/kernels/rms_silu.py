@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from artifex.kernels import Decision
-from artifex.kernels.qk_norm_rope import triton, triton_decision
+from artifex.kernels.triton_util import triton, triton_decision
 
 if triton is not None:
     import triton.language as tl
