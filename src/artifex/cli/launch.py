@@ -22,7 +22,14 @@ import os
 import subprocess
 import sys
 
-from artifex.cli.common import add_generate_flags, build_config, progress_printer, report, request_from_args
+from artifex.cli.common import (
+    add_generate_flags,
+    build_config,
+    progress_printer,
+    report,
+    request_from_args,
+    single_files,
+)
 from artifex.errors import ArtifexError, InvalidRequestError
 
 
@@ -114,8 +121,7 @@ def run_rank(args: argparse.Namespace) -> int:
     executor = DistributedExecutor(layout, backend, split_vae_decode=args.split_vae_decode)
     try:
         executor.load(args.model, checkpoint=args.checkpoint, config=build_config(args, args.preset),
-                      single_files={"transformer": args.transformer_file, "transformer_2": args.transformer_2_file,
-                                    "vae": args.vae_file})
+                      single_files=single_files(args))
         lead = executor.rank == 0
         if lead:
             decode = "every rank decodes" if executor.split_vae_decode else "rank 0 decodes"

@@ -43,13 +43,14 @@ log = logging.getLogger("artifex")
 def layout_on(engine: Engine, groups: ParallelGroups, timer: CommTimer | None = None,
               split_vae_decode: bool = True) -> tuple[EngineLayout, UlyssesHooks | None]:
     """The ``EngineLayout`` of this rank's part in ``groups.layout`` (and the Ulysses hooks it installed on the
-    experts, to remove later). ``timer``: time every collective (benchmarks)."""
+    experts, to remove later). ``split_vae_decode``: every rank decodes a band (a world of one decodes alone).
+    ``timer``: time every collective (benchmarks)."""
     layout = groups.layout
-    split = split_vae_decode and layout.world_size > 1
+    split_vae_decode = split_vae_decode and layout.world_size > 1
     fields: dict = {"writes_output": groups.writes_output, "oom_step_down": False,
                     "sidecar": {"parallel": {**layout.to_dict(), "backend": dist.get_backend(),
-                                             "writer_rank": groups.rank, "split_vae_decode": split}}}
-    if split:  # not timed: in decode_s
+                                             "writer_rank": groups.rank, "split_vae_decode": split_vae_decode}}}
+    if split_vae_decode:  # not timed: in decode_s
         fields.update(decode_stream=SplitDecode(groups.layout_group, groups.layout_ranks), joins_decode=True)
     ulysses = None
     if layout.ulysses > 1:

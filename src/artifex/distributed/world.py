@@ -44,6 +44,23 @@ def parse_layout(text: str) -> ParallelLayout:
     return ParallelLayout(cfg, ulysses)
 
 
+def check_layout(layout: ParallelLayout, models: list[str], backend: str) -> str:
+    """Refuse ``layout`` for any of ``models`` on this machine's GPUs (under NCCL) before a rank starts; returns
+    the backend the ranks will use."""
+    from artifex.distributed.groups import pick_backend
+    from artifex.models.registry import get_model
+
+    backend = pick_backend(backend)
+    devices = None
+    if backend == "nccl":
+        import torch
+
+        devices = torch.cuda.device_count()
+    for m in models:
+        layout.check(get_model(m), world_size=layout.world_size, devices=devices)
+    return backend
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -120,17 +137,8 @@ class WorldExecutor(Executor):
         self.identity.update(layout=layout.describe(), world_size=layout.world_size)
 
     def load(self, model, checkpoint=None, config=None, single_files=None) -> float:
-        from artifex.distributed.groups import pick_backend
-        from artifex.models.registry import get_model
-
         t0 = time.perf_counter()
-        backend = pick_backend(self.backend)
-        devices = None
-        if backend == "nccl":
-            import torch
-
-            devices = torch.cuda.device_count()
-        self.layout.check(get_model(model), world_size=self.layout.world_size, devices=devices)
+        backend = check_layout(self.layout, [model], self.backend)
         self.close()
         self.model = model
         ctx = mp.get_context("spawn")
@@ -246,17 +254,7 @@ class WorldPool(ExecutorPool):
         self.layout, self.backend = layout, backend
 
     def start(self, models: list[str]) -> None:
-        from artifex.distributed.groups import pick_backend
-        from artifex.models.registry import get_model
-
-        backend = pick_backend(self.backend)
-        devices = None
-        if backend == "nccl":
-            import torch
-
-            devices = torch.cuda.device_count()
-        for m in models:
-            self.layout.check(get_model(m), world_size=self.layout.world_size, devices=devices)
+        check_layout(self.layout, models, self.backend)
 
     def executors(self, model: str) -> list[Executor]:
         return [WorldExecutor(self.layout, self.backend)]
