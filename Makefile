@@ -6,6 +6,7 @@ VENV   := .venv
 # PyPI brings the CUDA build (or install your own torch 2.11-2.13 first and use TORCH=).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+DIFFSYNTH := 2.1.12
 
 .PHONY: demo test lint clean
 
@@ -14,6 +15,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q "$(TORCH)"
 	$(VENV)/bin/python -m pip install -q -c requirements.lock -e ".[test]"
+	# DiffSynth-Studio's Wan model files: the tests' independent reference for S2V and the official layout
+	# (tests/diffsynth_ref.py). Without its dependencies: its package imports torchvision, which we do not use.
+	$(VENV)/bin/python -m pip install -q --no-deps "diffsynth==$(DIFFSYNTH)"
 	touch $@
 
 demo: $(STAMP)
