@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from artifex.errors import InvalidRequestError
-from artifex.models.registry import ModelSpec
+from artifex.models.registry import MODELS, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -21,8 +21,22 @@ class Preset:
     size: str  # "smallest" or "largest" trained size of the wanted orientation
     frames: str  # "short" (about a third of the default length) or "default"
     optimizations: dict = field(default_factory=dict)
+    few_step: bool = False  # turbo: the sampling defaults of the model's distilled profile
+
+    def sampling(self, spec: ModelSpec) -> ModelSpec:
+        """The spec whose sampling defaults (steps, sampler, schedule, guidance, shift, expert switch) this preset
+        runs: the model's few-step profile for ``turbo``, else the model itself."""
+        if not self.few_step or spec.base is not None:
+            return spec
+        if spec.few_step is None:
+            with_one = [n for n, s in MODELS.items() if s.few_step and s.tiny == spec.tiny]
+            raise InvalidRequestError("preset", f"{self.name}: {spec.name} has no few-step (distilled) schedule",
+                                      f"models that have one: {', '.join(with_one)}")
+        return MODELS[spec.few_step]
 
     def steps(self, spec: ModelSpec) -> int:
+        if self.few_step or spec.timesteps is not None:  # a distilled schedule is run as published
+            return self.sampling(spec).steps
         return max(4, round(spec.steps * self.steps_scale))
 
     def num_frames(self, spec: ModelSpec) -> int:
@@ -42,6 +56,9 @@ PRESETS: dict[str, Preset] = {
                "largest", "default", {"use_torch_compile": True}),
         Preset("cinema", "25% more steps than official at the largest size, compiled blocks", 1.25,
                "largest", "default", {"use_torch_compile": True}),
+        Preset("turbo", "the model's distilled few-step schedule (FastWan 3-step DMD, Lightning 4-step Euler), no "
+               "CFG, largest size; needs distilled weights (see `artifex models`)", 1.0, "largest", "default",
+               few_step=True),
     ]
 }
 

@@ -100,16 +100,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({n: s.summary() for n, s in MODELS.items()}, indent=2))
         return 0
-    rows = [("model", "task", "experts", "steps", "shift", "guidance", "boundary", "fps", "frames", "sizes (WxH)",
-             "checkpoint")]
+    rows = [("model", "task", "experts", "steps", "sampler", "shift", "guidance", "boundary", "fps", "frames",
+             "sizes (WxH)", "checkpoint")]
     for s in MODELS.values():
+        switch = f", switch at step {s.switch_step}" if s.switch_step is not None else ""
         rows.append((
-            s.name, s.task + ("" if s.runnable else " (spec only)"), str(s.experts), str(s.steps), f"{s.shift:g}",
-            "/".join(f"{g:g}" for g in s.guidance), f"{s.boundary:g}" if s.boundary else "-", str(s.fps),
-            str(s.frames), " ".join(f"{w}x{h}" for w, h in s.sizes),
+            s.name, s.task + ("" if s.runnable else " (spec only)"), str(s.experts), str(s.steps), s.sampler + switch,
+            f"{s.shift:g}", "/".join(f"{g:g}" for g in s.guidance), f"{s.boundary:g}" if s.boundary else "-",
+            str(s.fps), str(s.frames), " ".join(f"{w}x{h}" for w, h in s.sizes),
             s.hub_id or ("built-in tiny" if s.tiny else "-"),
         ))
     table(rows)
+    print("\ndistilled profiles (their base's architecture; `--preset turbo` on the base runs the same schedule):")
+    for s in MODELS.values():
+        if s.base and not s.tiny:
+            print(f"  {s.name}: timesteps {', '.join(f'{t:g}' for t in s.timesteps or ())}; needs {s.weights}")
     return 0
 
 
@@ -118,10 +123,15 @@ def cmd_presets(args: argparse.Namespace) -> int:
     rows = [("model", "preset", "steps", "size", "frames", "guidance", "optimizations", "description")]
     for spec in specs:
         for p in PRESETS.values():
+            try:
+                sampling = p.sampling(spec)
+            except InvalidRequestError:  # turbo on a model without a few-step schedule
+                continue
             w, h = pick_size(spec, p.size)
             opts = ", ".join(f"{k}={v}" for k, v in p.optimizations.items()) or "-"
-            rows.append((spec.name, p.name, str(p.steps(spec)), f"{w}x{h}", str(p.num_frames(spec)),
-                         "/".join(f"{g:g}" for g in spec.guidance), opts, p.description))
+            steps = f"{p.steps(spec)} {sampling.sampler}"
+            rows.append((spec.name, p.name, steps, f"{w}x{h}", str(p.num_frames(spec)),
+                         "/".join(f"{g:g}" for g in sampling.guidance), opts, p.description))
     table(rows)
     return 0
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from artifex.engine.schedules import FASTWAN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, SAMPLERS
+from artifex.models.schedules import FASTWAN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, SAMPLERS
 from artifex.errors import InvalidRequestError, NotSupportedYetError
 from artifex.models.registry import ModelSpec, get_model
 from artifex.presets import Preset, get_preset, pick_size
@@ -282,7 +282,8 @@ def resolve_request(req: GenerationRequest, limits: RequestLimits | None = None,
         preset.num_frames(spec) if preset else spec.frames)
     check_frames(spec, frames, limits)
 
-    sampler = req.sampler if req.sampler is not None else "unipc"
+    d = preset.sampling(spec) if preset else spec  # whose sampling defaults: turbo runs the few-step profile's
+    sampler = req.sampler if req.sampler is not None else d.sampler
     if sampler not in SAMPLERS:
         raise InvalidRequestError("sampler", f"unknown sampler {sampler!r}", SAMPLERS)
     if req.timesteps is not None and req.sigmas is not None:
@@ -293,9 +294,13 @@ def resolve_request(req: GenerationRequest, limits: RequestLimits | None = None,
     if schedule is not None and sampler == "unipc":
         raise InvalidRequestError(schedule_field, "the unipc sampler takes no explicit schedule; choose a sampler "
                                                   "that does with the sampler field", ["euler", "dmd"])
-    if sampler == "dmd" and schedule is None and req.shift is None and req.steps in (None, len(FASTWAN_TIMESTEPS)):
-        timesteps = schedule = list(FASTWAN_TIMESTEPS)  # FastWan's published DMD schedule (not shifted)
-        schedule_field = "timesteps"
+    if schedule is None and req.shift is None:
+        if d.timesteps is not None and sampler == d.sampler and req.steps in (None, len(d.timesteps)):
+            timesteps = schedule = list(d.timesteps)  # a distilled profile's published schedule (not shifted)
+        elif sampler == "dmd" and req.steps in (None, len(FASTWAN_TIMESTEPS)):
+            timesteps = schedule = list(FASTWAN_TIMESTEPS)  # FastWan's published DMD schedule (not shifted)
+        if schedule is not None:
+            schedule_field = "timesteps"
 
     top = min(MAX_STEPS, limits.max_steps) if limits and limits.max_steps else MAX_STEPS
     if req.steps is not None:
@@ -314,7 +319,7 @@ def resolve_request(req: GenerationRequest, limits: RequestLimits | None = None,
 
     g_lo, g_hi = GUIDANCE_RANGE
     g_allowed = f"{g_lo:g} to {g_hi:g} (1 or less turns classifier-free guidance off)"
-    guidance = list(spec.guidance)
+    guidance = list(d.guidance)
     if req.guidance is not None:
         guidance[0] = _num("guidance", req.guidance, g_allowed)
         if spec.experts == 1:
@@ -340,7 +345,7 @@ def resolve_request(req: GenerationRequest, limits: RequestLimits | None = None,
     elif checkpoint_shift is not None:
         shift, shift_source = float(checkpoint_shift), "checkpoint"
     else:
-        shift, shift_source = spec.shift, "model default"
+        shift, shift_source = d.shift, "model default"
     if not math.isfinite(shift) or shift <= 0:
         raise InvalidRequestError("shift", f"must be > 0, got {shift:g}", s_allowed)
     if not s_lo <= shift <= s_hi:
@@ -351,6 +356,9 @@ def resolve_request(req: GenerationRequest, limits: RequestLimits | None = None,
                                            f"UniPC solver cannot step through", f"at most {limit} at this shift")
 
     switch_step = None
+    if req.switch_step is None and d.switch_step is not None and schedule is not None and \
+            list(schedule) == list(d.timesteps or ()):
+        switch_step = d.switch_step  # the profile's expert switch by step index, with its schedule
     if req.switch_step is not None:
         switch_step = _int("switch_step", req.switch_step)
         if spec.experts < 2:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from artifex.engine.schedules import FASTWAN_TIMESTEPS, LIGHTNING_TIMESTEPS, NUM_TRAIN_TIMESTEPS, SAMPLERS  # noqa: F401
+from artifex.models.schedules import FASTWAN_TIMESTEPS, LIGHTNING_TIMESTEPS, NUM_TRAIN_TIMESTEPS, SAMPLERS  # noqa: F401
 
 # The DMD re-noising generator's seed: request seed + this (request seeds are below 2**32, so the stream is never
 # the starting noise of any request).

@@ -61,7 +61,7 @@ def resolve_checkpoint(spec: ModelSpec, source: str | None, cache_dir: Path) -> 
         if spec.tiny:
             from artifex.models.tiny import ensure_tiny_checkpoint
 
-            return ensure_tiny_checkpoint(spec, cache_dir)
+            return ensure_tiny_checkpoint(MODELS[spec.architecture], cache_dir)  # a profile: its base's
         if spec.hub_id is None:
             raise CheckpointError(spec.name, "no published diffusers checkpoint; pass --checkpoint DIR")
         source = spec.hub_id
@@ -151,7 +151,7 @@ def _which_model(spec: ModelSpec, index: dict, cfg: dict) -> str:
     names = []
     for other in MODELS.values():
         want = other.transformer.diffusers_config()
-        if other.name != spec.name and other.pipeline_class == index.get("_class_name") \
+        if other.name != spec.name and other.base is None and other.pipeline_class == index.get("_class_name") \
                 and other.experts == experts and all(cfg.get(k) == want[k] for k in _ARCH_KEYS):
             names.append(other.name)
     if names:

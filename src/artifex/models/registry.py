@@ -7,8 +7,9 @@ nothing about how to run it fast on a given machine; that is the plan's job.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from artifex.models.schedules import FASTWAN_TIMESTEPS, LIGHTNING_TIMESTEPS
 from artifex.errors import InvalidRequestError
 
 
@@ -84,12 +85,28 @@ class ModelSpec:
     runnable: bool = True  # False: spec only, no pipeline yet (S2V)
     tiny: bool = False
     extra: dict = field(default_factory=dict)
+    # Sampling defaults beyond steps/shift/guidance: the sampler (artifex.engine.samplers), its explicit
+    # schedule (timesteps as the model sees them), and the A14B expert switch by step index.
+    sampler: str = "unipc"
+    timesteps: tuple[float, ...] | None = None
+    switch_step: int | None = None
+    # A distilled profile runs the weights of ``base`` (same architecture, VAE, text encoder and tiny twin) with
+    # its own defaults; ``weights`` says which weights it needs. ``few_step`` names the profile whose schedule
+    # ``--preset turbo`` applies to this model.
+    base: str | None = None
+    weights: str = ""
+    few_step: str | None = None
 
     # -- derived facts ----------------------------------------------------------------
     @property
     def spatial_multiple(self) -> int:
         """Width and height must be multiples of this (VAE stride x patch size)."""
         return self.vae.spatial_stride * self.transformer.patch[1]
+
+    @property
+    def architecture(self) -> str:
+        """The variant whose checkpoints this one loads: itself, or a distilled profile's base."""
+        return self.base or self.name
 
     @property
     def pipeline_class(self) -> str:
@@ -208,6 +225,41 @@ _REAL = [
     ),
 ]
 
+
+def distilled(base: ModelSpec, name: str, description: str, *, sampler: str, timesteps: tuple[float, ...],
+              hub_id: str | None, weights: str, switch_step: int | None = None, shift: float | None = None,
+              tiny: bool | None = None) -> ModelSpec:
+    """A distilled few-step profile of ``base``: its architecture and checkpoint layout, guidance 1 (one pass per
+    step, no unconditional pass), the published schedule and expert switch."""
+    return replace(base, name=name, description=description, steps=len(timesteps), sampler=sampler,
+                   timesteps=timesteps, switch_step=switch_step, shift=base.shift if shift is None else shift,
+                   guidance=(1.0,) * len(base.guidance), hub_id=hub_id, base=base.name, weights=weights,
+                   few_step=None, tiny=base.tiny if tiny is None else tiny)
+
+
+_LIGHTNING_LORA = ("the base checkpoint + a Lightning 4-step LoRA per expert (--lora high=FILE --lora low=FILE; "
+                   "lightx2v/Wan2.2-Lightning), or merged weights (--transformer-file/--transformer-2-file, or a merged "
+                   "checkpoint directory)")
+
+
+def _profiles(specs: dict[str, ModelSpec], prefix: str = "", tiny: bool = False) -> list[ModelSpec]:
+    """The distilled profiles of the real models (``prefix`` "tiny-": of their tiny twins, for tests)."""
+    ti2v, t2v, i2v = (specs[prefix + n] for n in (("ti2v", "t2v-moe", "i2v-moe") if tiny else
+                                                   ("ti2v-5b", "t2v-a14b", "i2v-a14b")))
+    return [
+        distilled(ti2v, f"{ti2v.name}-fastwan", "FastWan2.2-TI2V-5B: the DMD-distilled TI2V-5B, 3 steps, no CFG",
+                  sampler="dmd", timesteps=FASTWAN_TIMESTEPS,
+                  hub_id=None if tiny else "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers",
+                  weights="the FastWan2.2-TI2V-5B-FullAttn-Diffusers checkpoint (diffusers layout)"),
+        distilled(t2v, f"{t2v.name}-lightning", "Wan2.2-Lightning T2V-A14B: 4 Euler steps at shift 5, no CFG, two "
+                  "steps per expert", sampler="euler", timesteps=LIGHTNING_TIMESTEPS, switch_step=2, shift=5.0,
+                  hub_id=t2v.hub_id, weights=_LIGHTNING_LORA),
+        distilled(i2v, f"{i2v.name}-lightning", "Wan2.2-Lightning I2V-A14B: 4 Euler steps at shift 5, no CFG, two "
+                  "steps per expert", sampler="euler", timesteps=LIGHTNING_TIMESTEPS, switch_step=2, shift=5.0,
+                  hub_id=i2v.hub_id, weights=_LIGHTNING_LORA),
+    ]
+
+
 # Tiny twins: the same classes and wiring at toy sizes, random deterministic weights,
 # fast on a CPU. Used by the demo and the tests; built by artifex.models.tiny.
 _TINY_T = dict(dim=64, heads=2, layers=2, ffn=128, text_dim=32, freq_dim=32)
@@ -268,7 +320,11 @@ _TINY = [
     ),
 ]
 
-MODELS: dict[str, ModelSpec] = {m.name: m for m in _REAL + _TINY}
+_BASES = {m.name: m for m in _REAL + _TINY}
+_PROFILES = _profiles(_BASES) + _profiles(_BASES, "tiny-", tiny=True)
+# Each base names its few-step profile (the schedule ``--preset turbo`` applies).
+_BASES.update({p.base: replace(_BASES[p.base], few_step=p.name) for p in _PROFILES})
+MODELS: dict[str, ModelSpec] = {**_BASES, **{p.name: p for p in _PROFILES}}
 
 
 def get_model(name: str) -> ModelSpec:
