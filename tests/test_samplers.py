@@ -22,6 +22,7 @@ from artifex.engine.samplers import (
 )
 from artifex.errors import InvalidRequestError
 from artifex.models.registry import get_model
+from artifex.presets import get_preset
 
 
 def resolve(**kw):
@@ -245,3 +246,48 @@ def test_shift_source_without_a_checkpoint_value():
     assert resolve().shift_source == "model default" and resolve().shift == 12.0
     assert resolve_request(GenerationRequest(model="tiny-t2v-moe", prompt="x"), checkpoint_shift=3.0)[1].shift == 3.0
     assert resolve(shift=4.0).shift_source == "request"
+
+
+# -- distilled profiles and the turbo preset ----------------------------------------------------
+@pytest.mark.parametrize("model, sampler, timesteps, guidance, switch", [
+    ("ti2v-5b-fastwan", "dmd", FASTWAN_TIMESTEPS, (1.0,), None),
+    ("t2v-a14b-lightning", "euler", LIGHTNING_TIMESTEPS, (1.0, 1.0), 2),
+    ("i2v-a14b-lightning", "euler", LIGHTNING_TIMESTEPS, (1.0, 1.0), 2),
+])
+def test_distilled_profiles_carry_the_published_schedules(model, sampler, timesteps, guidance, switch):
+    spec = get_model(model)
+    base = get_model(spec.base)
+    assert spec.transformer == base.transformer and spec.vae == base.vae and spec.architecture == base.name
+    assert (spec.sampler, spec.timesteps, spec.guidance, spec.switch_step) == (sampler, timesteps, guidance, switch)
+    assert base.few_step == model and spec.weights
+    if spec.image == "required":
+        return  # resolving needs an image file; the tiny twins below cover the request path
+    s = resolve(model=model)
+    assert (s.sampler, tuple(s.timesteps), s.guidance, s.steps, s.switch_step) == (
+        sampler, timesteps, guidance, len(timesteps), switch)
+
+
+def test_turbo_on_a_base_model_runs_its_profiles_schedule():
+    for base in ("tiny-ti2v", "tiny-t2v-moe", "ti2v-5b", "t2v-a14b"):
+        profile = get_model(get_model(base).few_step)
+        turbo, own = resolve(model=base, preset="turbo"), resolve(model=profile.name)
+        for field in ("sampler", "timesteps", "guidance", "steps", "shift", "switch_step", "width", "height"):
+            assert getattr(turbo, field) == getattr(own, field), (base, field)
+    # a request's own fields still win over the preset; a changed schedule drops the profile's switch step
+    s = resolve(model="tiny-t2v-moe", preset="turbo", guidance=3.0, timesteps=[1000, 800, 400])
+    assert s.guidance == (3.0, 1.0) and s.steps == 3 and s.switch_step is None
+    with pytest.raises(InvalidRequestError, match=r"preset: turbo: s2v-14b has no few-step"):
+        get_preset("turbo").sampling(get_model("s2v-14b"))
+
+
+def test_a_lightning_profile_runs_one_pass_per_step_and_switches_by_index(engine, tmp_path):
+    eng = engine("tiny-t2v-moe-lightning")
+    calls, handles = _count_calls(eng)
+    try:
+        r = generate(eng, tmp_path)
+    finally:
+        for h in handles:
+            h.remove()
+    assert r.settings.steps == 4 and calls == [0, 0, 1, 1] and r.switch_step == 2
+    side = json.loads(r.sidecar_path.read_text())
+    assert side["settings"]["sampler"] == "euler" and side["settings"]["timesteps"] == list(LIGHTNING_TIMESTEPS)

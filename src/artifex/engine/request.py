@@ -20,9 +20,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from artifex.models.schedules import FASTWAN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, SAMPLERS
 from artifex.errors import InvalidRequestError, NotSupportedYetError
 from artifex.models.registry import ModelSpec, get_model
+from artifex.models.schedules import FASTWAN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, SAMPLERS
 from artifex.presets import Preset, get_preset, pick_size
 
 # RoPE tables of the Wan DiT cover 1024 positions per axis (rope_max_seq_len).

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from artifex.models.schedules import FASTWAN_TIMESTEPS, LIGHTNING_TIMESTEPS
 from artifex.errors import InvalidRequestError
+from artifex.models.schedules import FASTWAN_TIMESTEPS, LIGHTNING_TIMESTEPS
 
 
 @dataclass(frozen=True)
@@ -238,8 +238,8 @@ def distilled(base: ModelSpec, name: str, description: str, *, sampler: str, tim
 
 
 _LIGHTNING_LORA = ("the base checkpoint + a Lightning 4-step LoRA per expert (--lora high=FILE --lora low=FILE; "
-                   "lightx2v/Wan2.2-Lightning), or merged weights (--transformer-file/--transformer-2-file, or a merged "
-                   "checkpoint directory)")
+                   "lightx2v/Wan2.2-Lightning), or merged weights (--transformer-file/--transformer-2-file, or a "
+                   "merged checkpoint directory)")
 
 
 def _profiles(specs: dict[str, ModelSpec], prefix: str = "", tiny: bool = False) -> list[ModelSpec]:
