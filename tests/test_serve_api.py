@@ -460,6 +460,20 @@ def test_web_page_in_headless_chromium(server, tmp_path):
             assert all(server.token not in u for u in requests_seen)
             job = json.loads(server.get(f"/api/jobs/{job_id}").text)
             assert job["settings"]["preset"] == "draft" and job["settings"]["steps"] == 150
+
+            # few-step: the turbo preset with the page's sampler fields, on a two-expert model
+            page.select_option("#model", "tiny-t2v-moe")
+            expect(page.locator("#guidance-low-label")).to_be_visible()
+            page.select_option("#preset", "turbo")
+            page.fill("#steps", "")
+            page.select_option("#size", "128x64")
+            page.fill("#timesteps", "1000, 800, 500")
+            page.select_option("#sampler", "euler")
+            page.click("#submit")
+            expect(page.locator("#job-state")).to_have_text("succeeded", timeout=90000)
+            turbo = json.loads(server.get(f"/api/jobs/{page.locator('#result-video').get_attribute('data-job')}").text)
+            assert turbo["settings"]["sampler"] == "euler" and turbo["settings"]["timesteps"] == [1000, 800, 500]
+            assert turbo["settings"]["guidance"] == [1.0, 1.0] and turbo["settings"]["steps"] == 3
         finally:
             browser.close()
 

@@ -35,6 +35,13 @@ def _checkpoint(text: str) -> tuple[str, str]:
     return name.strip().lower(), path
 
 
+def _lora_set(text: str) -> tuple[str, str]:
+    name, sep, specs = text.partition("=")
+    if not sep or not name.strip() or not specs.strip():
+        raise argparse.ArgumentTypeError(f"--lora-set must look like NAME=[high=|low=]FILE[:SCALE][,...], got {text!r}")
+    return name.strip().lower(), specs
+
+
 def _shape(text: str) -> tuple[int, int, int]:
     try:
         w, h, f = (int(x) for x in text.lower().split("x"))
@@ -53,6 +60,10 @@ def add_commands(sub) -> None:
                    help="a model to serve (repeatable); tiny ones (tiny-ti2v, ...) run on a CPU")
     s.add_argument("--checkpoint", action="append", type=_checkpoint, default=[], metavar="MODEL=PATH",
                    help="checkpoint directory or hub id of a model (repeatable; default: the model's own)")
+    s.add_argument("--lora-set", action="append", type=_lora_set, default=[], metavar="NAME=SPECS",
+                   help="a LoRA set requests may name (\"lora\": NAME), e.g. lightning=high=h.safetensors,"
+                        "low=l.safetensors (repeatable; [serve.loras] in --config too); switching sets reloads the "
+                        "engine with them fused (the time is in the job's timings as lora_switch)")
     s.add_argument("--host", help="address to bind (default: 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default: 8000)")
     s.add_argument("--data-dir", type=Path, help="jobs database, outputs, uploads, token "
@@ -132,6 +143,8 @@ def build_serve_config(args: argparse.Namespace):
         overrides["max_upload_bytes"] = int(args.max_upload_mb * 2**20)
     if args.warmup_shape:
         overrides["warmup_shapes"] = tuple(args.warmup_shape)
+    if args.lora_set:
+        overrides["loras"] = {**settings.loras, **dict(args.lora_set)}
     if args.no_warmup:
         overrides["warmup"] = False
     if args.debug:

@@ -203,15 +203,25 @@ def create_app(service: Service) -> FastAPI:
             spec = get_model(name)
             presets = {}
             for p in PRESETS.values():
+                try:
+                    sampling = p.sampling(spec)
+                except InvalidRequestError:  # turbo on a model without a few-step schedule
+                    continue
                 pw, ph = pick_size(spec, p.size)
                 presets[p.name] = {"steps": p.steps(spec), "width": pw, "height": ph, "frames": p.num_frames(spec),
+                                   "sampler": sampling.sampler, "guidance": list(sampling.guidance),
                                    "description": p.description}
             dw, dh = pick_size(spec, "largest")
             out.append({"name": name, "status": w.status, "error": w.error, "task": spec.task, "image": spec.image,
                         "description": spec.description, "fps": spec.fps, "spatial_multiple": spec.spatial_multiple,
-                        "sizes": [f"{a}x{b}" for a, b in spec.sizes],
-                        "defaults": {"steps": spec.steps, "frames": spec.frames, "width": dw, "height": dh},
-                        "presets": presets})
+                        "sizes": [f"{a}x{b}" for a, b in spec.sizes], "base": spec.base, "weights": spec.weights,
+                        "defaults": {"steps": spec.steps, "frames": spec.frames, "width": dw, "height": dh,
+                                     "sampler": spec.sampler, "timesteps": list(spec.timesteps or []) or None,
+                                     "guidance": list(spec.guidance), "switch_step": spec.switch_step},
+                        "presets": presets,
+                        "loras": ["default", *settings.loras],  # names only: the files are the server's
+                        "lora_sets_loaded": [x.lora_set for x in w.workers],
+                        "lora_switch_s": [x.lora_switch_s for x in w.workers]})
         return {"models": out, "limits": settings.limits()}
 
     # -- submission helpers ------------------------------------------------------------------

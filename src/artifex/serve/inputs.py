@@ -46,13 +46,13 @@ _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_
 NATIVE_FIELDS: dict[str, type] = {
     "model": str, "prompt": str, "negative_prompt": str, "preset": str, "size": str, "width": int, "height": int,
     "frames": int, "steps": int, "guidance": float, "guidance_low": float, "shift": float, "seed": int,
-    "image": bytes,
+    "sampler": str, "timesteps": list, "sigmas": list, "switch_step": int, "lora": str, "image": bytes,
 }
 OPENAI_FIELDS: dict[str, type] = {
     "model": str, "prompt": str, "seconds": float, "size": str, "input_reference": bytes,
     # Artifex extensions (the OpenAI client passes them through extra_body)
     "negative_prompt": str, "preset": str, "steps": int, "seed": int, "guidance": float, "guidance_low": float,
-    "shift": float,
+    "shift": float, "sampler": str, "timesteps": list, "sigmas": list, "switch_step": int, "lora": str,
 }
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 _EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
@@ -83,6 +83,14 @@ def _coerce(name: str, value: Any, kind: type, from_form: bool) -> Any:
         return None
     if kind is bytes:
         return value
+    if kind is list:  # a schedule: a JSON array, or in a form "1000, 937.5, 833.3"; resolve_request checks values
+        if from_form and isinstance(value, str):
+            if not value.strip():
+                return None
+            return [_coerce(name, v, float, True) for v in value.split(",")]
+        if not isinstance(value, list):
+            raise InvalidRequestError(name, f"must be a list of numbers, got {json.dumps(value)[:100]}")
+        return [_coerce(name, v, float, False) for v in value]
     if from_form and isinstance(value, str):
         text = value.strip()
         if kind is str:

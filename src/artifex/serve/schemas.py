@@ -14,7 +14,7 @@ class JobCreate(BaseModel):
     model: str = Field(description="a model this server serves (GET /api/models)")
     prompt: str
     negative_prompt: str | None = None
-    preset: Literal["draft", "preview", "production", "cinema"] | None = None
+    preset: Literal["draft", "preview", "production", "cinema", "turbo"] | None = None
     size: str | None = Field(None, description="WIDTHxHEIGHT, e.g. 1280x704 (or width and height)")
     width: int | None = None
     height: int | None = None
@@ -24,6 +24,16 @@ class JobCreate(BaseModel):
     guidance_low: float | None = Field(None, description="CFG scale of the low-noise expert (A14B)")
     shift: float | None = None
     seed: int | None = Field(None, description="with a seed, an identical earlier request returns its stored result")
+    sampler: Literal["unipc", "euler", "dmd"] | None = Field(None, description="default: the model's (unipc; "
+                                                                        "distilled profiles: euler or dmd)")
+    timesteps: list[float] | None = Field(None, description="euler/dmd: the schedule as the model sees it, "
+                                                            "decreasing in (0, 1000]; defines the steps")
+    sigmas: list[float] | None = Field(None, description="euler/dmd: the schedule as sigmas in (0, 1] "
+                                                         "(instead of timesteps)")
+    switch_step: int | None = Field(None, description="A14B: the first step of the low-noise expert (instead of "
+                                                      "the boundary)")
+    lora: str | None = Field(None, description="a LoRA set this server registered (GET /api/models); "
+                                               "default: the one it loaded with")
     image: str | None = Field(None, description="JSON: a data:image/...;base64 URL. Multipart: a file field. "
                                                 "TI2V optional, I2V required")
 
@@ -95,6 +105,16 @@ class VideoCreate(BaseModel):
     guidance: float | None = None
     guidance_low: float | None = None
     shift: float | None = None
+    sampler: Literal["unipc", "euler", "dmd"] | None = Field(None, description="default: the model's (unipc; "
+                                                                        "distilled profiles: euler or dmd)")
+    timesteps: list[float] | None = Field(None, description="euler/dmd: the schedule as the model sees it, "
+                                                            "decreasing in (0, 1000]; defines the steps")
+    sigmas: list[float] | None = Field(None, description="euler/dmd: the schedule as sigmas in (0, 1] "
+                                                         "(instead of timesteps)")
+    switch_step: int | None = Field(None, description="A14B: the first step of the low-noise expert (instead of "
+                                                      "the boundary)")
+    lora: str | None = Field(None, description="a LoRA set this server registered (GET /api/models); "
+                                               "default: the one it loaded with")
 
 
 class VideoOut(BaseModel):

@@ -25,7 +25,7 @@ from artifex.serve.inputs import ApiError, Submission, check_image
 from artifex.serve.jobs import ACTIVE, Job, JobStore, QueueFull
 from artifex.serve.metrics import Metrics
 from artifex.serve.progress import LiveProgress
-from artifex.serve.settings import ServeSettings
+from artifex.serve.settings import DEFAULT_LORA_SET, ServeSettings
 from artifex.serve.worker import ModelPool, ModelWorker
 
 log = logging.getLogger("artifex.serve")
@@ -143,6 +143,8 @@ class Service:
     def _validate_and_store(self, fields: dict, image_path: Path | None, image_name: str | None,
                             image_sha: str | None, api: str, image_field: str) -> tuple[Job, bool]:
         s = self.settings
+        fields = dict(fields)
+        lora_set = self.lora_set(fields.pop("lora", None))
         request = GenerationRequest.from_dict({**fields, "image": str(image_path) if image_path else None})
         try:
             spec, settings, _ = resolve_request(request, limits=s.request_limits())
@@ -158,7 +160,9 @@ class Service:
             raise
         stored = {k: v for k, v in request.to_dict().items() if k not in ("image", "output")}
         stored["seed"] = settings.seed  # a random seed is drawn once: a re-run after a crash makes the same video
+        stored["lora"] = lora_set
         view = settings.to_dict()
+        view["lora"] = lora_set
         view.pop("output", None)
         view.pop("warnings", None)
         view["image"] = image_sha
@@ -180,6 +184,15 @@ class Service:
         if created:
             log.info("job queued", extra={"job_id": job.id, "model": job.model})
         return job, created
+
+    def lora_set(self, name) -> str:
+        """The LoRA set a request names (``lora``), checked against this server's; none named: "default"."""
+        if name is None or name == DEFAULT_LORA_SET:
+            return DEFAULT_LORA_SET
+        if not isinstance(name, str) or name not in self.settings.loras:
+            raise InvalidRequestError("lora", f"no LoRA set {name!r} on this server",
+                                      [DEFAULT_LORA_SET, *self.settings.loras])
+        return name
 
     # Seconds per job assumed for a model none of whose jobs has run yet (and no other model's either).
     UNMEASURED_JOB_S = 5.0

@@ -64,6 +64,9 @@ class ServeSettings:
     warmup: bool = True
     warmup_shapes: tuple[tuple[int, int, int], ...] = ()
     debug: bool = False
+    # named LoRA sets a request may ask for (``lora: NAME``): name -> the ``lora`` config text (comma-separated
+    # ``[high=|low=]FILE[:SCALE]`` specs); "default" is the config's own ``lora`` (possibly none)
+    loras: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -90,6 +93,7 @@ class ServeSettings:
             raise InvalidRequestError("warmup_shapes", f"must be a list of [width, height, frames] of positive "
                                                        f"integers, got {shapes!r}"[:300])
         object.__setattr__(self, "warmup_shapes", tuple(tuple(x) for x in shapes))
+        object.__setattr__(self, "loras", check_lora_sets(self.loras))
         if isinstance(self.token_file, str):  # from a [serve] table
             object.__setattr__(self, "token_file", Path(self.token_file).expanduser())
         if self.token_file is not None and not isinstance(self.token_file, Path):
@@ -132,6 +136,36 @@ class ServeSettings:
             if key in values and isinstance(values[key], str):
                 values[key] = parse_bytes(values[key], key)
         return replace(self, **values)
+
+
+LORA_SET_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+DEFAULT_LORA_SET = "default"
+
+
+def check_lora_sets(sets: Any) -> dict[str, str]:
+    """Named LoRA sets (a ``[serve.loras]`` table or ``--lora-set`` flags): each name a short lower-case word,
+    each value specs the ``lora`` config field takes (a list of specs or one comma-separated string), every file
+    present. Returns name -> the comma-separated text."""
+    from artifex.models.lora import format_lora_specs, parse_lora_specs
+
+    if not isinstance(sets, dict):
+        raise InvalidRequestError("loras", f"must be a table of NAME = [specs], got {sets!r}"[:200])
+    out = {}
+    for name, value in sets.items():
+        if not isinstance(name, str) or not LORA_SET_NAME.match(name) or name == DEFAULT_LORA_SET:
+            raise InvalidRequestError("loras", f"{name!r} is not a LoRA set name",
+                                      f"lower-case letters, digits, _ . - (up to 64), not {DEFAULT_LORA_SET!r}")
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidRequestError(f"loras.{name}", "must name at least one LoRA file",
+                                      "[high=|low=]FILE[:SCALE], comma-separated or a list")
+        specs = parse_lora_specs(value)
+        for spec in specs:
+            if not Path(spec.path).is_file():
+                raise InvalidRequestError(f"loras.{name}", f"{spec.path} does not exist or is not a file")
+        out[name] = format_lora_specs(specs)
+    return out
 
 
 def split_config_file(data: dict) -> tuple[dict, dict]:

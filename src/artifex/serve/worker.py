@@ -28,7 +28,7 @@ from artifex.errors import ArtifexError, GenerationCancelled
 from artifex.serve.jobs import Job, JobStore
 from artifex.serve.metrics import Metrics
 from artifex.serve.progress import LiveProgress
-from artifex.serve.settings import ServeSettings
+from artifex.serve.settings import DEFAULT_LORA_SET, ServeSettings
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, step, total); may raise GenerationCancelled
 WorkerLost = ExecutorLost  # the name the job loop has always used
@@ -79,6 +79,8 @@ class ModelWorker:
         self.current: str | None = None
         self.jobs_done = 0
         self.restarts = 0
+        self.lora_set: str | None = None  # the LoRA set fused into the loaded engine; None: no engine loaded
+        self.lora_switch_s: float | None = None  # what the last switch took
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"artifex-worker-{model}-{index}", daemon=True)
@@ -102,7 +104,8 @@ class ModelWorker:
         return {"model": self.model, "index": self.index, **self.executor.identity, "status": self.status,
                 "error": self.error, "busy": self.current is not None, "current_job": self.current,
                 "jobs_done": self.jobs_done, "restarts": self.restarts, "load_s": self.load_s,
-                "warmup_s": self.warmup_s, "report": self.executor.report}
+                "warmup_s": self.warmup_s, "lora_set": self.lora_set, "lora_switch_s": self.lora_switch_s,
+                "report": self.executor.report}
 
     def _run(self) -> None:
         tries = 0
@@ -128,9 +131,11 @@ class ModelWorker:
 
     def _bring_up(self) -> None:
         self.status = "loading"
+        self.lora_set = None
         log.info("loading %s (worker %d)", self.model, self.index, extra={"model": self.model})
         self.load_s = round(self.executor.load(self.model, checkpoint=self.settings.checkpoints.get(self.model),
                                                config=self.config), 3)
+        self.lora_set = DEFAULT_LORA_SET
         log.info("loaded %s (worker %d) in %.2fs", self.model, self.index, self.load_s, extra={"model": self.model})
         if self.settings.warmup:
             self.status = "warming"
@@ -139,6 +144,32 @@ class ModelWorker:
                      extra={"model": self.model})
         self.executor.health()
         self.status = "ready"
+
+    def _use_lora_set(self, name: str) -> float | None:
+        """Make ``name`` the LoRA set fused into this worker's engine; the seconds the switch took (None: no switch).
+
+        A switch loads the engine again from the checkpoint with the set's LoRAs fused at load (before fp8 and the
+        q/k/v fusion, as at start-up): exact, where unfusing bf16 weights would leave rounding behind, and one copy
+        of the weights in memory at a time (the old engine is freed first). Its cost is the load's."""
+        if name == self.lora_set:
+            return None
+        specs = self.config.lora if name == DEFAULT_LORA_SET else self.settings.loras[name]
+        log.info("switching %s (worker %d) to LoRA set %s: %s", self.model, self.index, name, specs or "none",
+                 extra={"model": self.model})
+        self.status = "switching"
+        self.lora_set = None  # until the load succeeds: a failed switch leaves no engine behind
+        t0 = time.perf_counter()
+        try:
+            self.executor.close()
+            self.executor.load(self.model, checkpoint=self.settings.checkpoints.get(self.model),
+                               config=self.config.merged({"lora": specs}))
+        finally:
+            self.status = "ready"
+        self.lora_set = name
+        self.lora_switch_s = round(time.perf_counter() - t0, 3)
+        log.info("switched %s (worker %d) to LoRA set %s in %.2fs", self.model, self.index, name,
+                 self.lora_switch_s, extra={"model": self.model})
+        return self.lora_switch_s
 
     def _replace(self) -> None:
         self.status = "restarting"
@@ -192,6 +223,7 @@ class ModelWorker:
         extra = {"job_id": job.id, "model": job.model}
         log.info("job started (attempt %d, worker %d)", job.attempts, self.index, extra=extra)
         fields = dict(job.request)
+        lora_set = fields.pop("lora", None) or DEFAULT_LORA_SET
         fields["image"] = str(settings.uploads_dir / job.image) if job.image else None
         fields["output"] = str(settings.outputs_dir / f"{job.id}.mp4")
 
@@ -202,7 +234,16 @@ class ModelWorker:
 
         final_state, timings, lost = "failed", None, False
         try:
-            outcome = run_job(self.executor, fields, on_progress)
+            try:
+                switch_s = self._use_lora_set(lora_set)
+            except WorkerLost:
+                raise
+            except Exception as e:  # the set's LoRA does not fit this model...: the job fails, the worker lives on
+                outcome = {"state": "failed", "error": describe_error(e)}
+            else:
+                outcome = run_job(self.executor, fields, on_progress)
+                if switch_s is not None and outcome["state"] == "succeeded":
+                    outcome["timings"] = {**outcome["timings"], "lora_switch": switch_s}
         except WorkerLost as e:
             lost = True
             final_state = self.store.retry(job.id, {"code": "worker_lost", "message": f"the worker died: {e}"},
@@ -249,7 +290,7 @@ class ModelWorker:
 class ModelPool:
     """The workers of one served model; its status is the best of theirs (ready while one is)."""
 
-    _ORDER = ("ready", "warming", "loading", "restarting", "starting", "failed")
+    _ORDER = ("ready", "switching", "warming", "loading", "restarting", "starting", "failed")
 
     def __init__(self, model: str, workers: list[ModelWorker]):
         self.model, self.workers = model, workers

@@ -107,8 +107,21 @@ function onModelChange() {
     o.textContent = s;
     size.appendChild(o);
   }
-  $("defaults").textContent = "defaults: " + m.defaults.steps + " steps, " + m.defaults.frames + " frames, " +
-    m.defaults.width + "x" + m.defaults.height + " at " + m.fps + " fps";
+  $("defaults").textContent = "defaults: " + m.defaults.steps + " steps (" + m.defaults.sampler + "), guidance " +
+    m.defaults.guidance.join("/") + ", " + m.defaults.frames + " frames, " +
+    m.defaults.width + "x" + m.defaults.height + " at " + m.fps + " fps" + (m.weights ? "; needs " + m.weights : "");
+  $("guidance-low-label").hidden = m.defaults.guidance.length < 2;
+  const turbo = $("preset").querySelector('option[value="turbo"]');
+  turbo.disabled = !m.presets.turbo;
+  if (turbo.disabled && $("preset").value === "turbo") $("preset").value = "";
+  const lora = $("lora");
+  lora.innerHTML = "";
+  for (const name of m.loras) {
+    const o = document.createElement("option");
+    o.value = name === "default" ? "" : name;
+    o.textContent = name;
+    lora.appendChild(o);
+  }
 }
 
 async function submit(event) {
@@ -124,6 +137,11 @@ async function submit(event) {
   set("frames", $("frames").value);
   set("steps", $("steps").value);
   set("seed", $("seed").value);
+  set("sampler", $("sampler").value);
+  set("timesteps", $("timesteps").value);
+  set("guidance", $("guidance").value);
+  if (!$("guidance-low-label").hidden) set("guidance_low", $("guidance-low").value);
+  set("lora", $("lora").value);
   const file = $("image").files[0];
   if (file && !$("image-label").hidden) form.append("image", file);
   $("submit").disabled = true;
