@@ -78,6 +78,29 @@ def test_bench_pipeline_runs_diffusers_and_artifex_and_appends(tmp_path):
         "artifex-default.mp4", "diffusers.mp4", "warmup-default.mp4"]  # the second call kept none
 
 
+@pytest.mark.slow
+def test_bench_fewstep_fuses_a_lora_in_both_and_merges_cases_run_apart(tmp_path):
+    """The few-step benchmark on the tiny twins: diffusers with the LoRA fused through its own loader, Artifex with
+    it fused at load (time per expert), the published schedules, and a case run in a later call merged in."""
+    args = ["bench", "fewstep", "--configs", "bf16", "--output-dir", str(tmp_path), "--cases"]
+    assert main(args + ["tiny_ti2v_3step"]) == 0
+    assert main(args + ["tiny_i2v_4step"]) == 0
+    data = json.loads((tmp_path / "fewstep-cpu.json").read_text())
+    assert {"device", "command", "date", "versions", "summary"} <= set(data)
+    ti2v, i2v = data["summary"]["tiny_ti2v_3step"], data["summary"]["tiny_i2v_4step"]
+    for s in (ti2v, i2v):
+        assert {"total_s", "denoise_s", "decode_s", "write_s", "peak_gib", "config", "diffusers_total_s"} <= set(s)
+        assert s["diffusers_lora_fuse_s"] is not None and s["config"] == "bf16"
+    assert len(ti2v["lora_fuse_s_per_expert"]) == 1 and len(i2v["lora_fuse_s_per_expert"]) == 2
+    assert "bf16_no_lora_denoise_s" in ti2v and ti2v["vae_bf16_psnr_db_vs_fp32"] > 30
+    cases = data["cases"]
+    assert "from_command" in cases["tiny_ti2v_3step"] and "from_command" not in cases["tiny_i2v_4step"]
+    run = cases["tiny_i2v_4step"]["runs"][0]
+    assert run["steps"] == 4 and run["sampler"] == "euler" and run["experts_per_step"] == [0, 0, 1, 1]
+    assert cases["tiny_ti2v_3step"]["runs"][0]["timesteps"] == [1000.0, 757.0, 522.0]
+    assert "lora_error" not in cases["tiny_i2v_4step"]["diffusers"]
+
+
 def test_the_guide_benchmark_script_maps_onto_bench_pipeline():
     import importlib.util
     from pathlib import Path

@@ -14,3 +14,6 @@ PIPELINE_CONFIGS = {
     "fp8_bf16_ends": {"use_torch_compile": True, "vae_precision": "bf16", "fp8": "all", "fp8_bf16_steps": 2},
     "default": {},
 }
+# bench fewstep: the cases (summary keys) and Artifex's configs (OptimizationConfig fields; bf16 VAE in both)
+FEWSTEP_CASES = ("ti2v5b_720p_3step", "i2v_a14b_720p_4step", "tiny_ti2v_3step", "tiny_i2v_4step")
+FEWSTEP_CONFIGS = {"bf16": {"vae_precision": "bf16"}, "fp8": {"vae_precision": "bf16", "fp8": "all"}}

@@ -165,17 +165,18 @@ VAE_VARIANTS = {  # the first is the reference the others are compared with
 }
 
 
-def vae_variants(spec, components, fp32_state: dict, latents: torch.Tensor, device) -> dict:
+def vae_variants(spec, components, fp32_state: dict, latents: torch.Tensor, device, lora: str = "") -> dict:
     """Decode the same latents with the VAE in fp32 (its original weights, ``fp32_state``; diffusers' modules), in
     bf16 with diffusers' modules, and in bf16 with Artifex's (``fast_vae``: what the bf16 config runs): seconds,
-    peak GiB, and each one's PSNR (8-bit scale) and rel L2 against fp32."""
+    peak GiB, and each one's PSNR (8-bit scale) and rel L2 against fp32. ``lora``: the LoRAs the components'
+    experts already carry (the engines built here fuse nothing)."""
     from artifex.config import OptimizationConfig
     from artifex.engine.pipeline import Engine
 
     pixels, out = {}, {}
     for name, fields in VAE_VARIANTS.items():
         components.vae.to(torch.float32).load_state_dict(fp32_state)
-        engine = Engine.from_components(spec, components, OptimizationConfig(device=str(device), **fields))
+        engine = Engine.from_components(spec, components, OptimizationConfig(device=str(device), lora=lora, **fields))
         z = latents.to(device)
         engine.decode(z[:, :, :2])  # warm-up: cuDNN picks its kernels for these shapes
         _sync(device)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from artifex.bench import DIT_ABLATIONS, DIT_VARIANTS, PIPELINE_CONFIGS, multigpu
+from artifex.bench import DIT_ABLATIONS, DIT_VARIANTS, FEWSTEP_CASES, FEWSTEP_CONFIGS, PIPELINE_CONFIGS, multigpu
 from artifex.cli.common import shape_of, size_arg, table
 from artifex.errors import InvalidRequestError
 
@@ -70,6 +70,17 @@ def add_commands(sub) -> None:
     bp.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     bp.set_defaults(func=cmd_bench_pipeline)
 
+    bf = bsub.add_parser("fewstep", help="a distilled few-step generation end to end with a LoRA fused (FastWan "
+                         "TI2V-5B 3 steps, Lightning I2V-A14B 4 steps): diffusers vs Artifex (GPU)")
+    bf.add_argument("--cases", nargs="+", default=["ti2v5b_720p_3step", "i2v_a14b_720p_4step"],
+                    choices=list(FEWSTEP_CASES), help="what to run (default: %(default)s); the tiny_* cases check "
+                    "the benchmark on a CPU; cases run in separate calls are merged into one fewstep-<gpu>.json")
+    bf.add_argument("--configs", nargs="+", default=["bf16", "fp8"], choices=list(FEWSTEP_CONFIGS),
+                    help="Artifex runs: bf16 (bf16 VAE), fp8 (+ fp8=all); the LoRA is fused in the first")
+    bf.add_argument("--diffusers", default="on", choices=["on", "off"], help="diffusers' run with the LoRA fused")
+    bf.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    bf.set_defaults(func=cmd_bench_fewstep)
+
     bg = bsub.add_parser("multigpu", help="one model and shape under parallel layouts (1 GPU, CFG-parallel, "
                          "Ulysses, both): step and whole-generation time, scaling, collectives, equality (GPUs)",
                          description=multigpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +138,15 @@ def cmd_bench_dit(args: argparse.Namespace) -> int:
     table([("variant", "s/forward", "TFLOP/s", "% peak", "peak GiB", "rel L2")] + [
         (r["variant"], str(r.get("s_per_forward", "-")), str(r.get("tflops", "-")), str(r.get("pct_matmul_peak", "-")),
          str(r.get("peak_gib", "-")), str(r.get("rel_l2", r.get("note", "")))) for r in data["rows"]])
+    print(json.dumps(data["summary"], indent=2))
+    print("\n".join(data.get("files", [])))
+    return 0
+
+
+def cmd_bench_fewstep(args: argparse.Namespace) -> int:
+    from artifex.bench import fewstep
+
+    data = fewstep.run(args.cases, args.output_dir, args.configs, diffusers=args.diffusers == "on")
     print(json.dumps(data["summary"], indent=2))
     print("\n".join(data.get("files", [])))
     return 0
