@@ -188,7 +188,9 @@ def artifex_run(spec, components, config: dict, loras: list[Path], width, height
     return row
 
 
-def run_case(key: str, out_dir: Path, work: Path, configs: list[str], diffusers: bool, device) -> dict:
+def run_case(key: str, out_dir: Path, work: Path, configs: list[str], diffusers: bool, device,
+             save=lambda case: None) -> dict:
+    """One case; ``save(result)`` after each run, so that a call cut short by its time limit keeps what ran."""
     from artifex.models.random_init import random_components
 
     case = CASES[key]
@@ -211,6 +213,7 @@ def run_case(key: str, out_dir: Path, work: Path, configs: list[str], diffusers:
         result["diffusers"] = diffusers_run(spec, components, loras, w, h, frames,
                                             Image.open(image).convert("RGB") if image else None, device, work)
         log.info("%s diffusers: %s", key, result["diffusers"])
+        save(result)
     latents = None
     for i, name in enumerate(configs):
         row = artifex_run(spec, components, CONFIGS[name], loras, w, h, frames, image, device, work, name)
@@ -221,6 +224,7 @@ def run_case(key: str, out_dir: Path, work: Path, configs: list[str], diffusers:
             row["latents_rel_l2_vs_first"] = round(((lat - latents).norm() / latents.norm()).item(), 5)
         result["runs"].append(row)
         log.info("%s artifex %s: %s", key, name, {k: v for k, v in row.items() if k != "fp8"})
+        save(result)
         gc.collect()
     if spec.experts == 1 and latents is not None:
         result["vae"] = vae_variants(spec, components, vae_fp32, latents, device, lora=lora_text(loras))
@@ -270,17 +274,25 @@ def run(cases: list[str], out_dir: Path, configs: list[str], diffusers: bool = T
     data = report.header(dev)
     data["cases"] = {}
     path = out_dir / f"fewstep-{report.device_slug(dev)}.json"
+    # cases run in separate calls (each fits one device call) land in one file
+    old = json.loads(path.read_text()) if path.exists() else {}
+    earlier = {k: dict(v, from_command=v.get("from_command", old.get("command")),
+                       from_date=v.get("from_date", old.get("date")))
+               for k, v in old.get("cases", {}).items() if k not in cases}
+
+    def save(key: str, case: dict | None = None, partial: bool = True) -> None:
+        if case is not None:
+            data["cases"][key] = dict(case, partial=True) if partial else case
+        data["cases"] = {**earlier, **{k: v for k, v in data["cases"].items() if k not in earlier}}
+        data["summary"] = {k: summary_of(k, c) for k, c in data["cases"].items() if c.get("runs")}
+        data["files"] = [str(p) for p in write(out_dir, data, dev)]
+
     try:
         for key in cases:
-            data["cases"][key] = run_case(key, out_dir, work, configs, diffusers, dev)
+            save(key, run_case(key, out_dir, work, configs, diffusers, dev, save=lambda c, k=key: save(k, c)),
+                 partial=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if path.exists():  # cases run in separate calls (each fits one device call) land in one file
-        old = json.loads(path.read_text())
-        data["cases"] = {**{k: dict(v, from_command=old.get("command"), from_date=old.get("date"))
-                            for k, v in old.get("cases", {}).items() if k not in data["cases"]}, **data["cases"]}
-    data["summary"] = {k: summary_of(k, c) for k, c in data["cases"].items()}
-    data["files"] = [str(p) for p in write(out_dir, data, dev)]
     return data
 
 

@@ -418,6 +418,8 @@ def fuse_loras(experts: Sequence[torch.nn.Module], specs: Sequence[LoraSpec], mo
 
 
 def _add(param: torch.Tensor, delta: torch.Tensor, scale: float) -> None:
-    """``param += scale * delta`` in fp32 (on the delta's device), rounded once to the parameter's dtype."""
-    fused = param.data.to(delta.device, torch.float32) + scale * delta
-    param.data.copy_(fused.to(param.device, param.dtype))
+    """``param += scale * delta`` in fp32 (on the delta's device), rounded once to the parameter's dtype. The
+    weight travels in its own dtype and is cast where the delta is: a CPU weight cast to fp32 on the CPU first
+    made fusing a 5B expert take 19.6 s on an H200 host (benchmarks/results/fewstep-h200.json), diffusers' 1.4 s."""
+    fused = param.data.to(delta.device).float() + scale * delta
+    param.data.copy_(fused.to(param.dtype))
