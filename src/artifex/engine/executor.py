@@ -191,8 +191,12 @@ class LocalExecutor(Executor):
             self.identity["gpus"] = [str(i) for i in self.devices]
 
     def load(self, model, checkpoint=None, config=None, single_files=None) -> float:
-        from artifex.engine.pipeline import Engine
+        from artifex import timeline
 
+        with timeline.PROCESS.span("imports"):  # torch and the engine's modules, the first time: the process's
+            from artifex.engine.pipeline import Engine
+
+            timeline.import_libraries()
         t0 = time.perf_counter()
         with LOAD_LOCK:
             engine = Engine.load(model, checkpoint=checkpoint, config=config, single_files=single_files)
@@ -201,7 +205,9 @@ class LocalExecutor(Executor):
         return time.perf_counter() - t0
 
     def warm_up(self, shapes=None, should_stop=lambda: False) -> float:
-        with LOAD_LOCK:
+        from artifex import timeline
+
+        with LOAD_LOCK, timeline.PROCESS.span("warm_up"):  # the process's time, in every later sidecar's wall
             return super().warm_up(shapes, should_stop)
 
     def generate(self, request, on_event=None, output_dir=None):

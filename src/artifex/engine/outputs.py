@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from artifex import timeline
 from artifex.env import read_env
 from artifex.sysinfo import device_info, versions
 
@@ -42,6 +43,8 @@ def build_sidecar(engine: Engine, request: GenerationRequest, r: GenerationResul
         "lora": engine.loras,
         "config": engine.config.to_dict(),
         "timings_s": {"load": round(engine.load_s, 4), **r.timings},
+        # The process's time from its start to this mp4 closed, stage by stage (``artifex.timeline``).
+        "wall": timeline.wall_section(engine.load_timings, r.timings),
         "peak_memory": r.peak_memory,
         "versions": versions(),
         "device": device_info(engine.device),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from artifex import timeline
 from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
 from artifex.engine.dit import accelerate_model, clear_caches, share_first_block
@@ -163,11 +164,14 @@ class Engine:
     """
 
     def __init__(self, spec: ModelSpec, components: Components, plan: Plan, config: OptimizationConfig,
-                 load_s: float = 0.0):
+                 load_s: float = 0.0, load_timings: dict[str, float] | None = None):
+        t0 = time.perf_counter()
         self.spec, self.c, self.plan, self.config = spec, components, plan, config
         self.device = torch.device(plan.device)
         self.dtype = DTYPES[plan.precision]
-        self.load_s = load_s
+        # Seconds of each load stage (``Engine.load``: resolve, checkpoint_check, checkpoint_read, plan, lora,
+        # fp8_quantize, placement); ``load_s`` their whole (the first imports of the libraries are the process's).
+        self.load_timings: dict[str, float] = dict(load_timings or {})
         self.loras: list[dict] = []  # what from_components fused (file, scale, expert, layers, seconds)
         self.attention = runtime_from_config(config, read_env().home)
         # Where this engine's work runs (one process by default; a parallel layout gives it another).
@@ -176,11 +180,19 @@ class Engine:
         self._pair_memo: dict[int, tuple] = {}  # per expert (id): cond and uncond as one batch
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         check_fp8(config.fp8, self.device)
+        t = time.perf_counter()
         self.fp8_report = quantize_experts(spec, components.experts, self.device, self.dtype, config.fp8_keep) \
             if config.fp8 != "off" else None
+        if self.fp8_report is not None:
+            self.load_timings["fp8_quantize"] = round(time.perf_counter() - t, 4)
         self.weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
         self.placement = Placement(components, plan.placement, self.device, config.fp8_weights, self.dtype)
+        t = time.perf_counter()
         self._place_models()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies to the device count here, not in the first request
+        self.load_timings["placement"] = round(time.perf_counter() - t, 4)
+        self.load_s = load_s + (time.perf_counter() - t0)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -188,20 +200,28 @@ class Engine:
              single_files: dict[str, str | None] | None = None) -> Engine:
         """Load ``model`` (a registry name) from ``checkpoint`` (directory or hub id; default: the
         model's published checkpoint, or the built-in tiny one) and plan how to run it."""
+        timeline.import_libraries()  # the first time in a process: the process's "imports", not this load's
         start = time.perf_counter()
         spec = get_model(model)
         config = config or OptimizationConfig()
         _quiet_libraries()
         path = resolve_checkpoint(spec, checkpoint, read_env().home)
+        timings = {"resolve": round(time.perf_counter() - start, 4)}
         components = load_components(spec, path, config.precision, single_files)
+        timings["checkpoint_check"] = components.timings.get("checkpoint_check", 0.0)
+        timings["checkpoint_read"] = round(sum(v for k, v in components.timings.items() if k.startswith("read.")), 4)
         for w in components.info.warnings:
             log.warning(w)
-        return cls.from_components(spec, components, config, load_s=time.perf_counter() - start)
+        return cls.from_components(spec, components, config, load_s=time.perf_counter() - start,
+                                   load_timings=timings)
 
     @classmethod
     def from_components(cls, spec: ModelSpec, components: Components, config: OptimizationConfig | None = None,
-                        load_s: float = 0.0) -> Engine:
-        """An engine over components already in memory (loaded, or random weights for benchmarks)."""
+                        load_s: float = 0.0, load_timings: dict[str, float] | None = None) -> Engine:
+        """An engine over components already in memory (loaded, or random weights for benchmarks). ``load_s`` and
+        ``load_timings``: what loading them took (``Engine.load``); the stages below are added to both."""
+        start = time.perf_counter()
+        timings = dict(load_timings or {})
         config = config or OptimizationConfig()
         config.check_supported()
         _quiet_libraries()
@@ -210,12 +230,17 @@ class Engine:
             log.info("plan: %s", r)
         for w in scheduler_warnings(spec, components.scheduler_config):
             log.warning(w)
+        timings["plan"] = round(time.perf_counter() - start, 4)
         # LoRAs go into the weights as loaded: before fp8 quantization and q/k/v fusion (in the constructor).
+        t = time.perf_counter()
         loras = fuse_loras(components.experts, parse_lora_specs(config.lora), spec.name, device=plan.device)
         for r in loras:
             log.info("lora: fused %s (scale %g) into expert %d: %d layers in %.2f s", r["file"], r["scale"],
                      r["expert_index"], r["layers"], r["fuse_s"])
-        engine = cls(spec, components, plan, config, load_s=load_s)
+        if loras:
+            timings["lora"] = round(time.perf_counter() - t, 4)
+        engine = cls(spec, components, plan, config, load_s=load_s + (time.perf_counter() - start),
+                     load_timings=timings)
         engine.loras = loras
         return engine
 

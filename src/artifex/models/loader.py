@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class Components:
     scheduler_config: dict
     experts: list[torch.nn.Module]  # [high-noise, low-noise] for A14B, [transformer] otherwise
     info: CheckpointInfo
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: checkpoint_check, read.<component>
 
 
 # -- locating ----------------------------------------------------------------------------
@@ -230,15 +232,24 @@ def load_components(
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    t0 = time.perf_counter()
     info = check_checkpoint(spec, path)
     single_files = {k: v for k, v in (single_files or {}).items() if v}
     for role, file in single_files.items():
         if role == "transformer_2" and spec.experts < 2:
             raise CheckpointError(file, f"{spec.name} has no transformer_2")
         check_safetensors(Path(file))
+    timings = {"checkpoint_check": round(time.perf_counter() - t0, 4)}
     dtype = DTYPES[precision]
 
     def load(role: str, cls, subfolder: str, dtype: torch.dtype):
+        t = time.perf_counter()
+        try:
+            return _load(role, cls, subfolder, dtype)
+        finally:
+            timings[f"read.{role}"] = round(time.perf_counter() - t, 4)
+
+    def _load(role: str, cls, subfolder: str, dtype: torch.dtype):
         try:
             if role in single_files:
                 # Single files load in fp32, then cast here so the fp32-kept modules never lose precision.
@@ -257,14 +268,16 @@ def load_components(
         for role in ["transformer", "transformer_2"][: spec.experts]
     ]
     vae = load("vae", AutoencoderKLWan, "vae", torch.float32).eval()
+    t = time.perf_counter()
     try:
         text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     except Exception as e:
         raise CheckpointError(path / "text_encoder", f"could not be loaded: {type(e).__name__}: {e}") from e
+    timings["read.text_encoder"] = round(time.perf_counter() - t, 4)
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                      scheduler_config=scheduler_config, experts=experts, info=info)
+                      scheduler_config=scheduler_config, experts=experts, info=info, timings=timings)
 
 
 def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
