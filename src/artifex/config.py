@@ -57,7 +57,7 @@ ATTENTION_CHOICES = ("auto", "fa3", "fa3-fp8", "fa4", "fa2", "sdpa-cudnn", "sdpa
 # Integer fields and their ranges (the upper ends only keep nonsense out: a tile wider than any frame the position
 # tables allow, more query chunks or fp8-free steps than a run has, more passes per batch than a step makes).
 _INT_RANGES = (("max_batch_size", 1, 64), ("attention_slicing", 0, 1024), ("vae_tile_size", 0, 16384),
-               ("fp8_bf16_steps", 0, 1000))
+               ("fp8_bf16_steps", 0, 1000), ("text_cache_size", 0, 100_000))
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):
@@ -160,6 +160,10 @@ class OptimizationConfig:
     )
     max_batch_size: int = _f(
         1, "most DiT passes run as one batch; 2 runs CFG's conditional and unconditional passes together"
+    )
+    text_cache_size: int = _f(
+        64, "prompt embeddings kept in host memory so that a repeated prompt or negative prompt skips the text "
+        "encoder (umt5-xxl: 4 MiB each; at most 512 MiB in all, least recently used out first); 0 = off"
     )
     lora: str = _f(
         "", "LoRAs fused into the DiT weights at load (no cost per step): comma-separated [high=|low=]FILE[:SCALE], "

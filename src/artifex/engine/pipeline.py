@@ -33,6 +33,7 @@ from artifex.engine.placement import Placement
 from artifex.engine.plan import Plan, make_plan
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
 from artifex.engine.samplers import checkpoint_shift, make_sampler, scheduler_warnings
+from artifex.engine.text_cache import TextCache, encoder_fingerprint, tokenizer_fingerprint
 from artifex.engine.vae import accelerate_vae, set_layout
 from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
@@ -177,6 +178,7 @@ class Engine:
         # Where this engine's work runs (one process by default; a parallel layout gives it another).
         self.layout = EngineLayout()
         self.memory_guard = MemoryGuard(self)
+        self.text_cache = TextCache(config.text_cache_size)  # prompt embeddings by tokenizer, encoder and text
         self._pair_memo: dict[int, tuple] = {}  # per expert (id): cond and uncond as one batch
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         check_fp8(config.fp8, self.device)
@@ -279,11 +281,34 @@ class Engine:
     # -- stages ----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """UMT5 embeddings, zeroed past each prompt's length: (len(prompts), text_len, text_dim)."""
-        tok = self.c.tokenizer
+        """UMT5 embeddings, zeroed past each prompt's length: (len(prompts), text_len, text_dim). A prompt met
+        before (the same cleaned text, tokenizer and encoder weights) comes from ``text_cache``; the others are
+        encoded as one batch."""
         cleaned = [clean_prompt(p) for p in prompts]
-        batch = tok(cleaned, padding="max_length", max_length=self.spec.text_len, truncation=True,
-                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        keys = self.text_keys(cleaned)
+        found = [self.text_cache.get(k) if k is not None else None for k in keys]
+        todo = sorted({t for t, f in zip(cleaned, found, strict=True) if f is None})  # each missing text once
+        encoded = dict(zip(todo, self._encode_texts(todo), strict=True)) if todo else {}
+        rows = []
+        for text, key, f in zip(cleaned, keys, found, strict=True):
+            if f is None:
+                f = encoded[text]
+                if key is not None:
+                    self.text_cache.put(key, f)
+            rows.append(f.to(self.device))
+        return torch.stack(rows)
+
+    def text_keys(self, cleaned: list[str]) -> list[tuple | None]:
+        """The text cache's keys of these cleaned prompts (None each while the cache is off)."""
+        if not self.text_cache.enabled:
+            return [None] * len(cleaned)
+        tok_fp, enc_fp = tokenizer_fingerprint(self.c.tokenizer), encoder_fingerprint(self.c.text_encoder)
+        return [TextCache.key(tok_fp, enc_fp, t, self.spec.text_len, self.dtype) for t in cleaned]
+
+    def _encode_texts(self, cleaned: list[str]) -> torch.Tensor:
+        """The text encoder on cleaned prompts: (len(cleaned), text_len, text_dim) in the engine's precision."""
+        batch = self.c.tokenizer(cleaned, padding="max_length", max_length=self.spec.text_len, truncation=True,
+                                 add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         with self.placement.text_encoder() as enc:
             ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
             hidden = enc(ids, mask).last_hidden_state
