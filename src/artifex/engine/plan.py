@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from artifex.config import OptimizationConfig
+from artifex.config import OptimizationConfig, resolve_vae_precision
 from artifex.errors import InvalidRequestError
 from artifex.models.registry import ModelSpec
 
@@ -24,7 +24,7 @@ log = logging.getLogger("artifex")
 class Plan:
     device: str
     precision: str  # DiT and text encoder
-    vae_precision: str
+    vae_precision: str  # what runs (config's auto resolved: bf16 on CUDA, fp32 on a CPU)
     attention: str  # as requested ("auto" or a backend); each result records the backend chosen per shape
     placement: str  # a memory tier (artifex.engine.placement.TIERS); a request may move to a leaner one
     cfg_batch: int  # 2: cond and uncond in one batch
@@ -94,11 +94,14 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
         reasons.append(f"vram_budget {budget / 2**30:.1f} GiB enforced on {device}")
+    vae_precision, why_vae = resolve_vae_precision(config.vae_precision, device.type)
+    if why_vae:
+        reasons.append(why_vae)
     weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
     w, h = spec.sizes[0]  # planned at the model's default size; each request is planned again at its own
     forward = "artifex" if config.fast_dit else "diffusers"
     placement, vae_tiling, _, why = plan_memory(spec, weights, w, h, spec.frames, cfg_batch, config.vae_tiling,
-                                                forward, budget, requested, config.vae_precision, config.vae_tile_size)
+                                                forward, budget, requested, vae_precision, config.vae_tile_size)
     reasons += why
     if placement != "resident":
         reasons.append(f"memory tier: {placement}")
@@ -124,7 +127,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
     return Plan(
         device=str(device),
         precision=config.precision,
-        vae_precision=config.vae_precision,
+        vae_precision=vae_precision,
         attention=config.attention,
         placement=placement,
         cfg_batch=cfg_batch,
