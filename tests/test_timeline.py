@@ -46,4 +46,5 @@ def test_wall_section_accounts_for_the_rest_as_other():
     s = wall["stages_s"]
     assert s["load.checkpoint_read"] == 0.5 and s["request.denoise"] == 0.25 and "request.total" not in s
     assert "process.startup" in s
+    assert wall["host_peak_rss_gib"] > 0
     assert abs(wall["process_s"] - wall["stages_sum_s"] - wall["other_s"]) < 1e-3

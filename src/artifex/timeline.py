@@ -127,7 +127,20 @@ def wall_section(load: dict[str, float], request: dict[str, float]) -> dict:
         "stages_s": stages,
         "stages_sum_s": round(accounted, 4),
         "other_s": round(process_s - accounted, 4),
+        "host_peak_rss_gib": host_peak_rss_gib(),  # a checkpoint read whole into host memory shows here
     }
 
 
-__all__ = ["PROCESS", "START", "START_SOURCE", "Timeline", "age", "import_libraries", "start", "wall_section"]
+def host_peak_rss_gib() -> float | None:
+    """The most resident host memory this process has held so far (GiB), or None where it cannot be read."""
+    try:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    except (ImportError, OSError):
+        return None
+    return round(kib / 2**20, 3)
+
+
+__all__ = ["PROCESS", "START", "START_SOURCE", "Timeline", "age", "host_peak_rss_gib", "import_libraries", "start",
+           "wall_section"]

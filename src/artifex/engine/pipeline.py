@@ -29,8 +29,8 @@ from artifex.engine.layout import EngineLayout
 from artifex.engine.memory import weights_of
 from artifex.engine.memory_guard import MemoryGuard
 from artifex.engine.outputs import build_sidecar, default_output, write_json
-from artifex.engine.placement import Placement
-from artifex.engine.plan import Plan, make_plan
+from artifex.engine.placement import Placement, load_devices
+from artifex.engine.plan import Plan, make_plan, plan_before_load
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
 from artifex.engine.samplers import checkpoint_shift, make_sampler, scheduler_warnings
 from artifex.engine.text_cache import TextCache, encoder_fingerprint, tokenizer_fingerprint
@@ -209,7 +209,12 @@ class Engine:
         _quiet_libraries()
         path = resolve_checkpoint(spec, checkpoint, read_env().home)
         timings = {"resolve": round(time.perf_counter() - start, 4)}
-        components = load_components(spec, path, config.precision, single_files)
+        # The tier first (from the shapes and the budget), so each component is read straight to its place in it.
+        t = time.perf_counter()
+        before = plan_before_load(spec, config)
+        devices = load_devices(before.placement, torch.device(before.device), config.fp8_weights)
+        timings["plan_before_load"] = round(time.perf_counter() - t, 4)
+        components = load_components(spec, path, config.precision, single_files, devices=devices)
         timings["checkpoint_check"] = components.timings.get("checkpoint_check", 0.0)
         timings["checkpoint_read"] = round(sum(v for k, v in components.timings.items() if k.startswith("read.")), 4)
         for w in components.info.warnings:

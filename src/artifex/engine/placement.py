@@ -74,6 +74,23 @@ PIN_CHUNK = 2**30  # bytes of one pinned host allocation (a power of two: the pi
 _ALIGN = 512  # offset of each tensor inside a pinned chunk
 
 
+def load_devices(tier: str, device: torch.device, fp8_weights: bool = False) -> dict[str, str]:
+    """Where ``Engine.load`` reads each component to: its place in ``tier`` when that is ``device`` (a GPU), so
+    that it is never copied whole into host memory first; the CPU ones are left out (read as before). Experts
+    whose weights are stored in fp8 (``fp8_weights``) are cast in host memory before they move, so the device
+    never holds their bf16 copy: they are read to the CPU."""
+    if device.type == "cpu":
+        return {}
+    out = {}
+    if tier not in _ON_DEMAND_TEXT:
+        out["text_encoder"] = str(device)
+    if tier not in _ON_DEMAND_VAE:
+        out["vae"] = str(device)
+    if tier in ("resident", "text_offload") and not fp8_weights:
+        out["transformer"] = out["transformer_2"] = str(device)
+    return out
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 

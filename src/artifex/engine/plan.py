@@ -143,3 +143,15 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         config_hash=config.hash(),
         reasons=reasons,
     )
+
+
+def plan_before_load(spec: ModelSpec, config: OptimizationConfig) -> Plan:
+    """The plan from the model's shapes alone (its components on the meta device, nothing read): what
+    ``Engine.load`` decides before reading weights, so that each component is read straight to where the memory
+    tier keeps it (``placement.load_devices``). The engine plans again on what it loaded."""
+    from types import SimpleNamespace
+
+    from artifex.models.configs import meta_components
+
+    text_encoder, vae, experts = meta_components(spec, config.precision)
+    return make_plan(spec, config, SimpleNamespace(text_encoder=text_encoder, vae=vae, experts=experts))
