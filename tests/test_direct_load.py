@@ -85,3 +85,33 @@ def test_engine_load_records_the_plan_before_loading(engine):
     assert {"resolve", "plan_before_load", "checkpoint_check", "checkpoint_read", "plan", "placement"} <= set(
         eng.load_timings)
     assert eng.load_s >= sum(eng.load_timings.values()) - 1e-3
+
+
+def test_on_demand_text_encoder_and_vae_return_to_their_homes(engine, tmp_path):
+    """model_offload: the text encoder and VAE come to the device from a home taken once and go back to it (no
+    copy back); the results equal the resident engine's; a module changed since gets a fresh home."""
+    from artifex.engine.request import GenerationRequest
+
+    resident = engine("tiny-ti2v", text_cache_size=0)
+    offload = engine("tiny-ti2v", text_cache_size=0, memory_tier="model_offload")
+    assert offload.plan.placement == "model_offload"
+    assert any("text encoder" in r and "copied in for each encode" in r for r in offload.plan.reasons)
+    enc = offload.c.text_encoder
+    a = offload.encode_text(["a harbour at dawn"])
+    home = offload.placement._module_homes[id(enc)]
+    assert home.holds(enc)  # after the encode the module points at its home again
+    offload.encode_text(["another prompt"])
+    assert offload.placement._module_homes[id(enc)] is home and home.holds(enc)  # taken once, bound back
+    assert torch.equal(a, resident.encode_text(["a harbour at dawn"]))
+    req = dict(model="tiny-ti2v", prompt="gulls", seed=5, steps=2, frames=5)
+    x = offload.generate(GenerationRequest(**req, output=str(tmp_path / "x.mp4")))
+    y = resident.generate(GenerationRequest(**req, output=str(tmp_path / "y.mp4")))
+    assert torch.equal(x.latents, y.latents)
+    assert offload.placement._module_homes[id(offload.c.vae)].holds(offload.c.vae)
+    # Weights changed behind the placement's back (a cast): the old home is not bound again.
+    enc.to(torch.float32)
+    assert not home.holds(enc)
+    offload.encode_text(["a third prompt"])
+    fresh = offload.placement._module_homes[id(enc)]
+    assert fresh is not home and fresh.holds(enc) and next(enc.parameters()).dtype == torch.float32
+    enc.to(torch.bfloat16)

@@ -105,6 +105,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
     reasons += why
     if placement != "resident":
         reasons.append(f"memory tier: {placement}")
+    reasons += on_demand_reasons(placement, weights, config.text_cache_size)
     if cfg_batch == 2:
         reasons.append("max_batch_size >= 2: CFG's conditional and unconditional passes run as one batch")
     elif config.fast_dit:
@@ -155,3 +156,20 @@ def plan_before_load(spec: ModelSpec, config: OptimizationConfig) -> Plan:
 
     text_encoder, vae, experts = meta_components(spec, config.precision)
     return make_plan(spec, config, SimpleNamespace(text_encoder=text_encoder, vae=vae, experts=experts))
+
+
+def on_demand_reasons(tier: str, weights, text_cache_size: int) -> list[str]:
+    """What the tier does with the text encoder and VAE it brings to the device only while they run."""
+    from artifex.engine.placement import on_demand
+
+    text, vae = on_demand(tier)
+    out = []
+    if text:
+        out.append(f"{tier}: the text encoder ({weights.text_encoder / 2**30:.1f} GiB) stays in pinned host memory "
+                   "and is copied in for each encode, never copied back"
+                   + (f"; a prompt or negative prompt met before skips it (the last {text_cache_size} are kept)"
+                      if text_cache_size else "; text_cache_size 0: every request encodes"))
+    if vae:
+        out.append(f"{tier}: the VAE ({weights.vae / 2**30:.1f} GiB) stays in pinned host memory and is copied in "
+                   "for each decode")
+    return out
