@@ -54,7 +54,7 @@ left out: with CFG in two passes a layer is last used only in the second pass, w
 would have to track, and an error mid-step would leave an expert half on the device.
 
 On-demand text encoder and VAE (the tiers that bring them to the device only to encode or
-decode) use the same homes: taken at their first use, pinned with CUDA, so each use copies
+decode) use the same homes: taken when the tier is applied, pinned with CUDA, so each use copies
 the weights in from page-locked memory (non_blocking) and sending them back rebinds the
 homes, with no device->host copy and no new host memory. ``.to`` both ways took 16.3 s of
 the TI2V-5B request's text stage under a 24 GB budget on the H200 (umt5-xxl, 10.6 GiB,
@@ -226,7 +226,7 @@ class Placement:
         self._stream = None
         self._prefetched: dict[int, tuple[list[torch.Tensor], object]] = {}
         self.prefetch_room = False
-        # The on-demand text encoder's and VAE's CPU homes (the module docstring), by module, taken at first use.
+        # The on-demand text encoder's and VAE's CPU homes (the module docstring), by module.
         self._module_homes: dict[int, _Home] = {}
 
     def apply(self) -> None:
@@ -235,8 +235,14 @@ class Placement:
             for expert in c.experts:
                 expert.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=self.compute_dtype)
             self._fp8_applied = True
-        c.text_encoder.to("cpu" if tier in _ON_DEMAND_TEXT else dev)
-        c.vae.to("cpu" if tier in _ON_DEMAND_VAE else dev)
+        # The on-demand ones get their (pinned) homes now, so loading pays for pinning, not the first request; the
+        # others drop theirs (the pinned memory goes once they are on the device).
+        for module, on in ((c.text_encoder, tier in _ON_DEMAND_TEXT), (c.vae, tier in _ON_DEMAND_VAE)):
+            if on:
+                self._module_home(module)
+            else:
+                self._module_homes.pop(id(module), None)
+                module.to(dev)
         if tier not in _HOMED:
             self._homes = None  # tensors still bound to them keep them alive; the rest of the memory goes
         if tier in _GROUP_OFFLOAD:
@@ -392,8 +398,8 @@ class Placement:
             home.bind(home.tensors)  # back to the home: nothing copied, the device copies are freed
 
     def _module_home(self, module: torch.nn.Module) -> _Home:
-        """The CPU home of an on-demand module, taken (pinned with CUDA) the first time or when the module no
-        longer points at it."""
+        """The CPU home of an on-demand module, taken (pinned with CUDA) when the tier is applied, or again when
+        the module no longer points at it."""
         home = self._module_homes.get(id(module))
         if home is None or not home.holds(module):
             module.to("cpu")
