@@ -57,10 +57,13 @@ def test_another_tokenizer_or_encoder_misses(engine):
         eng.c.text_encoder = other
         changed = eng.encode_text(["a lighthouse at night"])
         assert not torch.equal(before, changed)
-        # Weights changed in place: the same module is fingerprinted again.
+        # Weights changed in place, or cast: the same module is fingerprinted again.
         with torch.no_grad():
             next(other.parameters()).sub_(0.25)
-        assert encoder_fingerprint(other) not in (enc_fp, other_fp)
+        changed_fp = encoder_fingerprint(other)
+        assert changed_fp not in (enc_fp, other_fp)
+        other.to(torch.float32)  # a cast moves no version counter: the storage tells
+        assert encoder_fingerprint(other) not in (enc_fp, other_fp, changed_fp)
         eng.c.text_encoder = enc
         hits = eng.text_cache.stats.hits
         assert torch.equal(eng.encode_text(["a lighthouse at night"]), before)  # back: the first entry hits

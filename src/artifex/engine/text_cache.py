@@ -11,7 +11,7 @@ less than an encode). Its key says everything the embedding depends on:
 - the cleaned text, the text length, the output dtype.
 
 Fingerprints are computed once per tokenizer/encoder object and again only when the
-encoder's parameters change in place (their version counters move); swapping in another
+encoder's tensors change (written in place, cast, moved, reloaded); swapping in another
 object gives it its own. The cache is bounded by entries (``OptimizationConfig.text_cache_size``)
 and bytes, least recently used out first; hits, misses and evictions are counted.
 """
@@ -56,13 +56,17 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return fp
 
 
-def _versions(module: torch.nn.Module) -> int:
-    return sum(t._version for t in list(module.parameters()) + list(module.buffers()))
+def _state(module: torch.nn.Module) -> tuple:
+    """What tells a module's weights apart cheaply: their in-place version counters (an in-place write), and where
+    and in what dtype each lives (a cast, a move, a reload or a rebinding gives new storage)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return (sum(t._version for t in tensors), hash(tuple((t.data_ptr(), t.dtype, t.device) for t in tensors)))
 
 
 def encoder_fingerprint(encoder: torch.nn.Module) -> str:
-    """A short hash of the encoder's class, config and weights (memoized per module until a weight changes)."""
-    version = _versions(encoder)
+    """A short hash of the encoder's class, config and weights (memoized per module until its weights change:
+    written in place, cast, moved or replaced)."""
+    version = _state(encoder)
     with _fp_lock:
         memo = _fingerprints.get(encoder)
     if memo is not None and memo[0] == version:
