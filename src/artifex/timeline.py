@@ -96,19 +96,24 @@ def age() -> float:
 
 
 _IMPORTS_DONE = threading.Event()
+_IMPORT_LOCK = threading.Lock()  # diffusers' lazy module is not safe to import from two threads at once
 
 
 def import_libraries() -> None:
     """Import torch, diffusers, transformers and the Wan model classes once, timed as ``imports`` (the first
-    call in a process pays; later ones return at once). diffusers and transformers load their model modules
-    lazily: without this the import cost would be counted as checkpoint reading."""
+    call in a process pays; later ones return at once; concurrent callers wait for the first). diffusers and
+    transformers load their model modules lazily: without this the import cost would be counted as checkpoint
+    reading."""
     if _IMPORTS_DONE.is_set():
         return
-    with PROCESS.span("imports"):
-        import torch  # noqa: F401
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
-        from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
-    _IMPORTS_DONE.set()
+    with _IMPORT_LOCK:
+        if _IMPORTS_DONE.is_set():
+            return
+        with PROCESS.span("imports"):
+            import torch  # noqa: F401
+            from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
+            from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
+        _IMPORTS_DONE.set()
 
 
 def wall_section(load: dict[str, float], request: dict[str, float]) -> dict:

@@ -193,12 +193,12 @@ class LocalExecutor(Executor):
     def load(self, model, checkpoint=None, config=None, single_files=None) -> float:
         from artifex import timeline
 
-        with timeline.PROCESS.span("imports"):  # torch and the engine's modules, the first time: the process's
-            from artifex.engine.pipeline import Engine
-
-            timeline.import_libraries()
         t0 = time.perf_counter()
-        with LOAD_LOCK:
+        with LOAD_LOCK:  # the libraries' lazy imports are not thread-safe either
+            with timeline.PROCESS.span("imports"):  # torch and the engine's modules, the first time: the process's
+                from artifex.engine.pipeline import Engine
+
+                timeline.import_libraries()
             engine = Engine.load(model, checkpoint=checkpoint, config=config, single_files=single_files)
         self._attach(engine)
         log.info("loaded %s; plan: %s", model, engine.plan.to_dict(), extra={"model": model})
