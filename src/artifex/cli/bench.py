@@ -72,7 +72,8 @@ def add_commands(sub) -> None:
                    help="first run `artifex generate` as a child process on a checkpoint directory (--checkpoint "
                         "DIR, else random weights saved with diffusers' save_pretrained), once per --user-budgets, "
                         "and a repeated prompt in `artifex batch`; read their sidecars (process wall, stages); then "
-                        "diffusers' WanPipeline.from_pretrained + one call on the same directory")
+                        "diffusers' WanPipeline.from_pretrained + one call on the same directory (not with "
+                        "--diffusers off)")
     u.add_argument("--user-budgets", default="none,24GB",
                    help="comma-separated --vram-budget values of the generate runs; none = no flag (default: "
                         "%(default)s)")

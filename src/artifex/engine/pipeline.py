@@ -30,7 +30,7 @@ from artifex.engine.memory import weights_of
 from artifex.engine.memory_guard import MemoryGuard
 from artifex.engine.outputs import build_sidecar, default_output, write_json
 from artifex.engine.placement import Placement, load_devices
-from artifex.engine.plan import Plan, make_plan, plan_before_load
+from artifex.engine.plan import Plan, make_plan, plan_before_load, resolve_device
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
 from artifex.engine.samplers import checkpoint_shift, make_sampler, scheduler_warnings
 from artifex.engine.text_cache import TextCache, encoder_fingerprint, tokenizer_fingerprint
@@ -209,11 +209,14 @@ class Engine:
         _quiet_libraries()
         path = resolve_checkpoint(spec, checkpoint, read_env().home)
         timings = {"resolve": round(time.perf_counter() - start, 4)}
-        # The tier first (from the shapes and the budget), so each component is read straight to its place in it.
-        t = time.perf_counter()
-        before = plan_before_load(spec, config)
-        devices = load_devices(before.placement, torch.device(before.device), config.fp8_weights)
-        timings["plan_before_load"] = round(time.perf_counter() - t, 4)
+        # On a GPU the tier first (from the shapes and the budget), so each component is read straight to its
+        # place in it; on a CPU everything is read to where it runs anyway.
+        devices = {}
+        if resolve_device(config.device).type != "cpu":
+            t = time.perf_counter()
+            before = plan_before_load(spec, config)
+            devices = load_devices(before.placement, torch.device(before.device), config.fp8_weights)
+            timings["plan_before_load"] = round(time.perf_counter() - t, 4)
         components = load_components(spec, path, config.precision, single_files, devices=devices)
         timings["checkpoint_check"] = components.timings.get("checkpoint_check", 0.0)
         timings["checkpoint_read"] = round(sum(v for k, v in components.timings.items() if k.startswith("read.")), 4)
