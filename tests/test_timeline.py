@@ -21,7 +21,7 @@ def test_process_start_precedes_artifex_and_spans_add_up():
     t.add("b", 1.5)
     t.add("b", -3)  # nothing negative is added
     d = t.to_dict()
-    assert 0.02 <= d["a"] < 1.0 and d["b"] == 1.5
+    assert d["a"] >= 0.02 and d["b"] == 1.5  # both sleeps, counted once each
 
 
 def test_nested_span_on_another_thread_counts_on_its_own():
