@@ -217,3 +217,32 @@ def test_ulysses_hooks_switch_compiled_blocks_to_graph_breaks_and_back():
     assert all(b._artifex_core is compiled_block_core(False) for b in model.blocks)
     hooks.remove()
     assert all(b._artifex_core is compiled_block_core(True) for b in model.blocks)
+
+
+@pytest.mark.slow
+def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
+    """`--user-path`: random weights saved with save_pretrained, `artifex generate` as a process per budget, a
+    repeated prompt in `artifex batch`, diffusers' from_pretrained on the same directory; the issue's keys."""
+    saved = tmp_path / "ckpt"
+    args = ["bench", "pipeline", "--model", "tiny-ti2v", "--steps", "2", "--frames", "9", "--output-dir",
+            str(tmp_path), "--user-path", "--only-user-path", "--save-checkpoint", str(saved)]
+    assert main(args) == 0
+    assert (saved / "model_index.json").is_file() and (saved / "transformer" / "config.json").is_file()
+    data = json.loads((tmp_path / "pipeline-cpu.json").read_text())
+    up = data["user_path"]
+    plain, budget = up["runs"]
+    assert plain["budget"] is None and budget["budget"] == "24GB"
+    for r in up["runs"]:
+        assert r["cli_wall_s"] >= r["process_to_mp4_s"] >= r["wall"]["stages_sum_s"] - 1e-3
+        assert r["wall"]["stages_s"]["process.imports"] > 0 and r["timings_s"]["denoise"] > 0
+        assert r["vae_precision"] == "fp32"  # auto on a CPU
+    assert up["repeat_prompt"]["repeat_hit"] == {"prompt": True, "negative_prompt": True}
+    assert up["diffusers"]["load_s"] > 0 and up["diffusers"]["wall_s"] >= up["diffusers"]["load_s"]
+    s = data["summary"]
+    assert set(s) == {"tinyti2v_256x160", "tinyti2v_256x160_24gb"}  # no in-memory runs: no other key
+    assert {"cli_wall_s", "engine_total_s", "load_s", "diffusers_wall_s", "diffusers_load_s",
+            "repeat_prompt_text_s"} <= set(s["tinyti2v_256x160"])
+    assert s["tinyti2v_256x160"]["repeat_prompt_text_s"] == up["repeat_prompt"]["repeat_text_s"]
+    assert set(s["tinyti2v_256x160_24gb"]) == {"cli_wall_s", "peak_gib"}
+    assert "The user's path" in (tmp_path / "pipeline-cpu.md").read_text()
+    assert main(["bench", "pipeline", "--model", "tiny-ti2v", "--only-user-path"]) == 2  # needs --user-path

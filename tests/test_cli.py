@@ -39,6 +39,19 @@ def test_generate_writes_mp4_with_progress(tmp_path, capsys):
         assert sum(1 for _ in c.decode(video=0)) == 9
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["config"]["max_batch_size"] == 2 and side["plan"]["cfg_batch"] == 2
+    assert_wall_adds_up(side["wall"])
+    assert "wall " in captured.err and "since the process started" in captured.err
+
+
+def assert_wall_adds_up(wall: dict) -> None:
+    """The sidecar's wall section: every stage measured, none negative, their sum within the process's age."""
+    stages = wall["stages_s"]
+    assert {"process.startup", "process.imports", "load.checkpoint_read", "load.placement", "request.encode_text",
+            "request.denoise", "request.decode", "request.write"} <= set(stages)
+    assert all(v >= 0 for v in stages.values())
+    assert abs(wall["stages_sum_s"] - sum(stages.values())) < 1e-3
+    assert wall["stages_sum_s"] <= wall["process_s"] + 1e-3  # rounding of each stage to 0.1 ms
+    assert abs(wall["process_s"] - wall["stages_sum_s"] - wall["other_s"]) < 1e-3
 
 
 def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path):
@@ -89,6 +102,10 @@ def test_demo_runs_as_a_real_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip().splitlines()[-1]) == out
     assert "demo video written to" in proc.stderr
+    wall = json.loads(out.with_suffix(".json").read_text())["wall"]
+    assert wall["clock"] == "process start (/proc/self/stat)"  # the interpreter's own start-up counts
+    assert_wall_adds_up(wall)
+    assert wall["stages_s"]["process.imports"] > 0  # a fresh process imports torch and diffusers
     with av.open(str(out)) as c:
         s = c.streams.video[0]
         assert (s.codec_context.name, s.width, s.height) == ("h264", 256, 160)

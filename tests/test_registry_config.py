@@ -125,3 +125,29 @@ def test_fields_that_change_the_output_or_do_nothing_are_warned():
         assert len(warnings) == 1 and text in warnings[0], field
     with pytest.raises(InvalidRequestError, match=r"attention: unknown value 'flash'.*auto, fa3"):
         OptimizationConfig(attention="flash")
+
+
+def test_vae_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu(capsys):
+    """The default VAE precision follows the device; the plan says which runs and why; fp32 stays selectable."""
+    from artifex.cli import main
+    from artifex.config import resolve_vae_precision
+    from artifex.engine.plan import make_plan
+    from artifex.models.configs import meta_components
+
+    assert OptimizationConfig().vae_precision == "auto"
+    assert resolve_vae_precision("auto", "cuda")[0] == "bf16" and resolve_vae_precision("auto", "cpu")[0] == "fp32"
+    assert resolve_vae_precision("fp32", "cuda") == ("fp32", None)
+    with pytest.raises(InvalidRequestError, match="vae_precision"):
+        OptimizationConfig(vae_precision="fp16")
+    spec = get_model("tiny-ti2v")
+    text_encoder, vae, experts = meta_components(spec, "fp32")
+    parts = SimpleNamespace(text_encoder=text_encoder, vae=vae, experts=experts)
+    plan = make_plan(spec, OptimizationConfig(device="cpu"), parts)
+    assert plan.vae_precision == "fp32" and any("vae_precision auto: fp32" in r for r in plan.reasons)
+    plan = make_plan(spec, OptimizationConfig(device="cpu", vae_precision="bf16"), parts)
+    assert plan.vae_precision == "bf16" and not any("vae_precision auto" in r for r in plan.reasons)
+    assert main(["plan", "--model", "ti2v-5b"]) == 0  # a plan of GPU memory: auto is what CUDA runs
+    out = capsys.readouterr().out
+    assert "VAE bf16" in out and "vae_precision auto: bf16 on CUDA" in out
+    assert main(["plan", "--model", "ti2v-5b", "--vae-precision", "fp32"]) == 0
+    assert "VAE fp32" in capsys.readouterr().out

@@ -339,6 +339,8 @@ def test_metrics_and_monitor(server):
     count = [ln for ln in text.splitlines()
              if ln.startswith('artifex_stage_duration_seconds_count{model="tiny-t2v-moe",stage="denoise"}')]
     assert count and int(count[0].split()[-1]) >= 1
+    # the prompt-embedding cache: the default negative prompt was encoded once, by the warm-up or the first job
+    assert 'artifex_text_cache_lookups_total{model="tiny-t2v-moe",text="negative_prompt",result="hit"}' in text
     assert "artifex_gpu_" not in text  # no GPU on the test machine: the NVML series are absent, not zero
 
     env = {**os.environ, "ARTIFEX_API_TOKEN": ""}

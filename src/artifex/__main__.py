@@ -1,5 +1,3 @@
-import sys
+from artifex.cli import entry
 
-from artifex.cli import main
-
-sys.exit(main())
+entry()

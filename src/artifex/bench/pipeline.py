@@ -199,9 +199,12 @@ def vae_variants(spec, components, fp32_state: dict, latents: torch.Tensor, devi
 def run(model: str, out_dir: Path, configs: list[str], diffusers: str = "full", steps: int | None = None,
         width: int | None = None, height: int | None = None, frames: int | None = None,
         checkpoint: str | None = None, profile: Path | None = None, device: str | None = None,
-        append: bool = False, keep_videos: bool = False) -> dict:
+        append: bool = False, keep_videos: bool = False, user: bool = False, save_checkpoint: Path | None = None,
+        user_budgets: tuple = (None, "24GB"), in_memory: bool = True) -> dict:
     """``keep_videos``: leave the mp4s (and sidecars) in OUT/pipeline-videos; by default they are written to a
-    temporary folder and removed, so OUT holds only the report."""
+    temporary folder and removed, so OUT holds only the report. ``user``: first the user's path (``user_path``:
+    ``artifex generate`` as a process on ``checkpoint``, else on random weights saved to ``save_checkpoint`` or a
+    temporary directory, per budget of ``user_budgets``); ``in_memory`` False skips the in-memory runs."""
     import shutil
     import tempfile
 
@@ -215,14 +218,23 @@ def run(model: str, out_dir: Path, configs: list[str], diffusers: str = "full", 
     work = out_dir / "pipeline-videos" if keep_videos else Path(tempfile.mkdtemp(prefix="artifex-bench-"))
     work.mkdir(exist_ok=True)
     try:
-        return _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, checkpoint, profile, append)
+        up = user_path(spec, dev, w, h, frames, steps, work, checkpoint, save_checkpoint, tuple(user_budgets),
+                       diffusers != "off") if user else None
+        return _run(spec, dev, w, h, frames, steps, out_dir, work, configs if in_memory else [],
+                    diffusers if in_memory else "off", checkpoint, profile, append, up)
     finally:
         if not keep_videos:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, checkpoint, profile, append) -> dict:
+def _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, checkpoint, profile, append,
+         up: dict | None = None) -> dict:
     model = spec.name
+    if not configs and diffusers == "off":  # the user's path only: no components in this process
+        data = report.header(dev)
+        data.update(model=model, size=f"{w}x{h}x{frames}", steps=steps, guidance=list(spec.guidance),
+                    weights=(up or {}).get("checkpoint"), prompt=PROMPT, runs=[])
+        return _finish(data, spec, w, h, frames, steps, out_dir, dev, append, up)
     if checkpoint:
         from artifex.env import read_env
         from artifex.models.loader import load_components, resolve_checkpoint
@@ -255,9 +267,19 @@ def _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, chec
         gc.collect()
     if latents is not None and any(PIPELINE_CONFIGS[n].get("vae_precision") == "bf16" for n in configs):
         data["vae"] = vae_variants(spec, components, vae_fp32, latents, dev)
+    return _finish(data, spec, w, h, frames, steps, out_dir, dev, append, up)
+
+
+def _finish(data, spec, w, h, frames, steps, out_dir, dev, append, up) -> dict:
+    if up is not None:
+        data["user_path"] = up
     if append:
         data = merge_previous(out_dir / f"pipeline-{report.device_slug(dev)}.json", data)
     data["summary"] = summary_of(data, spec, w, h, frames, steps)
+    if not data["runs"] and not data.get("diffusers"):  # the user's path alone: no in-memory figures to sum up
+        data["summary"] = {}
+    if data.get("user_path"):
+        data["summary"].update(user_path_summary(data, spec.name, w, h))
     data["files"] = [str(p) for p in write(out_dir, data, dev)]
     return data
 
@@ -307,7 +329,7 @@ def merge_previous(path: Path, data: dict) -> dict:
     data["runs"] = [r for r in old.get("runs", []) if r["config"] not in mine] + data["runs"]
     if "diffusers" not in data and "diffusers" in old:
         data["diffusers"] = dict(old["diffusers"], from_command=old.get("command"), from_date=old.get("date"))
-    for key in ("vae", "vae_bf16_vs_fp32"):  # the VAE comparison of the earlier run, unless this one made its own
+    for key in ("vae", "vae_bf16_vs_fp32", "user_path"):  # the earlier run's, unless this one made its own
         if key not in data and key in old:
             data[key] = old[key]
     data["appended_to"] = {"command": old.get("command"), "date": old.get("date")}
@@ -336,6 +358,9 @@ def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
           f"{data['weights']}\n\n`{data['command']}` ({data['date']})\n\n" + report.md_table(rows) +
           f"\nVAE decode of the same latents (seconds, peak GiB, error against fp32): "
           f"{data.get('vae') or data.get('vae_bf16_vs_fp32')}\n")
+    if data.get("user_path"):
+        md += ("\n## The user's path: `artifex generate` as a process on a checkpoint directory\n\n"
+               f"Checkpoint: {data['user_path']['checkpoint']}\n\n" + user_path_table(data["user_path"]))
     files = report.write(out_dir, f"pipeline-{slug}", data, md)
     _chart(rows, out_dir / f"pipeline-{slug}.png")
     return files + [out_dir / f"pipeline-{slug}.png"]
@@ -353,6 +378,8 @@ def _chart(rows: list[list[str]], path: Path) -> None:
             return 0.0
 
     body = rows[1:]
+    if not body:
+        return
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(body) + 1.5))
     left = [0.0] * len(body)
     for col, label in ((2, "text"), (3, "denoise"), (4, "decode"), (5, "write")):
@@ -365,3 +392,194 @@ def _chart(rows: list[list[str]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# -- the user's path: `artifex generate` as a process, on a checkpoint directory --------------------------------
+def save_random_checkpoint(spec, path: Path, build_device) -> Path:
+    """Random weights at the real shapes saved with diffusers' ``save_pretrained`` (the layout a user downloads):
+    the directory the user-path runs load."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from artifex.errors import InvalidRequestError
+    from artifex.models.random_init import random_components
+
+    if spec.task == "i2v":
+        raise InvalidRequestError("model", f"the user-path runs generate from text; {spec.name} needs an image",
+                                  "ti2v-5b, t2v-a14b or a tiny t2v/ti2v model")
+    c = random_components(spec, "bf16", build_device=build_device)
+    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.shift)
+    pipe = WanPipeline(tokenizer=c.tokenizer, text_encoder=c.text_encoder, vae=c.vae, scheduler=sched,
+                       transformer=c.experts[0], transformer_2=c.experts[1] if spec.experts == 2 else None,
+                       boundary_ratio=spec.boundary, expand_timesteps=spec.expand_timesteps)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    del pipe, c
+    gc.collect()
+    return path
+
+
+def _cli(args: list[str], timeout: float) -> tuple[float, str]:
+    """``python -m artifex ARGS`` as a child process: (its wall seconds, its stdout); its stderr in an error."""
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "artifex", *args], capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"artifex {' '.join(args[:3])} ... exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return wall, proc.stdout
+
+
+def _shape_flags(w, h, frames, steps) -> list[str]:
+    return ["--size", f"{w}x{h}", "--frames", str(frames), "--steps", str(steps)]
+
+
+def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, budget: str | None,
+                     timeout: float = 3600) -> dict:
+    """``artifex generate`` with no other flags (but ``--vram-budget`` when given) on ``ckpt``: the process's wall
+    from outside, and its sidecar's wall section, stages and peak."""
+    import json
+
+    name = f"cli-{budget or 'whole-gpu'}"
+    out = work / f"{name}.mp4"
+    args = ["generate", "--model", spec.name, "--checkpoint", str(ckpt), "--prompt", PROMPT, "--seed", "1",
+            "--output", str(out), "--device", str(device), *_shape_flags(w, h, frames, steps)]
+    if budget:
+        args += ["--vram-budget", budget]
+    wall, _ = _cli(args, timeout)
+    side = json.loads(out.with_suffix(".json").read_text())
+    return {"run": name, "budget": budget, "cli_wall_s": round(wall, 2),
+            "process_to_mp4_s": side["wall"]["process_s"],
+            "after_mp4_s": round(wall - side["wall"]["process_s"], 2),  # the exit (and the spawn before the start)
+            "wall": side["wall"], "timings_s": side["timings_s"],
+            "load_timings_s": {k[5:]: v for k, v in side["wall"]["stages_s"].items() if k.startswith("load.")},
+            "tier": side["memory"].get("tier") if isinstance(side.get("memory"), dict) else None,
+            "vae_precision": side["plan"]["vae_precision"], "vae_tiling": side["plan"]["vae_tiling"],
+            "peak_gib": side["peak_memory"].get("gpu_max_allocated_gib"),
+            "host_peak_rss_gib": side["wall"].get("host_peak_rss_gib")}
+
+
+def cli_repeat_prompt_run(spec, ckpt: Path, w, h, frames, device, work: Path, timeout: float = 3600) -> dict:
+    """``artifex batch`` of the same prompt twice (2 steps each: the text time does not depend on them): the
+    second job's text encoding, which the prompt cache answers."""
+    import json
+
+    out_dir = work / "batch"
+    args = ["batch", "--model", spec.name, "--checkpoint", str(ckpt), "--prompt", PROMPT, "--prompt", PROMPT,
+            "--seed", "1", "--output-dir", str(out_dir), "--device", str(device), *_shape_flags(w, h, frames, 2)]
+    wall, stdout = _cli(args, timeout)
+    videos = [Path(line) for line in stdout.splitlines() if line.strip().endswith(".mp4")]
+    first, second = (json.loads(v.with_suffix(".json").read_text()) for v in videos[:2])
+    return {"run": "cli-batch-repeat", "cli_wall_s": round(wall, 2),
+            "first_text_s": first["timings_s"]["encode_text"], "repeat_text_s": second["timings_s"]["encode_text"],
+            "repeat_hit": second["text_cache"]["hit"]}
+
+
+def diffusers_from_dir(spec, ckpt: Path, w, h, frames, steps, device, work: Path) -> dict:
+    """diffusers' WanPipeline as its docs load it from ``ckpt`` (VAE in fp32, the rest bf16, ``.to(device)``), one
+    call, frames written: its load and its wall (load to mp4 written; in this process, so without imports)."""
+    import numpy as np
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    from artifex.engine.video import write_mp4
+
+    t0 = time.perf_counter()
+    vae = AutoencoderKLWan.from_pretrained(ckpt, subfolder="vae", torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(ckpt, vae=vae, torch_dtype=torch.bfloat16).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    _sync(device)
+    load_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    guidance = {"guidance_scale": spec.guidance[0]}
+    if spec.experts == 2:
+        guidance["guidance_scale_2"] = spec.guidance[1]
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        video = pipe(prompt=PROMPT, height=h, width=w, num_frames=frames, num_inference_steps=steps,
+                     generator=torch.Generator("cpu").manual_seed(1), **guidance).frames
+    write_mp4((video[0] * 255).round().astype(np.uint8), work / "diffusers-from-dir.mp4", fps=spec.fps)
+    generate_s = time.perf_counter() - t1
+    peak = round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
+    del pipe, vae, video
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"run": "diffusers-from-dir", "load_s": round(load_s, 2), "generate_s": round(generate_s, 2),
+            "wall_s": round(load_s + generate_s, 2), "peak_gib": peak}
+
+
+def user_path(spec, dev, w, h, frames, steps, work: Path, checkpoint: str | None = None,
+              save_checkpoint: Path | None = None, budgets: tuple = (None, "24GB"), diffusers: bool = True) -> dict:
+    """The user's path on one checkpoint directory: ``artifex generate`` per budget and a repeated prompt in
+    ``artifex batch`` (child processes; this process holds no GPU memory meanwhile), then diffusers'
+    ``WanPipeline.from_pretrained`` and one call on the same directory."""
+    import shutil
+
+    if checkpoint:
+        ckpt, made = Path(checkpoint), False
+    else:
+        ckpt, made = save_checkpoint or work / "checkpoint", save_checkpoint is None
+        t = time.perf_counter()
+        save_random_checkpoint(spec, ckpt, dev)
+        saved_s = time.perf_counter() - t
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    out: dict = {"checkpoint": str(ckpt) if not made else "random weights (real shapes), save_pretrained to a "
+                 "temporary directory", "runs": []}
+    if not checkpoint:
+        out["save_s"] = round(saved_s, 2)
+    try:
+        for budget in budgets:
+            row = cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, budget)
+            out["runs"].append(row)
+            log.info("user path %s: %s", row["run"], {k: row[k] for k in ("cli_wall_s", "process_to_mp4_s")})
+        out["repeat_prompt"] = cli_repeat_prompt_run(spec, ckpt, w, h, frames, dev, work)
+        if diffusers:
+            out["diffusers"] = diffusers_from_dir(spec, ckpt, w, h, frames, steps, dev, work)
+    finally:
+        if made:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return out
+
+
+def user_path_summary(data: dict, model: str, w: int, h: int) -> dict:
+    """The issue's keys: ``<shape>`` {cli_wall_s, engine_total_s, load_s, diffusers_wall_s, diffusers_load_s,
+    repeat_prompt_text_s} for the run without a budget, ``<shape>_<budget>`` {cli_wall_s, peak_gib} per budget."""
+    from artifex.bench.dit import shape_key
+
+    up = data.get("user_path") or {}
+    key = shape_key(model, w, h)
+    out = {}
+    d = up.get("diffusers") or {}
+    for r in up.get("runs", []):
+        if r["budget"] is None:
+            out[key] = {"cli_wall_s": r["cli_wall_s"], "cli_process_to_mp4_s": r["process_to_mp4_s"],
+                        "engine_total_s": r["timings_s"]["total"], "load_s": r["timings_s"]["load"],
+                        "diffusers_wall_s": d.get("wall_s"), "diffusers_load_s": d.get("load_s"),
+                        "repeat_prompt_text_s": (up.get("repeat_prompt") or {}).get("repeat_text_s")}
+        else:
+            out[f"{key}_{r['budget'].lower().replace(' ', '')}"] = {"cli_wall_s": r["cli_wall_s"],
+                                                                    "peak_gib": r["peak_gib"]}
+    return out
+
+
+def user_path_table(up: dict) -> str:
+    rows = [["run", "process wall s", "to mp4 closed s", "imports s", "load s", "text s", "denoise s", "decode s",
+             "write s", "other s", "peak GiB", "host peak GiB"]]
+    for r in up.get("runs", []):
+        s, t = r["wall"]["stages_s"], r["timings_s"]
+        rows.append([f"artifex generate{' --vram-budget ' + r['budget'] if r['budget'] else ''}",
+                     str(r["cli_wall_s"]), str(r["process_to_mp4_s"]), str(s.get("process.imports")),
+                     str(t.get("load")), str(t.get("encode_text")), str(t.get("denoise")), str(t.get("decode")),
+                     str(t.get("write")), str(r["wall"]["other_s"]), str(r["peak_gib"]),
+                     str(r["host_peak_rss_gib"])])
+    d = up.get("diffusers")
+    if d:
+        rows.append(["diffusers from_pretrained + call", str(d["wall_s"]), "-", "-", str(d["load_s"]), "-", "-", "-",
+                     "-", "-", str(d["peak_gib"]), "-"])
+    rp = up.get("repeat_prompt") or {}
+    note = (f"\nA repeated prompt (`artifex batch`, second job): text {rp.get('repeat_text_s')} s against "
+            f"{rp.get('first_text_s')} s the first time (cache hit: {rp.get('repeat_hit')}).\n") if rp else ""
+    return report.md_table(rows) + note

@@ -38,8 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# One-shot commands whose process ends right after its output is closed: ``entry`` skips the interpreter's teardown.
+FAST_EXIT_COMMANDS = ("generate", "batch", "demo")
+_last_command: list[str | None] = [None]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _last_command[0] = args.command
     logging.basicConfig(level=logging.DEBUG if args.verbose else read_env().log_level,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -52,4 +58,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["build_config", "build_parser", "main"]
+def entry() -> None:
+    """The ``artifex`` console script and ``python -m artifex``: ``main``, then, after a one-shot generation command
+    (``FAST_EXIT_COMMANDS``), an exit without the interpreter's teardown of torch, the libraries and the models in
+    memory (1.5 s of the tiny model's 9 s CLI run on a CPU; the mp4 and sidecar are closed by then). atexit handlers
+    still run and the standard streams are flushed first; other commands exit as usual."""
+    import atexit
+    import os
+
+    code = main()
+    if _last_command[0] not in FAST_EXIT_COMMANDS:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
+
+
+__all__ = ["FAST_EXIT_COMMANDS", "build_config", "build_parser", "entry", "main"]

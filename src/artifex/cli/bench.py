@@ -67,6 +67,19 @@ def add_commands(sub) -> None:
                     help="keep the mp4s in OUTPUT_DIR/pipeline-videos (default: written to a temporary folder)")
     bp.add_argument("--append", action="store_true",
                     help="add these runs to an existing pipeline-<gpu>.json of the same settings (split long runs)")
+    u = bp.add_argument_group("the user's path")
+    u.add_argument("--user-path", action="store_true",
+                   help="first run `artifex generate` as a child process on a checkpoint directory (--checkpoint "
+                        "DIR, else random weights saved with diffusers' save_pretrained), once per --user-budgets, "
+                        "and a repeated prompt in `artifex batch`; read their sidecars (process wall, stages); then "
+                        "diffusers' WanPipeline.from_pretrained + one call on the same directory (not with "
+                        "--diffusers off)")
+    u.add_argument("--user-budgets", default="none,24GB",
+                   help="comma-separated --vram-budget values of the generate runs; none = no flag (default: "
+                        "%(default)s)")
+    u.add_argument("--save-checkpoint", type=Path,
+                   help="keep the random-weights checkpoint in this directory (default: a temporary one, removed)")
+    u.add_argument("--only-user-path", action="store_true", help="skip the in-memory runs (with --user-path)")
     bp.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     bp.set_defaults(func=cmd_bench_pipeline)
 
@@ -154,10 +167,20 @@ def cmd_bench_fewstep(args: argparse.Namespace) -> int:
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from artifex.bench import pipeline
+    from artifex.engine.memory import parse_budget
 
     w, h, frames = shape_of(args)
+    budgets = [None if b.strip().lower() == "none" else b.strip() for b in args.user_budgets.split(",") if b.strip()]
+    for b in budgets:
+        parse_budget(b)
+    if (args.only_user_path or args.save_checkpoint) and not args.user_path:
+        raise InvalidRequestError("user_path", "--only-user-path and --save-checkpoint go with --user-path")
+    if args.save_checkpoint and args.checkpoint:
+        raise InvalidRequestError("save_checkpoint", "saves random weights; --checkpoint already names a directory")
     data = pipeline.run(args.model, args.output_dir, args.configs, args.diffusers, args.steps, w, h, frames,
-                        args.checkpoint, args.profile, append=args.append, keep_videos=args.keep_videos)
+                        args.checkpoint, args.profile, append=args.append, keep_videos=args.keep_videos,
+                        user=args.user_path, save_checkpoint=args.save_checkpoint, user_budgets=tuple(budgets),
+                        in_memory=not args.only_user_path)
     print(json.dumps(data["summary"], indent=2))
     print("\n".join(data.get("files", [])))
     return 0

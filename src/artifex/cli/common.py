@@ -156,8 +156,26 @@ def report(result) -> None:
     if result.switch_step is not None:
         print(f"experts: high-noise for steps 0-{result.switch_step - 1}, low-noise from step {result.switch_step}",
               file=sys.stderr)
+    wall = (result.sidecar or {}).get("wall")
+    if wall:
+        print(wall_line(wall), file=sys.stderr)
     print(f"sidecar: {result.sidecar_path}", file=sys.stderr)
     print(result.video_path)
+
+
+def wall_line(wall: dict) -> str:
+    """The sidecar's ``wall`` section in one line: the process's seconds so far and where they went."""
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for key, seconds in wall["stages_s"].items():
+        group, _, name = key.partition(".")
+        groups.setdefault(group, []).append((name, seconds))
+    parts = [f"{n} {v:.2f}" for n, v in groups.get("process", [])]
+    load = groups.get("load", [])
+    if load:
+        parts.append(f"load {sum(v for _, v in load):.2f} (" + ", ".join(f"{n} {v:.2f}" for n, v in load) + ")")
+    parts += [f"{n} {v:.2f}" for n, v in groups.get("request", [])]
+    return (f"wall {wall['process_s']:.2f}s since the process started: " + ", ".join(parts)
+            + f"; other {wall['other_s']:.2f}")
 
 
 def table(rows: list[tuple[str, ...]]) -> None:

@@ -132,6 +132,11 @@ def batch_printer(total: int):
     return printer
 
 
+def _wall(result) -> str:
+    wall = (result.sidecar or {}).get("wall")
+    return f"process wall {wall['process_s']:.2f}s at its mp4; " if wall else ""
+
+
 def cmd_batch(args) -> int:
     from artifex.engine.executor import LocalExecutor
     from artifex.engine.plan import requested_tier
@@ -181,6 +186,6 @@ def cmd_batch(args) -> int:
         t = r.timings
         print(f"[job {i + 1}/{len(requests)}] {r.settings.width}x{r.settings.height}, {r.settings.frames} frames, "
               f"{r.settings.steps} steps, seed {r.settings.seed}; denoise {t['denoise']:.2f}s, decode "
-              f"{t['decode']:.2f}s, total {t['total']:.2f}s; sidecar {r.sidecar_path}", file=sys.stderr)
+              f"{t['decode']:.2f}s, total {t['total']:.2f}s; {_wall(r)}sidecar {r.sidecar_path}", file=sys.stderr)
         print(r.video_path)
     return 1 if errors else 0

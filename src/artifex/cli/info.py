@@ -28,7 +28,8 @@ def add_commands(sub) -> None:
     pl.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     pl.add_argument("--fp8-weights", action="store_true")
     pl.add_argument("--vae-tiling", action="store_true")
-    pl.add_argument("--vae-precision", default="fp32", choices=["fp32", "bf16"])
+    pl.add_argument("--vae-precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto (the default): bf16, as the engine runs it on CUDA (fp32 on a CPU)")
     pl.add_argument("--cfg-batch", type=int, default=1, choices=[1, 2])
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
@@ -51,6 +52,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from artifex.config import resolve_vae_precision
     from artifex.engine.memory import GIB, HEADROOM, fits, parse_budget, plan_memory, weights_of
     from artifex.engine.request import check_frames, check_size
     from artifex.models.configs import meta_components
@@ -61,6 +63,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     check_size(spec, width, height)
     check_frames(spec, frames)
     budget = parse_budget(args.vram_budget)
+    vae_precision, why_vae = resolve_vae_precision(args.vae_precision, "cuda")  # the plan is of GPU memory
+    args.vae_precision = vae_precision
     weights = weights_of(*meta_components(spec, args.precision), fp8_weights=args.fp8_weights)
     chosen, error, tiled = None, None, args.vae_tiling
     try:
@@ -74,11 +78,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     chosen = chosen if budget is not None else None
     if args.json:
         print(json.dumps({"model": spec.name, "size": [width, height], "frames": frames, "budget_gib":
-                          budget / GIB if budget else None, "chosen": chosen, "vae_tiling": tiled, "error": error,
+                          budget / GIB if budget else None, "chosen": chosen, "vae_tiling": tiled,
+                          "vae_precision": vae_precision, "reasons": [why_vae] if why_vae else [], "error": error,
                           "tiers": [e.to_dict() for e in ests]}, indent=2))
     else:
         print(f"{spec.name} {width}x{height}x{frames}, {args.precision}"
-              f"{', fp8 weights' if args.fp8_weights else ''}{', VAE tiled' if tiled else ''}; "
+              f"{', fp8 weights' if args.fp8_weights else ''}, VAE {vae_precision}{' tiled' if tiled else ''}; "
               f"weights: text encoder {weights.text_encoder / GIB:.1f} GiB, VAE {weights.vae / GIB:.1f} GiB, "
               f"experts {' + '.join(f'{x / GIB:.1f}' for x in weights.experts)} GiB")
         rows = [("tier", "peak GiB", "encode_text", "denoise", "decode", "fits" if budget else "")]
@@ -89,6 +94,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             rows.append((e.tier, f"{e.peak_gib:.1f}", f"{g['encode_text']:.1f}", f"{g['denoise']:.1f}",
                          f"{g['decode']:.1f}", mark))
         table(rows)
+        if why_vae:
+            print(f"plan: {why_vae}")
         if budget is not None:
             print(f"fits: predicted peak at most {HEADROOM:.0%} of the budget (room for fragmentation under the cap)")
         if error:

@@ -191,17 +191,23 @@ class LocalExecutor(Executor):
             self.identity["gpus"] = [str(i) for i in self.devices]
 
     def load(self, model, checkpoint=None, config=None, single_files=None) -> float:
-        from artifex.engine.pipeline import Engine
+        from artifex import timeline
 
         t0 = time.perf_counter()
-        with LOAD_LOCK:
+        with LOAD_LOCK:  # the libraries' lazy imports are not thread-safe either
+            with timeline.PROCESS.span("imports"):  # torch and the engine's modules, the first time: the process's
+                from artifex.engine.pipeline import Engine
+
+                timeline.import_libraries()
             engine = Engine.load(model, checkpoint=checkpoint, config=config, single_files=single_files)
         self._attach(engine)
         log.info("loaded %s; plan: %s", model, engine.plan.to_dict(), extra={"model": model})
         return time.perf_counter() - t0
 
     def warm_up(self, shapes=None, should_stop=lambda: False) -> float:
-        with LOAD_LOCK:
+        from artifex import timeline
+
+        with LOAD_LOCK, timeline.PROCESS.span("warm_up"):  # the process's time, in every later sidecar's wall
             return super().warm_up(shapes, should_stop)
 
     def generate(self, request, on_event=None, output_dir=None):

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from artifex import timeline
 from artifex.env import read_env
 from artifex.sysinfo import device_info, versions
 
@@ -42,11 +43,29 @@ def build_sidecar(engine: Engine, request: GenerationRequest, r: GenerationResul
         "lora": engine.loras,
         "config": engine.config.to_dict(),
         "timings_s": {"load": round(engine.load_s, 4), **r.timings},
+        # The process's time from its start to this mp4 closed, stage by stage (``artifex.timeline``).
+        "wall": timeline.wall_section(engine.load_timings, r.timings),
+        "text_cache": text_cache_section(engine, s),
         "peak_memory": r.peak_memory,
         "versions": versions(),
         "device": device_info(engine.device),
         **extra,
     }
+
+
+def text_cache_section(engine: Engine, s) -> dict:
+    """The prompt-embedding cache: whether this request's prompt (and negative prompt, under CFG) came from it,
+    and its totals. The outcome is the latest lookup of each text, so a pipelined batch's next job with the same
+    text may have looked it up again in between (it then reads as that lookup's)."""
+    from artifex.engine.pipeline import clean_prompt
+
+    cache = engine.text_cache
+    texts = {"prompt": s.prompt}
+    if any(g > 1.0 for g in s.guidance):
+        texts["negative_prompt"] = s.negative_prompt
+    keys = engine.text_keys([clean_prompt(t) for t in texts.values()])
+    hits = {name: cache.last_outcome(k) if k is not None else None for name, k in zip(texts, keys, strict=True)}
+    return {"enabled": cache.enabled, "hit": hits, **cache.to_dict()}
 
 
 def default_output(output_dir: str | Path | None, model: str, seed: int) -> Path:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from artifex import timeline
 from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
 from artifex.engine.dit import accelerate_model, clear_caches, share_first_block
@@ -28,10 +29,11 @@ from artifex.engine.layout import EngineLayout
 from artifex.engine.memory import weights_of
 from artifex.engine.memory_guard import MemoryGuard
 from artifex.engine.outputs import build_sidecar, default_output, write_json
-from artifex.engine.placement import Placement
-from artifex.engine.plan import Plan, make_plan
+from artifex.engine.placement import Placement, load_devices
+from artifex.engine.plan import Plan, make_plan, plan_before_load, resolve_device
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
 from artifex.engine.samplers import checkpoint_shift, make_sampler, scheduler_warnings
+from artifex.engine.text_cache import TextCache, encoder_fingerprint, tokenizer_fingerprint
 from artifex.engine.vae import accelerate_vae, set_layout
 from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
@@ -163,24 +165,36 @@ class Engine:
     """
 
     def __init__(self, spec: ModelSpec, components: Components, plan: Plan, config: OptimizationConfig,
-                 load_s: float = 0.0):
+                 load_s: float = 0.0, load_timings: dict[str, float] | None = None):
+        t0 = time.perf_counter()
         self.spec, self.c, self.plan, self.config = spec, components, plan, config
         self.device = torch.device(plan.device)
         self.dtype = DTYPES[plan.precision]
-        self.load_s = load_s
+        # Seconds of each load stage (``Engine.load``: resolve, checkpoint_check, checkpoint_read, plan, lora,
+        # fp8_quantize, placement); ``load_s`` their whole (the first imports of the libraries are the process's).
+        self.load_timings: dict[str, float] = dict(load_timings or {})
         self.loras: list[dict] = []  # what from_components fused (file, scale, expert, layers, seconds)
         self.attention = runtime_from_config(config, read_env().home)
         # Where this engine's work runs (one process by default; a parallel layout gives it another).
         self.layout = EngineLayout()
         self.memory_guard = MemoryGuard(self)
+        self.text_cache = TextCache(config.text_cache_size)  # prompt embeddings by tokenizer, encoder and text
         self._pair_memo: dict[int, tuple] = {}  # per expert (id): cond and uncond as one batch
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         check_fp8(config.fp8, self.device)
+        t = time.perf_counter()
         self.fp8_report = quantize_experts(spec, components.experts, self.device, self.dtype, config.fp8_keep) \
             if config.fp8 != "off" else None
+        if self.fp8_report is not None:
+            self.load_timings["fp8_quantize"] = round(time.perf_counter() - t, 4)
         self.weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
         self.placement = Placement(components, plan.placement, self.device, config.fp8_weights, self.dtype)
+        t = time.perf_counter()
         self._place_models()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies to the device count here, not in the first request
+        self.load_timings["placement"] = round(time.perf_counter() - t, 4)
+        self.load_s = load_s + (time.perf_counter() - t0)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -188,20 +202,36 @@ class Engine:
              single_files: dict[str, str | None] | None = None) -> Engine:
         """Load ``model`` (a registry name) from ``checkpoint`` (directory or hub id; default: the
         model's published checkpoint, or the built-in tiny one) and plan how to run it."""
+        timeline.import_libraries()  # the first time in a process: the process's "imports", not this load's
         start = time.perf_counter()
         spec = get_model(model)
         config = config or OptimizationConfig()
         _quiet_libraries()
         path = resolve_checkpoint(spec, checkpoint, read_env().home)
-        components = load_components(spec, path, config.precision, single_files)
+        timings = {"resolve": round(time.perf_counter() - start, 4)}
+        # On a GPU the tier first (from the shapes and the budget), so each component is read straight to its
+        # place in it; on a CPU everything is read to where it runs anyway.
+        devices = {}
+        if resolve_device(config.device).type != "cpu":
+            t = time.perf_counter()
+            before = plan_before_load(spec, config)
+            devices = load_devices(before.placement, torch.device(before.device), config.fp8_weights)
+            timings["plan_before_load"] = round(time.perf_counter() - t, 4)
+        components = load_components(spec, path, config.precision, single_files, devices=devices)
+        timings["checkpoint_check"] = components.timings.get("checkpoint_check", 0.0)
+        timings["checkpoint_read"] = round(sum(v for k, v in components.timings.items() if k.startswith("read.")), 4)
         for w in components.info.warnings:
             log.warning(w)
-        return cls.from_components(spec, components, config, load_s=time.perf_counter() - start)
+        return cls.from_components(spec, components, config, load_s=time.perf_counter() - start,
+                                   load_timings=timings)
 
     @classmethod
     def from_components(cls, spec: ModelSpec, components: Components, config: OptimizationConfig | None = None,
-                        load_s: float = 0.0) -> Engine:
-        """An engine over components already in memory (loaded, or random weights for benchmarks)."""
+                        load_s: float = 0.0, load_timings: dict[str, float] | None = None) -> Engine:
+        """An engine over components already in memory (loaded, or random weights for benchmarks). ``load_s`` and
+        ``load_timings``: what loading them took (``Engine.load``); the stages below are added to both."""
+        start = time.perf_counter()
+        timings = dict(load_timings or {})
         config = config or OptimizationConfig()
         config.check_supported()
         _quiet_libraries()
@@ -210,12 +240,17 @@ class Engine:
             log.info("plan: %s", r)
         for w in scheduler_warnings(spec, components.scheduler_config):
             log.warning(w)
+        timings["plan"] = round(time.perf_counter() - start, 4)
         # LoRAs go into the weights as loaded: before fp8 quantization and q/k/v fusion (in the constructor).
+        t = time.perf_counter()
         loras = fuse_loras(components.experts, parse_lora_specs(config.lora), spec.name, device=plan.device)
         for r in loras:
             log.info("lora: fused %s (scale %g) into expert %d: %d layers in %.2f s", r["file"], r["scale"],
                      r["expert_index"], r["layers"], r["fuse_s"])
-        engine = cls(spec, components, plan, config, load_s=load_s)
+        if loras:
+            timings["lora"] = round(time.perf_counter() - t, 4)
+        engine = cls(spec, components, plan, config, load_s=load_s + (time.perf_counter() - start),
+                     load_timings=timings)
         engine.loras = loras
         return engine
 
@@ -254,11 +289,34 @@ class Engine:
     # -- stages ----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """UMT5 embeddings, zeroed past each prompt's length: (len(prompts), text_len, text_dim)."""
-        tok = self.c.tokenizer
+        """UMT5 embeddings, zeroed past each prompt's length: (len(prompts), text_len, text_dim). A prompt met
+        before (the same cleaned text, tokenizer and encoder weights) comes from ``text_cache``; the others are
+        encoded as one batch."""
         cleaned = [clean_prompt(p) for p in prompts]
-        batch = tok(cleaned, padding="max_length", max_length=self.spec.text_len, truncation=True,
-                    add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        keys = self.text_keys(cleaned)
+        found = [self.text_cache.get(k) if k is not None else None for k in keys]
+        todo = sorted({t for t, f in zip(cleaned, found, strict=True) if f is None})  # each missing text once
+        encoded = dict(zip(todo, self._encode_texts(todo), strict=True)) if todo else {}
+        rows = []
+        for text, key, f in zip(cleaned, keys, found, strict=True):
+            if f is None:
+                f = encoded[text]
+                if key is not None:
+                    self.text_cache.put(key, f)
+            rows.append(f.to(self.device))
+        return torch.stack(rows)
+
+    def text_keys(self, cleaned: list[str]) -> list[tuple | None]:
+        """The text cache's keys of these cleaned prompts (None each while the cache is off)."""
+        if not self.text_cache.enabled:
+            return [None] * len(cleaned)
+        tok_fp, enc_fp = tokenizer_fingerprint(self.c.tokenizer), encoder_fingerprint(self.c.text_encoder)
+        return [TextCache.key(tok_fp, enc_fp, t, self.spec.text_len, self.dtype) for t in cleaned]
+
+    def _encode_texts(self, cleaned: list[str]) -> torch.Tensor:
+        """The text encoder on cleaned prompts: (len(cleaned), text_len, text_dim) in the engine's precision."""
+        batch = self.c.tokenizer(cleaned, padding="max_length", max_length=self.spec.text_len, truncation=True,
+                                 add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         with self.placement.text_encoder() as enc:
             ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
             hidden = enc(ids, mask).last_hidden_state

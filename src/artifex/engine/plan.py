@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from artifex.config import OptimizationConfig
+from artifex.config import OptimizationConfig, resolve_vae_precision
 from artifex.errors import InvalidRequestError
 from artifex.models.registry import ModelSpec
 
@@ -24,7 +24,7 @@ log = logging.getLogger("artifex")
 class Plan:
     device: str
     precision: str  # DiT and text encoder
-    vae_precision: str
+    vae_precision: str  # what runs (config's auto resolved: bf16 on CUDA, fp32 on a CPU)
     attention: str  # as requested ("auto" or a backend); each result records the backend chosen per shape
     placement: str  # a memory tier (artifex.engine.placement.TIERS); a request may move to a leaner one
     cfg_batch: int  # 2: cond and uncond in one batch
@@ -94,14 +94,18 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
         reasons.append(f"vram_budget {budget / 2**30:.1f} GiB enforced on {device}")
+    vae_precision, why_vae = resolve_vae_precision(config.vae_precision, device.type)
+    if why_vae:
+        reasons.append(why_vae)
     weights = weights_of(components.text_encoder, components.vae, components.experts, config.fp8_weights)
     w, h = spec.sizes[0]  # planned at the model's default size; each request is planned again at its own
     forward = "artifex" if config.fast_dit else "diffusers"
     placement, vae_tiling, _, why = plan_memory(spec, weights, w, h, spec.frames, cfg_batch, config.vae_tiling,
-                                                forward, budget, requested, config.vae_precision, config.vae_tile_size)
+                                                forward, budget, requested, vae_precision, config.vae_tile_size)
     reasons += why
     if placement != "resident":
         reasons.append(f"memory tier: {placement}")
+    reasons += on_demand_reasons(placement, weights, config.text_cache_size)
     if cfg_batch == 2:
         reasons.append("max_batch_size >= 2: CFG's conditional and unconditional passes run as one batch")
     elif config.fast_dit:
@@ -124,7 +128,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
     return Plan(
         device=str(device),
         precision=config.precision,
-        vae_precision=config.vae_precision,
+        vae_precision=vae_precision,
         attention=config.attention,
         placement=placement,
         cfg_batch=cfg_batch,
@@ -140,3 +144,32 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         config_hash=config.hash(),
         reasons=reasons,
     )
+
+
+def plan_before_load(spec: ModelSpec, config: OptimizationConfig) -> Plan:
+    """The plan from the model's shapes alone (its components on the meta device, nothing read): what
+    ``Engine.load`` decides before reading weights, so that each component is read straight to where the memory
+    tier keeps it (``placement.load_devices``). The engine plans again on what it loaded."""
+    from types import SimpleNamespace
+
+    from artifex.models.configs import meta_components
+
+    text_encoder, vae, experts = meta_components(spec, config.precision)
+    return make_plan(spec, config, SimpleNamespace(text_encoder=text_encoder, vae=vae, experts=experts))
+
+
+def on_demand_reasons(tier: str, weights, text_cache_size: int) -> list[str]:
+    """What the tier does with the text encoder and VAE it brings to the device only while they run."""
+    from artifex.engine.placement import on_demand
+
+    text, vae = on_demand(tier)
+    out = []
+    if text:
+        out.append(f"{tier}: the text encoder ({weights.text_encoder / 2**30:.1f} GiB) stays in pinned host memory "
+                   "and is copied in for each encode, never copied back"
+                   + (f"; a prompt or negative prompt met before skips it (the last {text_cache_size} are kept)"
+                      if text_cache_size else "; text_cache_size 0: every request encodes"))
+    if vae:
+        out.append(f"{tier}: the VAE ({weights.vae / 2**30:.1f} GiB) stays in pinned host memory and is copied in "
+                   "for each decode")
+    return out

@@ -413,7 +413,10 @@ def resolve_request(req: GenerationRequest, limits: RequestLimits | None = None,
 @functools.cache
 def max_steps(shift: float) -> int:
     """The most steps whose shifted flow schedule keeps every integer timestep distinct (UniPC needs that)."""
-    from diffusers import UniPCMultistepScheduler
+    from artifex import timeline
+
+    with timeline.PROCESS.span("imports"):  # often the process's first import of torch and diffusers
+        from diffusers import UniPCMultistepScheduler
 
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ class CheckpointInfo:
 
 @dataclass
 class Components:
-    """The loaded parts of a pipeline: plain modules, placed on the CPU."""
+    """The loaded parts of a pipeline: plain modules, each on the device it was read to (``load_components``'s
+    ``devices``; the CPU by default)."""
 
     tokenizer: Any
     text_encoder: torch.nn.Module
@@ -52,6 +54,7 @@ class Components:
     scheduler_config: dict
     experts: list[torch.nn.Module]  # [high-noise, low-noise] for A14B, [transformer] otherwise
     info: CheckpointInfo
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: checkpoint_check, read.<component>
 
 
 # -- locating ----------------------------------------------------------------------------
@@ -218,34 +221,53 @@ def load_components(
     path: Path,
     precision: str = "bf16",
     single_files: dict[str, str | None] | None = None,
+    devices: dict[str, str] | None = None,
 ) -> Components:
-    """Load every component of a checked checkpoint onto the CPU.
+    """Load every component of a checked checkpoint onto the CPU, or where ``devices`` says.
 
     The DiT experts and the text encoder load in ``precision`` (diffusers keeps the
     modules its model classes list in ``_keep_in_fp32_modules`` in fp32); the VAE loads
     in fp32. ``single_files`` maps "transformer", "transformer_2" or "vae" to a
     single-file safetensors that replaces that component's weights (its config comes
     from the checkpoint directory).
+
+    ``devices`` maps "transformer", "transformer_2", "vae" or "text_encoder" to the device that component is read
+    straight to (``device_map``: the model is built on the meta device and each tensor of each safetensors shard is
+    copied to that device in its load dtype, the fp32-kept modules in fp32, in the same pass): the memory tier's
+    place for it, so that no full copy is made in host memory first. A single file is read to the CPU.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    t0 = time.perf_counter()
     info = check_checkpoint(spec, path)
     single_files = {k: v for k, v in (single_files or {}).items() if v}
     for role, file in single_files.items():
         if role == "transformer_2" and spec.experts < 2:
             raise CheckpointError(file, f"{spec.name} has no transformer_2")
         check_safetensors(Path(file))
+    timings = {"checkpoint_check": round(time.perf_counter() - t0, 4)}
     dtype = DTYPES[precision]
+    devices = dict(devices or {})
+
+    def device_map(role: str) -> dict:
+        return {"device_map": {"": torch.device(devices[role])}} if role in devices else {}
 
     def load(role: str, cls, subfolder: str, dtype: torch.dtype):
+        t = time.perf_counter()
+        try:
+            return _load(role, cls, subfolder, dtype)
+        finally:
+            timings[f"read.{role}"] = round(time.perf_counter() - t, 4)
+
+    def _load(role: str, cls, subfolder: str, dtype: torch.dtype):
         try:
             if role in single_files:
                 # Single files load in fp32, then cast here so the fp32-kept modules never lose precision.
                 model = cls.from_single_file(single_files[role], config=str(path), subfolder=subfolder,
                                              torch_dtype=torch.float32)
                 return cast_keeping_fp32(model, dtype)
-            return cls.from_pretrained(path, subfolder=subfolder, dtype=dtype)
+            return cls.from_pretrained(path, subfolder=subfolder, dtype=dtype, **device_map(role))
         except CheckpointError:
             raise
         except Exception as e:
@@ -257,14 +279,17 @@ def load_components(
         for role in ["transformer", "transformer_2"][: spec.experts]
     ]
     vae = load("vae", AutoencoderKLWan, "vae", torch.float32).eval()
+    t = time.perf_counter()
     try:
-        text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype).eval()
+        text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype,
+                                                        **device_map("text_encoder")).eval()
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     except Exception as e:
         raise CheckpointError(path / "text_encoder", f"could not be loaded: {type(e).__name__}: {e}") from e
+    timings["read.text_encoder"] = round(time.perf_counter() - t, 4)
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
     return Components(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                      scheduler_config=scheduler_config, experts=experts, info=info)
+                      scheduler_config=scheduler_config, experts=experts, info=info, timings=timings)
 
 
 def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -43,6 +43,7 @@ class Metrics:
         self.finished: dict[tuple[str, str], int] = defaultdict(int)
         self.job_seconds: dict[str, list[float]] = defaultdict(list)  # recent totals per model (for ETAs)
         self.restarts: dict[str, int] = defaultdict(int)  # engines brought up again after their process died
+        self.text_cache: dict[tuple[str, str, str], int] = defaultdict(int)  # (model, text, hit|miss) -> lookups
 
     def observe_stage(self, model: str, stage: str, seconds: float) -> None:
         with self._lock:
@@ -62,6 +63,14 @@ class Metrics:
                 del recent[:-20]
         for stage, seconds in (timings or {}).items():
             self.observe_stage(model, stage, float(seconds))
+
+    def observe_text_cache(self, model: str, hits: dict | None) -> None:
+        """A finished job's prompt-embedding cache lookups: {"prompt": bool, "negative_prompt": bool} (a text
+        the job did not encode, or an engine without the cache, is left out)."""
+        with self._lock:
+            for text, hit in (hits or {}).items():
+                if isinstance(hit, bool):
+                    self.text_cache[(model, text, "hit" if hit else "miss")] += 1
 
     def count_restart(self, model: str) -> None:
         with self._lock:
@@ -100,10 +109,14 @@ class Metrics:
             subs = sorted(self.submissions.items())
             fin = sorted(self.finished.items())
             stages = sorted((k, list(h)) for k, h in self._stages.items())
+            text_cache = sorted(self.text_cache.items())
         metric("artifex_submissions_total", "counter", "Generation requests by outcome since start.",
                [(_labels(result=r), n) for r, n in subs])
         metric("artifex_jobs_finished_total", "counter", "Jobs finished since start, by model and final state.",
                [(_labels(model=m, state=s), n) for (m, s), n in fin])
+        metric("artifex_text_cache_lookups_total", "counter", "Prompt-embedding cache lookups of finished jobs, by "
+               "model, text (prompt, negative_prompt) and result (hit: the text encoder was skipped).",
+               [(_labels(model=m, text=t, result=r), n) for (m, t, r), n in text_cache])
         out.append("# HELP artifex_stage_duration_seconds Duration of each generation stage (encode_text, "
                    "encode_image, denoise, decode, write, total).")
         out.append("# TYPE artifex_stage_duration_seconds histogram")

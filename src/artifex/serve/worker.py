@@ -56,8 +56,10 @@ def run_job(executor: Executor, fields: dict, on_progress: ProgressFn) -> dict:
             log.exception("job failed")
         return {"state": "failed", "error": describe_error(e)}
     files = [p for p in (result.video_path, result.sidecar_path) if p is not None]
+    text_cache = ((getattr(result, "sidecar", None) or {}).get("text_cache") or {}).get("hit")
     return {"state": "succeeded", "video": str(result.video_path), "sidecar": str(result.sidecar_path),
-            "timings": dict(result.timings), "output_bytes": sum(p.stat().st_size for p in files if p.exists())}
+            "timings": dict(result.timings), "output_bytes": sum(p.stat().st_size for p in files if p.exists()),
+            "text_cache": text_cache}
 
 
 class ModelWorker:
@@ -251,6 +253,7 @@ class ModelWorker:
             log.warning("worker %d died during the job (%s); the job is %s", self.index, e, final_state, extra=extra)
         else:
             final_state, timings = self._record(job, outcome, extra)
+            self.metrics.observe_text_cache(job.model, outcome.get("text_cache"))
         finally:
             self.current = None
             self.live.end(job.id)

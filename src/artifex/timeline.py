@@ -1,0 +1,151 @@
+"""Where a process's time goes, from the moment it started: the clock every sidecar's ``wall`` section reads.
+
+``start()`` is the process's start on the ``time.perf_counter`` clock: read from the kernel
+(``/proc/self/stat``: the interpreter's own start-up counts), else the first import of
+``artifex`` (which this module is imported by). Process-wide phases are added to one
+``PROCESS`` timeline, each with the seconds it took:
+
+- ``startup``: process start to ``artifex`` imported (interpreter, site packages);
+- ``imports``: the heavy libraries (torch, diffusers, transformers and their model classes),
+  the first time this process imports them;
+- ``warm_up``: an executor's warm-up generations (a server's).
+
+An engine's load stages (checkpoint check and read, plan, placement) are its own
+(``Engine.load_timings``); a request's stages are its job's. ``wall_section`` puts the three
+together: their sum is at most the process's age, and what is left is ``other_s``
+(argument parsing, earlier requests of the same process, idle time between requests).
+
+Torch-free: the CLI imports it before anything heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+_IMPORTED = time.perf_counter()  # artifex imported (this module is imported by artifex/__init__.py)
+
+
+def _kernel_start() -> float | None:
+    """The process's start on the perf_counter clock, from /proc/self/stat (Linux), or None."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+        ticks = int(fields[19])  # field 22 of proc(5): start time in clock ticks after boot
+        hz = os.sysconf("SC_CLK_TCK")
+        # Boot time on the same clock the kernel counts the start in (CLOCK_BOOTTIME), then onto perf_counter's.
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / hz
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    if not 0 <= age < 7 * 24 * 3600:
+        return None
+    return min(time.perf_counter() - age, _IMPORTED)
+
+
+_KERNEL_START = _kernel_start()
+START = _KERNEL_START if _KERNEL_START is not None else _IMPORTED
+START_SOURCE = "process start (/proc/self/stat)" if _KERNEL_START is not None else "artifex imported"
+
+
+class Timeline:
+    """Named phases of a process and their seconds (a phase added twice adds up; a span inside a span of the same
+    name, on the same thread, is counted once: by the outer one). Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seconds: dict[str, float] = {}
+        self._open = threading.local()
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._seconds[name] = self._seconds.get(name, 0.0) + max(seconds, 0.0)
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        """Time the block as phase ``name``."""
+        open_names = self._open.__dict__.setdefault("names", set())
+        if name in open_names:
+            yield
+            return
+        open_names.add(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            open_names.discard(name)
+            self.add(name, time.perf_counter() - t0)
+
+    def to_dict(self) -> dict[str, float]:
+        with self._lock:
+            return {k: round(v, 4) for k, v in self._seconds.items()}
+
+
+PROCESS = Timeline()
+PROCESS.add("startup", _IMPORTED - START)
+
+
+def start() -> float:
+    return START
+
+
+def age() -> float:
+    """Seconds since the process started."""
+    return time.perf_counter() - START
+
+
+_IMPORTS_DONE = threading.Event()
+_IMPORT_LOCK = threading.Lock()  # diffusers' lazy module is not safe to import from two threads at once
+
+
+def import_libraries() -> None:
+    """Import torch, diffusers, transformers and the Wan model classes once, timed as ``imports`` (the first
+    call in a process pays; later ones return at once; concurrent callers wait for the first). diffusers and
+    transformers load their model modules lazily: without this the import cost would be counted as checkpoint
+    reading."""
+    if _IMPORTS_DONE.is_set():
+        return
+    with _IMPORT_LOCK:
+        if _IMPORTS_DONE.is_set():
+            return
+        with PROCESS.span("imports"):
+            import torch  # noqa: F401
+            from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
+            from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
+        _IMPORTS_DONE.set()
+
+
+def wall_section(load: dict[str, float], request: dict[str, float]) -> dict:
+    """The sidecar's ``wall`` section at this moment (just after the mp4 closed): the process's age, the process
+    phases (``PROCESS``), the engine's ``load`` stages and the ``request``'s stages (seconds each), and
+    ``other_s``: the rest of the process's time."""
+    process_s = age()
+    phases = PROCESS.to_dict()
+    stages = {f"process.{k}": v for k, v in phases.items()}
+    stages |= {f"load.{k}": v for k, v in load.items()}
+    stages |= {f"request.{k}": v for k, v in request.items() if k != "total"}
+    accounted = sum(stages.values())
+    return {
+        "clock": START_SOURCE,
+        "process_s": round(process_s, 4),
+        "stages_s": stages,
+        "stages_sum_s": round(accounted, 4),
+        "other_s": round(process_s - accounted, 4),
+        "host_peak_rss_gib": host_peak_rss_gib(),  # a checkpoint read whole into host memory shows here
+    }
+
+
+def host_peak_rss_gib() -> float | None:
+    """The most resident host memory this process has held so far (GiB), or None where it cannot be read."""
+    try:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    except (ImportError, OSError):
+        return None
+    return round(kib / 2**20, 3)
+
+
+__all__ = ["PROCESS", "START", "START_SOURCE", "Timeline", "age", "host_peak_rss_gib", "import_libraries", "start",
+           "wall_section"]
