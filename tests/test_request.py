@@ -33,7 +33,7 @@ def resolve(**kw):
     (dict(shift=0), r"shift: must be > 0"),
     (dict(seed=-1), r"seed: must be in \[0, 4294967295\]"),
     (dict(model="nope"), r"model: unknown model 'nope' \(allowed: ti2v-5b, t2v-a14b"),
-    (dict(preset="fast"), r"preset: unknown preset 'fast' \(allowed: draft, preview, production, cinema\)"),
+    (dict(preset="fast"), r"preset: unknown preset 'fast' \(allowed: draft, preview, production, cinema, turbo\)"),
     (dict(prompt="   "), r"prompt: must be a non-empty string"),
     (dict(model="i2v-a14b"), r"image: i2v-a14b generates from an image"),
     (dict(output="out.avi"), r"output: must be an .mp4 path"),

@@ -192,7 +192,7 @@ BAD_JSON = [
     ({"model": "tiny-t2v-moe", "prompt": "   "}, 400, "prompt", None),
     ({"model": "tiny-t2v-moe", "prompt": 5}, 400, "prompt", None),
     ({"model": 7, "prompt": "x"}, 400, "model", None),
-    ({**FAST, "prompt": "x", "preset": "ultra"}, 400, "preset", "draft, preview, production, cinema"),
+    ({**FAST, "prompt": "x", "preset": "ultra"}, 400, "preset", "draft, preview, production, cinema, turbo"),
     ({**FAST, "prompt": "x", "size": "100x64"}, 400, "width", None),
     ({**FAST, "prompt": "x", "size": "big"}, 400, "size", None),
     ({**FAST, "prompt": "x", "frames": 10}, 400, "frames", None),
