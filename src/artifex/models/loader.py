@@ -1,4 +1,4 @@
-"""Find, check and load a Wan2.2 checkpoint in the diffusers layout.
+"""Find, check and load a Wan2.2 checkpoint in the diffusers layout (the official layout: ``official.py``).
 
 Sources, in the order tried: a tiny model (built on first use), a local directory, a
 Hugging Face hub id (downloaded when the network exists). Before any weights are read
@@ -40,6 +40,8 @@ class CheckpointInfo:
     weight_bytes: dict[str, int]
     boundary_ratio: float | None
     warnings: list[str] = field(default_factory=list)
+    layout: str = "diffusers"  # or "official" (artifex.models.official: converted in memory at load)
+    from_registry: list[str] = field(default_factory=list)  # settings the checkpoint lacks, taken from the registry
 
 
 @dataclass
@@ -161,6 +163,10 @@ def _which_model(spec: ModelSpec, index: dict, cfg: dict) -> str:
 
 def check_checkpoint(spec: ModelSpec, path: Path) -> CheckpointInfo:
     """Check that ``path`` holds a loadable checkpoint of ``spec``, reading headers only."""
+    from artifex.models import official
+
+    if official.detect_layout(path) == "official":
+        return official.check_official(spec, path)
     index = read_json(path / "model_index.json")
     warnings: list[str] = []
     cls = index.get("_class_name")
@@ -230,6 +236,10 @@ def load_components(
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    from artifex.models import official
+
+    if official.detect_layout(path) == "official":
+        return official.load_official(spec, path, precision, single_files)
     info = check_checkpoint(spec, path)
     single_files = {k: v for k, v in (single_files or {}).items() if v}
     for role, file in single_files.items():
