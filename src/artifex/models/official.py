@@ -503,23 +503,20 @@ def _plan(part: _Part) -> None:
     except Exception as e:
         raise CheckpointError(part.weights.where, f"could not be converted ({type(e).__name__}: {e})") from e
     origin = {id(t): k for k, t in source.items()}
+    renames_only = all(id(t) in origin for t in got.values())
     used = {origin[id(t)] for t in got.values() if id(t) in origin}
     missing = [k for k in want if k not in got]
-    unexpected = [k for k in got if k not in want]
+    # unexpected: what the conversion made that the module lacks, and (renames only) what it left unused
+    unexpected = [origin.get(id(got[k]), k) for k in got if k not in want]
+    unexpected += [k for k in source if k not in used] if renames_only else []
     if missing or unexpected:
         problems = []
         if missing:
             problems.append(f"{len(missing)} missing after conversion: {_names(missing)}")
         if unexpected:
-            unexpected_src = [origin.get(id(got[k]), k) for k in unexpected]
-            problems.append(f"{len(unexpected)} unexpected (official names): {_names(unexpected_src)}")
+            problems.append(f"{len(unexpected)} unexpected (official names): {_names(sorted(set(unexpected)))}")
         raise CheckpointError(part.weights.where, f"does not match the {type(model).__name__} of this model: "
                                                   + "; ".join(problems))
-    renames_only = all(id(t) in origin for t in got.values())
-    unused = [k for k in source if k not in used] if renames_only else []
-    if unused:
-        raise CheckpointError(part.weights.where, f"does not match the {type(model).__name__} of this model: "
-                                                  f"{len(unused)} unexpected (official names): {_names(unused)}")
     wrong = [f"{origin.get(id(got[k]), k)} {list(got[k].shape)} (expected {list(v.shape)})"
              for k, v in want.items() if tuple(got[k].shape) != tuple(v.shape)]
     if wrong:
@@ -601,6 +598,39 @@ def scheduler_config(spec: ModelSpec) -> dict:
     """The scheduler config the official layout lacks: Wan's UniPC on flow sigmas at the registry's shift."""
     return {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000, "solver_order": 2,
             "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": spec.shift}
+
+
+# -- converting a state dict in memory (the path a checkpoint takes, without files) ---------------
+def _from_state(role: str, state: dict, build, convert, dtype: torch.dtype, where: str) -> torch.nn.Module:
+    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+    part = _Part(role, _Weights(Path(where), {}, meta, state), build, convert)
+    _plan(part)
+    return _load_part(part, dtype)
+
+
+def transformer_from_official(spec: ModelSpec, state: dict, config: dict | None = None,
+                              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The transformer of ``spec`` from an official state dict (keys checked; fp32 modules kept as diffusers does)."""
+    fmt = _TRANSFORMER_FORMATS.get(spec.task)
+    if fmt is None:
+        raise CheckpointError(spec.name, "no converter for its official transformer is registered")
+    return _from_state("transformer", state, lambda: fmt.build(spec, config or {}), fmt.convert, dtype,
+                       f"<{spec.name} transformer state dict>")
+
+
+def vae_from_official(state: dict, vae_kwargs: dict) -> torch.nn.Module:
+    """An fp32 ``AutoencoderKLWan(**vae_kwargs)`` from an official ``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``
+    state dict."""
+    from diffusers import AutoencoderKLWan
+
+    return _from_state("vae", state, lambda: AutoencoderKLWan(**vae_kwargs), None, torch.float32, "<VAE state dict>")
+
+
+def umt5_from_official(state: dict, config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A ``UMT5EncoderModel(config)`` from the official umt5 encoder state dict (wan/modules/t5.py names)."""
+    from transformers import UMT5EncoderModel
+
+    return _from_state("text_encoder", state, lambda: UMT5EncoderModel(config), None, dtype, "<umt5 state dict>")
 
 
 # -- writing (tiny checkpoints for tests and the demo) -------------------------------------
