@@ -313,8 +313,8 @@ def test_another_variant_or_a_wrong_config_is_named(official_checkpoint, officia
     with pytest.raises(CheckpointError, match=r"holds high_noise_model/ and low_noise_model/ \(two experts\); "
                                               r"tiny-ti2v has one transformer \(it looks like tiny-t2v-moe\)"):
         check_checkpoint(get_model("tiny-ti2v"), official_checkpoint("tiny-t2v-moe"))
-    with pytest.raises(CheckpointError, match=r"high_noise_model/config.json: model_type is 't2v', but tiny-i2v-moe is "
-                                              r"a 'i2v' model: this is not a tiny-i2v-moe checkpoint \(it looks like "
+    with pytest.raises(CheckpointError, match=r"high_noise_model/config.json: model_type is 't2v', but tiny-i2v-moe's "
+                                              r"is 'i2v': this is not a tiny-i2v-moe checkpoint \(it looks like "
                                               r"tiny-t2v-moe\)"):
         check_checkpoint(get_model("tiny-i2v-moe"), official_checkpoint("tiny-t2v-moe"))
     path = official_copy("tiny-ti2v")
@@ -387,3 +387,31 @@ def test_the_s2v_layout_is_detected_and_waits_for_its_converter(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointError, match=r"no converter for the official s2v transformer is registered"):
         check_checkpoint(spec, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["ti2v-5b", "t2v-a14b", "i2v-a14b"])
+def test_real_size_official_state_dicts_pass_the_key_and_shape_check(name):
+    """The official classes at the real sizes (DiffSynth's copies, on the meta device: no memory) against the
+    modules Artifex loads them into: every key converts, nothing is left over, every shape agrees."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5EncoderModel
+
+    spec = get_model(name)
+    a = spec.transformer
+    with torch.device("meta"):
+        dit = reference("models.wan_video_dit").WanModel(
+            dim=a.dim, in_dim=a.in_channels, ffn_dim=a.ffn, out_dim=a.out_channels, text_dim=a.text_dim,
+            freq_dim=a.freq_dim, eps=1e-6, patch_size=a.patch, num_heads=a.heads, num_layers=a.layers,
+            has_image_input=False).state_dict()
+        vae_ref = reference("models.wan_video_vae")
+        vae = (vae_ref.VideoVAE38_() if spec.vae.kind == "wan2.2" else vae_ref.VideoVAE_()).state_dict()
+        t5 = reference("models.wan_video_text_encoder").WanTextEncoder().state_dict() if name == "ti2v-5b" else None
+    fmt = official.transformer_format(spec.task)
+    # each raises, naming the keys, on any mismatch; the pairs are every stored tensor (the tied embedding twice)
+    pairs = official.check_state("transformer", dit, lambda: fmt.build(spec, {}), fmt.convert)
+    assert pairs is not None and len(pairs) == len(dit)
+    pairs = official.check_state("vae", vae, lambda: AutoencoderKLWan(**official.vae_config(spec)))
+    assert pairs is not None and len(pairs) == len(vae)
+    if t5 is not None:  # one umt5-xxl for all variants
+        pairs = official.check_state("text_encoder", t5, lambda: UMT5EncoderModel(text_encoder_config(spec)))
+        assert pairs is not None and len(pairs) == len(t5) + 1

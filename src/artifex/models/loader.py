@@ -70,12 +70,13 @@ def resolve_checkpoint(spec: ModelSpec, source: str | None, cache_dir: Path) -> 
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CheckpointError(path, "is a file; a checkpoint is a diffusers-format directory "
+            raise CheckpointError(path, "is a file; a checkpoint is a directory (diffusers or official Wan2.2 layout) "
                                         "(use --transformer-file/--vae-file for single files)")
         return path
     if _HUB_ID.match(source):
         return _download(source)
-    raise CheckpointError(path, "does not exist (expected a diffusers-format directory or a hub id like "
+    raise CheckpointError(path, "does not exist (expected a checkpoint directory, diffusers or official Wan2.2 "
+                                "layout, or a hub id like "
                                 f"{spec.hub_id or 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'})")
 
 
@@ -83,7 +84,7 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.pth",
                                                                "tokenizer/*", "*.index.json"]))
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
         raise CheckpointError(repo_id, f"could not download from the Hugging Face hub ({type(e).__name__}: "

@@ -17,10 +17,11 @@ encoder in the requested precision with transformers' rule), into modules built 
 The transformer keys are renamed by diffusers' ``convert_wan_transformer_to_diffusers``. The two VAEs and the umt5
 encoder are renamed here: diffusers' own Wan VAE converter hard-codes the real model's block counts (two res-blocks
 per stage) and has no Wan2.2 VAE at all; nothing converts the official T5 to transformers' ``UMT5EncoderModel``.
-The layout holds no scheduler, no MoE boundary and no VAE latent statistics: those come from the registry (and a
-transformer config's ``boundary`` / ``sample_shift`` fields where present), listed in ``CheckpointInfo.from_registry``.
+The layout holds no scheduler, no MoE boundary and no VAE latent statistics: those come from the registry (and an
+expert config's ``boundary`` field where present), listed in ``CheckpointInfo.from_registry``.
 
-S2V: ``register_transformer_format("s2v", build, convert)`` is the hook the S2V model plugs its converter into.
+S2V: ``register_transformer_format("s2v", build, convert)`` is the hook the S2V model plugs its converter into;
+``artifex.models.s2v`` is imported on first need, so registering at its import is enough.
 """
 
 from __future__ import annotations
@@ -136,6 +137,23 @@ _TRANSFORMER_FORMATS: dict[str, TransformerFormat] = {
     task: TransformerFormat(_build_wan_transformer, convert_wan_transformer) for task in ("t2v", "i2v", "ti2v")}
 
 
+# Modules that register their task's format when imported (imported here on first need, by name: no import cycle).
+_FORMAT_MODULES = {"s2v": "artifex.models.s2v"}
+
+
+def transformer_format(task: str) -> TransformerFormat | None:
+    """The registered format of ``task``'s official transformer, importing the module that registers it if needed."""
+    if task not in _TRANSFORMER_FORMATS and task in _FORMAT_MODULES:
+        import importlib
+
+        try:
+            importlib.import_module(_FORMAT_MODULES[task])
+        except ModuleNotFoundError as e:
+            if e.name != _FORMAT_MODULES[task]:
+                raise
+    return _TRANSFORMER_FORMATS.get(task)
+
+
 def register_transformer_format(task: str, build: Callable[[ModelSpec, dict], torch.nn.Module],
                                 convert: Callable[[dict], dict]) -> None:
     """Plug in the converter of a task's official transformer (S2V: ``models/s2v`` registers ``"s2v"``)."""
@@ -175,8 +193,8 @@ def _check_config(spec: ModelSpec, path: Path) -> dict:
     experts = spec.experts
     mtype = cfg.get("model_type")
     if mtype is not None and mtype != spec.task:
-        raise CheckpointError(path, f"model_type is {mtype!r}, but {spec.name} is a {spec.task!r} model: this is not "
-                                    f"a {spec.name} checkpoint{_which_model(spec, cfg, experts)}")
+        raise CheckpointError(path, f"model_type is {mtype!r}, but {spec.name}'s is {spec.task!r}: this is not a "
+                                    f"{spec.name} checkpoint{_which_model(spec, cfg, experts)}")
     for key, (field, _) in _CONFIG_FIELDS.items():
         got, want = _config_value(cfg, key), _arch_value(spec, field)
         if got != want:
@@ -418,7 +436,7 @@ def _check(spec: ModelSpec, path: Path) -> _Checked:
             hint = f"; it holds one transformer at its root{_which_model(spec, read_json(path / 'config.json'), 1)}"
         raise CheckpointError(path / missing, f"is missing ({spec.name} needs {', '.join(EXPERT_DIRS)}{hint}; "
                                               "official Wan2.2 layout detected: no model_index.json)")
-    fmt = _TRANSFORMER_FORMATS.get(spec.task)
+    fmt = transformer_format(spec.task)
     parts: list[_Part] = []
     configs = []
     for role, d in zip(roles, dirs):
@@ -601,17 +619,29 @@ def scheduler_config(spec: ModelSpec) -> dict:
 
 
 # -- converting a state dict in memory (the path a checkpoint takes, without files) ---------------
-def _from_state(role: str, state: dict, build, convert, dtype: torch.dtype, where: str) -> torch.nn.Module:
+def _state_part(role: str, state: dict, build, convert, where: str) -> _Part:
     meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
     part = _Part(role, _Weights(Path(where), {}, meta, state), build, convert)
     _plan(part)
-    return _load_part(part, dtype)
+    return part
+
+
+def check_state(role: str, state: dict, build: Callable[[], torch.nn.Module],
+                convert: Callable[[dict], dict] | None = None) -> list[tuple[str, str]] | None:
+    """Check an official state dict (real or meta tensors) against the module ``build()`` makes, as a checkpoint's
+    check does; ``role`` "vae" and "text_encoder" use the name maps here, others need ``convert``. Returns the
+    (module key, official key) pairs when the conversion only renames."""
+    return _state_part(role, state, build, convert, f"<{role} state dict>").pairs
+
+
+def _from_state(role: str, state: dict, build, convert, dtype: torch.dtype, where: str) -> torch.nn.Module:
+    return _load_part(_state_part(role, state, build, convert, where), dtype)
 
 
 def transformer_from_official(spec: ModelSpec, state: dict, config: dict | None = None,
                               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The transformer of ``spec`` from an official state dict (keys checked; fp32 modules kept as diffusers does)."""
-    fmt = _TRANSFORMER_FORMATS.get(spec.task)
+    fmt = transformer_format(spec.task)
     if fmt is None:
         raise CheckpointError(spec.name, "no converter for its official transformer is registered")
     return _from_state("transformer", state, lambda: fmt.build(spec, config or {}), fmt.convert, dtype,
