@@ -403,7 +403,7 @@ class _Part:
     role: str
     weights: _Weights
     build: Callable[[], torch.nn.Module]
-    convert: Callable[[dict], dict]
+    convert: Callable[[dict], dict] | None  # None: the name map of the role, made from the built module
     pairs: list[tuple[str, str]] | None = None  # (module key, official key) when the converter only renames
 
 
@@ -560,14 +560,14 @@ def _fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
     return keep
 
 
-def _load_part(part: _Part, dtype: torch.dtype) -> torch.nn.Module:
+def _load_part(part: _Part, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:
     model = _empty(part.build)
     keep = _fp32_modules(model, dtype)
 
     def cast(name: str, t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
-            return t
-        return t.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+            return t.to(device)
+        return t.to(device=device, dtype=torch.float32 if any(k in name.split(".") for k in keep) else dtype)
 
     try:
         if part.pairs is not None:  # renames only: cast each tensor as it is read
@@ -587,12 +587,13 @@ def _load_part(part: _Part, dtype: torch.dtype) -> torch.nn.Module:
                                                   f"{type(e).__name__}: {e}") from e
     if part.role == "text_encoder":
         model.tie_weights()  # shared and encoder.embed_tokens came from one official tensor: one parameter again
-    return model.eval()
+    return model.to(device).eval()  # (the buffers were built on the CPU)
 
 
 def load_official(spec: ModelSpec, path: Path, precision: str = "bf16",
-                  single_files: dict[str, str | None] | None = None) -> Components:
-    """Load every component of an official-layout checkpoint onto the CPU, converting in memory."""
+                  single_files: dict[str, str | None] | None = None, device: str | torch.device = "cpu") -> Components:
+    """Load every component of an official-layout checkpoint onto ``device`` (the CPU by default), converting in
+    memory: each tensor is read once, renamed, and cast and placed as it is read."""
     from transformers import AutoTokenizer
 
     if any(v for v in (single_files or {}).values()):
@@ -602,7 +603,7 @@ def load_official(spec: ModelSpec, path: Path, precision: str = "bf16",
     dtype = DTYPES[precision]
     for line in checked.info.from_registry:
         log.info("official layout: %s", line)
-    loaded = {p.role: _load_part(p, torch.float32 if p.role == "vae" else dtype) for p in checked.parts}
+    loaded = {p.role: _load_part(p, torch.float32 if p.role == "vae" else dtype, device) for p in checked.parts}
     try:
         tokenizer = AutoTokenizer.from_pretrained(checked.tokenizer)
     except Exception as e:
