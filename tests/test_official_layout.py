@@ -415,3 +415,22 @@ def test_real_size_official_state_dicts_pass_the_key_and_shape_check(name):
     if t5 is not None:  # one umt5-xxl for all variants
         pairs = official.check_state("text_encoder", t5, lambda: UMT5EncoderModel(text_encoder_config(spec)))
         assert pairs is not None and len(pairs) == len(t5) + 1
+
+
+def test_a_registered_format_plugs_in_and_may_make_new_tensors(official_checkpoint, tiny_checkpoint, monkeypatch):
+    """The hook the S2V model uses: a format registered for a task converts its transformers; a converter that
+    makes new tensors (here: copies) goes through the load path that converts first and casts after."""
+    calls = []
+
+    def convert(state):
+        calls.append(len(state))
+        return {k: v.clone() for k, v in official.convert_wan_transformer(state).items()}
+
+    monkeypatch.setitem(official._TRANSFORMER_FORMATS, "t2v", official.TransformerFormat(
+        official.transformer_format("t2v").build, convert))
+    spec = get_model("tiny-t2v-moe")
+    got = load_components(spec, official_checkpoint("tiny-t2v-moe"), "bf16")
+    want = load_components(spec, tiny_checkpoint("tiny-t2v-moe"), "bf16")
+    assert len(calls) == 4  # each expert: the check on meta tensors, then the load
+    for a, b in zip(got.experts, want.experts):
+        _same_state(a, b)
