@@ -299,9 +299,20 @@ def test_truncated_shard_and_pth_are_named(official_copy):
         check_checkpoint(spec, path)
     shard.write_bytes(data)
     vae = path / "Wan2.1_VAE.pth"
-    vae.write_bytes(vae.read_bytes()[:-4096])
+    data = vae.read_bytes()
+    vae.write_bytes(data[:-4096])
     with pytest.raises(CheckpointError, match=r"Wan2.1_VAE.pth: is truncated or corrupt"):
         check_checkpoint(spec, path)
+    vae.write_bytes(b"<html>not found</html>")
+    with pytest.raises(CheckpointError, match=r"Wan2.1_VAE.pth: is not a torch.save file"):
+        check_checkpoint(spec, path)
+    # torch.save's legacy format (a bare pickle: no memory map) is read whole and loads the same; the weights
+    # loaded before own their memory (no pages of the memory-mapped file), so rewriting the file under them is safe
+    vae.write_bytes(data)
+    want = load_components(spec, path, "bf16").vae
+    torch.save(torch.load(vae, weights_only=True), vae, _use_new_zipfile_serialization=False)
+    assert vae.read_bytes()[:1] == b"\x80"
+    _same_state(load_components(spec, path, "bf16").vae, want)
 
 
 def test_another_variant_or_a_wrong_config_is_named(official_checkpoint, official_copy):

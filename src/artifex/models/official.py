@@ -258,14 +258,19 @@ class _Weights:
     def torch_file(cls, path: Path, why: str) -> _Weights:
         if not path.is_file():
             raise _missing(path, why)
-        try:
-            with zipfile.ZipFile(path) as z:  # a torch.save file is a zip; a truncated one has no central directory
-                z.infolist()
-        except zipfile.BadZipFile:
-            raise CheckpointError(path, f"is truncated or corrupt: not a readable torch.save archive "
-                                        f"({path.stat().st_size} bytes)") from None
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        legacy = magic[:1] == b"\x80"  # torch.save before 1.6: a bare pickle, which cannot be memory-mapped
+        if not legacy:
+            try:
+                with zipfile.ZipFile(path) as z:  # a torch.save file is a zip; a truncated one has no directory
+                    z.infolist()
+            except zipfile.BadZipFile:
+                what = "not a torch.save file" if magic and magic != b"PK\x03\x04" else "truncated or corrupt"
+                raise CheckpointError(path, f"is {what}: not a readable torch.save archive "
+                                            f"({path.stat().st_size} bytes)") from None
+        try:  # the legacy format is read whole (no mmap); the zip format only maps its tensors
+            state = torch.load(path, map_location="cpu", mmap=not legacy, weights_only=True)
         except Exception as e:
             raise CheckpointError(path, f"is corrupt: torch.load(weights_only=True) failed ({type(e).__name__}: "
                                         f"{str(e).splitlines()[0] if str(e) else 'no details'})") from None
@@ -563,11 +568,16 @@ def _fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
 def _load_part(part: _Part, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:
     model = _empty(part.build)
     keep = _fp32_modules(model, dtype)
+    mapped = part.weights.pth is not None
 
     def cast(name: str, t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point():
-            return t.to(device)
-        return t.to(device=device, dtype=torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+        target = t.dtype
+        if t.is_floating_point():
+            target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+        out = t.to(device=device, dtype=target)
+        # A .pth is memory-mapped: a tensor left on its pages would change (or fault) if the file were rewritten
+        # while the engine runs. Own the memory, as a safetensors read does.
+        return out.clone() if mapped and out.data_ptr() == t.data_ptr() else out
 
     try:
         if part.pairs is not None:  # renames only: cast each tensor as it is read
