@@ -297,7 +297,19 @@ def test_truncated_shard_and_pth_are_named(official_copy):
     with pytest.raises(CheckpointError, match=r"low_noise_model/diffusion_pytorch_model-00002-of-00002.safetensors: "
                                               r"is truncated or corrupt"):
         check_checkpoint(spec, path)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model-00002-of-00002.safetensors: is missing "
+                                              r"\(diffusion_pytorch_model.safetensors.index.json lists it; official "
+                                              r"Wan2.2 layout detected"):
+        load_components(spec, path)
     shard.write_bytes(data)
+    config = path / "high_noise_model" / "config.json"
+    text = config.read_text()
+    config.unlink()
+    with pytest.raises(CheckpointError, match=r"high_noise_model/config.json: is missing \(the config of "
+                                              r"tiny-t2v-moe's transformer; official Wan2.2 layout detected"):
+        check_checkpoint(spec, path)
+    config.write_text(text)
     vae = path / "Wan2.1_VAE.pth"
     data = vae.read_bytes()
     vae.write_bytes(data[:-4096])

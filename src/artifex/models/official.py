@@ -189,6 +189,8 @@ def _which_model(spec: ModelSpec, cfg: dict, experts: int) -> str:
 
 
 def _check_config(spec: ModelSpec, path: Path) -> dict:
+    if not path.is_file():
+        raise _missing(path, f"the config of {spec.name}'s transformer")
     cfg = read_json(path)
     experts = spec.experts
     mtype = cfg.get("model_type")
@@ -237,6 +239,8 @@ class _Weights:
                                           "(official Wan2.2 layout)")
         files, meta = {}, {}
         for name, shard in shards.items():
+            if not shard.is_file():
+                raise _missing(shard, f"{index.name} lists it")
             check_safetensors(shard)
             for key, entry in _safetensors_header(shard).items():
                 if key == "__metadata__":
