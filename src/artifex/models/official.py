@@ -574,11 +574,13 @@ def _load_part(part: _Part, dtype: torch.dtype, device: str | torch.device = "cp
     keep = _fp32_modules(model, dtype)
     mapped = part.weights.pth is not None
 
-    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
-        target = t.dtype
-        if t.is_floating_point():
-            target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
-        out = t.to(device=device, dtype=target)
+    def target(name: str, t: torch.Tensor) -> torch.dtype:
+        if not t.is_floating_point():
+            return t.dtype
+        return torch.float32 if any(k in name.split(".") for k in keep) else dtype
+
+    def cast(t: torch.Tensor, to: torch.dtype) -> torch.Tensor:
+        out = t.to(device=device, dtype=to)
         # A .pth is memory-mapped: a tensor left on its pages would change (or fault) if the file were rewritten
         # while the engine runs. Own the memory, as a safetensors read does.
         return out.clone() if mapped and out.data_ptr() == t.data_ptr() else out
@@ -590,11 +592,15 @@ def _load_part(part: _Part, dtype: torch.dtype, device: str | torch.device = "cp
                 wanted.setdefault(src, []).append(key)
             state: dict[str, torch.Tensor] = {}
             for src, tensor in part.weights.read(list(wanted)):
+                made: dict[torch.dtype, torch.Tensor] = {}  # one copy per dtype (tied keys share it)
                 for key in wanted[src]:
-                    state[key] = cast(key, tensor)
+                    to = target(key, tensor)
+                    if to not in made:
+                        made[to] = cast(tensor, to)
+                    state[key] = made[to]
         else:
             stored = dict(part.weights.read(list(part.weights.meta)))
-            state = {k: cast(k, t) for k, t in part.convert(stored).items()}
+            state = {k: cast(t, target(k, t)) for k, t in part.convert(stored).items()}
         model.load_state_dict(state, strict=True, assign=True)
     except Exception as e:
         raise CheckpointError(part.weights.where, f"could not be loaded as {type(model).__name__}: "
