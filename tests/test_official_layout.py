@@ -242,7 +242,7 @@ def test_umt5_encodes_like_the_reference():
 
 
 # -- a whole checkpoint ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["tiny-t2v-moe", "tiny-ti2v"])
+@pytest.mark.parametrize("name", ["tiny-t2v-moe", "tiny-i2v-moe", "tiny-ti2v"])
 def test_official_checkpoint_loads_the_same_components(official_checkpoint, tiny_checkpoint, name):
     spec = get_model(name)
     for precision in ("bf16", "fp16"):
@@ -271,12 +271,16 @@ def test_engine_generates_the_same_latents_from_either_layout(official_checkpoin
 
 
 # -- broken checkpoints ---------------------------------------------------------------------------
-def test_a_missing_file_is_named_with_the_layout(official_copy):
+def test_a_missing_file_is_named_with_the_layout(official_copy, official_checkpoint):
     spec = get_model("tiny-t2v-moe")
     path = official_copy("tiny-t2v-moe")
     (path / "Wan2.1_VAE.pth").unlink()
     with pytest.raises(CheckpointError, match=r"Wan2.1_VAE.pth: is missing \(tiny-t2v-moe decodes with the wan2.1 VAE; "
                                               r"official Wan2.2 layout detected"):
+        check_checkpoint(spec, path)
+    shutil.copy(official_checkpoint("tiny-ti2v") / "Wan2.2_VAE.pth", path)
+    with pytest.raises(CheckpointError, match=r"Wan2.1_VAE.pth: is missing \(tiny-t2v-moe decodes with the wan2.1 VAE; "
+                                              r"the directory holds Wan2.2_VAE.pth, the VAE of other variants"):
         check_checkpoint(spec, path)
     path = official_copy("tiny-ti2v")
     (path / "models_t5_umt5-xxl-enc-bf16.pth").unlink()
