@@ -346,6 +346,14 @@ def test_another_variant_or_a_wrong_config_is_named(official_checkpoint, officia
         check_checkpoint(get_model("tiny-i2v-moe"), official_checkpoint("tiny-t2v-moe"))
     path = official_copy("tiny-ti2v")
     cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "t2v"  # WanModel acts on "i2v" only: a TI2V model saved as "t2v" is still one
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert check_checkpoint(get_model("tiny-ti2v"), path).layout == "official"
+    cfg["model_type"] = "i2v"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config.json: model_type is 'i2v', but tiny-ti2v's is 'ti2v' or 't2v'"):
+        check_checkpoint(get_model("tiny-ti2v"), path)
+    cfg["model_type"] = "ti2v"
     cfg["num_layers"] = 30
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"config.json: num_layers is 30, but tiny-ti2v has 2: this is not a "

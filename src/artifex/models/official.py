@@ -179,9 +179,17 @@ def _config_value(cfg: dict, key: str):
     return list(value) if isinstance(value, tuple) else value
 
 
+# The model_type values each task's official config may carry: WanModel only acts on "i2v" (it then requires the
+# image latents), so a TI2V model saved as "t2v" would run the same; the shape fields decide the rest.
+_MODEL_TYPES = {"ti2v": ("ti2v", "t2v"), "t2v": ("t2v",), "i2v": ("i2v",), "s2v": ("s2v",)}
+
+
+def _type_fits(cfg: dict, task: str) -> bool:
+    return "model_type" not in cfg or cfg["model_type"] in _MODEL_TYPES.get(task, (task,))
+
+
 def _which_model(spec: ModelSpec, cfg: dict, experts: int) -> str:
-    names = [o.name for o in MODELS.values() if o.name != spec.name and o.experts == experts
-             and cfg.get("model_type", o.task) == o.task
+    names = [o.name for o in MODELS.values() if o.name != spec.name and o.experts == experts and _type_fits(cfg, o.task)
              and all(_config_value(cfg, k) == _arch_value(o, f) for k, (f, _) in _CONFIG_FIELDS.items())]
     if names:
         return f" (it looks like {' or '.join(names)})"
@@ -193,10 +201,10 @@ def _check_config(spec: ModelSpec, path: Path) -> dict:
         raise _missing(path, f"the config of {spec.name}'s transformer")
     cfg = read_json(path)
     experts = spec.experts
-    mtype = cfg.get("model_type")
-    if mtype is not None and mtype != spec.task:
-        raise CheckpointError(path, f"model_type is {mtype!r}, but {spec.name}'s is {spec.task!r}: this is not a "
-                                    f"{spec.name} checkpoint{_which_model(spec, cfg, experts)}")
+    if not _type_fits(cfg, spec.task):
+        allowed = " or ".join(repr(t) for t in _MODEL_TYPES.get(spec.task, (spec.task,)))
+        raise CheckpointError(path, f"model_type is {cfg['model_type']!r}, but {spec.name}'s is {allowed}: this is "
+                                    f"not a {spec.name} checkpoint{_which_model(spec, cfg, experts)}")
     for key, (field, _) in _CONFIG_FIELDS.items():
         got, want = _config_value(cfg, key), _arch_value(spec, field)
         if got != want:
