@@ -26,6 +26,7 @@ S2V: ``register_transformer_format("s2v", build, convert)`` is the hook the S2V 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import zipfile
@@ -292,8 +293,9 @@ class _Weights:
         meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
         return cls(path, {}, meta, state)
 
-    def read(self, keys: list[str]):
-        """Yield (key, tensor) for ``keys``, opening each shard once."""
+    def read(self, keys: list[str], device: str | torch.device = "cpu"):
+        """Yield (key, tensor) for ``keys``, opening each shard once (safetensors read straight to ``device``;
+        a .pth yields its memory-mapped CPU tensors)."""
         if self.pth is not None:
             for key in keys:
                 yield key, self.pth[key]
@@ -304,14 +306,12 @@ class _Weights:
         for key in keys:
             by_file.setdefault(self.files[key], []).append(key)
         for file, file_keys in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with safe_open(file, framework="pt", device=str(device)) as f:
                 for key in file_keys:
                     yield key, f.get_tensor(key)
 
 
 def _safetensors_header(path: Path) -> dict:
-    import json
-
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         return json.loads(f.read(n))
@@ -599,7 +599,7 @@ def _load_part(part: _Part, dtype: torch.dtype, device: str | torch.device = "cp
             for key, src in part.pairs:
                 wanted.setdefault(src, []).append(key)
             state: dict[str, torch.Tensor] = {}
-            for src, tensor in part.weights.read(list(wanted)):
+            for src, tensor in part.weights.read(list(wanted), device):
                 made: dict[torch.dtype, torch.Tensor] = {}  # one copy per dtype (tied keys share it)
                 for key in wanted[src]:
                     to = target(key, tensor)
@@ -607,7 +607,7 @@ def _load_part(part: _Part, dtype: torch.dtype, device: str | torch.device = "cp
                         made[to] = cast(tensor, to)
                     state[key] = made[to]
         else:
-            stored = dict(part.weights.read(list(part.weights.meta)))
+            stored = dict(part.weights.read(list(part.weights.meta), device))
             state = {k: cast(t, target(k, t)) for k, t in part.convert(stored).items()}
         model.load_state_dict(state, strict=True, assign=True)
     except Exception as e:
@@ -730,8 +730,6 @@ def write_official_checkpoint(spec: ModelSpec, path: Path, *, experts: list[torc
                               text_encoder: torch.nn.Module, tokenizer, shards: int = 2) -> Path:
     """Write diffusers/transformers modules as an official-layout checkpoint (the official key names, files and
     folders), in the modules' own dtypes. For tiny models: real checkpoints are published, not written."""
-    import json
-
     from safetensors.torch import save_file
 
     path = Path(path)
