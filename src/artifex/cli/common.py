@@ -94,7 +94,8 @@ def add_generate_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--output", type=Path, help="mp4 path (default: a new file in the output directory)")
     g.add_argument("--output-dir", type=Path,
                    help="output directory (default: $ARTIFEX_OUTPUT_DIR or ./artifex-output)")
-    g.add_argument("--checkpoint", help="diffusers-format directory or hub id (default: the model's published one)")
+    g.add_argument("--checkpoint", help="checkpoint directory (diffusers or official Wan2.2 layout) or hub id "
+                                        "(default: the model's published one)")
     g.add_argument("--transformer-file", help="single-file safetensors replacing transformer/ weights")
     g.add_argument("--transformer-2-file", help="single-file safetensors replacing transformer_2/ weights (A14B)")
     g.add_argument("--vae-file", help="single-file safetensors replacing vae/ weights")

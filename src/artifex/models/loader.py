@@ -1,4 +1,4 @@
-"""Find, check and load a Wan2.2 checkpoint in the diffusers layout.
+"""Find, check and load a Wan2.2 checkpoint in the diffusers layout (the official layout: ``official.py``).
 
 Sources, in the order tried: a tiny model (built on first use), a local directory, a
 Hugging Face hub id (downloaded when the network exists). Before any weights are read
@@ -41,6 +41,8 @@ class CheckpointInfo:
     weight_bytes: dict[str, int]
     boundary_ratio: float | None
     warnings: list[str] = field(default_factory=list)
+    layout: str = "diffusers"  # or "official" (artifex.models.official: converted in memory at load)
+    from_registry: list[str] = field(default_factory=list)  # settings the checkpoint lacks, taken from the registry
 
 
 @dataclass
@@ -71,12 +73,13 @@ def resolve_checkpoint(spec: ModelSpec, source: str | None, cache_dir: Path) -> 
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CheckpointError(path, "is a file; a checkpoint is a diffusers-format directory "
+            raise CheckpointError(path, "is a file; a checkpoint is a directory (diffusers or official Wan2.2 layout) "
                                         "(use --transformer-file/--vae-file for single files)")
         return path
     if _HUB_ID.match(source):
         return _download(source)
-    raise CheckpointError(path, "does not exist (expected a diffusers-format directory or a hub id like "
+    raise CheckpointError(path, "does not exist (expected a checkpoint directory, diffusers or official Wan2.2 "
+                                "layout, or a hub id like "
                                 f"{spec.hub_id or 'Wan-AI/Wan2.2-TI2V-5B-Diffusers'})")
 
 
@@ -84,7 +87,7 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.pth",
                                                                "tokenizer/*", "*.index.json"]))
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
         raise CheckpointError(repo_id, f"could not download from the Hugging Face hub ({type(e).__name__}: "
@@ -164,6 +167,10 @@ def _which_model(spec: ModelSpec, index: dict, cfg: dict) -> str:
 
 def check_checkpoint(spec: ModelSpec, path: Path) -> CheckpointInfo:
     """Check that ``path`` holds a loadable checkpoint of ``spec``, reading headers only."""
+    from artifex.models import official
+
+    if official.detect_layout(path) == "official":
+        return official.check_official(spec, path)
     index = read_json(path / "model_index.json")
     warnings: list[str] = []
     cls = index.get("_class_name")
@@ -239,7 +246,18 @@ def load_components(
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    from artifex.models import official
+
     t0 = time.perf_counter()
+    if official.detect_layout(path) == "official":
+        # One device for every component (load_official places each tensor as it is read): the tier's GPU when
+        # it keeps everything there, else the CPU, from where placement moves them.
+        roles = {"text_encoder", "vae", *["transformer", "transformer_2"][: spec.experts]}
+        places = {str(devices[r]) for r in roles if r in (devices or {})}
+        device = places.pop() if devices and roles <= set(devices) and len(places) == 1 else "cpu"
+        components = official.load_official(spec, path, precision, single_files, device=device)
+        components.timings = {"read.official": round(time.perf_counter() - t0, 4)}  # check + read + convert
+        return components
     info = check_checkpoint(spec, path)
     single_files = {k: v for k, v in (single_files or {}).items() if v}
     for role, file in single_files.items():

@@ -123,3 +123,17 @@ def ensure_tiny_checkpoint(spec: ModelSpec, cache_dir: Path) -> Path:
     if not (path / "model_index.json").is_file():
         save_tiny_checkpoint(spec, path)
     return path
+
+
+def save_tiny_official_checkpoint(spec: ModelSpec, path: str | Path, shards: int = 2) -> Path:
+    """Write the same tiny weights as ``save_tiny_checkpoint`` in the official Wan2.2 layout (official file names,
+    folders and key names; every tensor in fp32, where the published umt5 file is bf16) to ``path``."""
+    from artifex.models.official import write_official_checkpoint
+
+    comps = build_components(spec)
+    experts = [comps["transformer"]] + ([comps["transformer_2"]] if spec.experts == 2 else [])
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    return write_official_checkpoint(spec, path, experts=experts, vae=comps["vae"], text_encoder=comps["text_encoder"],
+                                     tokenizer=comps["tokenizer"], shards=shards)
