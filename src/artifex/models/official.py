@@ -190,7 +190,8 @@ def _type_fits(cfg: dict, task: str) -> bool:
 
 
 def _which_model(spec: ModelSpec, cfg: dict, experts: int) -> str:
-    names = [o.name for o in MODELS.values() if o.name != spec.name and o.experts == experts and _type_fits(cfg, o.task)
+    names = [o.name for o in MODELS.values() if o.name != spec.name and o.base is None and o.experts == experts
+             and _type_fits(cfg, o.task)
              and all(_config_value(cfg, k) == _arch_value(o, f) for k, (f, _) in _CONFIG_FIELDS.items())]
     if names:
         return f" (it looks like {' or '.join(names)})"

@@ -8,7 +8,22 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 
-class JobCreate(BaseModel):
+class FewStepFields(BaseModel):
+    """The sampler and LoRA fields both submission routes take."""
+
+    sampler: Literal["unipc", "euler", "dmd"] | None = Field(None, description="default: the model's (unipc; "
+                                                                        "distilled profiles: euler or dmd)")
+    timesteps: list[float] | None = Field(None, description="euler/dmd: the schedule as the model sees it, "
+                                                            "decreasing in (0, 1000]; defines the steps")
+    sigmas: list[float] | None = Field(None, description="euler/dmd: the schedule as sigmas in (0, 1] "
+                                                         "(instead of timesteps)")
+    switch_step: int | None = Field(None, description="A14B: the first step of the low-noise expert (instead of "
+                                                      "the boundary)")
+    lora: str | None = Field(None, description="a LoRA set this server registered (GET /api/models); "
+                                               "default: the one it loaded with")
+
+
+class JobCreate(FewStepFields):
     """A generation request. Unset fields come from the preset, then from the model's defaults."""
 
     model: str = Field(description="a model this server serves (GET /api/models)")
@@ -24,16 +39,6 @@ class JobCreate(BaseModel):
     guidance_low: float | None = Field(None, description="CFG scale of the low-noise expert (A14B)")
     shift: float | None = None
     seed: int | None = Field(None, description="with a seed, an identical earlier request returns its stored result")
-    sampler: Literal["unipc", "euler", "dmd"] | None = Field(None, description="default: the model's (unipc; "
-                                                                        "distilled profiles: euler or dmd)")
-    timesteps: list[float] | None = Field(None, description="euler/dmd: the schedule as the model sees it, "
-                                                            "decreasing in (0, 1000]; defines the steps")
-    sigmas: list[float] | None = Field(None, description="euler/dmd: the schedule as sigmas in (0, 1] "
-                                                         "(instead of timesteps)")
-    switch_step: int | None = Field(None, description="A14B: the first step of the low-noise expert (instead of "
-                                                      "the boundary)")
-    lora: str | None = Field(None, description="a LoRA set this server registered (GET /api/models); "
-                                               "default: the one it loaded with")
     image: str | None = Field(None, description="JSON: a data:image/...;base64 URL. Multipart: a file field. "
                                                 "TI2V optional, I2V required")
 
@@ -90,7 +95,7 @@ class ErrorOut(BaseModel):
     error: ErrorDetail
 
 
-class VideoCreate(BaseModel):
+class VideoCreate(FewStepFields):
     """OpenAI Videos API body (plus Artifex's optional fields, which OpenAI clients send as extra_body)."""
 
     prompt: str
@@ -105,16 +110,6 @@ class VideoCreate(BaseModel):
     guidance: float | None = None
     guidance_low: float | None = None
     shift: float | None = None
-    sampler: Literal["unipc", "euler", "dmd"] | None = Field(None, description="default: the model's (unipc; "
-                                                                        "distilled profiles: euler or dmd)")
-    timesteps: list[float] | None = Field(None, description="euler/dmd: the schedule as the model sees it, "
-                                                            "decreasing in (0, 1000]; defines the steps")
-    sigmas: list[float] | None = Field(None, description="euler/dmd: the schedule as sigmas in (0, 1] "
-                                                         "(instead of timesteps)")
-    switch_step: int | None = Field(None, description="A14B: the first step of the low-noise expert (instead of "
-                                                      "the boundary)")
-    lora: str | None = Field(None, description="a LoRA set this server registered (GET /api/models); "
-                                               "default: the one it loaded with")
 
 
 class VideoOut(BaseModel):
