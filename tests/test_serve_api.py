@@ -472,8 +472,11 @@ def test_web_page_in_headless_chromium(server, tmp_path):
             page.fill("#timesteps", "1000, 800, 500")
             page.select_option("#sampler", "euler")
             page.click("#submit")
+            # the page shows the previous job until the new one is created: wait for a new job's result
+            page.wait_for_function(f"document.querySelector('#job-id').textContent !== '{job_id}'", timeout=20000)
             expect(page.locator("#job-state")).to_have_text("succeeded", timeout=90000)
-            turbo = json.loads(server.get(f"/api/jobs/{page.locator('#result-video').get_attribute('data-job')}").text)
+            new_id = page.locator("#job-id").text_content()
+            turbo = json.loads(server.get(f"/api/jobs/{new_id}").text)
             assert turbo["settings"]["sampler"] == "euler" and turbo["settings"]["timesteps"] == [1000, 800, 500]
             assert turbo["settings"]["guidance"] == [1.0, 1.0] and turbo["settings"]["steps"] == 3
         finally:
