@@ -262,3 +262,25 @@ def test_the_cli_flags_reach_the_config():
     config = build_config(p.parse_args(["--decoder", "light", "--light-decoder", "/w/taew2_2.pth",
                                         "--light-decoder-check", "0"]))
     assert (config.decoder, config.light_decoder, config.light_decoder_check) == ("light", "/w/taew2_2.pth", 0)
+
+
+@pytest.mark.parametrize("z, patch, variant", [(16, 1, "base"), (48, 2, "base"), (48, 2, "super")])
+def test_matches_madebyollin_taehv_where_it_is_installed(tmp_path, z, patch, variant):
+    """The reference implementation (``pip install git+https://github.com/madebyollin/taehv``; not a dependency,
+    skipped without it): its random-weight decoder saved as the published files are, loaded here, decodes the same
+    frames (its [0, 1] NTCHW against our [-1, 1] NCTHW)."""
+    taehv = pytest.importorskip("taehv")
+    torch.manual_seed(0)
+    kwargs = {"arch_variant": "super"} if variant == "super" else {}
+    ref = taehv.TAEHV(checkpoint_path=None, patch_size=patch, latent_channels=z, **kwargs).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.5 / max(1, p[0].numel()) ** 0.5)
+    torch.save(ref.state_dict(), tmp_path / "ref.pth")
+    ours = load_taehv(tmp_path / "ref.pth", z, patch)
+    assert list(ours.state_dict()) == [k for k in ref.state_dict() if k.startswith("decoder.")]
+    latents = torch.randn(1, 5, z, 3, 4)
+    with torch.no_grad():
+        expected = ref.decode_video(latents, parallel=False, show_progress_bar=False)
+    got = torch.cat(list(ours.stream(latents.transpose(1, 2), chunk=2)), dim=2)
+    torch.testing.assert_close((got.transpose(1, 2) + 1) / 2, expected, rtol=0, atol=1e-5)

@@ -94,7 +94,7 @@ class LightDecoder:
         return {"latent_frames": sample.shape[2], "frames": full.shape[2],
                 "sampled": f"the first {sample.shape[2]} latent frames (video frames 0-{full.shape[2] - 1}), decoded "
                            "by both; the full VAE is causal, so these are its full decode's own frames",
-                "psnr_db": round(10 * math.log10(255**2 / mse), 2) if mse > 0 else math.inf,
+                "psnr_db": round(10 * math.log10(255**2 / mse), 2) if mse > 0 else None,  # None: identical
                 "max_abs_error": round(diff.abs().max().item(), 5),
                 "scale": "PSNR on 8-bit levels (peak 255); max_abs_error on the [-1, 1] pixels",
                 "seconds": round(time.perf_counter() - start, 4)}
