@@ -219,6 +219,21 @@ def test_a_light_generation_writes_the_mp4_and_its_error_against_the_vae(engine,
     assert 0 < check["max_abs_error"] <= 2 and check["seconds"] >= 0
 
 
+def test_artifex_generate_with_the_light_decoder_on_wan21_latents(taehv_files, tmp_path, capsys):
+    from artifex.cli import main
+
+    out = tmp_path / "clip.mp4"
+    assert main(["generate", "--model", "tiny-t2v-moe", "--prompt", "a dog", "--size", "128x64", "--frames", "9",
+                 "--steps", "2", "--seed", "3", "--output", str(out), "--decoder", "light",
+                 "--light-decoder", str(taehv_files["wan2.1"]), "--light-decoder-check", "3"]) == 0
+    assert "light decoder against the VAE on frames 0-8: PSNR" in capsys.readouterr().err
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 9
+    check = json.loads(out.with_suffix(".json").read_text())["decoder"]["check"]
+    assert check["latent_frames"] == 3 and check["frames"] == 9  # the whole clip: 3 latent frames
+    assert math.isfinite(check["psnr_db"])
+
+
 def test_the_full_decoder_stays_the_default_and_says_so(engine, tmp_path):
     eng = engine("tiny-t2v-moe")
     assert eng.light_decoder is None
