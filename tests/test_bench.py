@@ -73,6 +73,8 @@ def test_bench_pipeline_runs_diffusers_and_artifex_and_appends(tmp_path):
     assert [r["config"] for r in data["runs"]] == ["default", "bf16"]
     assert data["diffusers"]["total_s"] == s["diffusers_total_s"]
     assert data["vae"]["bf16"]["psnr_db_vs_fp32"] > 30  # bf16 VAE against fp32 on the same latents
+    light = data["vae"]["light_bf16"]  # the light decoder on the same latents: all frames, its check timed
+    assert light["frames"] == 9 and light["seconds"] > 0 and 0 < light["check_s"] <= light["seconds"]
     assert "Artifex bf16" in (tmp_path / "pipeline-cpu.md").read_text()
     assert sorted(p.name for p in (tmp_path / "pipeline-videos").iterdir() if p.suffix == ".mp4") == [
         "artifex-default.mp4", "diffusers.mp4", "warmup-default.mp4"]  # the second call kept none

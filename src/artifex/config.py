@@ -58,7 +58,11 @@ ATTENTION_CHOICES = ("auto", "fa3", "fa3-fp8", "fa4", "fa2", "sdpa-cudnn", "sdpa
 # Integer fields and their ranges (the upper ends only keep nonsense out: a tile wider than any frame the position
 # tables allow, more query chunks or fp8-free steps than a run has, more passes per batch than a step makes).
 _INT_RANGES = (("max_batch_size", 1, 64), ("attention_slicing", 0, 1024), ("vae_tile_size", 0, 16384),
-               ("fp8_bf16_steps", 0, 1000), ("text_cache_size", 0, 100_000))
+               ("fp8_bf16_steps", 0, 1000), ("text_cache_size", 0, 100_000),
+               ("light_decoder_check", 0, 64))
+DECODERS = ("full", "light")
+LIGHT_DECODER_LATENTS = ("auto", "normalized", "raw")
+LIGHT_DECODER_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None):
@@ -160,6 +164,27 @@ class OptimizationConfig:
         0, "VAE tile edge in pixels when tiling (a multiple of 32, at least 64; tiles overlap by a quarter); "
         "smaller tiles use less memory and blend more seams; 0 = diffusers' default (256)"
     )
+    decoder: str = _f(
+        "full", "latents to pixels: full (the model's Wan VAE, the reference) or light (a TAEHV tiny decoder read "
+        "from light_decoder, its weights not shipped: much less decode time, less fine detail; each sidecar "
+        "reports its PSNR and max error against the full VAE on the first light_decoder_check latent frames)",
+        DECODERS,
+    )
+    light_decoder: str = _f(
+        "", "with decoder=light: a local TAEHV weight file (.pth or .safetensors) for the model's VAE: taew2_2 "
+        "(or taew2_2_super) for TI2V-5B's Wan2.2 VAE, taew2_1 for the A14B models' Wan2.1 VAE, from "
+        "github.com/madebyollin/taehv; LightX2V's lighttaew2_1 / lighttaew2_2 load too"
+    )
+    light_decoder_latents: str = _f(
+        "auto", "what the light decoder reads: normalized (the DiT's latents, as madebyollin's taew* files do), "
+        "raw (un-normalized with the VAE's latents_mean/std, as LightX2V's lighttae* files do), auto (raw when the "
+        "file's name starts with lighttae, else normalized)", LIGHT_DECODER_LATENTS,
+    )
+    light_decoder_check: int = _f(
+        2, "with decoder=light: the first N latent frames are also decoded by the full VAE (1 + 4 (N - 1) frames; "
+        "the VAE is causal, so these are the full decode's own first frames) to measure the light decode's error "
+        "for the sidecar; costs about N / T' of a full decode (T' latent frames); 0 = no check"
+    )
     max_batch_size: int = _f(
         1, "most DiT passes run as one batch; 2 runs CFG's conditional and unconditional passes together"
     )
@@ -232,6 +257,21 @@ class OptimizationConfig:
         if self.fp8 == "all" and self.attention not in ("auto", "fa3-fp8"):
             raise InvalidRequestError("fp8", f"fp8=all uses fa3-fp8 attention; attention={self.attention!r} "
                                       "conflicts", ["gemm", "off"])
+        if self.decoder == "light":
+            if not self.light_decoder.strip():
+                raise InvalidRequestError("light_decoder", "decoder=light needs a TAEHV weight file",
+                                          "a local .pth or .safetensors path (taew2_2 for the Wan2.2 VAE, taew2_1 "
+                                          "for Wan2.1: github.com/madebyollin/taehv)")
+            if not self.light_decoder.strip().lower().endswith(LIGHT_DECODER_SUFFIXES):
+                raise InvalidRequestError("light_decoder", f"{self.light_decoder!r} is not a TAEHV weight file",
+                                          LIGHT_DECODER_SUFFIXES)
+        else:
+            if self.light_decoder:
+                raise InvalidRequestError("light_decoder", "names a light decoder, but decoder=full decodes with "
+                                          "the VAE", ["set decoder=light", "leave light_decoder empty"])
+            if self.light_decoder_latents != "auto":
+                raise InvalidRequestError("light_decoder_latents", "applies to the light decoder, but "
+                                          "decoder=full", ["set decoder=light", "auto"])
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InvalidRequestError("device", f"unknown device {dev!r}", "auto, cpu, cuda, cuda:N")

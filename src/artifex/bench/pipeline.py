@@ -193,6 +193,42 @@ def vae_variants(spec, components, fp32_state: dict, latents: torch.Tensor, devi
         mse = ((a - b) * 127.5).pow(2).mean().item()
         out[name]["psnr_db_vs_fp32"] = round(10 * math.log10(255**2 / mse), 2) if mse > 0 else None
         out[name]["rel_l2_vs_fp32"] = round(((a - b).norm() / b.norm()).item(), 5)
+    components.vae.to(torch.float32).load_state_dict(fp32_state)
+    out["light_bf16"] = light_variant(spec, components, latents, device, lora)
+    return out
+
+
+def light_variant(spec, components, latents: torch.Tensor, device, lora: str = "") -> dict:
+    """The light decoder (``decoder=light``, bf16) on the same latents, with seeded random weights at the published
+    TAEHV widths (the real ones are not shipped): seconds and peak GiB of the decode, of which ``check_s`` is the
+    full VAE's sample for the error figure (``light_decoder_check`` = 2). Random weights make no picture, so no
+    error is recorded here; a generation with the published file reports it in its sidecar."""
+    import tempfile
+
+    from artifex.config import OptimizationConfig
+    from artifex.engine.pipeline import Engine
+    from artifex.models.taehv import TaehvDecoder
+
+    torch.manual_seed(0)
+    model = TaehvDecoder(spec.vae.z_dim, spec.vae.spatial_stride // 8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ("taew2_2.pth" if spec.vae.kind == "wan2.2" else "taew2_1.pth")
+        torch.save(model.state_dict(), path)
+        engine = Engine.from_components(spec, components, OptimizationConfig(
+            device=str(device), lora=lora, vae_precision="bf16", decoder="light", light_decoder=str(path)))
+    z = latents.to(device)
+    engine.decode(z[:, :, :2])  # warm-up
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    frames = engine.decode(z).shape[2]
+    _sync(device)
+    check = engine.light_decoder.report.get("check") or {}
+    out = {"seconds": round(time.perf_counter() - t, 2), "check_s": check.get("seconds"), "frames": frames,
+           "peak_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None,
+           "weights": "random (published widths): time and memory only"}
+    engine.placement.release()
     return out
 
 

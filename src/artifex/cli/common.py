@@ -160,6 +160,10 @@ def report(result) -> None:
     wall = (result.sidecar or {}).get("wall")
     if wall:
         print(wall_line(wall), file=sys.stderr)
+    check = ((result.sidecar or {}).get("decoder") or {}).get("check")
+    if check:
+        print(f"light decoder against the VAE on frames 0-{check['frames'] - 1}: PSNR {check['psnr_db']} dB, max "
+              f"error {check['max_abs_error']} (check {check['seconds']:.2f}s)", file=sys.stderr)
     print(f"sidecar: {result.sidecar_path}", file=sys.stderr)
     print(result.video_path)
 

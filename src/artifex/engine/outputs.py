@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from artifex import timeline
+from artifex.engine.decoders import decoder_report
 from artifex.env import read_env
 from artifex.sysinfo import device_info, versions
 
@@ -41,6 +42,7 @@ def build_sidecar(engine: Engine, request: GenerationRequest, r: GenerationResul
         "memory": r.memory,
         "fp8": engine.fp8_report,
         "lora": engine.loras,
+        "decoder": decoder_report(engine.light_decoder),
         "config": engine.config.to_dict(),
         "timings_s": {"load": round(engine.load_s, 4), **r.timings},
         # The process's time from its start to this mp4 closed, stage by stage (``artifex.timeline``).

@@ -23,6 +23,7 @@ from PIL import Image
 from artifex import timeline
 from artifex.attention import Choice, install, runtime_from_config
 from artifex.config import OptimizationConfig
+from artifex.engine.decoders import load_light_decoder
 from artifex.engine.dit import accelerate_model, clear_caches, share_first_block
 from artifex.engine.fp8 import check_fp8, quantize_experts
 from artifex.engine.layout import EngineLayout
@@ -173,6 +174,8 @@ class Engine:
         # Seconds of each load stage (``Engine.load``: resolve, checkpoint_check, checkpoint_read, plan, lora,
         # fp8_quantize, placement); ``load_s`` their whole (the first imports of the libraries are the process's).
         self.load_timings: dict[str, float] = dict(load_timings or {})
+        # decoder=light: TAEHV (engine/decoders.py) decodes instead of the VAE; a bad file fails here, before fp8
+        self.light_decoder = load_light_decoder(spec, config, self.device, DTYPES[plan.vae_precision])
         self.loras: list[dict] = []  # what from_components fused (file, scale, expert, layers, seconds)
         self.attention = runtime_from_config(config, read_env().home)
         # Where this engine's work runs (one process by default; a parallel layout gives it another).
@@ -341,6 +344,9 @@ class Engine:
         """Pixels (1, 3, t, H, W) in [-1, 1] as they are decoded: one latent frame at a time, or the whole video at
         once when the VAE decodes in tiles (``decode_stream``; under a split decode, nothing on a non-writing
         rank)."""
+        if self.light_decoder is not None:  # opt-in: TAEHV's chunks, then its error measured on the first frames
+            yield from self.light_decoder.stream(self, latents)
+            return
         mean, std = self._latent_stats(latents)
         with self.placement.vae() as vae:
             z = (latents * std + mean).to(vae.dtype)

@@ -38,6 +38,7 @@ class Plan:
     vae_slicing: bool
     vae_tiling: bool
     config_hash: str
+    decoder: str = "full"  # latents to pixels: the VAE, or "light" (TAEHV, engine/decoders.py)
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -125,6 +126,10 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
     if channels_last and not config.use_channels_last:
         reasons.append("fast_vae on CUDA: the VAE runs in channels_last_3d (its fused norms read that layout and "
                        "cuDNN needs no layout transposes: kernels-vae-h100.json)")
+    if config.decoder == "light":
+        reasons.append(f"decoder=light: TAEHV from {config.light_decoder} decodes instead of the VAE (less detail); "
+                       + (f"the VAE decodes the first {config.light_decoder_check} latent frames too, for the "
+                          "sidecar's error figures" if config.light_decoder_check else "no error check"))
     return Plan(
         device=str(device),
         precision=config.precision,
@@ -142,6 +147,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         vae_slicing=config.vae_slicing,
         vae_tiling=vae_tiling,
         config_hash=config.hash(),
+        decoder=config.decoder,
         reasons=reasons,
     )
 
