@@ -473,7 +473,7 @@ def test_web_page_in_headless_chromium(server, tmp_path):
             page.select_option("#sampler", "euler")
             page.click("#submit")
             # the page shows the previous job until the new one is created: wait for a new job's result
-            page.wait_for_function(f"document.querySelector('#job-id').textContent !== '{job_id}'", timeout=20000)
+            expect(page.locator("#job-id")).not_to_have_text(job_id, timeout=20000)
             expect(page.locator("#job-state")).to_have_text("succeeded", timeout=90000)
             new_id = page.locator("#job-id").text_content()
             turbo = json.loads(server.get(f"/api/jobs/{new_id}").text)
