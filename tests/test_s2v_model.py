@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from artifex.errors import CheckpointError
+from artifex.errors import CheckpointError, InvalidRequestError
 from artifex.models.s2v import (
     WanS2VTransformer3DModel,
     config_from_official,
@@ -179,3 +179,22 @@ def test_official_config():
         config_from_official({k: v for k, v in official.items() if k != "num_heads"})
     with pytest.raises(CheckpointError, match="framepack_drop_mode"):
         config_from_official(dict(official, framepack_drop_mode="drop"))
+
+
+def test_artifex_attention_processor_gives_the_same_output(pair):
+    """``artifex.attention.install`` (set_attn_processor on the model) reaches the blocks and audio injectors."""
+    from artifex.attention.processor import AttentionRuntime, WanAttentionProcessor, install
+
+    cfg, _, model = pair
+    x = _inputs(cfg)
+    twin = WanS2VTransformer3DModel(**cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    install([twin], AttentionRuntime())
+    assert all(isinstance(p, WanAttentionProcessor) for p in twin.attn_processors.values())
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**x), model(**x), rtol=1e-5, atol=1e-5)
+
+
+def test_inject_layers_must_be_increasing():
+    with pytest.raises(InvalidRequestError, match="increasing"):
+        WanS2VTransformer3DModel(**tiny_s2v_config(audio_inject_layers=(2, 0)))

@@ -254,6 +254,9 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
+        if list(audio_inject_layers) != sorted(set(audio_inject_layers)):  # injector k serves the k-th such block
+            raise InvalidRequestError("audio_inject_layers", f"{list(audio_inject_layers)} must be increasing "
+                                      "block indices without repeats")
         if any(i < 0 or i >= num_layers for i in audio_inject_layers):
             raise InvalidRequestError("audio_inject_layers", f"{list(audio_inject_layers)} names a block outside "
                                       f"the model", f"0..{num_layers - 1}")
