@@ -198,3 +198,15 @@ def test_artifex_attention_processor_gives_the_same_output(pair):
 def test_inject_layers_must_be_increasing():
     with pytest.raises(InvalidRequestError, match="increasing"):
         WanS2VTransformer3DModel(**tiny_s2v_config(audio_inject_layers=(2, 0)))
+
+
+def test_batch_of_two_equals_two_single_passes(pair):
+    """CFG's two passes batched (audio zeroed in the second) give each pass's single-sample output."""
+    cfg, _, model = pair
+    x = _inputs(cfg)
+    x0 = dict(x, audio_features=torch.zeros_like(x["audio_features"]), timestep=torch.tensor([200.0]))
+    both = {k: torch.cat([x[k], x0[k]]) for k in x if x[k] is not None}
+    with torch.no_grad():
+        out = model(**both)
+        torch.testing.assert_close(out[:1], model(**x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1:], model(**x0), rtol=1e-5, atol=1e-5)
