@@ -240,8 +240,8 @@ def test_the_gpu_check_script_runs_the_swap_tiers_and_finds_them_equal(tmp_path,
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "check_expert_swap.py"
     out = tmp_path / "swap.json"
-    p = subprocess.run([sys.executable, str(script), "--steps", "4", "--out", str(out)], capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run([sys.executable, str(script), "--steps", "4", "--size", "128x64", "--frames", "5",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [r["tier"] for r in data["tiers"]] == ["resident", "expert_swap", "model_offload"]
