@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from artifex.bench import FEWSTEP_CASES, FEWSTEP_CONFIGS, report
-from artifex.bench.pipeline import GIB, PROMPT, _sync, components_to_cpu, vae_variants
+from artifex.bench.pipeline import PROMPT, _sync, components_to_cpu, diffusers_pipeline, timed_call, vae_variants
 from artifex.models.registry import get_model
 
 log = logging.getLogger("artifex")
@@ -87,19 +87,7 @@ def synthetic_image(path: Path, width: int, height: int) -> Path:
 def diffusers_run(spec, components, loras: list[Path], width, height, frames, image, device, out: Path) -> dict:
     """diffusers' pipeline on ``components`` with ``loras`` fused, ``spec``'s steps, guidance 1; per-stage times.
     The LoRA is unfused and unloaded afterwards, so the components go on to Artifex as they were."""
-    import numpy as np
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
-
-    from artifex.engine.video import write_mp4
-
-    sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.shift)
-    components.vae.to(torch.float32).disable_tiling()
-    kw = dict(tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
-              scheduler=sched, transformer=components.experts[0],
-              transformer_2=components.experts[1] if spec.experts == 2 else None, boundary_ratio=spec.boundary)
-    pipe = (WanImageToVideoPipeline(**kw) if spec.task == "i2v" else
-            WanPipeline(**kw, expand_timesteps=spec.expand_timesteps)).to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, _ = diffusers_pipeline(spec, components, device)  # guidance 1 below, whatever the spec's default
     t = time.perf_counter()
     names = ["transformer", "transformer_2"][: len(loras)]
     row: dict = {"sampler": "unipc (no DMD in diffusers)"}
@@ -118,35 +106,11 @@ def diffusers_run(spec, components, loras: list[Path], width, height, frames, im
         call["guidance_scale_2"] = 1.0
     if image is not None:
         call["image"] = image
-    marks: list[float] = []
-
-    def on_step(pipeline, i, t, kwargs):
-        _sync(device)
-        marks.append(time.perf_counter())
-        return kwargs
-
-    pipe(**call, num_inference_steps=1)  # warm-up at the same shape
-    marks.clear()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    video = pipe(**call, num_inference_steps=spec.steps, callback_on_step_end=on_step).frames
-    _sync(device)
-    t_end = time.perf_counter()
-    step = sorted(b - a for a, b in zip(marks, marks[1:]))
-    step_s = step[len(step) // 2] if step else marks[0] - t0
-    text_s = max(marks[0] - t0 - step_s, 0.0)
-    t_w = time.perf_counter()
-    write_mp4((video[0] * 255).round().astype(np.uint8), out / "diffusers.mp4", fps=spec.fps)
-    row.update(encode_text_s=round(text_s, 2), denoise_s=round(marks[-1] - t0 - text_s, 2),
-               decode_s=round(t_end - marks[-1], 2), write_s=round(time.perf_counter() - t_w, 2),
-               total_s=round(time.perf_counter() - t0, 2), median_step_s=round(step_s, 3),
-               peak_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None)
+    row.update(timed_call(pipe, call, spec.steps, device, out / "diffusers.mp4", spec.fps))
     if names:
         pipe.unfuse_lora(components=names)
         pipe.unload_lora_weights()
-    del pipe, video
+    del pipe
     components_to_cpu(components, device)
     return row
 

@@ -39,16 +39,18 @@ def _sync(device):
 
 
 def diffusers_pipeline(spec, components, device) -> tuple:
-    """diffusers' WanPipeline over ``components`` as its docs load it (DiT and UMT5 as given, the VAE in fp32
-    decoding whole frames), everything on ``device``; with the guidance arguments of ``spec``'s defaults."""
-    from diffusers import UniPCMultistepScheduler, WanPipeline
+    """diffusers' WanPipeline (WanImageToVideoPipeline for I2V) over ``components`` as its docs load it (DiT and
+    UMT5 as given, the VAE in fp32 decoding whole frames), everything on ``device``; with the guidance arguments
+    of ``spec``'s defaults."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=spec.shift)
     components.vae.to(torch.float32).disable_tiling()
-    pipe = WanPipeline(tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
-                       scheduler=sched, transformer=components.experts[0],
-                       transformer_2=components.experts[1] if spec.experts == 2 else None,
-                       boundary_ratio=spec.boundary, expand_timesteps=spec.expand_timesteps).to(device)
+    kw = dict(tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
+              scheduler=sched, transformer=components.experts[0],
+              transformer_2=components.experts[1] if spec.experts == 2 else None, boundary_ratio=spec.boundary)
+    pipe = (WanImageToVideoPipeline(**kw) if spec.task == "i2v" else
+            WanPipeline(**kw, expand_timesteps=spec.expand_timesteps)).to(device)
     pipe.set_progress_bar_config(disable=True)
     guidance = {"guidance_scale": spec.guidance[0]}
     if spec.experts == 2:
@@ -65,15 +67,15 @@ def components_to_cpu(components, device) -> None:
         torch.cuda.empty_cache()
 
 
-def diffusers_run(spec, components, width, height, frames, steps, device, out_dir: Path, mode: str = "full",
-                  forwards: int = 3) -> dict:
-    """diffusers' WanPipeline on ``components`` (moved to ``device`` and back); per-stage seconds and peak."""
+def timed_call(pipe, call: dict, steps: int, device, mp4: Path | None = None, fps: int = 16) -> dict:
+    """One call of a diffusers pipeline after a one-step warm-up at the same shape (CUDA/cuBLAS/cuDNN set-up,
+    allocator), timed by its step callback: the median step, and with ``mp4`` (the frames written there) the text
+    (before the first step, less a step), denoise, decode (after the last step), write and total seconds; the
+    peak GPU memory."""
     import numpy as np
 
     from artifex.engine.video import write_mp4
 
-    pipe, guidance = diffusers_pipeline(spec, components, device)
-    out: dict = {"mode": mode, "steps": steps}
     marks: list[float] = []
 
     def on_step(pipeline, i, t, kwargs):
@@ -81,39 +83,45 @@ def diffusers_run(spec, components, width, height, frames, steps, device, out_di
         marks.append(time.perf_counter())
         return kwargs
 
-    run_steps = steps if mode == "full" else forwards
-    with torch.no_grad():  # warm-up: one step at the same shape (CUDA/cuBLAS/cuDNN set-up, allocator)
-        pipe(prompt=PROMPT, height=height, width=width, num_frames=frames, num_inference_steps=1, **guidance)
-    marks.clear()
+    with torch.no_grad():
+        pipe(**call, num_inference_steps=1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        video = pipe(prompt=PROMPT, height=height, width=width, num_frames=frames, num_inference_steps=run_steps,
-                     callback_on_step_end=on_step, **guidance).frames  # output_type "np", as the docs use it
+    with torch.no_grad():  # output_type "np", as the docs use it
+        video = pipe(**call, num_inference_steps=steps, callback_on_step_end=on_step).frames
     _sync(device)
     t_end = time.perf_counter()
-    per_step = [b - a for a, b in zip(marks, marks[1:])]
-    step_s = sorted(per_step)[len(per_step) // 2] if per_step else marks[0] - t0
-    if mode == "full":
-        text_s = max(marks[0] - t0 - step_s, 0.0)  # before the first step: up to the first callback, less a step
-        out["denoise_s"] = round(marks[-1] - t0 - text_s, 2)
-        out["encode_text_s"] = round(text_s, 2)
-        out["decode_s"] = round(t_end - marks[-1], 2)
+    per_step = sorted(b - a for a, b in zip(marks, marks[1:]))
+    step_s = per_step[len(per_step) // 2] if per_step else marks[0] - t0
+    out: dict = {"median_step_s": round(step_s, 3)}
+    if mp4 is not None:
+        text_s = max(marks[0] - t0 - step_s, 0.0)
+        out.update(encode_text_s=round(text_s, 2), denoise_s=round(marks[-1] - t0 - text_s, 2),
+                   decode_s=round(t_end - marks[-1], 2))
         t_w = time.perf_counter()
-        write_mp4((video[0] * 255).round().astype(np.uint8), out_dir / "diffusers.mp4", fps=spec.fps)
-        out["write_s"] = round(time.perf_counter() - t_w, 2)
-        out["total_s"] = round(time.perf_counter() - t0, 2)
-    else:
-        out["step_s"] = round(step_s, 3)
-        out["total_s"] = None
-        out["denoise_estimate_s"] = round(step_s * steps, 2)
-        out["note"] = (f"{forwards} steps run; denoise estimated as the median step ({step_s:.3f} s) x {steps} "
-                       "steps; decode/write not estimated")
-    out["median_step_s"] = round(step_s, 3)
+        write_mp4((video[0] * 255).round().astype(np.uint8), mp4, fps=fps)
+        out.update(write_s=round(time.perf_counter() - t_w, 2), total_s=round(time.perf_counter() - t0, 2))
     out["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
-    del pipe, video
+    return out
+
+
+def diffusers_run(spec, components, width, height, frames, steps, device, out_dir: Path, mode: str = "full",
+                  forwards: int = 3) -> dict:
+    """diffusers' WanPipeline on ``components`` (moved to ``device`` and back); per-stage seconds and peak."""
+    pipe, guidance = diffusers_pipeline(spec, components, device)
+    call = dict(prompt=PROMPT, height=height, width=width, num_frames=frames, **guidance)
+    out: dict = {"mode": mode, "steps": steps}
+    if mode == "full":
+        out.update(timed_call(pipe, call, steps, device, out_dir / "diffusers.mp4", spec.fps))
+    else:
+        out.update(timed_call(pipe, call, forwards, device))
+        step_s = out["median_step_s"]
+        out.update(step_s=step_s, total_s=None, denoise_estimate_s=round(step_s * steps, 2),
+                   note=f"{forwards} steps run; denoise estimated as the median step ({step_s:.3f} s) x {steps} "
+                        "steps; decode/write not estimated")
+    del pipe
     components_to_cpu(components, device)
     return out
 
