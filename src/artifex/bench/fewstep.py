@@ -152,7 +152,7 @@ def artifex_run(spec, components, config: dict, loras: list[Path], width, height
     return row
 
 
-def run_case(key: str, out_dir: Path, work: Path, configs: list[str], diffusers: bool, device,
+def run_case(key: str, work: Path, configs: list[str], diffusers: bool, device,
              save=lambda case: None) -> dict:
     """One case; ``save(result)`` after each run, so that a call cut short by its time limit keeps what ran."""
     from artifex.models.random_init import random_components
@@ -253,7 +253,7 @@ def run(cases: list[str], out_dir: Path, configs: list[str], diffusers: bool = T
 
     try:
         for key in cases:
-            save(key, run_case(key, out_dir, work, configs, diffusers, dev, save=lambda c, k=key: save(k, c)),
+            save(key, run_case(key, work, configs, diffusers, dev, save=lambda c, k=key: save(k, c)),
                  partial=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
