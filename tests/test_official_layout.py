@@ -409,19 +409,43 @@ def test_single_files_with_the_official_layout_are_refused_clearly(official_chec
                         single_files={"transformer": "x.safetensors"})
 
 
-def test_the_s2v_layout_is_detected_and_waits_for_its_converter(tmp_path):
-    """S2V-14B: its files are checked like TI2V-5B's plus wav2vec2; its transformer needs the S2V model's converter
-    (official.register_transformer_format("s2v", ...)); until then the check says so, naming the folder."""
+def test_the_s2v_layout_is_detected_and_its_keys_checked(tmp_path):
+    """S2V-14B: its files are checked like TI2V-5B's plus wav2vec2; its transformer goes through the converter
+    ``models/s2v`` registers (whose key check: ``test_s2v_model.py``)."""
+    from artifex.models.s2v.convert import official_config
+    from artifex.models.s2v.transformer import tiny_s2v_config
+
     spec = get_model("s2v-14b")
-    (tmp_path / "config.json").write_text(json.dumps(official.official_transformer_config(spec)))
+    (tmp_path / "config.json").write_text(json.dumps(official_config(
+        {**tiny_s2v_config(), "num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824,
+         "num_layers": 40, "text_dim": 4096, "freq_dim": 256, "audio_dim": 1024, "audio_layers": 25,
+         "audio_inject_layers": (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)})))
     assert official.detect_layout(tmp_path) == "official"
     with pytest.raises(CheckpointError, match=r"holds no transformer weights: expected diffusion_pytorch_model"):
         check_checkpoint(spec, tmp_path)
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, tmp_path / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(CheckpointError, match=r"no converter for the official s2v transformer is registered"):
-        check_checkpoint(spec, tmp_path)
+    with pytest.raises(CheckpointError, match=r"Wan2.1_VAE.pth: is missing \(s2v-14b decodes with the wan2.1 VAE"):
+        check_checkpoint(spec, tmp_path)  # past the transformer: its converter is registered
+    assert official.transformer_format("s2v") is not None
+
+
+def test_real_size_official_s2v_state_dict_passes_the_key_and_shape_check():
+    """DiffSynth's WanS2VModel at S2V-14B's real size (official key names, on the meta device) against the model
+    Artifex loads it into: every key converts, nothing is left over, every shape agrees."""
+    spec = get_model("s2v-14b")
+    a = spec.transformer
+    with torch.device("meta"):
+        dit = reference("models.wan_video_dit_s2v").WanS2VModel(
+            dim=a.dim, in_dim=a.in_channels, ffn_dim=a.ffn, out_dim=a.out_channels, text_dim=a.text_dim,
+            freq_dim=a.freq_dim, eps=1e-6, patch_size=a.patch, num_heads=a.heads, num_layers=a.layers,
+            cond_dim=16, audio_dim=1024, num_audio_token=4).state_dict()
+    fmt = official.transformer_format("s2v")
+    pairs = official.check_state("transformer", dit, lambda: fmt.build(spec, {"dim": a.dim, "num_heads": a.heads,
+                                                                           "ffn_dim": a.ffn, "num_layers": a.layers}),
+                                 fmt.convert)
+    assert pairs is not None and len(pairs) == len([k for k in dit if "injector_pre_norm" not in k])
 
 
 @pytest.mark.parametrize("name", ["ti2v-5b", "t2v-a14b", "i2v-a14b"])

@@ -29,7 +29,12 @@ def test_registry_holds_the_official_defaults():
     ti2v = get_model("ti2v-5b")
     assert (ti2v.spatial_multiple, ti2v.vae.z_dim, ti2v.fps, ti2v.hub_id) == (
         32, 48, 24, "Wan-AI/Wan2.2-TI2V-5B-Diffusers")
-    assert get_model("s2v-14b").runnable is False
+    s2v = get_model("s2v-14b")
+    assert (s2v.spatial_multiple, s2v.clip_frames, s2v.motion_frames, s2v.steps, s2v.shift, s2v.guidance) == (
+        64, 80, 73, 40, 3.0, (4.5,))
+    assert (s2v.clip_latent_frames, s2v.motion_latent_frames, s2v.clip_video_frames(3)) == (20, 19, 237)
+    # 1024x704: 20 noisy latent frames of 44x64 tokens, the reference's frame, FramePack's 2816 + 704 + 4 x 176
+    assert s2v.tokens(1024, 704, 77) == 20 * 2816 + 2816 + 2816 + 704 + 704 == 63360
     for spec in MODELS.values():
         assert spec.transformer.head_dim * spec.transformer.heads == spec.transformer.dim
         for w, h in spec.sizes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from artifex.engine.request import GenerationRequest, resolve_request
-from artifex.errors import InvalidRequestError, NotSupportedYetError
+from artifex.errors import InvalidRequestError
 
 
 def resolve(**kw):
@@ -54,9 +54,11 @@ def test_image_errors(tmp_path, image_file):
         resolve(model="t2v-a14b", image=str(image_file))
 
 
-def test_s2v_is_spec_only():
-    with pytest.raises(NotSupportedYetError, match="s2v-14b is in the registry but its pipeline is not built yet"):
+def test_s2v_needs_its_image_and_audio(image_file):
+    with pytest.raises(InvalidRequestError, match=r"image: s2v-14b generates from an image"):
         resolve(model="s2v-14b")
+    with pytest.raises(InvalidRequestError, match=r"audio: s2v-14b generates from speech or other audio"):
+        resolve(model="s2v-14b", image=str(image_file))
 
 
 def test_untrained_size_warns_and_defaults_come_from_model_then_preset(image_file):

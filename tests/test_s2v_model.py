@@ -210,3 +210,35 @@ def test_batch_of_two_equals_two_single_passes(pair):
         out = model(**both)
         torch.testing.assert_close(out[:1], model(**x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[1:], model(**x0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("pose", "motion", "batch"), [(False, True, 1), (True, True, 2), (False, False, 1)],
+                         ids=["later-clip", "later-clip-pose-batch2", "first-clip"])
+def test_artifex_forward_matches_the_model_and_shares_the_first_block(pair, pose, motion, batch):
+    """``engine.dit``'s blocks on the S2V sequence (``engine.dit_s2v``: two modulation rows per sample, audio
+    between blocks, the head on the noisy tokens) give the model's own output; CFG's two passes under
+    ``share_first_block`` (text and audio differ) give what two plain passes give."""
+    import copy
+
+    from artifex.attention.processor import AttentionRuntime, install
+    from artifex.engine.dit import accelerate_model, restore_model, share_first_block
+
+    cfg, _, model = pair
+    fast = copy.deepcopy(model)
+    install([fast], AttentionRuntime())
+    accelerate_model(fast)
+    x = _inputs(cfg, pose=pose, motion=motion)
+    if batch == 2:
+        x = {k: None if v is None else torch.cat([v, v.flip(0) if k == "timestep" else -v]) for k, v in x.items()}
+    silent = dict(x, audio_features=torch.zeros_like(x["audio_features"]),
+                  encoder_hidden_states=x["encoder_hidden_states"].flip(1))
+    with torch.no_grad():
+        want, want0 = model(**x), model(**silent)
+        torch.testing.assert_close(fast(**x), want, rtol=1e-5, atol=1e-5)
+        with share_first_block(fast):
+            got = fast(**x)
+            got0 = fast(**dict(silent, hidden_states=x["hidden_states"], timestep=x["timestep"]))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got0, want0, rtol=1e-5, atol=1e-5)
+        restore_model(fast)
+        torch.testing.assert_close(fast(**x), want, rtol=1e-5, atol=1e-5)

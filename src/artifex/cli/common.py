@@ -73,10 +73,15 @@ def add_generate_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, help=f"one of: {', '.join(n for n, s in MODELS.items() if s.runnable)}")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt")
-    g.add_argument("--image", help="conditioning image (required by i2v models, optional for ti2v)")
+    g.add_argument("--image", help="conditioning image (required by i2v and s2v models, optional for ti2v; s2v: "
+                   "the reference image whose aspect sets the size)")
+    g.add_argument("--audio", help="s2v: the speech or other audio driving the video (wav, mp3, m4a, flac, ...); "
+                   "the video lasts as many 80-frame clips as the audio needs, with the audio muxed in")
+    g.add_argument("--pose-video", help="s2v: a pose video driving the body (its first frames, at 16 fps)")
     g.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
     g.add_argument("--size", type=size_arg, help="WIDTHxHEIGHT, e.g. 1280x704 (default: preset or model)")
-    g.add_argument("--frames", type=int, help="number of frames, 4n+1")
+    g.add_argument("--frames", type=int, help="number of frames, 4n+1 (s2v: 77 + 80n, at most the audio's length; "
+                   "default: the audio's)")
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance", type=float, help="CFG scale (the high-noise expert's for A14B)")
     g.add_argument("--guidance-low", type=float, help="CFG scale of the low-noise expert (A14B)")
@@ -112,7 +117,8 @@ def request_from_args(args: argparse.Namespace):
         width=width, height=height, frames=args.frames, steps=args.steps, guidance=args.guidance,
         guidance_low=args.guidance_low, shift=args.shift, seed=args.seed, preset=args.preset,
         output=str(args.output) if args.output else None, sampler=args.sampler, timesteps=args.timesteps,
-        sigmas=args.sigmas, switch_step=args.switch_step,
+        sigmas=args.sigmas, switch_step=args.switch_step, audio=getattr(args, "audio", None),
+        pose_video=getattr(args, "pose_video", None),
     )
 
 
@@ -134,13 +140,21 @@ def progress_printer(experts: int = 2):
                 bar = state["bar"] = tqdm(total=e.total, desc="denoise", unit="step", file=sys.stderr)
             bar.update(e.step - bar.n)
             post = {"t": f"{e.timestep:.0f}"}
+            if e.clip is not None:
+                post = {"clip": f"{e.clip + 1}/{e.clips}", **post}
             if experts > 1:
                 post = {"expert": "high" if e.expert == 0 else "low", **post}
             bar.set_postfix(post, refresh=False)
             if e.step == e.total:
                 bar.close()
         elif e.stage != "done":
-            print(f"[{e.elapsed_s:7.2f}s] {e.stage}", file=sys.stderr)
+            line = f"[{e.elapsed_s:7.2f}s] {e.stage}" + (f" (clip {e.clip + 1}/{e.clips})" if e.clip is not None
+                                                          else "")
+            bar = state.get("bar")
+            if bar is not None and not bar.disable and bar.n < bar.total:
+                bar.write(line, file=sys.stderr)  # above the open bar (S2V decodes between clips)
+            else:
+                print(line, file=sys.stderr)
 
     return on_event
 

@@ -556,7 +556,8 @@ def unfuse_qkv(attn) -> bool:
 
 def accelerate_model(model, compile_blocks: bool = False, fuse_projections: bool = True,
                      ffn_epilogue: bool = True, ada_norms: bool = True) -> None:
-    """Give ``model`` (a diffusers WanTransformer3DModel) Artifex's forward; idempotent.
+    """Give ``model`` (a diffusers WanTransformer3DModel, or S2V's ``WanS2VTransformer3DModel``: ``engine.dit_s2v``)
+    Artifex's forward; idempotent.
 
     Needs Artifex's ``WanAttentionProcessor`` on every attention layer (``attention.install``):
     the blocks call the attention runtime it holds. ``compile_blocks`` compiles the block's two parts
@@ -569,7 +570,10 @@ def accelerate_model(model, compile_blocks: bool = False, fuse_projections: bool
     """
     if getattr(model, "_artifex_dit", None) is None:
         model._artifex_dit = DiTState()
-        model.forward = types.MethodType(model_forward, model)
+        forward = model_forward
+        if type(model).__name__ == "WanS2VTransformer3DModel":  # S2V's sequence around the same blocks
+            from artifex.engine.dit_s2v import model_forward as forward
+        model.forward = types.MethodType(forward, model)
         for block in model.blocks:
             block.forward = types.MethodType(block_forward, block)
     core = compiled_block_core(True) if compile_blocks else EAGER_CORE

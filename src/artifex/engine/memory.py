@@ -137,7 +137,7 @@ def activations(spec: ModelSpec, width: int, height: int, frames: int, batch: in
     precision = "bf16" if vae_precision == "bf16" else "fp32"
     if vae_tiling:  # the tiles' working set, scaled by the tile's area, and the whole video returned at once
         tile = VAE_TILE_BYTES[spec.vae.kind][precision] * ((vae_tile_size or 256) / 256) ** 2
-        decode = tile + 3 * frames * width * height * VAE_TILED_VIDEO_BYTES[precision]
+        decode = tile + 3 * spec.decode_frames(frames) * width * height * VAE_TILED_VIDEO_BYTES[precision]
     else:  # streamed: one latent frame's activations and pixels at a time
         decode = VAE_BYTES_PER_PIXEL[spec.vae.kind][precision] * width * height
     return {"encode_text": int(TEXT_ACTIVATION_BYTES), "denoise": int(dit), "decode": int(decode)}

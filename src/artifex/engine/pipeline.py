@@ -59,6 +59,8 @@ class ProgressEvent:
     timestep: float | None = None
     expert: int | None = None
     job: int | None = None
+    clip: int | None = None  # S2V: the clip this event belongs to (0-based), of ``clips``
+    clips: int | None = None
 
 
 EventCallback = Callable[[ProgressEvent], None]
@@ -252,6 +254,8 @@ class Engine:
                      r["expert_index"], r["layers"], r["fuse_s"])
         if loras:
             timings["lora"] = round(time.perf_counter() - t, 4)
+        if cls is Engine and spec.task == "s2v":  # S2V chains clips to the audio: its own generate
+            from artifex.engine.s2v import S2VEngine as cls
         engine = cls(spec, components, plan, config, load_s=load_s + (time.perf_counter() - start),
                      load_timings=timings)
         engine.loras = loras
@@ -434,16 +438,21 @@ class Engine:
                    device=self.device)
 
     @torch.no_grad()
-    def encode(self, job: GenerationJob) -> None:
-        """1. The prompt embeddings and 2. the starting latents and image condition of ``job``."""
-        s, spec, emit = job.settings, job.spec, job.emit
-        # 1. Text: conditional and (if any expert uses CFG) unconditional embeddings.
-        emit(ProgressEvent("encode_text", 0, 1, job.elapsed()))
+    def encode_prompts(self, job: GenerationJob) -> None:
+        """1. Text: the conditional and (if any expert uses CFG) unconditional embeddings of ``job``."""
+        s = job.settings
+        job.emit(ProgressEvent("encode_text", 0, 1, job.elapsed()))
         job.use_cfg = [g > 1.0 for g in s.guidance]
         prompts = [s.prompt] + ([s.negative_prompt] if any(job.use_cfg) else [])
         embeds = self.encode_text(prompts)  # (1 or 2, text_len, text_dim)
         job.cond, job.uncond = embeds[:1], embeds[1:2]
         job.mark("encode_text")
+
+    @torch.no_grad()
+    def encode(self, job: GenerationJob) -> None:
+        """1. The prompt embeddings and 2. the starting latents and image condition of ``job``."""
+        s, spec, emit = job.settings, job.spec, job.emit
+        self.encode_prompts(job)
 
         # 2. Latents: seeded noise (1, z, T', H', W') and the image condition, if any.
         job.noise = initial_noise(spec, s).to(self.device)

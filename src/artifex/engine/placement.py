@@ -87,6 +87,11 @@ def on_demand(tier: str) -> tuple[bool, bool]:
     return tier in _ON_DEMAND_TEXT, tier in _ON_DEMAND_VAE
 
 
+def _audio(components):
+    """S2V's audio encoder, or None (other models, and components built without one)."""
+    return getattr(components, "audio_encoder", None)
+
+
 def load_devices(tier: str, device: torch.device, fp8_weights: bool = False) -> dict[str, str]:
     """Where ``Engine.load`` reads each component to: its place in ``tier`` when that is ``device`` (a GPU), so
     that it is never copied whole into host memory first; the CPU ones are left out (read as before). Experts
@@ -237,7 +242,10 @@ class Placement:
             self._fp8_applied = True
         # The on-demand ones get their (pinned) homes now, so loading pays for pinning, not the first request; the
         # others drop theirs (the pinned memory goes once they are on the device).
-        for module, on in ((c.text_encoder, tier in _ON_DEMAND_TEXT), (c.vae, tier in _ON_DEMAND_VAE)):
+        for module, on in ((c.text_encoder, tier in _ON_DEMAND_TEXT), (c.vae, tier in _ON_DEMAND_VAE),
+                           (_audio(c), tier in _ON_DEMAND_TEXT)):
+            if module is None:
+                continue
             if on:
                 self._module_home(module)
             else:
@@ -289,6 +297,8 @@ class Placement:
             expert.to("cpu")
         self.c.text_encoder.to("cpu")
         self.c.vae.to("cpu")
+        if _audio(self.c) is not None:
+            _audio(self.c).to("cpu")
         self.active_expert = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -380,6 +390,12 @@ class Placement:
     @contextlib.contextmanager
     def text_encoder(self):
         yield from self._while_used(self.c.text_encoder, self.tier in _ON_DEMAND_TEXT)
+
+    @contextlib.contextmanager
+    def audio_encoder(self):
+        """S2V's wav2vec2, on the device while it runs: placed like the text encoder (on demand in the same
+        tiers)."""
+        yield from self._while_used(self.c.audio_encoder, self.tier in _ON_DEMAND_TEXT)
 
     @contextlib.contextmanager
     def vae(self):

@@ -67,6 +67,8 @@ class GenerationRequest:
     timesteps: list[float] | None = None  # euler/dmd: the timesteps (0, 1000], decreasing; defines steps
     sigmas: list[float] | None = None  # euler/dmd: the sigmas (0, 1], decreasing (instead of timesteps)
     switch_step: int | None = None  # A14B: the first step of the low-noise expert (instead of the boundary)
+    audio: str | None = None  # S2V: path of the speech/audio that drives the video (required there)
+    pose_video: str | None = None  # S2V: path of a pose video that drives the body (optional)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,6 +115,10 @@ class Settings:
     sigmas: list[float] | None = None
     switch_step: int | None = None  # A14B: the expert switch by step index, overriding the boundary
     shift_source: str = "model default"  # where shift came from: request, checkpoint or model default
+    audio: str | None = None  # S2V: the audio file (checked: decodable, long enough, within the limit)
+    audio_seconds: float | None = None  # S2V: its length
+    pose_video: str | None = None
+    clips: int | None = None  # S2V: clips generated (frames = 77 + 80 (clips - 1))
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -278,9 +284,16 @@ def resolve_request(req: GenerationRequest, limits: RequestLimits | None = None,
         given_size = _int("width", req.width), _int("height", req.height)
         check_size(spec, *given_size, limits)
 
-    frames = _int("frames", req.frames) if req.frames is not None else (
-        preset.num_frames(spec) if preset else spec.frames)
-    check_frames(spec, frames, limits)
+    if spec.clip_frames:  # S2V: the audio sets the length; a given frame count must be a whole number of clips
+        frames = _int("frames", req.frames) if req.frames is not None else None
+        if frames is not None:
+            check_clip_frames(spec, frames, limits)
+        elif preset is not None and preset.frames == "short":
+            frames = spec.clip_video_frames(1)
+    else:
+        frames = _int("frames", req.frames) if req.frames is not None else (
+            preset.num_frames(spec) if preset else spec.frames)
+        check_frames(spec, frames, limits)
 
     d = preset.sampling(spec) if preset else spec  # whose sampling defaults: turbo runs the few-step profile's
     sampler = req.sampler if req.sampler is not None else d.sampler
@@ -393,21 +406,113 @@ def resolve_request(req: GenerationRequest, limits: RequestLimits | None = None,
     elif spec.image == "required":
         raise InvalidRequestError("image", f"{spec.name} generates from an image; pass one (--image PATH)")
 
+    audio = _s2v_media(spec, req, frames, limits)
+
     warnings: list[str] = []
     if given_size is not None:
         width, height = given_size
     else:
         aspect = image.width / image.height if image is not None else None
         width, height = pick_size(spec, preset.size if preset else "largest", aspect)
+        if spec.clip_frames and image is not None:  # S2V: the image's aspect within the chosen size's area
+            width, height = fit_area(image.width, image.height, width * height, spec.spatial_multiple)
     warnings += check_size(spec, width, height, limits)
 
     settings = Settings(
         model=spec.name, prompt=req.prompt, negative_prompt=negative, image=req.image, width=width, height=height,
-        frames=frames, steps=steps, guidance=tuple(guidance), shift=shift, seed=seed, fps=spec.fps,
-        preset=preset.name if preset else None, output=req.output, sampler=sampler, timesteps=timesteps,
-        sigmas=sigmas, switch_step=switch_step, shift_source=shift_source, warnings=warnings,
+        frames=audio.frames if audio else frames, steps=steps, guidance=tuple(guidance), shift=shift, seed=seed,
+        fps=spec.fps, preset=preset.name if preset else None, output=req.output, sampler=sampler,
+        timesteps=timesteps, sigmas=sigmas, switch_step=switch_step, shift_source=shift_source, warnings=warnings,
+        audio=req.audio, audio_seconds=audio.seconds if audio else None, pose_video=req.pose_video,
+        clips=audio.clips if audio else None,
     )
     return spec, settings, image
+
+
+def fit_area(width: int, height: int, area: int, multiple: int) -> tuple[int, int]:
+    """The largest size of ``width``/``height``'s aspect, each side rounded up to ``multiple``, whose area is at most
+    ``area`` (S2V sizes itself this way from the reference image); at least one ``multiple`` a side."""
+    best = (multiple, multiple)
+    scale = math.sqrt(area / (width * height))
+    for i in range(200):  # from the scale that fills the area down, in 0.5% steps
+        s = scale * (1 - i / 200)
+        w = max(multiple, math.ceil(int(width * s) / multiple) * multiple)
+        h = max(multiple, math.ceil(int(height * s) / multiple) * multiple)
+        if w * h <= area:
+            best = (w, h)
+            break
+    return best
+
+
+def check_clip_frames(spec: ModelSpec, frames: int, limits: RequestLimits | None = None) -> int:
+    """S2V: a frame count that is a whole number of clips (77 + 80 (n - 1)) within the server's ``limits``;
+    returns the clips."""
+    first, step = spec.clip_video_frames(1), spec.clip_frames
+    most = limits.max_frames if limits and limits.max_frames else None
+    if most is not None and most < first:
+        raise InvalidRequestError("frames", f"this server's limit ({most} frames) is under one {spec.name} clip "
+                                            f"({first} frames)")
+    allowed = f"{first} + {step}n ({first}, {first + step}, {first + 2 * step}, ...)" + (
+        f" up to {(most - first) // step * step + first}" if most else "")
+    if frames < first or (frames - first) % step:
+        lo = first + max(0, (frames - first) // step) * step
+        near = [lo] if frames < first else [lo, lo + step]
+        raise InvalidRequestError("frames", f"{spec.name} makes clips of {step} frames (the first {first}); got "
+                                            f"{frames}; nearest valid: {', '.join(map(str, near))}", allowed)
+    if most is not None and frames > most:
+        raise InvalidRequestError("frames", f"{frames} is over this server's limit", allowed)
+    return (frames - first) // step + 1
+
+
+@dataclass(frozen=True)
+class _Audio:
+    seconds: float
+    clips: int
+    frames: int
+
+
+def _s2v_media(spec: ModelSpec, req: GenerationRequest, frames: int | None,
+               limits: RequestLimits | None) -> _Audio | None:
+    """S2V: decode the audio (never trusted: format, length and stream checked) and open the pose video; the clip
+    count follows the audio, or ``frames`` when given (at most the audio's). Other models refuse both fields."""
+    s2v = [n for n, s in _runnable().items() if s.task == "s2v" and s.tiny == spec.tiny]
+    if spec.task != "s2v":
+        for name in ("audio", "pose_video"):
+            if getattr(req, name) is not None:
+                raise InvalidRequestError(name, f"{spec.name} takes no {name.replace('_', ' ')}",
+                                          f"models that do: {', '.join(s2v)}")
+        return None
+    from artifex.models.s2v.audio import SAMPLE_RATE, clips_for_samples, load_audio, open_pose_video
+
+    if req.audio is None:
+        raise InvalidRequestError("audio", f"{spec.name} generates from speech or other audio; pass one "
+                                           "(--audio PATH: wav, mp3, m4a, flac, ogg or any file PyAV decodes)")
+    if not isinstance(req.audio, str):
+        raise InvalidRequestError("audio", f"must be a file path, got {type(req.audio).__name__}")
+    samples = load_audio(req.audio)
+    seconds = samples.size / SAMPLE_RATE
+    available = clips_for_samples(samples.size)
+    if frames is not None:
+        clips = check_clip_frames(spec, frames, limits)
+        if clips > available:
+            valid = ", ".join(str(spec.clip_video_frames(n)) for n in range(1, available + 1))
+            raise InvalidRequestError("frames", f"{frames} frames need {clips} clips; the audio ({seconds:.1f} s) "
+                                                f"makes {available}", valid)
+    else:
+        clips = available
+        most = limits.max_frames if limits and limits.max_frames else None
+        if most is not None and spec.clip_video_frames(clips) > most:
+            fit = (most - spec.clip_video_frames(1)) // spec.clip_frames + 1 if most >= spec.clip_video_frames(1) else 0
+            raise InvalidRequestError("audio", f"{seconds:.1f} s of audio make {clips} clips "
+                                               f"({spec.clip_video_frames(clips)} frames), over this server's limit "
+                                               f"of {most} frames",
+                                      f"frames {spec.clip_video_frames(fit)} to keep the first {fit} clip(s)"
+                                      if fit else "a shorter audio")
+    if req.pose_video is not None:
+        if not isinstance(req.pose_video, str):
+            raise InvalidRequestError("pose_video", f"must be a file path, got {type(req.pose_video).__name__}")
+        open_pose_video(req.pose_video)
+    return _Audio(seconds=round(seconds, 3), clips=clips, frames=spec.clip_video_frames(clips))
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""mp4 output: H.264 (libx264, yuv420p) through PyAV, written atomically, whole or as frames arrive.
+"""mp4 output: H.264 (libx264, yuv420p) through PyAV, written atomically, whole or as frames arrive; optionally
+with an AAC audio track (S2V) cut or padded with silence to the video's length.
 
 Colour: RGB frames become limited-range BT.709 YUV, and the stream says so (colour primaries, transfer and
 matrix BT.709, range "tv"). Untagged, players pick the matrix themselves (BT.709 for HD sizes in most), while
@@ -18,6 +19,24 @@ import torch
 BT709, TV_RANGE = 1, 1  # FFmpeg's AVCOL_PRI/TRC/SPC_BT709 and AVCOL_RANGE_MPEG (limited range)
 
 
+class AudioTrack:
+    """Audio to mux beside the video: float32 samples (channels, n) at ``rate`` Hz (``models.s2v.audio.
+    audio_for_mux``)."""
+
+    def __init__(self, samples: np.ndarray, rate: int):
+        if samples.ndim != 2 or samples.shape[0] not in (1, 2):
+            raise ValueError(f"audio samples must be (1 or 2 channels, n), got {samples.shape}")
+        self.samples, self.rate = samples.astype(np.float32), int(rate)
+
+    def fitted(self, seconds: float) -> np.ndarray:
+        """The samples cut, or padded with silence, to ``seconds``."""
+        n = round(seconds * self.rate)
+        out = np.zeros((self.samples.shape[0], n), np.float32)
+        keep = min(n, self.samples.shape[1])
+        out[:, :keep] = self.samples[:, :keep]
+        return out
+
+
 class Mp4Stream:
     """An H.264 mp4 written as frames arrive; the file appears at ``path`` only when ``close`` completes.
 
@@ -26,8 +45,12 @@ class Mp4Stream:
     the thread surfaces at the next ``add`` or at ``close``; ``abort`` drops the partial file.
     """
 
-    def __init__(self, path: str | Path, fps: int, crf: int = 18, background: bool = False):
+    def __init__(self, path: str | Path, fps: int, crf: int = 18, background: bool = False,
+                 audio: AudioTrack | None = None):
         self.path = Path(path)
+        self.audio = audio  # muxed at ``close``, fitted to the frames written
+        self.frames = 0
+        self._audio_stream = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.stem}.partial.mp4")
         self.fps, self.crf = fps, crf
@@ -58,6 +81,8 @@ class Mp4Stream:
             if self._container is None:
                 raise ValueError("no frames were written")
             self._container.mux(self._stream.encode())
+            if self._audio_stream is not None:
+                self._encode_audio()
             self._container.close()
             self._container = None
             os.replace(self.tmp, self.path)
@@ -93,6 +118,24 @@ class Mp4Stream:
         cc.thread_type = "FRAME"
         cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = BT709, BT709, BT709, TV_RANGE
         self._to_yuv = VideoReformatter()
+        if self.audio is not None:  # every stream is declared before the first packet
+            layout = "stereo" if self.audio.samples.shape[0] == 2 else "mono"
+            self._audio_stream = self._container.add_stream("aac", rate=self.audio.rate, layout=layout)
+
+    def _encode_audio(self) -> None:
+        """The audio, fitted to the video's length, as AAC frames of the encoder's size."""
+        import av
+
+        samples = self.audio.fitted(self.frames / self.fps)
+        stream = self._audio_stream
+        size = stream.codec_context.frame_size or 1024
+        layout = "stereo" if samples.shape[0] == 2 else "mono"
+        for start in range(0, samples.shape[1], size):
+            chunk = np.ascontiguousarray(samples[:, start:start + size])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
+            frame.sample_rate, frame.pts = self.audio.rate, start
+            self._container.mux(stream.encode(frame))
+        self._container.mux(stream.encode(None))
 
     def _encode(self, frames: np.ndarray) -> None:
         import av
@@ -103,6 +146,7 @@ class Mp4Stream:
             rgb = av.VideoFrame.from_ndarray(frame, format="rgb24")
             yuv = self._to_yuv.reformat(rgb, format="yuv420p", dst_colorspace="ITU709")
             self._container.mux(self._stream.encode(yuv))
+            self.frames += 1
 
     def _drain(self) -> None:
         while (frames := self._queue.get()) is not None:

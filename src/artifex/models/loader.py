@@ -57,6 +57,8 @@ class Components:
     experts: list[torch.nn.Module]  # [high-noise, low-noise] for A14B, [transformer] otherwise
     info: CheckpointInfo
     timings: dict[str, float] = field(default_factory=dict)  # seconds: checkpoint_check, read.<component>
+    audio_encoder: Any = None  # S2V: the wav2vec2 model (Wav2Vec2ForCTC), fp32
+    feature_extractor: Any = None  # S2V: its feature extractor (normalisation at 16 kHz)
 
 
 # -- locating ----------------------------------------------------------------------------
@@ -258,6 +260,12 @@ def load_components(
         components = official.load_official(spec, path, precision, single_files, device=device)
         components.timings = {"read.official": round(time.perf_counter() - t0, 4)}  # check + read + convert
         return components
+    if spec.task == "s2v":
+        raise CheckpointError(path, f"is not an official-layout {spec.name} checkpoint (config.json, "
+                                    "diffusion_pytorch_model-*.safetensors, Wan2.1_VAE.pth, "
+                                    "models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/, "
+                                    "wav2vec2-large-xlsr-53-english/, as Wan-AI/Wan2.2-S2V-14B publishes it); "
+                                    "no diffusers layout of S2V is published")
     info = check_checkpoint(spec, path)
     single_files = {k: v for k, v in (single_files or {}).items() if v}
     for role, file in single_files.items():

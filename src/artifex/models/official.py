@@ -637,9 +637,23 @@ def load_official(spec: ModelSpec, path: Path, precision: str = "bf16",
         tokenizer = AutoTokenizer.from_pretrained(checked.tokenizer)
     except Exception as e:
         raise CheckpointError(checked.tokenizer, f"could not be loaded: {type(e).__name__}: {e}") from e
+    audio_encoder, extractor = _load_wav2vec(path / WAV2VEC_DIR, device) if spec.task == "s2v" else (None, None)
     return Components(tokenizer=tokenizer, text_encoder=loaded["text_encoder"], vae=loaded["vae"],
                       scheduler_config=scheduler_config(spec), experts=[loaded[r] for r in _roles(spec)],
-                      info=checked.info)
+                      info=checked.info, audio_encoder=audio_encoder, feature_extractor=extractor)
+
+
+def _load_wav2vec(folder: Path, device: str | torch.device):
+    """S2V's wav2vec2 (``Wav2Vec2ForCTC``, in fp32 as the official code runs it) and its feature extractor."""
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    try:
+        model = Wav2Vec2ForCTC.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder)
+    except Exception as e:
+        raise CheckpointError(folder, f"could not be loaded as Wav2Vec2ForCTC with its feature extractor: "
+                                      f"{type(e).__name__}: {e}") from e
+    return model, extractor
 
 
 def scheduler_config(spec: ModelSpec) -> dict:
@@ -728,17 +742,29 @@ def official_transformer_config(spec: ModelSpec) -> dict:
 
 
 def write_official_checkpoint(spec: ModelSpec, path: Path, *, experts: list[torch.nn.Module], vae: torch.nn.Module,
-                              text_encoder: torch.nn.Module, tokenizer, shards: int = 2) -> Path:
+                              text_encoder: torch.nn.Module, tokenizer, shards: int = 2,
+                              audio: tuple | None = None) -> Path:
     """Write diffusers/transformers modules as an official-layout checkpoint (the official key names, files and
-    folders), in the modules' own dtypes. For tiny models: real checkpoints are published, not written."""
+    folders), in the modules' own dtypes; S2V with ``audio`` = (wav2vec2 model, feature extractor). For tiny
+    models: real checkpoints are published, not written."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if spec.task == "s2v":
+        from artifex.models.s2v.convert import artifex_to_official_key, official_config
+
+        rename, config = artifex_to_official_key, (lambda expert: official_config(dict(expert.config)))
+        if audio is None:
+            raise ValueError("an S2V checkpoint needs its wav2vec2 model and feature extractor (audio=)")
+        for part in audio:
+            part.save_pretrained(path / WAV2VEC_DIR)
+    else:
+        rename, config = transformer_official_name, (lambda expert: official_transformer_config(spec))
     for expert, d in zip(experts, expert_dirs(spec)):
         folder = path / d if d else path
         folder.mkdir(parents=True, exist_ok=True)
-        state = {transformer_official_name(k): v.detach().contiguous() for k, v in expert.state_dict().items()}
+        state = {rename(k): v.detach().contiguous() for k, v in expert.state_dict().items()}
         keys = sorted(state)
         n = max(1, min(shards, len(keys)))
         weight_map = {}
@@ -750,7 +776,7 @@ def write_official_checkpoint(spec: ModelSpec, path: Path, *, experts: list[torc
         total = sum(t.numel() * t.element_size() for t in state.values())
         (folder / f"{WEIGHTS}.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        (folder / "config.json").write_text(json.dumps(official_transformer_config(spec), indent=2))
+        (folder / "config.json").write_text(json.dumps(config(expert), indent=2))
     vae_state = {vae_official_name(k, vae.config): v.detach().clone() for k, v in vae.state_dict().items()}
     torch.save(vae_state, path / VAE_FILES[spec.vae.kind])
     t5_state = {}

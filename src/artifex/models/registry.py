@@ -96,12 +96,38 @@ class ModelSpec:
     base: str | None = None
     weights: str = ""
     few_step: str | None = None
+    # S2V: a stricter size multiple than VAE stride x patch (FramePack packs the motion latents in 8x8 patches),
+    # and the clip structure: ``clip_frames`` new frames per clip, the last ``motion_frames`` of the video so far
+    # VAE-encoded as the next clip's motion input; the video's length follows the audio.
+    size_multiple: int | None = None
+    clip_frames: int | None = None
+    motion_frames: int | None = None
 
     # -- derived facts ----------------------------------------------------------------
     @property
     def spatial_multiple(self) -> int:
-        """Width and height must be multiples of this (VAE stride x patch size)."""
-        return self.vae.spatial_stride * self.transformer.patch[1]
+        """Width and height must be multiples of this (VAE stride x patch size; S2V: 64)."""
+        return max(self.vae.spatial_stride * self.transformer.patch[1], self.size_multiple or 0)
+
+    @property
+    def clip_latent_frames(self) -> int:
+        """S2V: latent frames each clip denoises (80 new frames -> 20)."""
+        return self.clip_frames // self.vae.temporal_stride
+
+    @property
+    def motion_latent_frames(self) -> int:
+        """S2V: latent frames of the motion input (73 frames -> 19)."""
+        return (self.motion_frames - 1) // self.vae.temporal_stride + 1
+
+    def decode_frames(self, frames: int) -> int:
+        """Frames one decode produces for a video of ``frames``: all of them, or (S2V) one clip's with the motion
+        frames decoded before it."""
+        return self.motion_frames + self.clip_frames if self.clip_frames else frames
+
+    def clip_video_frames(self, clips: int) -> int:
+        """S2V: frames of a video of ``clips`` clips: the first clip's ``clip_frames - 3`` (its first latent frame
+        decodes after the reference image's), then ``clip_frames`` each (77 + 80 (n - 1))."""
+        return self.clip_frames - self.vae.temporal_stride + 1 + self.clip_frames * (clips - 1)
 
     @property
     def architecture(self) -> str:
@@ -124,10 +150,21 @@ class ModelSpec:
         return (v.z_dim, (frames - 1) // v.temporal_stride + 1, height // v.spatial_stride, width // v.spatial_stride)
 
     def tokens(self, width: int, height: int, frames: int) -> int:
-        """Sequence length of one DiT forward."""
+        """Sequence length of one DiT forward (S2V: of one clip with its motion input, whatever ``frames``)."""
+        if self.clip_frames:
+            return self.s2v_tokens(width, height)
         _, t, h, w = self.latent_shape(width, height, frames)
         pt, ph, pw = self.transformer.patch
         return (t // pt) * (h // ph) * (w // pw)
+
+    def s2v_tokens(self, width: int, height: int, motion: bool = True) -> int:
+        """S2V's sequence: the clip's noisy tokens, the reference image's (one latent frame) and, after the first
+        clip, the motion latents' FramePack tokens (1 frame at the patch size, 2 at 2x, 16 at 4x: 1 + 1 + 4 frames'
+        worth of 1, 1/4 and 1/16 the tokens)."""
+        _, _, h, w = self.latent_shape(width, height, 1)
+        per_frame = (h // 2) * (w // 2)
+        packed = per_frame + (h // 4) * (w // 4) + 4 * (h // 8) * (w // 8) if motion else 0
+        return self.clip_latent_frames * per_frame + per_frame + packed
 
     def flops_per_forward(self, width: int, height: int, frames: int) -> float:
         """Matmul FLOPs of one DiT forward (self-attention projections, FFN, attention).
@@ -207,7 +244,7 @@ _REAL = [
     ModelSpec(
         name="s2v-14b",
         task="s2v",
-        description="Wan2.2 S2V-14B: speech/audio-to-video (spec only: its pipeline is not built yet)",
+        description="Wan2.2 S2V-14B: speech/audio-to-video from a reference image, in clips of 80 frames",
         transformer=_A14B,
         vae=WAN21_VAE,
         experts=1,
@@ -216,12 +253,14 @@ _REAL = [
         guidance=(4.5,),
         boundary=None,
         fps=16,
-        frames=81,  # generated in clips of 80 frames plus a motion frame
-        sizes=((1024, 704), (704, 1024), (1280, 720), (720, 1280), (832, 480), (480, 832)),
-        hub_id=None,
+        frames=77,  # one clip; the video's length follows the audio: 77 + 80 (n - 1) frames for n clips
+        sizes=((1024, 704), (704, 1024)),  # the official examples' area; any multiple of 64 runs
+        hub_id=None,  # published in the official layout only (Wan-AI/Wan2.2-S2V-14B): pass --checkpoint DIR
         image="required",
-        runnable=False,
-        extra={"audio": "required", "clip_frames": 80, "audio_encoder": "wav2vec2"},
+        extra={"audio": "required", "audio_encoder": "wav2vec2"},
+        size_multiple=64,
+        clip_frames=80,
+        motion_frames=73,
     ),
 ]
 
@@ -317,6 +356,28 @@ _TINY = [
         hub_id=None,
         image="required",
         tiny=True,
+    ),
+    ModelSpec(
+        name="tiny-s2v",
+        task="s2v",
+        description="Toy S2V-14B twin (audio injectors, FramePack motion, real clip structure) with random weights",
+        transformer=TransformerArch(in_channels=16, out_channels=16, **{**_TINY_T, "layers": 3}),
+        vae=WAN21_VAE,
+        experts=1,
+        steps=4,
+        shift=3.0,
+        guidance=(4.5,),
+        boundary=None,
+        fps=16,
+        frames=77,
+        sizes=((128, 64), (64, 128)),
+        hub_id=None,
+        image="required",
+        tiny=True,
+        extra={"audio": "required", "audio_encoder": "wav2vec2"},
+        size_multiple=64,
+        clip_frames=80,
+        motion_frames=73,
     ),
 ]
 

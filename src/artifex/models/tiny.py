@@ -72,6 +72,9 @@ def build_components(spec: ModelSpec) -> dict:
         transformers = []
         for i in range(spec.experts):
             torch.manual_seed(10 + i)
+            if spec.task == "s2v":
+                transformers.append(_tiny_s2v(spec, seed=10 + i))
+                continue
             t = WanTransformer3DModel(**arch.diffusers_config())
             # diffusers zero-initialises nothing that matters here, but the output projection of a
             # fresh model is small; scale it so that tiny videos show visible motion.
@@ -82,7 +85,13 @@ def build_components(spec: ModelSpec) -> dict:
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=spec.shift
     )
+    audio = None
+    if spec.task == "s2v":
+        from artifex.models.s2v.audio import tiny_wav2vec
+
+        audio = tiny_wav2vec(seed=3)
     return {
+        "audio": audio,
         "tokenizer": tokenizer,
         "text_encoder": text_encoder,
         "vae": vae.eval(),
@@ -92,22 +101,40 @@ def build_components(spec: ModelSpec) -> dict:
     }
 
 
+def _tiny_s2v(spec: ModelSpec, seed: int):
+    """The tiny S2V transformer of ``spec``'s shape (audio features of the tiny wav2vec2: 3 states of 24)."""
+    from artifex.models.s2v import tiny_s2v_transformer
+
+    a = spec.transformer
+    return tiny_s2v_transformer(seed=seed, num_attention_heads=a.heads, attention_head_dim=a.head_dim,
+                                ffn_dim=a.ffn, num_layers=a.layers, text_dim=a.text_dim, freq_dim=a.freq_dim,
+                                audio_inject_layers=(0, a.layers - 1))
+
+
 def save_tiny_checkpoint(spec: ModelSpec, path: str | Path) -> Path:
-    """Write a tiny checkpoint in the diffusers layout to ``path`` (created or replaced)."""
+    """Write a tiny checkpoint in the diffusers layout to ``path`` (created or replaced); S2V, whose only published
+    layout is the official one, in that layout."""
     from diffusers import WanImageToVideoPipeline, WanPipeline
 
+    if spec.task == "s2v":
+        return _replace_dir(Path(path), lambda tmp: save_tiny_official_checkpoint(spec, tmp))
     comps = build_components(spec)
+    comps.pop("audio")
     if spec.task == "i2v":
         pipe = WanImageToVideoPipeline(
             image_processor=None, image_encoder=None, boundary_ratio=spec.boundary, **comps
         )
     else:
         pipe = WanPipeline(boundary_ratio=spec.boundary, expand_timesteps=spec.expand_timesteps, **comps)
-    path = Path(path)
+    return _replace_dir(Path(path), lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+
+
+def _replace_dir(path: Path, write) -> Path:
+    """Run ``write(tmp)`` on a fresh folder beside ``path``, then put it in ``path``'s place in one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        write(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -120,7 +147,8 @@ def save_tiny_checkpoint(spec: ModelSpec, path: str | Path) -> Path:
 def ensure_tiny_checkpoint(spec: ModelSpec, cache_dir: Path) -> Path:
     """The cached tiny checkpoint of ``spec``, built on first use."""
     path = cache_dir / "tiny" / f"{spec.name}-v{TINY_FORMAT}"
-    if not (path / "model_index.json").is_file():
+    marker = "config.json" if spec.task == "s2v" else "model_index.json"
+    if not (path / marker).is_file():
         save_tiny_checkpoint(spec, path)
     return path
 
@@ -136,4 +164,4 @@ def save_tiny_official_checkpoint(spec: ModelSpec, path: str | Path, shards: int
     if path.exists():
         shutil.rmtree(path)
     return write_official_checkpoint(spec, path, experts=experts, vae=comps["vae"], text_encoder=comps["text_encoder"],
-                                     tokenizer=comps["tokenizer"], shards=shards)
+                                     tokenizer=comps["tokenizer"], shards=shards, audio=comps["audio"])

@@ -76,6 +76,61 @@ def load_audio(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS) -> np
     return samples
 
 
+def audio_for_mux(path: str | Path, max_rate: int = 48000) -> tuple[np.ndarray, int]:
+    """The file's first audio stream for the mp4: (float32 samples (channels, n), rate), mono or stereo as it is
+    (more channels downmixed to stereo), at its own rate up to ``max_rate``."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        channels = 2 if (stream.codec_context.channels or 1) >= 2 else 1
+        rate = min(int(stream.codec_context.sample_rate or SAMPLE_RATE), max_rate)
+        resampler = av.AudioResampler(format="fltp", layout="stereo" if channels == 2 else "mono", rate=rate)
+        chunks = [out.to_ndarray() for frame in container.decode(stream) for out in resampler.resample(frame)]
+        chunks += [out.to_ndarray() for out in resampler.resample(None)]
+    samples = np.concatenate(chunks, axis=1) if chunks else np.zeros((channels, 0), np.float32)
+    return samples.reshape(channels, -1), rate
+
+
+def open_pose_video(path: str | Path) -> tuple[float, int]:
+    """Check that ``path`` is a video PyAV can read; returns (its frame rate, its frame count or 0 if unknown)."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidRequestError("pose_video", f"{path} does not exist or is not a file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InvalidRequestError("pose_video", f"{path} has no video stream")
+            stream = container.streams.video[0]
+            return float(stream.average_rate or stream.guessed_rate or VIDEO_FPS), int(stream.frames or 0)
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise InvalidRequestError("pose_video", f"{path} is not a video PyAV can read: {e}") from None
+
+
+def read_pose_frames(path: str | Path, frames: int, fps: int = VIDEO_FPS) -> list[np.ndarray]:
+    """The pose video's first ``frames`` frames sampled at ``fps`` (every round(rate / fps)-th frame, as the
+    official sampler takes them), RGB uint8 (H, W, 3) each; fewer if the video is shorter."""
+    import av
+
+    rate, _ = open_pose_video(path)
+    interval = max(1, round(rate / fps))
+    out: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(container.streams.video[0])):
+                if i % interval == 0:
+                    out.append(frame.to_ndarray(format="rgb24"))
+                    if len(out) == frames:
+                        break
+    except av.error.FFmpegError as e:
+        raise InvalidRequestError("pose_video", f"{path}: the video stream could not be decoded: {e}") from None
+    if not out:
+        raise InvalidRequestError("pose_video", f"{path} holds no decodable frames")
+    return out
+
+
 def wav2vec_frames(num_samples: int, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2)) -> int:
     """How many 50-fps frames wav2vec2's convolutional front end makes from ``num_samples`` samples."""
     n = num_samples

@@ -64,6 +64,64 @@ def official_to_artifex_key(key: str) -> str | None:
     return None
 
 
+_ATTN_OFFICIAL = {v: k for k, v in _ATTN.items()}
+_TO_OFFICIAL: list[tuple[str, str]] = [
+    (r"pose_embedding\.(weight|bias)", r"cond_encoder.\1"),
+    (r"condition_embedder\.text_embedder\.linear_([12])\.(weight|bias)",
+     lambda m: f"text_embedding.{2 * int(m[1]) - 2}.{m[2]}"),
+    (r"condition_embedder\.time_embedder\.linear_([12])\.(weight|bias)",
+     lambda m: f"time_embedding.{2 * int(m[1]) - 2}.{m[2]}"),
+    (r"condition_embedder\.time_proj\.(weight|bias)", r"time_projection.1.\1"),
+    (r"type_embedding\.weight", r"trainable_cond_mask.weight"),
+    (r"motion_packer\.(.*)", r"frame_packer.\1"),
+    (r"audio_encoder\.layer_weights", r"casual_audio_encoder.weights"),
+    (r"audio_encoder\.(conv1_local|conv1_global|conv2|conv3)\.(weight|bias)",
+     r"casual_audio_encoder.encoder.\1.conv.\2"),
+    (r"audio_encoder\.(final_linear\.(?:weight|bias)|padding_tokens)", r"casual_audio_encoder.encoder.\1"),
+    (r"audio_injectors\.(\d+)\.adain\.linear\.(weight|bias)", r"audio_injector.injector_adain_layers.\1.linear.\2"),
+    (r"audio_injectors\.(\d+)\.attn\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k)\.(weight|bias)",
+     lambda m: f"audio_injector.injector.{m[1]}.{_ATTN_OFFICIAL[m[2]]}.{m[3]}"),
+    (r"blocks\.(\d+)\.attn([12])\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k)\.(weight|bias)",
+     lambda m: f"blocks.{m[1]}.{'self_attn' if m[2] == '1' else 'cross_attn'}.{_ATTN_OFFICIAL[m[3]]}.{m[4]}"),
+    (r"blocks\.(\d+)\.scale_shift_table", r"blocks.\1.modulation"),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)", r"blocks.\1.norm3.\2"),
+    (r"blocks\.(\d+)\.ffn\.net\.0\.proj\.(weight|bias)", r"blocks.\1.ffn.0.\2"),
+    (r"blocks\.(\d+)\.ffn\.net\.2\.(weight|bias)", r"blocks.\1.ffn.2.\2"),
+    (r"proj_out\.(weight|bias)", r"head.head.\1"),
+    (r"scale_shift_table", r"head.modulation"),
+    (r"patch_embedding\.(weight|bias)", r"patch_embedding.\1"),
+]
+_TO_OFFICIAL_COMPILED = [(re.compile(p), r) for p, r in _TO_OFFICIAL]
+
+
+def artifex_to_official_key(key: str) -> str:
+    """The official name of one ``WanS2VTransformer3DModel`` key (the inverse of ``official_to_artifex_key``)."""
+    for pattern, repl in _TO_OFFICIAL_COMPILED:
+        if pattern.fullmatch(key):
+            return pattern.sub(repl, key)
+    raise KeyError(f"no official name for {key}")
+
+
+def official_config(config: dict) -> dict:
+    """The official ``config.json`` (WanModel_S2V's fields) of a model of ``config`` (its keyword arguments)."""
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    motion = config.get("motion_frames", (73, 19))
+    cfg = {"_class_name": "WanModel_S2V", "model_type": "s2v", "dim": heads * head_dim, "num_heads": heads,
+           "num_layers": config["num_layers"], "ffn_dim": config["ffn_dim"], "freq_dim": config["freq_dim"],
+           "in_dim": config["in_channels"], "out_dim": config["out_channels"], "eps": config.get("eps", 1e-6),
+           "text_len": 512, "audio_dim": config["audio_dim"], "num_audio_token": config["num_audio_tokens"],
+           "audio_inject_layers": list(config["audio_inject_layers"]), "cond_dim": config["pose_channels"],
+           "motion_frames": motion[0], "zip_frame_buckets": list(config.get("zip_frame_buckets", (1, 2, 16))),
+           "enable_adain": True, "adain_mode": "attn_norm", "add_last_motion": True, "zero_timestep": True,
+           "enable_framepack": True, "framepack_drop_mode": "padd", "qk_norm": True, "cross_attn_norm": True,
+           "window_size": [-1, -1]}
+    if config["text_dim"] != 4096:  # the official model does not save text_dim; a toy model must say it
+        cfg["text_dim"] = config["text_dim"]
+    if config.get("audio_layers", 25) != 25:  # wav2vec2-large's 25 hidden states, fixed in the official code
+        cfg["audio_layers"] = config["audio_layers"]
+    return cfg
+
+
 def _strip_prefix(sd: dict) -> dict:
     for prefix in ("model.", "diffusion_model.", "module."):
         if sd and all(k.startswith(prefix) for k in sd):
@@ -132,7 +190,13 @@ def config_from_official(official: dict) -> dict:
             "audio_dim": int(official.get("audio_dim", 1024)),
             "num_audio_tokens": int(official.get("num_audio_token", 4)),
             "pose_channels": int(official.get("cond_dim", 16)),
+            # not an official field (the official encoder always mixes wav2vec2-large's 25 hidden states); the
+            # tiny twin's config.json names its own count
+            "audio_layers": int(official.get("audio_layers", 25)),
         }
+        if "motion_frames" in official:
+            frames = int(official["motion_frames"])
+            cfg["motion_frames"] = (frames, (frames + 3) // 4)
         if "audio_inject_layers" in official:
             cfg["audio_inject_layers"] = tuple(int(i) for i in official["audio_inject_layers"])
         if "zip_frame_buckets" in official:

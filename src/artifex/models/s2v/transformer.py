@@ -286,29 +286,24 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         glob, local = self.audio_encoder(audio)
         return glob[:, pre_latents:], local[:, pre_latents:]
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,  # (B, C, F, H, W) noisy latents of the clip
-        timestep: torch.Tensor,  # (B,)
-        encoder_hidden_states: torch.Tensor,  # (B, L, text_dim) umt5 embeddings
-        audio_features: torch.Tensor,  # (B, audio_layers, audio_dim, 4*F); zeros for CFG's unconditional pass
-        ref_latents: torch.Tensor,  # (B, C, 1, H, W) reference image latent
-        motion_latents: torch.Tensor | None,  # (B, C, Tm, H, W) previous clip's latents (last 19 used, a
-        # shorter history zero-padded in front); None for the first clip, whose motion tokens are dropped
-        pose_latents: torch.Tensor | None = None,  # (B, pose_channels, F, H, W) or None
-    ) -> torch.Tensor:  # (B, out_channels, F, H, W) flow prediction for the noisy latents
-        b, _, f, h, w = hidden_states.shape
-        pt, ph, pw = self.config.patch_size
+    def check_inputs(self, hidden_states: torch.Tensor, audio_features: torch.Tensor) -> None:
+        """The latent grid FramePack can pack and four audio frames per latent frame, or an error naming them."""
+        _, _, f, h, w = hidden_states.shape
         if h % 8 or w % 8:
             raise InvalidRequestError("latents", f"latent height and width must be multiples of 8 (FramePack's "
                                       f"4x motion patches); got {h}x{w}")
         if audio_features.shape[-1] != 4 * f:
             raise InvalidRequestError("audio_features", f"{audio_features.shape[-1]} audio frames for {f} latent "
                                       f"frames; need 4 per latent frame", [4 * f])
-        head_dim = self.config.attention_head_dim
-        gf, gh, gw = f // pt, h // ph, w // pw
 
-        # 1. tokens: [noisy (+pose) | reference | motion], each (B, n, dim)
+    def embed_tokens(self, hidden_states: torch.Tensor, ref_latents: torch.Tensor,
+                     motion_latents: torch.Tensor | None, pose_latents: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, int, list]:
+        """1. The sequence [noisy (+pose) | reference | motion] (B, L, dim) with the type embeddings; the count n
+        of noisy tokens; the rope segments (noisy frames 0..F-1, the reference at frame index 30, motion before
+        frame 0)."""
+        b, _, f, h, w = hidden_states.shape
+        pt, ph, pw = self.config.patch_size
         x = self.patch_embedding(hidden_states)
         if pose_latents is None:
             x = x + self.pose_embedding.bias.view(1, -1, 1, 1, 1)
@@ -325,11 +320,42 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
         types = torch.cat([x.new_zeros(n, dtype=torch.long), x.new_ones(ref.shape[1], dtype=torch.long),
                            x.new_full((motion.shape[1],), 2, dtype=torch.long)])
         x = torch.cat([x, ref, motion], dim=1) + self.type_embedding(types).to(x.dtype)[None]
-
-        # 2. rotary: noisy frames 0..gf-1, the reference at frame index 30, motion before frame 0
         ri = self.config.ref_rope_index
+        gf, gh, gw = f // pt, h // ph, w // pw
         segs = [(np.arange(gf), np.arange(gh), np.arange(gw)), (np.array([ri]), np.arange(rh), np.arange(rw))]
-        rotary = s2v_rotary(segs + motion_segs, head_dim, device=x.device)
+        return x, n, segs + motion_segs
+
+    def inject_audio(self, i: int, x: torch.Tensor, n: int, audio_global: torch.Tensor,
+                     audio_local: torch.Tensor) -> torch.Tensor:
+        """After block ``i``: its injector's residual on the noisy tokens, if it has one."""
+        j = self._inject_at.get(i)
+        if j is None:
+            return x
+        return torch.cat([x[:, :n] + self.audio_injectors[j](x[:, :n], audio_global, audio_local), x[:, n:]], 1)
+
+    def unpatchify(self, x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+        """(B, n, out*pt*ph*pw) head output of the noisy tokens -> (B, out, F, H, W)."""
+        pt, ph, pw = self.config.patch_size
+        x = x.reshape(x.shape[0], f // pt, h // ph, w // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # (B, C, F, H, W) noisy latents of the clip
+        timestep: torch.Tensor,  # (B,)
+        encoder_hidden_states: torch.Tensor,  # (B, L, text_dim) umt5 embeddings
+        audio_features: torch.Tensor,  # (B, audio_layers, audio_dim, 4*F); zeros for CFG's unconditional pass
+        ref_latents: torch.Tensor,  # (B, C, 1, H, W) reference image latent
+        motion_latents: torch.Tensor | None,  # (B, C, Tm, H, W) previous clip's latents (last 19 used, a
+        # shorter history zero-padded in front); None for the first clip, whose motion tokens are dropped
+        pose_latents: torch.Tensor | None = None,  # (B, pose_channels, F, H, W) or None
+    ) -> torch.Tensor:  # (B, out_channels, F, H, W) flow prediction for the noisy latents
+        self.check_inputs(hidden_states, audio_features)
+        b, _, f, h, w = hidden_states.shape
+
+        # 1. tokens [noisy (+pose) | reference | motion] and 2. their rotary tables
+        x, n, segs = self.embed_tokens(hidden_states, ref_latents, motion_latents, pose_latents)
+        rotary = s2v_rotary(segs, self.config.attention_head_dim, device=x.device)
 
         # 3. time (segment 0: t, segment 1: t = 0) and text
         t2 = torch.cat([timestep, torch.zeros_like(timestep)])
@@ -341,17 +367,12 @@ class WanS2VTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin):
 
         # 5. blocks, audio after the injection layers (noisy tokens only)
         for i, block in enumerate(self.blocks):
-            x = block(x, text, tproj, rotary, n)
-            j = self._inject_at.get(i)
-            if j is not None:
-                x = torch.cat([x[:, :n] + self.audio_injectors[j](x[:, :n], audio_global, audio_local), x[:, n:]], 1)
+            x = self.inject_audio(i, block(x, text, tproj, rotary, n), n, audio_global, audio_local)
 
         # 6. head on the noisy tokens with the real t, unpatchify
         shift, scale = (self.scale_shift_table + temb[:b].unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x[:, :n].float()) * (1 + scale) + shift).type_as(x)
-        x = self.proj_out(x)  # (B, n, out*pt*ph*pw)
-        x = x.reshape(b, gf, gh, gw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return self.unpatchify(self.proj_out(x), f, h, w)
 
 
 def tiny_s2v_config(**overrides) -> dict:
