@@ -94,6 +94,20 @@ def add_commands(sub) -> None:
     bf.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     bf.set_defaults(func=cmd_bench_fewstep)
 
+    bs = bsub.add_parser("s2v", help="S2V-14B at a real shape, random weights: one DiT forward (DiffSynth's "
+                         "reference, the model's own forward, Artifex bf16 and fp8) and one clip end to end (GPU)")
+    bs.add_argument("--model", default="s2v-14b", help="s2v-14b, or tiny-s2v to check the benchmark on a CPU")
+    bs.add_argument("--parts", nargs="+", default=["forward", "clip"], choices=["forward", "clip"],
+                    help="what to run; parts run in separate calls are merged into one s2v-<gpu>.json")
+    bs.add_argument("--size", type=size_arg, help="WIDTHxHEIGHT (default: the model's first size, 1024x704)")
+    bs.add_argument("--steps", type=int, help="the clip's steps (default: the model's, 40)")
+    bs.add_argument("--clip-fp8", default="off", choices=["off", "gemm", "all"], help="fp8 for the clip run")
+    bs.add_argument("--no-reference", action="store_true", help="skip DiffSynth's WanS2VModel row")
+    bs.add_argument("--warmup", type=int, default=1)
+    bs.add_argument("--iters", type=int, default=3)
+    bs.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
+    bs.set_defaults(func=cmd_bench_s2v)
+
     bg = bsub.add_parser("multigpu", help="one model and shape under parallel layouts (1 GPU, CFG-parallel, "
                          "Ulysses, both): step and whole-generation time, scaling, collectives, equality (GPUs)",
                          description=multigpu.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,3 +200,13 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def cmd_bench_s2v(args: argparse.Namespace) -> int:
+    from artifex.bench import s2v
+
+    data = s2v.run(args.output_dir, args.model, tuple(args.parts), args.size, args.warmup, args.iters, args.steps,
+                   args.clip_fp8, not args.no_reference)
+    print(json.dumps(data["summary"], indent=2))
+    print("\n".join(data.get("files", [])))
+    return 0

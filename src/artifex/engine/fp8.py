@@ -52,6 +52,11 @@ def keep_patterns(model: nn.Module, keep: str) -> tuple[str, ...]:
 
 
 @torch.no_grad()
+def _output(out) -> torch.Tensor:
+    """The prediction of a forward: diffusers' models return a tuple here, S2V's its tensor."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def quantize_experts(spec, experts: list[torch.nn.Module], device: torch.device, dtype: torch.dtype,
                      keep: str = "") -> dict:
     """Quantize every expert's block linears in place (on ``device``), but those ``keep`` names (``fp8_keep``);
@@ -72,14 +77,22 @@ def quantize_experts(spec, experts: list[torch.nn.Module], device: torch.device,
         expert.to(device)
         x = torch.randn(1, expert.config.in_channels, t, lh, lw, generator=g).to(device, dtype)
         text = torch.randn(1, spec.text_len, expert.config.text_dim, generator=g).to(device, dtype)
-        probe = {"hidden_states": x, "timestep": torch.tensor([500.0], device=device), "encoder_hidden_states": text,
-                 "return_dict": False}
-        ref = expert(**probe)[0].float()
+        probe = {"hidden_states": x, "timestep": torch.tensor([500.0], device=device), "encoder_hidden_states": text}
+        if spec.task == "s2v":  # the clip's audio, the reference and a full motion history
+            cfg = expert.config
+            probe.update(
+                audio_features=torch.randn(1, cfg.audio_layers, cfg.audio_dim, 4 * t, generator=g).to(device, dtype),
+                ref_latents=torch.randn(1, cfg.in_channels, 1, lh, lw, generator=g).to(device, dtype),
+                motion_latents=torch.randn(1, cfg.in_channels, sum(cfg.zip_frame_buckets), lh, lw,
+                                           generator=g).to(device, dtype))
+        else:
+            probe["return_dict"] = False
+        ref = _output(expert(**probe)).float()
         layers = kernels.quantize_linears(expert, include=("blocks.*",),
                                           exclude=kernels.DEFAULT_EXCLUDE + patterns, path="scaled_mm")
         by_keep = {f"excluded by {p!r}" for p in patterns}
         report["kept"] = sorted(n for n, why in layers.skipped.items() if why in by_keep)
-        err = rel_l2(expert(**probe)[0].float(), ref)
+        err = rel_l2(_output(expert(**probe)).float(), ref)
         report["probe"].append({"expert": i, "rel_l2_vs_bf16": round(err, 5)})
         report["mode_layers"] = layers.summary()
         log.info("fp8 expert %d: %s; probe rel L2 vs %s %.4f", i, layers.summary(), dtype, err)

@@ -51,6 +51,14 @@ def meta_components(spec: ModelSpec, precision: str = "bf16"):
     with torch.device("meta"):
         text_encoder = UMT5EncoderModel(text_encoder_config(spec)).to(dtype)
         vae = AutoencoderKLWan(**vae_kwargs(spec))
-        experts = [cast_keeping_fp32(WanTransformer3DModel(**spec.transformer.diffusers_config()), dtype)
-                   for _ in range(spec.experts)]
+        experts = [cast_keeping_fp32(transformer_for(spec, WanTransformer3DModel), dtype) for _ in range(spec.experts)]
     return text_encoder, vae, experts
+
+
+def transformer_for(spec: ModelSpec, wan_class) -> torch.nn.Module:
+    """A transformer of ``spec``'s shape (S2V: its own model, audio modules included)."""
+    if spec.task == "s2v":
+        from artifex.models.s2v.transformer import WanS2VTransformer3DModel, s2v_config_for
+
+        return WanS2VTransformer3DModel(**s2v_config_for(spec))
+    return wan_class(**spec.transformer.diffusers_config())

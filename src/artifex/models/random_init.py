@@ -19,7 +19,7 @@ def random_components(spec: ModelSpec, precision: str = "bf16", build_device: st
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
-    from artifex.models.configs import text_encoder_config, vae_kwargs
+    from artifex.models.configs import text_encoder_config, transformer_for, vae_kwargs
     from artifex.models.tiny import build_tokenizer
 
     dtype = DTYPES[precision]
@@ -35,11 +35,19 @@ def random_components(spec: ModelSpec, precision: str = "bf16", build_device: st
 
     text_encoder = build(lambda: UMT5EncoderModel(text_encoder_config(spec)), lambda m: m.to(dtype))
     vae = build(lambda: AutoencoderKLWan(**vae_kwargs(spec)), lambda m: m)
-    experts = [build(lambda: WanTransformer3DModel(**spec.transformer.diffusers_config()),
-                     lambda m: cast_keeping_fp32(m, dtype)) for _ in range(spec.experts)]
+    experts = [build(lambda: transformer_for(spec, WanTransformer3DModel), lambda m: cast_keeping_fp32(m, dtype))
+               for _ in range(spec.experts)]
+    audio = extractor = None
+    if spec.task == "s2v":  # wav2vec2-large-xlsr-53's shape (tiny: the tiny twin's), fp32 as the official code runs it
+        from artifex.models.s2v.audio import tiny_wav2vec, wav2vec2_large
+
+        make = (lambda: tiny_wav2vec(seed)) if spec.tiny else wav2vec2_large
+        pair = []
+        audio = build(lambda: pair.extend(make()) or pair[0], lambda m: m)
+        extractor = pair[1]
     sizes = {"text_encoder": 0, "vae": 0}
     info = CheckpointInfo(path=Path(f"random:{spec.name}"), weight_bytes=sizes, boundary_ratio=spec.boundary)
     scheduler = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000, "solver_order": 2,
                  "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": spec.shift}
     return Components(tokenizer=build_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler_config=scheduler,
-                      experts=experts, info=info)
+                      experts=experts, info=info, audio_encoder=audio, feature_extractor=extractor)

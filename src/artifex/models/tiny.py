@@ -102,13 +102,10 @@ def build_components(spec: ModelSpec) -> dict:
 
 
 def _tiny_s2v(spec: ModelSpec, seed: int):
-    """The tiny S2V transformer of ``spec``'s shape (audio features of the tiny wav2vec2: 3 states of 24)."""
-    from artifex.models.s2v import tiny_s2v_transformer
+    """The tiny S2V transformer of ``spec``'s shape."""
+    from artifex.models.s2v.transformer import s2v_config_for, tiny_s2v_transformer
 
-    a = spec.transformer
-    return tiny_s2v_transformer(seed=seed, num_attention_heads=a.heads, attention_head_dim=a.head_dim,
-                                ffn_dim=a.ffn, num_layers=a.layers, text_dim=a.text_dim, freq_dim=a.freq_dim,
-                                audio_inject_layers=(0, a.layers - 1))
+    return tiny_s2v_transformer(seed=seed, **s2v_config_for(spec))
 
 
 def save_tiny_checkpoint(spec: ModelSpec, path: str | Path) -> Path:

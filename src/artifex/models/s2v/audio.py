@@ -194,16 +194,32 @@ def audio_features(path: str | Path, model, feature_extractor, max_seconds: floa
     return bucket_per_video_frame(feats, clip_frames)
 
 
+def _extractor():
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
+                                    return_attention_mask=True)
+
+
+def wav2vec2_large():
+    """A ``Wav2Vec2ForCTC`` of wav2vec2-large-xlsr-53-english's shape (1024 wide, 24 layers: 25 hidden states) with
+    random weights, and its feature extractor: for benchmarks at the real size."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    config = Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                            conv_dim=(512,) * 7, do_stable_layer_norm=True, feat_extract_norm="layer",
+                            vocab_size=33)
+    return Wav2Vec2ForCTC(config).eval(), _extractor()
+
+
 def tiny_wav2vec(seed: int = 0):
     """A toy ``Wav2Vec2ForCTC`` (hidden 24, 2 layers: 3 hidden states) and its feature extractor, for tests."""
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     config = Wav2Vec2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
                             conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
                             do_stable_layer_norm=True, feat_extract_norm="layer", vocab_size=33)
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
-                                         do_normalize=True, return_attention_mask=True)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Wav2Vec2ForCTC(config).eval()
-    return model, extractor
+    return model, _extractor()

@@ -384,6 +384,17 @@ def tiny_s2v_config(**overrides) -> dict:
     return cfg
 
 
+def s2v_config_for(spec) -> dict:
+    """The model config of a registry spec: S2V-14B's defaults, or the tiny twin's toy config at its shape (audio
+    in the first and last blocks, features of the tiny wav2vec2)."""
+    if not spec.tiny:
+        return {}
+    a = spec.transformer
+    return tiny_s2v_config(num_attention_heads=a.heads, attention_head_dim=a.head_dim, ffn_dim=a.ffn,
+                           num_layers=a.layers, text_dim=a.text_dim, freq_dim=a.freq_dim,
+                           audio_inject_layers=(0, a.layers - 1))
+
+
 def tiny_s2v_transformer(seed: int = 0, **overrides) -> WanS2VTransformer3DModel:
     """The tiny S2V model with deterministic random weights, none left at zero (the audio path is live)."""
     gen = torch.Generator().manual_seed(seed)
