@@ -10,6 +10,12 @@
   the first time this process imports them;
 - ``warm_up``: an executor's warm-up generations (a server's).
 
+``IMPORTS`` splits ``imports`` by what ``import_libraries`` imported, group by group in its order (torch,
+torch._dynamo, diffusers, diffusers.models, transformers, then the executor's artifex.engine): each group's
+first import, its seconds beyond the groups before it (a group already imported costs nothing). What the
+``imports`` phase took besides them is ``elsewhere`` in the wall section (in a CLI process: the request check's
+scheduler import, the process's first import of torch and diffusers).
+
 An engine's load stages (checkpoint check and read, plan, placement) are its own
 (``Engine.load_timings``); a request's stages are its job's. ``wall_section`` puts the three
 together: their sum is at most the process's age, and what is left is ``other_s``
@@ -21,6 +27,7 @@ Torch-free: the CLI imports it before anything heavy.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import threading
 import time
@@ -84,6 +91,7 @@ class Timeline:
 
 PROCESS = Timeline()
 PROCESS.add("startup", _IMPORTED - START)
+IMPORTS = Timeline()  # the ``imports`` phase by library group (import_libraries' and the executor's)
 
 
 def start() -> float:
@@ -99,21 +107,48 @@ _IMPORTS_DONE = threading.Event()
 _IMPORT_LOCK = threading.Lock()  # diffusers' lazy module is not safe to import from two threads at once
 
 
+def _attributes(module: str, *names: str):
+    def load() -> None:
+        m = importlib.import_module(module)
+        for name in names:  # the libraries' lazy modules import a class's module on first access
+            getattr(m, name)
+    return load
+
+
+# What import_libraries imports, in order, as IMPORTS' groups. torch._dynamo is its own group: diffusers imports it
+# unconditionally (diffusers.utils.torch_utils: ``from torch._dynamo import allow_in_graph``), so importing it
+# first changes nothing but shows its share.
+LIBRARIES = (
+    ("torch", _attributes("torch")),
+    ("torch._dynamo", _attributes("torch._dynamo")),
+    ("diffusers", _attributes("diffusers")),
+    ("diffusers.models", _attributes("diffusers", "AutoencoderKLWan", "WanTransformer3DModel")),
+    ("transformers", _attributes("transformers", "AutoTokenizer", "UMT5EncoderModel")),
+)
+
+
 def import_libraries() -> None:
-    """Import torch, diffusers, transformers and the Wan model classes once, timed as ``imports`` (the first
-    call in a process pays; later ones return at once; concurrent callers wait for the first). diffusers and
-    transformers load their model modules lazily: without this the import cost would be counted as checkpoint
-    reading."""
+    """Import torch, diffusers, transformers and the Wan model classes once, timed as ``imports`` and by group
+    in ``IMPORTS`` (the first call in a process pays; later ones return at once; concurrent callers wait for the
+    first). diffusers and transformers load their model modules lazily: without this the import cost would be
+    counted as checkpoint reading."""
     if _IMPORTS_DONE.is_set():
         return
     with _IMPORT_LOCK:
         if _IMPORTS_DONE.is_set():
             return
         with PROCESS.span("imports"):
-            import torch  # noqa: F401
-            from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
-            from transformers import AutoTokenizer, UMT5EncoderModel  # noqa: F401
+            for name, load in LIBRARIES:
+                with IMPORTS.span(name):
+                    load()
         _IMPORTS_DONE.set()
+
+
+def imports_section() -> dict[str, float]:
+    """The ``imports`` phase by group (``IMPORTS``), and ``elsewhere``: the rest of the phase."""
+    groups = IMPORTS.to_dict()
+    total = PROCESS.to_dict().get("imports", 0.0)
+    return groups | {"elsewhere": round(max(total - sum(groups.values()), 0.0), 4)}
 
 
 def wall_section(load: dict[str, float], request: dict[str, float]) -> dict:
@@ -132,6 +167,7 @@ def wall_section(load: dict[str, float], request: dict[str, float]) -> dict:
         "stages_s": stages,
         "stages_sum_s": round(accounted, 4),
         "other_s": round(process_s - accounted, 4),
+        "imports_s": imports_section(),  # process.imports by library group (not more stages: inside that one)
         "host_peak_rss_gib": host_peak_rss_gib(),  # a checkpoint read whole into host memory shows here
     }
 
@@ -147,5 +183,5 @@ def host_peak_rss_gib() -> float | None:
     return round(kib / 2**20, 3)
 
 
-__all__ = ["PROCESS", "START", "START_SOURCE", "Timeline", "age", "host_peak_rss_gib", "import_libraries", "start",
-           "wall_section"]
+__all__ = ["IMPORTS", "LIBRARIES", "PROCESS", "START", "START_SOURCE", "Timeline", "age", "host_peak_rss_gib",
+           "import_libraries", "imports_section", "start", "wall_section"]
