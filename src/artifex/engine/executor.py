@@ -195,7 +195,8 @@ class LocalExecutor(Executor):
 
         t0 = time.perf_counter()
         with LOAD_LOCK:  # the libraries' lazy imports are not thread-safe either
-            with timeline.PROCESS.span("imports"):  # torch and the engine's modules, the first time: the process's
+            # torch and the engine's modules, the first time: the process's
+            with timeline.PROCESS.span("imports"), timeline.gc_paused():
                 timeline.import_libraries()  # first, so that its groups hold the libraries and this one artifex's
                 with timeline.IMPORTS.span("artifex.engine"):
                     from artifex.engine.pipeline import Engine
