@@ -52,6 +52,24 @@ def assert_wall_adds_up(wall: dict) -> None:
     assert abs(wall["stages_sum_s"] - sum(stages.values())) < 1e-3
     assert wall["stages_sum_s"] <= wall["process_s"] + 1e-3  # rounding of each stage to 0.1 ms
     assert abs(wall["process_s"] - wall["stages_sum_s"] - wall["other_s"]) < 1e-3
+    imports = wall["imports_s"]  # process.imports by library group, and the rest of that phase
+    assert {"torch", "torch._dynamo", "diffusers", "diffusers.models", "transformers", "artifex.engine",
+            "elsewhere"} <= set(imports)
+    assert all(v >= 0 for v in imports.values())
+    assert abs(sum(imports.values()) - stages["process.imports"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_the_command_line_itself_imports_no_heavy_library():
+    """``artifex --help``, argument errors and the parser cost no torch, numpy, server or Ray import: the heavy
+    libraries are imported by the commands that use them."""
+    heavy = ("torch", "numpy", "PIL", "diffusers", "transformers", "triton", "av", "safetensors", "fastapi",
+             "uvicorn", "ray", "requests")
+    code = ("import sys\nfrom artifex.cli import build_parser\nbuild_parser()\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", p.stdout
 
 
 def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path):

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -425,6 +426,23 @@ def test_web_page_in_headless_chromium(server, tmp_path):
             page.click("#token-save")
             expect(page.locator("#app")).to_be_visible()
             expect(page.locator("#ready")).to_have_text("ready", timeout=15000)
+            # each model's load and warm-up seconds, as /readyz reports them (measured by the server: present and
+            # numeric, whatever their values)
+            ready = server.get("/readyz").json()["models"]
+            startup = page.locator("#startup")
+            expect(startup).to_contain_text("warm-up")
+            shown = {name: (float(load), float(warm)) for name, load, warm in
+                     re.findall(r"([\w-]+): load (\d+\.\d\d) s, warm-up (\d+\.\d\d) s", startup.text_content())}
+            assert set(shown) == set(ready) == set(MODELS), (startup.text_content(), ready)
+            for name, m in ready.items():
+                assert isinstance(m["load_s"], float) and isinstance(m["warmup_s"], float), m
+                assert shown[name] == pytest.approx((m["load_s"], m["warmup_s"]), abs=0.0051), (name, m)
+            rows = page.locator("#workers tbody tr")
+            expect(rows).to_have_count(len(MODELS))
+            for i in range(len(MODELS)):
+                cells = rows.nth(i).locator("td")
+                for col in (8, 9):  # loaded in, warm-up
+                    assert re.fullmatch(r"\d+\.\d\d s", cells.nth(col).text_content()), cells.nth(col).text_content()
 
             # image-to-video: the image field appears for a model that takes one
             page.select_option("#model", "tiny-i2v-moe")

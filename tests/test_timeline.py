@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+
+import pytest
 
 from artifex import timeline
 
@@ -48,3 +53,39 @@ def test_wall_section_accounts_for_the_rest_as_other():
     assert "process.startup" in s
     assert wall["host_peak_rss_gib"] > 0
     assert abs(wall["process_s"] - wall["stages_sum_s"] - wall["other_s"]) < 1e-3
+
+
+GC_CHECK = """
+import gc, json, sys
+from artifex import timeline
+seen = {}
+if sys.argv[1] == "torch-first":
+    import torch  # noqa: F401  (a process that imported torch before its first pause: nothing is paused)
+if sys.argv[1] == "collector-off":
+    gc.disable()
+with timeline.gc_paused():
+    seen["inside"] = gc.isenabled()
+    with timeline.gc_paused():  # nested: the collector comes back after the outer one only
+        import decimal  # noqa: F401
+    seen["after_inner"] = gc.isenabled()
+seen["after"], seen["frozen"] = gc.isenabled(), gc.get_freeze_count()
+timeline._IMPORTS_DONE.set()  # once the libraries are imported, a pause (a later load) pauses nothing
+with timeline.gc_paused():
+    seen["later"] = gc.isenabled()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, expected", [
+    ("first", {"inside": False, "after_inner": False, "after": True, "later": True}),
+    ("torch-first", {"inside": True, "after_inner": True, "after": True, "later": True, "frozen": 0}),
+    ("collector-off", {"inside": False, "after_inner": False, "after": False, "later": False, "frozen": 0}),
+])
+def test_gc_is_paused_and_what_lives_frozen_only_before_torch_is_imported(case, expected):
+    p = subprocess.run([sys.executable, "-c", GC_CHECK, case], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    seen = json.loads(p.stdout)
+    assert seen.items() >= expected.items(), seen
+    if case == "first":
+        assert seen["frozen"] > 0

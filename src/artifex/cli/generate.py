@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from artifex import timeline
 from artifex.cli.common import (
     add_config_flags,
     add_generate_flags,
@@ -71,7 +72,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from artifex.engine.request import resolve_request
 
     request = request_from_args(args)
-    resolve_request(request)  # the request is checked before any time goes into loading weights
+    with timeline.gc_paused():  # its step limit is the process's first import of torch and diffusers
+        resolve_request(request)  # the request is checked before any time goes into loading weights
     config = build_config(args, args.preset)
     print(f"loading {args.model} ...", file=sys.stderr)
     executor = LocalExecutor()
@@ -146,8 +148,9 @@ def cmd_batch(args) -> int:
     if args.output and len(prompts) > 1:
         raise InvalidRequestError("output", f"one path for {len(prompts)} prompts", "--output-dir DIR")
     requests = [dataclasses.replace(request_from_args(args), prompt=p) for p in prompts]
-    for r in requests:  # check every request before spending time on loading weights
-        resolve_request(r)
+    with timeline.gc_paused():  # the first request's step limit imports torch and diffusers
+        for r in requests:  # check every request before spending time on loading weights
+            resolve_request(r)
     devices = tuple(d.strip() for d in args.devices.split(",")) if args.devices else None
     if devices is not None and len(devices) != 2:
         raise InvalidRequestError("devices", f"needs two devices, got {args.devices!r}", "FIRST,SECOND")

@@ -195,10 +195,11 @@ class LocalExecutor(Executor):
 
         t0 = time.perf_counter()
         with LOAD_LOCK:  # the libraries' lazy imports are not thread-safe either
-            with timeline.PROCESS.span("imports"):  # torch and the engine's modules, the first time: the process's
-                from artifex.engine.pipeline import Engine
-
-                timeline.import_libraries()
+            # torch and the engine's modules, the first time: the process's
+            with timeline.PROCESS.span("imports"), timeline.gc_paused():
+                timeline.import_libraries()  # first, so that its groups hold the libraries and this one artifex's
+                with timeline.IMPORTS.span("artifex.engine"):
+                    from artifex.engine.pipeline import Engine
             engine = Engine.load(model, checkpoint=checkpoint, config=config, single_files=single_files)
         self._attach(engine)
         log.info("loaded %s; plan: %s", model, engine.plan.to_dict(), extra={"model": model})

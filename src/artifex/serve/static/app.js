@@ -71,6 +71,19 @@ async function refreshReady() {
   badge.textContent = r.ready ? "ready" : "warming up: " + Object.entries(r.models).map(
     ([m, v]) => m + " " + v.status).join(", ");
   badge.className = "badge " + (r.ready ? "ready" : "waiting");
+  $("startup").textContent = startupText(r.models);
+}
+
+function seconds(s) { return s.toFixed(2) + " s"; }
+
+// Each model's load and warm-up time, as the server measured them (the slowest of its workers).
+function startupText(byModel) {
+  return Object.entries(byModel).map(([m, v]) => {
+    if (v.load_s == null) return m + ": " + v.status;
+    const warm = v.warmup_s != null ? "warm-up " + seconds(v.warmup_s) : v.status === "ready" ? "no warm-up"
+      : v.status;
+    return m + ": load " + seconds(v.load_s) + ", " + warm;
+  }).join(" · ");
 }
 
 async function loadModels() {
@@ -310,7 +323,8 @@ async function refreshWorkers() {
     const memory = gpus || (r.rss_bytes != null ? "CPU, " + gib(r.rss_bytes) + " GiB resident" : "");
     const cells = [w.model, String(w.index) + (w.pid ? " (pid " + w.pid + ")" : ""), w.status +
       (w.restarts ? " · " + w.restarts + " restart(s)" : ""), w.current_job ? w.current_job.slice(0, 14) + "…" : "idle",
-      String(w.jobs_done), w.node || "", memory, r.loadavg_1m != null ? String(r.loadavg_1m) : ""];
+      String(w.jobs_done), w.node || "", memory, r.loadavg_1m != null ? String(r.loadavg_1m) : "",
+      w.load_s != null ? seconds(w.load_s) : "", w.warmup_s != null ? seconds(w.warmup_s) : ""];
     body.appendChild(tableRow(cells));
   }
 }
