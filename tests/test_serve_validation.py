@@ -556,3 +556,22 @@ def test_a_jobs_table_of_an_older_server_gains_the_upload_columns(tmp_path):
         assert store.active_uploads() == {"i.png", "a.wav", "p.mp4"}
     finally:
         store.close()
+
+
+MEDIA_MAGIC = [b"", b"RIFF\x24\x00\x00\x00WAVEfmt ", b"ID3\x03\x00", b"fLaC", b"OggS\x00\x02", b"\x00\x00\x00\x18ftypM4A ",
+               b"\x1aE\xdf\xa3", b"#EXTM3U\n", b"ffconcat version 1.0\nfile ", b"\xff\xfb\x90\x00"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(magic=st.sampled_from(MEDIA_MAGIC), tail=st.binary(max_size=3000), field=st.sampled_from(["audio", "pose_video"]))
+def test_property_media_uploads_of_any_bytes_get_2xx_or_4xx_and_leave_nothing(s2v_app, media, magic, tail, field):
+    """Bytes that look like the start of a media file (or a playlist) and mostly are not one: a 4xx naming the field
+    (or a 2xx, should they decode), never a 5xx, nothing kept of a refusal, no temporary file left."""
+    client, service = s2v_app
+    before = total(service)
+    files = {"image": ("i.png", png_bytes(), "image/png"), "audio": ("a.wav", media["speech"]), field: ("x", magic + tail)}
+    r = client.post("/api/jobs", data={"model": "tiny-s2v", "prompt": "x"}, files=files)
+    body = check_answer(service, r, before)
+    if r.status_code >= 400:
+        assert body["error"]["param"] == field, body
+    assert uploads(service) == []
