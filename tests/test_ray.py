@@ -206,6 +206,36 @@ def test_executor_ships_inputs_and_outputs_as_for_another_node(cluster, tmp_path
         executor.shutdown()
 
 
+def test_the_actor_writes_shipped_inputs_and_points_the_request_at_them(tmp_path):
+    """From another node, every file a request names (image, S2V's audio and pose video) arrives as bytes: the actor
+    writes each into the request's own directory and the engine reads them there; nothing is left behind."""
+    from types import SimpleNamespace
+
+    from artifex.engine.request import GenerationRequest
+    from artifex.ray.executor import SHIPPED_INPUTS, EngineActor
+
+    seen = {}
+
+    class Engine:
+        def generate(self, request, on_event=None, output_dir=None):
+            seen.update({f: Path(getattr(request, f)).read_bytes() for f in SHIPPED_INPUTS})
+            seen["dir"] = Path(request.audio).parent
+            video = Path(request.output)
+            video.write_bytes(b"mp4")
+            return SimpleNamespace(video_path=video, sidecar_path=None)
+
+    actor = EngineActor(0)
+    actor.local = Engine()
+    elsewhere = "/on/the/callers/node"
+    request = GenerationRequest(model="tiny-s2v", prompt="x", image=f"{elsewhere}/same.bin",
+                                audio=f"{elsewhere}/same.bin", pose_video=f"{elsewhere}/p.mp4",
+                                output=f"{elsewhere}/out.mp4")
+    out = actor.generate("call", request, None, {"image": ("same.bin", b"I"), "audio": ("same.bin", b"A"),
+                                                 "pose_video": ("p.mp4", b"P")}, True)
+    assert {k: seen[k] for k in SHIPPED_INPUTS} == {"image": b"I", "audio": b"A", "pose_video": b"P"}
+    assert out["files"] == {"video": b"mp4"} and not seen["dir"].exists()
+
+
 def test_bad_ray_input_is_named():
     from artifex.ray.executor import RayPool as RayExecutor
     from artifex.ray.executor import check_address

@@ -2,12 +2,15 @@
 
 Submit -> progress events -> playable mp4 (range requests too), uploads, de-duplication,
 cancel, every bad input, the OpenAI Videos shape, metrics and ``artifex monitor``, the
-OpenAPI document, auth and origin rules, and the web page in headless Chromium.
+OpenAPI document, auth and origin rules, and the web page in headless Chromium. One
+speech-to-video job (tiny-s2v: audio and a reference image in, an mp4 with sound out) is
+shared by the tests that need one (``s2v_job``).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -20,19 +23,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from media_support import write_wav
 from PIL import Image
 from serve_support import Server, frame_count
 
-MODELS = ["tiny-t2v-moe", "tiny-ti2v", "tiny-i2v-moe"]
-LIMITS = ["--max-steps", "400", "--max-frames", "33", "--max-width", "256", "--max-height", "256",
+MODELS = ["tiny-t2v-moe", "tiny-ti2v", "tiny-i2v-moe", "tiny-s2v"]
+# 77 frames: one tiny-s2v clip
+LIMITS = ["--max-steps", "400", "--max-frames", "77", "--max-width", "256", "--max-height", "256",
           "--max-upload-mb", "0.25", "--max-queue", "50"]
+MEDIA_CAP = 200_000  # bytes of audio or pose video ([serve] max_media_bytes)
 FAST = {"model": "tiny-t2v-moe", "size": "128x64", "frames": 9, "steps": 4}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, artifex_home):
     data = tmp_path_factory.mktemp("serve-api") / "data"
-    srv = Server(data, MODELS, LIMITS)
+    config = data.parent / "serve.toml"
+    config.write_text(f"[serve]\nmax_media_bytes = {MEDIA_CAP}\n")
+    srv = Server(data, MODELS, [*LIMITS, "--config", str(config)])
     srv.start()
     yield srv
     srv.stop()
@@ -44,6 +52,39 @@ def png_bytes(width: int = 160, height: int = 96) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def wav_bytes(tmp: Path, seconds: float, **kw) -> bytes:
+    write_wav(tmp / "speech.wav", seconds, **kw)
+    return (tmp / "speech.wav").read_bytes()
+
+
+def data_url(data: bytes, kind: str) -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+# The speech-to-video request both the API test and the page send: the page's form fields, its default size (the
+# 160x96 image's aspect in tiny-s2v's area: 128x64), 2 s of audio (one clip: 77 frames), a seed (so that the same
+# request again is the same job).
+S2V_FORM = {"model": "tiny-s2v", "prompt": "a person says hello", "steps": "2", "seed": "23"}
+
+
+@pytest.fixture(scope="module")
+def s2v_media(tmp_path_factory) -> dict[str, bytes]:
+    return {"image": png_bytes(160, 96), "audio": wav_bytes(tmp_path_factory.mktemp("s2v"), 2.0, rate=16000,
+                                                            channels=1)}
+
+
+@pytest.fixture(scope="module")
+def s2v_job(server, s2v_media) -> dict:
+    """The one tiny-s2v generation of this module: a multipart upload of the image and the audio, run to the end."""
+    r = server.post("/api/jobs", data=S2V_FORM, files={"image": ("face.png", s2v_media["image"], "image/png"),
+                                                       "audio": ("speech.wav", s2v_media["audio"], "audio/wav")})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    done = server.wait_job(job["id"], timeout=600)
+    assert done["state"] == "succeeded", done
+    return done
 
 
 def error_of(r) -> dict:
@@ -186,7 +227,7 @@ def test_cancel_queued_and_running_jobs(server):
 
 # -- bad input -----------------------------------------------------------------------------------------
 BAD_JSON = [
-    ({"model": "wan9", "prompt": "x"}, 400, "model", "tiny-t2v-moe, tiny-ti2v, tiny-i2v-moe"),
+    ({"model": "wan9", "prompt": "x"}, 400, "model", "tiny-t2v-moe, tiny-ti2v, tiny-i2v-moe, tiny-s2v"),
     ({"model": "t2v-a14b", "prompt": "x"}, 400, "model", "tiny-t2v-moe"),  # known, but not served here
     ({"prompt": "x"}, 400, "model", "tiny-t2v-moe"),
     ({"model": "tiny-t2v-moe"}, 400, "prompt", None),
@@ -197,7 +238,7 @@ BAD_JSON = [
     ({**FAST, "prompt": "x", "size": "100x64"}, 400, "width", None),
     ({**FAST, "prompt": "x", "size": "big"}, 400, "size", None),
     ({**FAST, "prompt": "x", "frames": 10}, 400, "frames", None),
-    ({**FAST, "prompt": "x", "frames": 41}, 400, "frames", "up to 33"),
+    ({**FAST, "prompt": "x", "frames": 81}, 400, "frames", "up to 77"),
     ({**FAST, "prompt": "x", "steps": 0}, 400, "steps", None),
     ({**FAST, "prompt": "x", "steps": 500, "shift": 1.0}, 400, "steps", "1..400"),  # the server's own limit
     ({**FAST, "prompt": "x", "steps": "many"}, 400, "steps", None),
@@ -211,6 +252,10 @@ BAD_JSON = [
     ({**FAST, "prompt": "x", "image": "data:image/png;base64,!!!"}, 400, "image", None),
     ({**FAST, "prompt": "x" * 5000}, 400, "prompt", "at most 4000"),
     ({"model": "tiny-i2v-moe", "prompt": "x", "steps": 2}, 400, "image", None),
+    ({"model": "tiny-s2v", "prompt": "x", "image": "data:image/png;base64," + base64.b64encode(png_bytes()).decode()},
+     400, "audio", "wav, mp3"),
+    ({**FAST, "prompt": "x", "audio": "data:audio/wav;base64,UklGRg=="}, 400, "audio", "tiny-s2v"),
+    ({"model": "tiny-s2v", "prompt": "x", "audio": "/etc/passwd"}, 400, "audio", "data:audio"),
 ]
 
 
@@ -243,6 +288,17 @@ def test_bad_bodies_uploads_and_ids(server):
         (dict(data={"model": "tiny-i2v-moe", "prompt": "x"},
               files={"other": ("p.png", png_bytes(), "image/png")}), 400, "other"),
         (dict(data={**{k: str(v) for k, v in FAST.items()}, "prompt": "x", "steps": "abc"}), 400, "steps"),
+        # speech-to-video: the audio is needed, checked, capped, and refused where a model takes none
+        (dict(data={"model": "tiny-s2v", "prompt": "x"}, files={"image": ("p.png", png_bytes(), "image/png")}),
+         400, "audio"),
+        (dict(data={"model": "tiny-s2v", "prompt": "x"}, files={"image": ("p.png", png_bytes(), "image/png"),
+                                                                 "audio": ("a.wav", b"RIFF junk, no wave", "audio/wav")}),
+         400, "audio"),
+        (dict(data={"model": "tiny-s2v", "prompt": "x"}, files={"image": ("p.png", png_bytes(), "image/png"),
+                                                                 "audio": ("a.wav", os.urandom(MEDIA_CAP + 1))}),
+         413, "audio"),
+        (dict(data={"model": "tiny-ti2v", "prompt": "x"}, files={"audio": ("a.wav", b"RIFF", "audio/wav")}), 400,
+         "audio"),
     ]
     for kw, status, param in cases:
         r = server.post("/api/jobs", **kw)
@@ -270,6 +326,44 @@ def test_bad_bodies_uploads_and_ids(server):
     assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
     assert server.get("/api/jobs?limit=1").json()["total"] == before  # nothing was queued by bad input
     assert server.get("/healthz").status_code == 200
+
+
+# -- speech-to-video ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_audio_uploads_multipart_and_data_url_make_an_mp4_with_sound(server, s2v_job, s2v_media, tmp_path):
+    import av
+
+    sha = hashlib.sha256(s2v_media["audio"]).hexdigest()
+    assert s2v_job["audio_sha256"] == sha and s2v_job["image_sha256"]
+    s = s2v_job["settings"]
+    assert (s["audio_seconds"], s["clips"], s["frames"], s["width"], s["height"]) == (2.0, 1, 77, 128, 64)
+    assert str(server.data_dir) not in json.dumps(s2v_job)  # no server path in what clients see
+    video = server.get(s2v_job["video_url"])
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    (tmp_path / "s2v.mp4").write_bytes(video.content)
+    with av.open(str(tmp_path / "s2v.mp4")) as c:
+        kinds = {st.type: st for st in c.streams}
+        assert set(kinds) == {"video", "audio"}
+        assert kinds["audio"].codec_context.name == "aac"
+        assert kinds["video"].codec_context.width == 128 and kinds["video"].frames == 77
+        assert sum(f.samples for f in c.decode(audio=0)) > 0  # the audio track holds sound
+
+    # the same request as data: URLs (native JSON and the OpenAI door): the same bytes, so the same job
+    body = {**S2V_FORM, "steps": 2, "seed": 23, "image": data_url(s2v_media["image"], "image/png"),
+            "audio": data_url(s2v_media["audio"], "audio/wav")}
+    r = server.post("/api/jobs", json=body)
+    assert r.status_code == 200 and r.json()["id"] == s2v_job["id"] and r.json()["deduplicated"] is True, r.text
+    openai_body = {k: v for k, v in body.items() if k != "image"}
+    r = server.post("/v1/videos", json={**openai_body, "input_reference": {"image_url": body["image"]}})
+    assert r.status_code == 200 and r.json()["id"] == s2v_job["id"], r.text
+    assert r.json()["status"] == "completed" and r.json()["seconds"] == "4.75"  # 77 frames at 16 fps
+    # the uploads went once the job was done; the repeated ones were never kept
+    assert list((server.data_dir / "uploads").iterdir()) == []
+
+    models = {m["name"]: m for m in server.get("/api/models").json()["models"]}
+    assert (models["tiny-s2v"]["audio"], models["tiny-s2v"]["pose_video"]) == ("required", "optional")
+    assert models["tiny-s2v"]["clip_frames"] == [77, 80] and models["tiny-ti2v"]["audio"] == "none"
+    assert server.get("/api/models").json()["limits"]["max_media_bytes"] == MEDIA_CAP
 
 
 # -- the OpenAI Videos API shape -------------------------------------------------------------------------
@@ -368,6 +462,14 @@ def test_openapi_document(server):
     create = paths["/api/jobs"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(create)
     assert "prompt" in create["application/json"]["schema"]["properties"]
+    for route, image in (("/api/jobs", "image"), ("/v1/videos", "input_reference")):
+        body = paths[route]["post"]["requestBody"]["content"]
+        form = body["multipart/form-data"]["schema"]["properties"]
+        for name in (image, "audio", "pose_video"):
+            assert form[name]["format"] == "binary", (route, name)
+        audio_doc = body["application/json"]["schema"]["properties"]["audio"]["description"]
+        assert "data:audio/" in audio_doc and "S2V" in audio_doc, route
+    assert "audio_sha256" in doc["components"]["schemas"]["JobOut"]["properties"]
     assert "HTTPBearer" in doc["components"]["securitySchemes"]
 
 
@@ -401,7 +503,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 @pytest.mark.slow
-def test_web_page_in_headless_chromium(server, tmp_path):
+def test_web_page_in_headless_chromium(server, s2v_job, s2v_media, tmp_path):
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":
             pytest.fail("CI=true but /usr/bin/chromium is missing: run scripts/install_test_deps.sh")
@@ -410,6 +512,8 @@ def test_web_page_in_headless_chromium(server, tmp_path):
 
     png = tmp_path / "first.png"
     png.write_bytes(png_bytes(160, 96))
+    (tmp_path / "face.png").write_bytes(s2v_media["image"])
+    (tmp_path / "speech.wav").write_bytes(s2v_media["audio"])
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -497,6 +601,41 @@ def test_web_page_in_headless_chromium(server, tmp_path):
             turbo = json.loads(server.get(f"/api/jobs/{new_id}").text)
             assert turbo["settings"]["sampler"] == "euler" and turbo["settings"]["timesteps"] == [1000, 800, 500]
             assert turbo["settings"]["guidance"] == [1.0, 1.0] and turbo["settings"]["steps"] == 3
+
+            # speech-to-video: the audio and pose pickers appear for a model that takes audio, and only then
+            expect(page.locator("#audio-label")).to_be_hidden()
+            expect(page.locator("#pose-label")).to_be_hidden()
+            page.select_option("#model", "tiny-s2v")
+            expect(page.locator("#audio-label")).to_be_visible()
+            expect(page.locator("#pose-label")).to_be_visible()
+            expect(page.locator("#image-need")).to_have_text("(required)")
+            assert page.locator("#audio").get_attribute("accept").startswith("audio/")
+            assert (page.locator("#frames").get_attribute("min"), page.locator("#frames").get_attribute("step")) \
+                == ("77", "80")
+            page.select_option("#model", "tiny-ti2v")
+            expect(page.locator("#audio-label")).to_be_hidden()
+            page.select_option("#model", "tiny-s2v")
+            # the page sends the audio with the job: the same request as s2v_job's, so the server answers with that
+            # finished job (no second generation) and the page plays its mp4, sound on
+            page.select_option("#preset", "")
+            page.fill("#timesteps", "")
+            page.select_option("#sampler", "")
+            page.fill("#steps", S2V_FORM["steps"])
+            page.fill("#seed", S2V_FORM["seed"])
+            page.fill("#prompt", S2V_FORM["prompt"])
+            page.set_input_files("#image", str(tmp_path / "face.png"))
+            page.set_input_files("#audio", str(tmp_path / "speech.wav"))
+            expect(page.locator("#audio-picked")).to_have_text("2.0 s of audio")
+            page.click("#submit")
+            expect(page.locator("#job-id")).to_have_text(s2v_job["id"], timeout=20000)
+            expect(page.locator("#job-state")).to_have_text("succeeded")
+            expect(page.locator("#job-audio")).to_contain_text("audio: 2.0 s → 1 clip, 77 frames")
+            video = page.locator("#result-video")
+            expect(video).to_have_attribute("data-job", s2v_job["id"], timeout=20000)
+            page.wait_for_function("document.querySelector('#result-video').readyState >= 2", timeout=20000)
+            assert video.get_attribute("muted") is None and video.get_attribute("controls") is not None
+            assert page.evaluate("document.querySelector('#result-video').muted") is False
+            assert page.evaluate("document.querySelector('#result-video').duration") > 4
         finally:
             browser.close()
 

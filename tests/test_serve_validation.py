@@ -276,7 +276,8 @@ OPENAI = bodies(["model", "prompt", "negative_prompt", "preset", "size", "steps"
 
 
 @PROPERTY
-@given(body=NATIVE, extra=st.dictionaries(st.sampled_from(["bogus", "output", "image"]), JUNK, max_size=1))
+@given(body=NATIVE, extra=st.dictionaries(st.sampled_from(["bogus", "output", "image", "audio", "pose_video"]), JUNK,
+                                         max_size=1))
 def test_property_native_json_bodies_get_2xx_or_4xx_and_refusals_store_nothing(app, body, extra):
     client, service = app
     before = total(service)
@@ -356,3 +357,221 @@ def test_the_job_list_counts_every_state_beyond_its_page(app):
     finally:
         for job_id in ids:
             service.delete(job_id)
+
+
+# -- S2V uploads: audio and pose video ------------------------------------------------------------------
+S2V_MODELS = ("tiny-s2v", "tiny-ti2v")
+MEDIA_CAP = 200_000  # bytes; a 2 s wav at 16 kHz mono is 64 kB, at 44.1 kHz stereo 353 kB
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, bytes]:
+    from tests.media_support import write_video, write_wav
+
+    d = tmp_path_factory.mktemp("serve-media")
+    write_wav(d / "speech.wav", 2.0, rate=16000, channels=1)  # one clip
+    write_wav(d / "big.wav", 2.0)  # over MEDIA_CAP
+    write_wav(d / "long.wav", 5.0, rate=8000, channels=1)  # over the 4 s cap below, under MEDIA_CAP
+    write_wav(d / "blip.wav", 0.01, rate=16000, channels=1)  # 160 samples: under one wav2vec2 frame
+    write_video(d / "pose.mp4", 20, 64, 64)
+    (d / "playlist.m3u8").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\n{d / 'speech.wav'}\n"
+                                     "#EXT-X-ENDLIST\n")
+    return {p.stem: p.read_bytes() for p in d.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def s2v_app(tmp_path_factory, artifex_home):
+    data = tmp_path_factory.mktemp("serve-s2v") / "data"
+    serve = ServeSettings(models=S2V_MODELS, data_dir=data, max_media_bytes=MEDIA_CAP, max_audio_seconds=4,
+                          max_frames=157, warmup=False)
+    service = Service(serve, OptimizationConfig(), TOKEN)
+    client = TestClient(create_app(service), headers={"Authorization": f"Bearer {TOKEN}"})
+    yield client, service
+    client.close()
+    service.store.close()
+
+
+def data_url(data: bytes, kind: str) -> str:
+    import base64
+
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+def uploads(service) -> list[str]:
+    return sorted(p.name for p in service.settings.uploads_dir.iterdir())
+
+
+def test_s2v_audio_and_pose_uploads_are_checked_stored_by_content_and_kept_while_the_job_lives(s2v_app, media):
+    import hashlib
+
+    from artifex.serve.worker import request_fields
+
+    client, service = s2v_app
+    png = png_bytes(160, 96)
+    sha = {k: hashlib.sha256(v).hexdigest() for k, v in media.items()}
+    r = client.post("/api/jobs", data={"model": "tiny-s2v", "prompt": "hello there"},
+                    files={"image": ("face.png", png, "image/png"), "audio": ("speech.wav", media["speech"])})
+    assert r.status_code == 201, r.text
+    multipart = strict(r.text)
+    assert multipart["audio_sha256"] == sha["speech"] and multipart["pose_video_sha256"] is None
+    s = multipart["settings"]
+    assert (s["audio_seconds"], s["clips"], s["frames"]) == (2.0, 1, 77)  # the video follows the audio
+    assert str(service.settings.data_dir) not in r.text  # no server path in the answer
+    assert not {"audio", "pose_video", "image"} & set(s)
+
+    # JSON data: URLs, a pose video too; the audio's bytes are the same file as the first job's
+    r = client.post("/api/jobs", json={"model": "tiny-s2v", "prompt": "hello again", "image": data_url(png, "image/png"),
+                                       "audio": data_url(media["speech"], "audio/wav"),
+                                       "pose_video": data_url(media["pose"], "video/mp4")})
+    assert r.status_code == 201, r.text
+    posed = strict(r.text)
+    assert posed["audio_sha256"] == sha["speech"] and posed["pose_video_sha256"] == sha["pose"]
+    assert uploads(service) == sorted([f"{sha['speech']}.wav", f"{sha['pose']}.mp4", f"{posed['image_sha256']}.png"])
+
+    # what the worker hands the engine: the stored files, by path, as the request's audio and pose video
+    job = service.store.get(posed["id"])
+    assert (job.audio, job.pose_video) == (f"{sha['speech']}.wav", f"{sha['pose']}.mp4")
+    fields = request_fields(job, service.settings)
+    assert fields["audio"] == str(service.settings.uploads_dir / job.audio)
+    assert fields["pose_video"] == str(service.settings.uploads_dir / job.pose_video)
+
+    # a restart: a job interrupted while running is queued again, and the start-up sweep keeps what it needs
+    assert service.store.claim("tiny-s2v").id == multipart["id"]
+    (service.settings.uploads_dir / ".check-leftover").write_bytes(b"a crash mid-check")
+    assert service.store.recover(max_attempts=3)["requeued"] == [multipart["id"]]
+    service._sweep_files()
+    assert uploads(service) == sorted([f"{sha['speech']}.wav", f"{sha['pose']}.mp4", f"{posed['image_sha256']}.png"])
+    assert request_fields(service.store.get(multipart["id"]), service.settings)["audio"] == fields["audio"]
+
+    # the shared audio stays until its last job is gone
+    service.delete(posed["id"])
+    assert uploads(service) == sorted([f"{sha['speech']}.wav", f"{multipart['image_sha256']}.png"])
+    service.delete(multipart["id"])
+    assert uploads(service) == []
+
+
+def test_s2v_seconds_are_whole_clips_at_the_openai_door(s2v_app, media):
+    client, service = s2v_app
+    body = {"model": "tiny-s2v", "prompt": "x", "input_reference": {"image_url": data_url(png_bytes(), "image/png")},
+            "audio": data_url(media["speech"], "audio/wav")}
+    r = client.post("/v1/videos", json={**body, "seconds": "4.75"})  # 77 frames: one clip
+    assert r.status_code == 200, r.text
+    assert strict(r.text)["seconds"] == "4.75"
+    service.delete(strict(r.text)["id"])
+    before = total(service)
+    r = client.post("/v1/videos", json={**body, "seconds": "5"})
+    err = strict(r.text)["error"]
+    assert r.status_code == 400 and err["param"] == "seconds" and "4.75 + 5n" in err["allowed"], err
+    r = client.post("/v1/videos", json={**body, "seconds": "9.75"})  # two clips: longer than the audio
+    err = strict(r.text)["error"]
+    assert r.status_code == 400 and err["param"] == "seconds" and "the audio (2.0 s) makes 1" in err["message"], err
+    assert total(service) == before and uploads(service) == []
+
+
+def _s2v_refusals(media: dict[str, bytes]) -> list[tuple]:
+    png = ("face.png", png_bytes(), "image/png")
+    s2v = {"model": "tiny-s2v", "prompt": "x"}
+    wav = ("speech.wav", media["speech"])
+    return [  # (path, form fields, files, JSON body, status, param, in allowed or message)
+        ("/api/jobs", s2v, {"image": png}, None, 400, "audio", "wav, mp3"),
+        ("/api/jobs", s2v, {"audio": wav}, None, 400, "image", "reference image"),
+        ("/api/jobs", {"model": "tiny-ti2v", "prompt": "x"}, {"audio": wav}, None, 400, "audio",
+         "models served here that do: tiny-s2v"),
+        ("/api/jobs", {"model": "tiny-ti2v", "prompt": "x"}, {"pose_video": ("p.mp4", media["pose"])}, None, 400,
+         "pose_video", "tiny-s2v"),
+        ("/api/jobs", s2v, {"image": png, "audio": ("a.wav", b"RIFF\x00\x00 not really a wave file")}, None, 400,
+         "audio", "wav, mp3"),
+        ("/api/jobs", s2v, {"image": png, "audio": ("a.wav", png_bytes())}, None, 400, "audio",
+         "outside the list"),  # an image: PyAV would open it (png_pipe), the demuxer list does not
+        ("/api/jobs", s2v, {"image": png, "audio": ("a.m3u8", media["playlist"])}, None, 400, "audio", "wav"),
+        ("/api/jobs", s2v, {"image": png, "audio": ("a.wav", b"")}, None, 400, "audio", "empty"),
+        ("/api/jobs", s2v, {"image": png, "audio": ("a.wav", media["big"])}, None, 413, "audio",
+         f"at most {MEDIA_CAP} bytes"),
+        ("/api/jobs", s2v, {"image": png, "audio": ("a.wav", media["long"])}, None, 400, "audio", "at most 4 s"),
+        ("/api/jobs", s2v, {"image": png, "audio": ("a.wav", media["blip"])}, None, 400, "audio", "at least 400"),
+        ("/api/jobs", s2v, {"image": png, "audio": ("p.mp4", media["pose"])}, None, 400, "audio",
+         "no audio stream"),
+        ("/api/jobs", s2v, {"image": png, "audio": wav, "pose_video": ("p.mp4", media["speech"])}, None, 400,
+         "pose_video", "mp4/mov"),
+        ("/api/jobs", s2v, {"image": png, "audio": wav, "soundtrack": ("s.wav", media["speech"])}, None, 400,
+         "soundtrack", "image, audio, pose_video"),
+        ("/api/jobs", None, None, {**s2v, "image": data_url(png_bytes(), "image/png"), "audio": "/etc/passwd"}, 400,
+         "audio", "data:audio/...;base64"),
+        ("/api/jobs", None, None, {**s2v, "image": data_url(png_bytes(), "image/png"),
+                                   "audio": "https://example.com/a.wav"}, 400, "audio", "data:audio"),
+        ("/api/jobs", None, None, {**s2v, "image": data_url(png_bytes(), "image/png"), "audio": "data:audio/wav,x"},
+         400, "audio", "base64-encoded"),
+        ("/v1/videos", s2v, {"audio": wav}, None, 400, "input_reference", "reference image"),
+        ("/v1/videos", {"model": "tiny-ti2v", "prompt": "x"}, {"audio": wav}, None, 400, "audio", "tiny-s2v"),
+    ]
+
+
+def test_s2v_refusals_name_the_field_and_what_would_work(s2v_app, media):
+    client, service = s2v_app
+    before = total(service)
+    for path, form, files, body, status, param, hint in _s2v_refusals(media):
+        r = client.post(path, data=form, files=files) if body is None else client.post(path, json=body)
+        assert r.status_code == status, (path, form, list(files or body), r.text)
+        err = strict(r.text)["error"]
+        assert err["param"] == param, (list(files or body), err)
+        assert hint in (err["allowed"] or "") + err["message"], (list(files or body), err)
+        assert str(service.settings.data_dir) not in r.text and ".check-" not in r.text, err
+    assert total(service) == before and uploads(service) == []  # refused uploads leave nothing behind
+
+
+def test_media_limits_are_server_settings_within_what_the_engine_reads(tmp_path):
+    from artifex.errors import InvalidRequestError
+    from artifex.models.s2v.audio import DEFAULT_MAX_SECONDS
+    from artifex.serve.settings import ENGINE_MAX_AUDIO_SECONDS
+
+    assert ENGINE_MAX_AUDIO_SECONDS == DEFAULT_MAX_SECONDS
+    base = ServeSettings(models=("tiny-s2v",), data_dir=tmp_path)
+    assert base.merged({"max_media_bytes": "2M"}).max_media_bytes == 2 * 2**20
+    assert {"max_media_bytes", "max_audio_seconds"} <= set(base.limits())
+    with pytest.raises(InvalidRequestError, match="max_audio_seconds: 601 is over the 600 s"):
+        base.merged({"max_audio_seconds": 601})
+    with pytest.raises(InvalidRequestError, match="max_media_bytes: must be a positive integer"):
+        base.merged({"max_media_bytes": 0})
+
+
+def test_a_jobs_table_of_an_older_server_gains_the_upload_columns(tmp_path):
+    import sqlite3
+
+    from artifex.serve.jobs import _SCHEMA, JobStore
+
+    old = _SCHEMA.replace(",\n    audio TEXT,\n    pose_video TEXT", "")
+    assert "audio" not in old
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.executescript(old)
+    db.execute("INSERT INTO jobs (id, model, state, request, settings, created_at) VALUES "
+               "('video_old', 'tiny-ti2v', 'queued', '{}', '{}', 1.0)")
+    db.commit()
+    db.close()
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        assert store.get("video_old").audio is None and store.active_uploads() == set()
+        job, _ = store.submit(model="tiny-s2v", request={}, settings={}, warnings=[], image="i.png", dedup_key=None,
+                              api="artifex", max_queue=5, audio="a.wav", pose_video="p.mp4")
+        assert (job.audio, job.pose_video) == ("a.wav", "p.mp4") and store.upload_in_use("a.wav")
+        assert store.active_uploads() == {"i.png", "a.wav", "p.mp4"}
+    finally:
+        store.close()
+
+
+MEDIA_MAGIC = [b"", b"RIFF\x24\x00\x00\x00WAVEfmt ", b"ID3\x03\x00", b"fLaC", b"OggS\x00\x02", b"\x00\x00\x00\x18ftypM4A ",
+               b"\x1aE\xdf\xa3", b"#EXTM3U\n", b"ffconcat version 1.0\nfile ", b"\xff\xfb\x90\x00"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(magic=st.sampled_from(MEDIA_MAGIC), tail=st.binary(max_size=3000), field=st.sampled_from(["audio", "pose_video"]))
+def test_property_media_uploads_of_any_bytes_get_2xx_or_4xx_and_leave_nothing(s2v_app, media, magic, tail, field):
+    """Bytes that look like the start of a media file (or a playlist) and mostly are not one: a 4xx naming the field
+    (or a 2xx, should they decode), never a 5xx, nothing kept of a refusal, no temporary file left."""
+    client, service = s2v_app
+    before = total(service)
+    files = {"image": ("i.png", png_bytes(), "image/png"), "audio": ("a.wav", media["speech"]), field: ("x", magic + tail)}
+    r = client.post("/api/jobs", data={"model": "tiny-s2v", "prompt": "x"}, files=files)
+    body = check_answer(service, r, before)
+    if r.status_code >= 400:
+        assert body["error"]["param"] == field, body
+    assert uploads(service) == []

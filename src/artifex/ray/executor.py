@@ -15,10 +15,10 @@ bundle, PACK, for groups of two GPUs; the engine is then split over them with
 that means the actor is gone becomes ``ExecutorLost``: a server's job store counts a failed
 attempt and queues the job again, another actor takes it, and that worker replaces its actor.
 
-Files: an actor on the caller's node reads the image and writes the mp4 and its sidecar
-straight where the request says; an actor on another node gets the image's bytes, writes
-into a temporary directory of its own and returns the files' bytes, which the caller writes
-(atomically). Progress: the actor keeps each running request's events and the caller polls
+Files: an actor on the caller's node reads the inputs (image, S2V's audio and pose video) and
+writes the mp4 and its sidecar straight where the request says; an actor on another node gets
+the inputs' bytes, writes into a temporary directory of its own and returns the files' bytes,
+which the caller writes (atomically). Progress: the actor keeps each running request's events and the caller polls
 them while it waits, handing each to ``on_event``.
 """
 
@@ -55,6 +55,7 @@ POLL_S = 0.2  # how often the caller asks a busy actor for progress
 REPORT_EVERY_S = 5.0  # and for its memory and load
 PLACE_TIMEOUT_S = 300.0  # an actor (or its GPU group) not placed in this time counts as lost
 MAX_GROUP = 2  # GPUs one engine can use: 1, or 2 through the two-device split
+SHIPPED_INPUTS = ("image", "audio", "pose_video")  # request fields naming files the engine reads
 
 
 def _lost_errors() -> tuple[type[BaseException], ...]:
@@ -107,18 +108,20 @@ class EngineActor:
     def warm_up(self, shapes) -> float:
         return self.local.warm_up(shapes)
 
-    def generate(self, call_id: str, request, output_dir: str | None, image: tuple[str, bytes] | None,
+    def generate(self, call_id: str, request, output_dir: str | None, inputs: dict[str, tuple[str, bytes]] | None,
                  ship: bool) -> dict:
         """Run one request: {"result"} or {"cancelled"} or {"error": describe_error}, with "events" and, when
         ``ship``, "files" (the written files' bytes, from a temporary directory instead of ``request.output``).
-        ``image``: (name, bytes) when the caller's image is on another node."""
+        ``inputs``: request field (image, audio, pose_video) -> (name, bytes) when the caller's files are on
+        another node."""
         events: list = []
         with self._lock:
             self._events[call_id] = events
-        work = Path(tempfile.mkdtemp(prefix="artifex-job-")) if (image or ship) else None
-        if image is not None:
-            (work / image[0]).write_bytes(image[1])
-            request = dataclasses.replace(request, image=str(work / image[0]))
+        work = Path(tempfile.mkdtemp(prefix="artifex-job-")) if (inputs or ship) else None
+        for i, (field, (name, data)) in enumerate((inputs or {}).items()):
+            path = work / f"{i}-{Path(name).name}"  # a name of its own per input, in this request's directory
+            path.write_bytes(data)
+            request = dataclasses.replace(request, **{field: str(path)})
         if ship:
             name = Path(request.output).name if request.output else None
             request = dataclasses.replace(request, output=str(work / name) if name else None)
@@ -356,10 +359,12 @@ class RayExecutor(Executor):
 
     def generate(self, request, on_event=None, output_dir=None):
         ray = import_ray()
-        image = None
-        if self.ship and request.image:
-            path = Path(request.image)
-            image = (path.name, path.read_bytes())
+        inputs = {}
+        if self.ship:  # the actor is on another node: the request's files travel as bytes
+            for field in SHIPPED_INPUTS:
+                if getattr(request, field, None):
+                    path = Path(getattr(request, field))
+                    inputs[field] = (path.name, path.read_bytes())
         call_id = uuid.uuid4().hex
         seen, cancelled = 0, False
         report, report_due = None, time.monotonic() + REPORT_EVERY_S
@@ -377,8 +382,8 @@ class RayExecutor(Executor):
                     self.actor.cancel.remote(call_id)
 
         try:
-            ref = self.actor.generate.remote(call_id, request, None if output_dir is None else str(output_dir), image,
-                                             self.ship)
+            ref = self.actor.generate.remote(call_id, request, None if output_dir is None else str(output_dir),
+                                             inputs or None, self.ship)
             while True:
                 done, _ = ray.wait([ref], timeout=POLL_S)
                 if done:

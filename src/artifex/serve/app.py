@@ -27,7 +27,14 @@ from artifex.errors import ArtifexError, InvalidRequestError, NotSupportedYetErr
 from artifex.presets import PRESETS, pick_size
 from artifex.serve import schemas
 from artifex.serve.auth import is_loopback, token_matches
-from artifex.serve.inputs import ApiError, Submission, native_submission, openai_submission, parse_json
+from artifex.serve.inputs import (
+    UPLOAD_FIELDS,
+    ApiError,
+    Submission,
+    native_submission,
+    openai_submission,
+    parse_json,
+)
 from artifex.serve.jobs import STATES, TERMINAL
 from artifex.serve.service import Service
 
@@ -212,7 +219,10 @@ def create_app(service: Service) -> FastAPI:
                                    "sampler": sampling.sampler, "guidance": list(sampling.guidance),
                                    "description": p.description}
             dw, dh = pick_size(spec, "largest")
+            s2v = spec.task == "s2v"
             out.append({"name": name, "status": w.status, "error": w.error, "task": spec.task, "image": spec.image,
+                        "audio": "required" if s2v else "none", "pose_video": "optional" if s2v else "none",
+                        "clip_frames": [spec.clip_video_frames(1), spec.clip_frames] if s2v else None,
                         "description": spec.description, "fps": spec.fps, "spatial_multiple": spec.spatial_multiple,
                         "sizes": [f"{a}x{b}" for a, b in spec.sizes], "base": spec.base, "weights": spec.weights,
                         "defaults": {"steps": spec.steps, "frames": spec.frames, "width": dw, "height": dh,
@@ -240,30 +250,30 @@ def create_app(service: Service) -> FastAPI:
         return b"".join(chunks)
 
     async def parse_submission(request: Request, api: str) -> Submission:
-        file_field = "input_reference" if api == "openai" else "image"
+        upload_fields = UPLOAD_FIELDS[api]
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        limit = settings.max_upload_bytes * 4 // 3 + 2**20  # base64 in JSON, form overhead
-        body = await read_body(request, limit)
-        image = None
+        body = await read_body(request, settings.max_body_bytes)
+        uploads: dict[str, bytes] = {}
         if kind == "application/json":
             data = parse_json(body)
         elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
             async def replay():
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            try:
-                form = await Request(request.scope, replay).form(max_files=2, max_fields=64,
-                                                                 max_part_size=settings.max_upload_bytes + 2**16)
+            largest = max(settings.max_upload_bytes, settings.max_media_bytes)
+            try:  # max_part_size: a text part, which may hold a data: URL (base64)
+                form = await Request(request.scope, replay).form(max_files=len(upload_fields), max_fields=64,
+                                                                 max_part_size=largest * 4 // 3 + 2**16)
             except Exception as e:  # malformed multipart
                 raise ApiError(400, "invalid_form", f"body: malformed form data ({e})", "body") from None
             data = {}
             for key, value in form.multi_items():
-                if key in data:
+                if key in data or key in uploads:
                     raise InvalidRequestError(key, "given more than once")
                 if isinstance(value, UploadFile):
-                    if key != file_field:
-                        raise InvalidRequestError(key, "file uploads are accepted only here", [file_field])
-                    image = await value.read()
+                    if key not in upload_fields:
+                        raise InvalidRequestError(key, "file uploads are accepted only here", upload_fields)
+                    uploads[key] = await value.read()
                     continue
                 data[key] = value
         else:
@@ -272,17 +282,18 @@ def create_app(service: Service) -> FastAPI:
         from_form = kind != "application/json"
         if api == "openai":
             default = next(iter(service.workers))
-            return openai_submission(data, image, from_form, default, service.fps_of)
-        return native_submission(data, image, from_form)
+            return openai_submission(data, uploads, from_form, default, service.fps_of)
+        return native_submission(data, uploads, from_form)
 
     # -- Artifex API -----------------------------------------------------------------------------
     @app.post("/api/jobs", dependencies=auth, tags=["jobs"], status_code=201,
-              openapi_extra=schemas.body_doc(schemas.JobCreate, "image"),
+              openapi_extra=schemas.body_doc(schemas.JobCreate, *UPLOAD_FIELDS["artifex"]),
               responses={201: {"model": schemas.JobOut}, 200: {"model": schemas.JobOut}, 413: {}, 429: {}, **_ERRORS})
     async def create_job(request: Request) -> JSONResponse:
-        """Queue a generation (JSON, or multipart with an ``image`` file). 201 with the job; 200 with the stored
-        job when an identical request (same model, inputs, settings, explicit seed) was made before; 429 with
-        Retry-After when the queue is full."""
+        """Queue a generation (JSON, or multipart with ``image``, ``audio`` and ``pose_video`` files; in JSON each is
+        a base64 data: URL). S2V models need ``image`` and ``audio``; the video follows the audio's length. 201
+        with the job; 200 with the stored job when an identical request (same model, inputs, settings, explicit
+        seed) was made before; 429 with Retry-After when the queue is full."""
         sub = await parse_submission(request, "artifex")
         job, created = await run_in_threadpool(service.submit, sub)
         view = await run_in_threadpool(service.job_view, job)
@@ -369,10 +380,11 @@ def create_app(service: Service) -> FastAPI:
 
     # -- OpenAI Videos API -----------------------------------------------------------------------
     @app.post("/v1/videos", dependencies=auth, tags=["openai"],
-              openapi_extra=schemas.body_doc(schemas.VideoCreate, "input_reference"),
+              openapi_extra=schemas.body_doc(schemas.VideoCreate, *UPLOAD_FIELDS["openai"]),
               responses={200: {"model": schemas.VideoOut}, 429: {}, **_ERRORS})
     async def create_video(request: Request) -> JSONResponse:
-        """OpenAI ``videos.create``: JSON or multipart (``input_reference`` file)."""
+        """OpenAI ``videos.create``: JSON or multipart (``input_reference`` file; for S2V models also ``audio``
+        and an optional ``pose_video``, as files or data: URLs)."""
         sub = await parse_submission(request, "openai")
         job, _ = await run_in_threadpool(service.submit, sub)
         return JSONResponse(await run_in_threadpool(service.openai_view, job))

@@ -43,11 +43,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     timings TEXT,
-    output_bytes INTEGER NOT NULL DEFAULT 0
+    output_bytes INTEGER NOT NULL DEFAULT 0,
+    audio TEXT,
+    pose_video TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, model, seq);
 CREATE INDEX IF NOT EXISTS jobs_dedup ON jobs(dedup_key);
 """
+# Columns added after the first release: a data directory made by an older server gains them at start-up.
+_ADDED_COLUMNS = {"audio": "TEXT", "pose_video": "TEXT"}
+# The columns naming a job's uploads (file names under the uploads directory).
+UPLOAD_COLUMNS = ("image", "audio", "pose_video")
 
 
 class QueueFull(Exception):
@@ -77,6 +83,13 @@ class Job:
     error: dict | None
     timings: dict | None
     output_bytes: int
+    audio: str | None = None  # S2V: the audio's file name under the uploads directory
+    pose_video: str | None = None  # S2V: the pose video's
+
+    @property
+    def uploads(self) -> list[str]:
+        """The file names under the uploads directory this job needs until it ends."""
+        return [name for name in (self.image, self.audio, self.pose_video) if name]
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -106,6 +119,10 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the client hears about it
         self._db.executescript(_SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -136,7 +153,8 @@ class JobStore:
 
     # -- submission --------------------------------------------------------------------------
     def submit(self, *, model: str, request: dict, settings: dict, warnings: list, image: str | None,
-               dedup_key: str | None, api: str, max_queue: int) -> tuple[Job, bool]:
+               dedup_key: str | None, api: str, max_queue: int, audio: str | None = None,
+               pose_video: str | None = None) -> tuple[Job, bool]:
         """Insert a queued job, or return the stored job of an identical request.
 
         Returns (job, created). Raises ``QueueFull`` when ``max_queue`` jobs already wait.
@@ -153,10 +171,10 @@ class JobStore:
                 raise QueueFull(depth)
             job_id = new_job_id()
             db.execute(
-                "INSERT INTO jobs (id, model, state, request, settings, warnings, image, dedup_key, api, created_at) "
-                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, model, state, request, settings, warnings, image, dedup_key, api, created_at, "
+                "audio, pose_video) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, model, _strict(request), _strict(settings), _strict(warnings), image, dedup_key, api,
-                 time.time()))
+                 time.time(), audio, pose_video))
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return Job.from_row(row), True
 
@@ -317,15 +335,19 @@ class JobStore:
                 "SELECT COUNT(*) FROM jobs WHERE model = ? AND id != ? "
                 "AND (state = 'running' OR (state = 'queued' AND seq < ?))", (job.model, job.id, job.seq)).fetchone()[0]
 
-    def image_in_use(self, image: str) -> bool:
+    def upload_in_use(self, name: str) -> bool:
+        """Whether a queued or running job needs the upload ``name`` (as its image, audio or pose video)."""
         with self._lock:
-            return self._db.execute("SELECT 1 FROM jobs WHERE image = ? AND state IN ('queued', 'running') LIMIT 1",
-                                    (image,)).fetchone() is not None
+            return self._db.execute("SELECT 1 FROM jobs WHERE state IN ('queued', 'running') AND "
+                                    "(image = ? OR audio = ? OR pose_video = ?) LIMIT 1",
+                                    (name, name, name)).fetchone() is not None
 
-    def active_images(self) -> set[str]:
+    def active_uploads(self) -> set[str]:
+        """The uploads queued and running jobs need (images, audio, pose videos)."""
         with self._lock:
-            return {r[0] for r in self._db.execute(
-                "SELECT DISTINCT image FROM jobs WHERE image IS NOT NULL AND state IN ('queued', 'running')")}
+            rows = self._db.execute(f"SELECT {', '.join(UPLOAD_COLUMNS)} FROM jobs "
+                                    "WHERE state IN ('queued', 'running')").fetchall()
+        return {name for row in rows for name in row if name}
 
     # -- the disk cap ------------------------------------------------------------------------
     def stored_bytes(self) -> int:

@@ -7,6 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+AUDIO_DOC = ("S2V (required there; other models refuse it): the speech or other audio that drives the video. JSON: "
+             "a data:audio/...;base64 URL; multipart: a file field. Decoded and checked by the server (wav, mp3, "
+             "m4a/mp4, flac, ogg/opus, webm/mka, aac, aiff, ...; at least 25 ms; at most the server's "
+             "max_media_bytes and max_audio_seconds, GET /api/models -> limits). The video follows its length: "
+             "clips of 80 frames at 16 fps (the first 77), unless frames (or seconds) ask for fewer")
+POSE_DOC = ("S2V, optional: a pose video that drives the body (its first frames, sampled at 16 fps). JSON: a "
+            "data:video/...;base64 URL; multipart: a file field (mp4/mov, webm/mkv, avi, gif, ...; at most "
+            "max_media_bytes)")
+
 
 class FewStepFields(BaseModel):
     """The sampler and LoRA fields both submission routes take."""
@@ -40,7 +49,9 @@ class JobCreate(FewStepFields):
     shift: float | None = None
     seed: int | None = Field(None, description="with a seed, an identical earlier request returns its stored result")
     image: str | None = Field(None, description="JSON: a data:image/...;base64 URL. Multipart: a file field. "
-                                                "TI2V optional, I2V required")
+                                                "TI2V optional, I2V and S2V (the reference image) required")
+    audio: str | None = Field(None, description=AUDIO_DOC)
+    pose_video: str | None = Field(None, description=POSE_DOC)
 
 
 class Progress(BaseModel):
@@ -69,6 +80,9 @@ class JobOut(BaseModel):
     warnings: list[str] = []
     settings: dict[str, Any]
     image_sha256: str | None = Field(None, description="SHA-256 of the conditioning image, if any")
+    audio_sha256: str | None = Field(None, description="S2V: SHA-256 of the audio (settings.audio_seconds, "
+                                                        "settings.clips: its length and the clips it makes)")
+    pose_video_sha256: str | None = Field(None, description="S2V: SHA-256 of the pose video, if any")
     api: str = Field("artifex", description="the door it came in by: artifex or openai")
     video_url: str | None = None
     output_bytes: int | None = Field(None, description="bytes on disk: the mp4 and its JSON sidecar")
@@ -103,6 +117,8 @@ class VideoCreate(FewStepFields):
     seconds: str | None = Field(None, description="clip length; frames = seconds * fps + 1")
     size: str | None = Field(None, description="WIDTHxHEIGHT")
     input_reference: Any | None = Field(None, description="multipart file, or {\"image_url\": \"data:...\"}")
+    audio: str | None = Field(None, description="Artifex extension. " + AUDIO_DOC)
+    pose_video: str | None = Field(None, description="Artifex extension. " + POSE_DOC)
     negative_prompt: str | None = None
     preset: str | None = None
     steps: int | None = None
@@ -143,9 +159,13 @@ class VideoDeleted(BaseModel):
     deleted: bool
 
 
-def body_doc(model: type[BaseModel], file_field: str) -> dict:
-    """openapi_extra for an endpoint that takes JSON or a multipart form with a file."""
+def body_doc(model: type[BaseModel], *file_fields: str) -> dict:
+    """openapi_extra for an endpoint that takes JSON or a multipart form with files (``file_fields``)."""
     schema = model.model_json_schema()
-    form = {**schema, "properties": {**schema["properties"], file_field: {"type": "string", "format": "binary"}}}
+    files = {}
+    for name in file_fields:
+        doc = schema["properties"].get(name, {}).get("description")
+        files[name] = {"type": "string", "format": "binary", **({"description": doc} if doc else {})}
+    form = {**schema, "properties": {**schema["properties"], **files}}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
                                                           "multipart/form-data": {"schema": form}}}}

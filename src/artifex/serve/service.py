@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,15 @@ from artifex.engine.outputs import write_atomic
 from artifex.engine.request import GenerationRequest, resolve_request
 from artifex.errors import InvalidRequestError
 from artifex.models.registry import get_model
-from artifex.serve.inputs import ApiError, Submission, check_image
+from artifex.serve.inputs import (
+    AUDIO_FORMATS,
+    ApiError,
+    CheckedMedia,
+    Submission,
+    check_audio,
+    check_image,
+    check_pose_video,
+)
 from artifex.serve.jobs import ACTIVE, Job, JobStore, QueueFull
 from artifex.serve.metrics import Metrics
 from artifex.serve.progress import LiveProgress
@@ -75,7 +84,7 @@ class Service:
         """Remove what a crash can leave behind: partial files, outputs and uploads no job refers to."""
         for p in self.settings.outputs_dir.glob(".*partial*"):
             p.unlink(missing_ok=True)
-        active = self.store.active_images()
+        active = self.store.active_uploads()  # images, audio, pose videos of queued and running jobs: kept
         for p in self.settings.uploads_dir.iterdir():
             if p.name not in active:
                 p.unlink(missing_ok=True)
@@ -104,7 +113,10 @@ class Service:
         return key
 
     def submit(self, sub: Submission) -> tuple[Job, bool]:
-        """Validate, store, queue. Returns (job, created); created is False for a de-duplicated request."""
+        """Validate, store, queue. Returns (job, created); created is False for a de-duplicated request.
+
+        Uploads (image, audio, pose video) are decoded and checked first, then stored under their SHA-256 in the
+        uploads directory, where they stay while a queued or running job names them (across restarts too)."""
         s = self.settings
         fields = dict(sub.fields)
         if "model" not in fields:
@@ -120,61 +132,113 @@ class Service:
             if isinstance(text, str) and len(text) > s.max_prompt_chars:
                 raise InvalidRequestError(name, f"{len(text)} characters is too long", f"at most {s.max_prompt_chars}")
         image_field = "input_reference" if sub.api == "openai" else "image"
-        image_name = image_sha = None
+        self._check_upload_fields(model, sub, image_field)
+        names: dict[str, str] = {}  # column -> stored file name
+        shas: dict[str, str] = {}
         if sub.image is not None:
-            image_sha, ext = check_image(sub.image, s.max_upload_bytes, s.max_image_pixels, image_field)
-            image_name = f"{image_sha}.{ext}"
-        with self._upload_lock:
-            image_path = None
-            if image_name:
-                image_path = s.uploads_dir / image_name
-                if not image_path.exists():
-                    write_atomic(image_path, sub.image)
-            try:
-                job, created = self._validate_and_store(fields, image_path, image_name, image_sha, sub.api,
-                                                        image_field)
-            finally:
-                if image_path is not None and not self.store.image_in_use(image_name):
-                    image_path.unlink(missing_ok=True)
+            shas["image"], ext = check_image(sub.image, s.max_upload_bytes, s.max_image_pixels, image_field)
+            names["image"] = f"{shas['image']}.{ext}"
+        staged: dict[str, CheckedMedia] = {}
+        try:
+            if sub.audio is not None:
+                staged["audio"] = check_audio(sub.audio, s.uploads_dir, s.max_media_bytes, s.max_audio_seconds)
+            if sub.pose_video is not None:
+                staged["pose_video"] = check_pose_video(sub.pose_video, s.uploads_dir, s.max_media_bytes,
+                                                        s.max_image_pixels)
+            for key, media in staged.items():
+                shas[key], names[key] = media.sha256, media.name
+            with self._upload_lock:
+                paths = {key: s.uploads_dir / name for key, name in names.items()}
+                try:
+                    for key, path in paths.items():
+                        if path.exists():
+                            continue
+                        if key in staged:
+                            os.replace(staged[key].path, path)  # the checked bytes, under their stored name
+                        else:
+                            write_atomic(path, sub.image)
+                    job, created = self._validate_and_store(fields, paths, shas, sub.api, image_field)
+                finally:
+                    for path in paths.values():
+                        if not self.store.upload_in_use(path.name):
+                            path.unlink(missing_ok=True)
+        finally:
+            for media in staged.values():
+                media.path.unlink(missing_ok=True)
         if created:
             worker.wake()
         return job, created
 
-    def _validate_and_store(self, fields: dict, image_path: Path | None, image_name: str | None,
-                            image_sha: str | None, api: str, image_field: str) -> tuple[Job, bool]:
+    def _check_upload_fields(self, model: str, sub: Submission, image_field: str) -> None:
+        """Before any upload is decoded: the uploads the model takes, and the ones it needs, are the ones given."""
+        s = self.settings
+        spec = get_model(model)
+        takes_audio = spec.task == "s2v"
+        if not takes_audio:
+            for key, noun in (("audio", "audio"), ("pose_video", "pose video")):
+                if getattr(sub, key) is not None:
+                    others = [n for n in self.workers if get_model(n).task == "s2v"]
+                    raise InvalidRequestError(key, f"{model} takes no {noun}; only speech-to-video (s2v) models do",
+                                              f"models served here that do: {', '.join(others)}" if others else
+                                              "none of the models served here takes one")
+            return
+        if spec.image == "required" and sub.image is None:
+            raise InvalidRequestError(image_field, f"{model} animates a reference image: send it as the multipart "
+                                                   f"file field '{image_field}' or a data:image/...;base64 URL")
+        if sub.audio is None:
+            raise InvalidRequestError("audio", f"{model} makes video from speech or other audio: send it as the "
+                                               "multipart file field 'audio' or a data:audio/...;base64 URL; the "
+                                               "video is as long as the audio (in clips of 5 s) unless frames or "
+                                               "seconds say less",
+                                      f"{AUDIO_FORMATS}; at most {s.max_media_bytes} bytes and "
+                                      f"{s.max_audio_seconds} s")
+
+    def _validate_and_store(self, fields: dict, uploads: dict[str, Path], shas: dict[str, str], api: str,
+                            image_field: str) -> tuple[Job, bool]:
+        """``uploads``: the stored files by request field (image, audio, pose_video); ``shas``: their SHA-256."""
         s = self.settings
         fields = dict(fields)
         lora_set = self.lora_set(fields.pop("lora", None))
-        request = GenerationRequest.from_dict({**fields, "image": str(image_path) if image_path else None})
+        request = GenerationRequest.from_dict({**fields, **{k: str(p) for k, p in uploads.items()}})
         try:
             spec, settings, _ = resolve_request(request, limits=s.request_limits())
         except InvalidRequestError as e:
+            e = _without_paths(e, uploads)
             if e.field == "image" and image_field != "image":
-                raise InvalidRequestError(image_field, str(e).split(": ", 1)[-1]) from None
+                raise InvalidRequestError(image_field, _message(e), e.allowed) from None
             if e.field == "frames" and api == "openai":  # OpenAI requests give the length as seconds
                 fps = get_model(fields["model"]).fps
                 frames = fields.get("frames")
                 length = f"{(frames - 1) / fps:g} s" if isinstance(frames, int) else "the preset's length"
+                spec = get_model(fields["model"])
+                if spec.clip_frames and "over this server's limit" not in str(e):  # S2V: whole clips, in seconds
+                    first, step = spec.clip_video_frames(1) - 1, spec.clip_frames
+                    raise InvalidRequestError("seconds", f"{length} is {frames} frames at {fps} fps: {_message(e)}",
+                                              f"{first / fps:g} + {step / fps:g}n ({first / fps:g}, "
+                                              f"{(first + step) / fps:g}, ...) within the audio's length") from None
                 raise InvalidRequestError("seconds", f"{length} is over this server's limit",
                                           f"at most {(s.max_frames - 1) / fps:g}") from None
-            raise
-        stored = {k: v for k, v in request.to_dict().items() if k not in ("image", "output")}
+            raise e from None
+        stored = {k: v for k, v in request.to_dict().items() if k not in ("image", "audio", "pose_video", "output")}
         stored["seed"] = settings.seed  # a random seed is drawn once: a re-run after a crash makes the same video
         stored["lora"] = lora_set
         view = settings.to_dict()
         view["lora"] = lora_set
         view.pop("output", None)
         view.pop("warnings", None)
-        view["image"] = image_sha
+        for key in ("image", "audio", "pose_video"):  # the uploads by content, never by server path
+            view[key] = shas.get(key)
         dedup = None
         if fields.get("seed") is not None:  # only an explicit seed makes two requests the same video
             key = {"settings": {k: v for k, v in view.items() if k not in ("preset",)}, "config": self.config.hash(),
                    "checkpoint": s.checkpoints.get(spec.name)}
             dedup = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        names = {k: p.name for k, p in uploads.items()}
         try:
             job, created = self.store.submit(model=spec.name, request=stored, settings=view,
-                                             warnings=settings.warnings, image=image_name, dedup_key=dedup, api=api,
-                                             max_queue=s.max_queue)
+                                             warnings=settings.warnings, image=names.get("image"), dedup_key=dedup,
+                                             api=api, max_queue=s.max_queue, audio=names.get("audio"),
+                                             pose_video=names.get("pose_video"))
         except QueueFull as e:
             self.metrics.count_submission("rejected_queue_full")
             retry = self.retry_after(e.depth)
@@ -232,7 +296,7 @@ class Service:
         else:
             self.live.touch(job_id)
             if job.state == "cancelled":
-                self._release_image(job)
+                self._release_uploads(job)
         return job
 
     def delete(self, job_id: str) -> Job:
@@ -242,7 +306,7 @@ class Service:
         if job.state == "running":
             self.live.request_cancel(job_id)
         self._remove_outputs(job)
-        self._release_image(job)
+        self._release_uploads(job)
         self.live.touch(job_id)
         return job
 
@@ -279,14 +343,15 @@ class Service:
 
     def job_view(self, job: Job) -> dict:
         progress, eta, position = self.progress(job)
-        settings = {k: v for k, v in job.settings.items() if k != "image"}
+        settings = {k: v for k, v in job.settings.items() if k not in ("image", "audio", "pose_video")}
         return {
             "id": job.id, "object": "job", "model": job.model, "state": job.state,
             "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
             "expired_at": job.expired_at, "queue_position": position, "progress": progress, "eta_s": eta,
             "attempts": job.attempts, "cancel_requested": job.cancel_requested, "timings": job.timings,
             "error": job.error, "warnings": job.warnings, "settings": settings,
-            "image_sha256": job.settings.get("image"), "api": job.api,
+            "image_sha256": job.settings.get("image"), "audio_sha256": job.settings.get("audio"),
+            "pose_video_sha256": job.settings.get("pose_video"), "api": job.api,
             "video_url": f"/api/jobs/{job.id}/video" if job.state == "succeeded" else None,
             "output_bytes": job.output_bytes or None,
         }
@@ -315,7 +380,7 @@ class Service:
 
     # -- after a job -------------------------------------------------------------------------
     def _job_finished(self, job: Job, state: str) -> None:
-        self._release_image(job)
+        self._release_uploads(job)
         if state == "succeeded":
             self._evict(keep=job.id)
         self.live.touch(job.id)
@@ -333,12 +398,14 @@ class Service:
         for suffix in (".mp4", ".json"):
             (self.settings.outputs_dir / f"{job.id}{suffix}").unlink(missing_ok=True)
 
-    def _release_image(self, job: Job) -> None:
-        if not job.image:
+    def _release_uploads(self, job: Job) -> None:
+        """Remove the job's uploads (image, audio, pose video) that no queued or running job needs any more."""
+        if not job.uploads:
             return
         with self._upload_lock:
-            if not self.store.image_in_use(job.image):
-                (self.settings.uploads_dir / job.image).unlink(missing_ok=True)
+            for name in job.uploads:
+                if not self.store.upload_in_use(name):
+                    (self.settings.uploads_dir / name).unlink(missing_ok=True)
 
     # -- metrics -----------------------------------------------------------------------------
     def render_metrics(self) -> str:
@@ -346,6 +413,24 @@ class Service:
                                    max_queue=self.settings.max_queue, models=self.models_status(),
                                    stored_bytes=self.store.stored_bytes(), max_disk=self.settings.max_disk,
                                    uptime_s=time.time() - self.started, workers=self.workers_view())
+
+
+def _message(e: InvalidRequestError) -> str:
+    """An ``InvalidRequestError``'s message without its field and allowed values."""
+    text = str(e).removeprefix(f"{e.field}: ")
+    return text.removesuffix(f" (allowed: {e.allowed})") if e.allowed else text
+
+
+def _without_paths(e: InvalidRequestError, uploads: dict[str, Path]) -> InvalidRequestError:
+    """``e`` as a client may read it: the stored uploads' server paths replaced by what they are."""
+    text, allowed = _message(e), e.allowed
+    for key, path in uploads.items():
+        what = "the uploaded " + key.replace("_", " ")
+        text = text.replace(str(path), what)
+        allowed = allowed.replace(str(path), what) if allowed else allowed
+    if text == _message(e) and allowed == e.allowed:
+        return e
+    return InvalidRequestError(e.field, text, allowed)
 
 
 def _besides(pool: ModelPool, index: int):

@@ -16,6 +16,9 @@ from typing import Any
 from artifex.config import OptimizationConfig
 from artifex.errors import InvalidRequestError
 
+# The longest audio the engine reads (``artifex.models.s2v.audio.DEFAULT_MAX_SECONDS``): a server cap above it
+# would accept audio that the request's own check then refuses.
+ENGINE_MAX_AUDIO_SECONDS = 600
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
                "t": 2**40, "tb": 2**40}
 
@@ -60,6 +63,9 @@ class ServeSettings:
     max_upload_bytes: int = 20 * 2**20
     max_image_pixels: int = 40_000_000
     max_prompt_chars: int = 4000
+    # S2V uploads: the audio and the pose video, each at most this many bytes; audio at most this many seconds
+    max_media_bytes: int = 50 * 2**20
+    max_audio_seconds: int = 600
     # warm-up: one short generation per shape before /readyz says ready; () = the model's default shape
     warmup: bool = True
     warmup_shapes: tuple[tuple[int, int, int], ...] = ()
@@ -72,10 +78,14 @@ class ServeSettings:
         if not self.models:
             raise InvalidRequestError("model", "serve at least one model (--model NAME, repeatable)")
         for name in ("max_queue", "max_steps", "max_frames", "max_width", "max_height", "max_upload_bytes",
-                     "max_image_pixels", "max_prompt_chars", "max_attempts"):
+                     "max_image_pixels", "max_prompt_chars", "max_attempts", "max_media_bytes", "max_audio_seconds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidRequestError(name, f"must be a positive integer, got {v!r}")
+        if self.max_audio_seconds > ENGINE_MAX_AUDIO_SECONDS:
+            top = ENGINE_MAX_AUDIO_SECONDS
+            raise InvalidRequestError("max_audio_seconds", f"{self.max_audio_seconds} is over the {top} s the engine "
+                                                           "reads", f"1..{top}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise InvalidRequestError("port", f"must be an integer in 1..65535, got {self.port!r}", "1..65535")
         if not isinstance(self.host, str) or not self.host:
@@ -123,7 +133,13 @@ class ServeSettings:
         return {"max_steps": self.max_steps, "max_frames": self.max_frames, "max_width": self.max_width,
                 "max_height": self.max_height, "max_upload_bytes": self.max_upload_bytes,
                 "max_image_pixels": self.max_image_pixels, "max_prompt_chars": self.max_prompt_chars,
-                "max_queue": self.max_queue}
+                "max_queue": self.max_queue, "max_media_bytes": self.max_media_bytes,
+                "max_audio_seconds": self.max_audio_seconds}
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: an image and two media uploads, base64 in JSON, plus form overhead."""
+        return (self.max_upload_bytes + 2 * self.max_media_bytes) * 4 // 3 + 2**20
 
     def merged(self, overrides: dict[str, Any]) -> ServeSettings:
         """A copy with ``overrides`` (from a ``[serve]`` table or flags); unknown keys are an error."""
@@ -132,7 +148,7 @@ class ServeSettings:
         if unknown:
             raise InvalidRequestError(f"serve.{unknown[0]}", "unknown serve setting", sorted(known))
         values = dict(overrides)
-        for key in ("max_disk", "max_upload_bytes"):
+        for key in ("max_disk", "max_upload_bytes", "max_media_bytes"):
             if key in values and isinstance(values[key], str):
                 values[key] = parse_bytes(values[key], key)
         return replace(self, **values)

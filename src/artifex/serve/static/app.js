@@ -108,6 +108,14 @@ function onModelChange() {
   $("image-label").hidden = m.image === "none";
   $("image-need").textContent = m.image === "required" ? "(required)" : "(optional)";
   $("image").required = m.image === "required";
+  // speech-to-video: the audio (required) and a pose video (optional); the frames are whole clips
+  $("audio-label").hidden = m.audio !== "required";
+  $("audio").required = m.audio === "required";
+  $("pose-label").hidden = m.pose_video === "none" || !m.pose_video;
+  const clip = m.clip_frames; // [first clip's frames, frames per later clip], or null
+  $("frames").min = clip ? String(clip[0]) : "1";
+  $("frames").step = clip ? String(clip[1]) : "4";
+  $("frames").placeholder = clip ? "the audio's length" : "";
   const size = $("size");
   size.innerHTML = "";
   const def = document.createElement("option");
@@ -122,7 +130,8 @@ function onModelChange() {
   }
   $("defaults").textContent = "defaults: " + m.defaults.steps + " steps (" + m.defaults.sampler + "), guidance " +
     m.defaults.guidance.join("/") + ", " + m.defaults.frames + " frames, " +
-    m.defaults.width + "x" + m.defaults.height + " at " + m.fps + " fps" + (m.weights ? "; needs " + m.weights : "");
+    m.defaults.width + "x" + m.defaults.height + " at " + m.fps + " fps" + (m.weights ? "; needs " + m.weights : "") +
+    (clip ? "; with audio, frames follow it: " + clip[0] + " for the first clip, " + clip[1] + " per further clip" : "");
   $("guidance-low-label").hidden = m.defaults.guidance.length < 2;
   const turbo = $("preset").querySelector('option[value="turbo"]');
   turbo.disabled = !m.presets.turbo;
@@ -157,6 +166,10 @@ async function submit(event) {
   set("lora", $("lora").value);
   const file = $("image").files[0];
   if (file && !$("image-label").hidden) form.append("image", file);
+  const audio = $("audio").files[0];
+  if (audio && !$("audio-label").hidden) form.append("audio", audio);
+  const pose = $("pose-video").files[0];
+  if (pose && !$("pose-label").hidden) form.append("pose_video", pose);
   $("submit").disabled = true;
   try {
     const job = await (await api("/api/jobs", { method: "POST", body: form })).json();
@@ -183,6 +196,15 @@ function showJob(job) {
   if (job.eta_s != null && job.state !== "succeeded") text += " · ETA " + job.eta_s.toFixed(1) + " s";
   $("progress-text").textContent = text;
   $("job-detail").textContent = job.error ? job.error.message : "";
+  // speech-to-video: the audio's length and the clips it makes, as the server measured them
+  const st = job.settings || {};
+  const audioInfo = $("job-audio");
+  audioInfo.hidden = st.audio_seconds == null;
+  if (st.audio_seconds != null) {
+    audioInfo.textContent = "audio: " + st.audio_seconds.toFixed(1) + " s → " + st.clips + " clip" +
+      (st.clips === 1 ? "" : "s") + ", " + st.frames + " frames (" + ((st.frames - 1) / st.fps).toFixed(2) +
+      " s of video)" + (job.pose_video_sha256 ? " · with a pose video" : "");
+  }
   $("cancel").hidden = !(job.state === "queued" || job.state === "running");
 }
 
@@ -231,12 +253,33 @@ async function watch(job) {
   }
 }
 
+// The picked audio file's length, read by the browser (the server measures it again on submit).
+function onAudioPicked() {
+  const file = $("audio").files[0];
+  const out = $("audio-picked");
+  out.textContent = "";
+  if (!file) return;
+  const url = URL.createObjectURL(file);
+  const probe = new Audio();
+  probe.preload = "metadata";
+  probe.addEventListener("loadedmetadata", () => {
+    if (Number.isFinite(probe.duration)) out.textContent = probe.duration.toFixed(1) + " s of audio";
+    URL.revokeObjectURL(url);
+  });
+  probe.addEventListener("error", () => {
+    out.textContent = "this browser cannot read it; the server will decode it";
+    URL.revokeObjectURL(url);
+  });
+  probe.src = url;
+}
+
 async function showVideo(id) {
   try {
     const blob = await (await api("/api/jobs/" + id + "/video")).blob();
     if (videoUrl) URL.revokeObjectURL(videoUrl);
     videoUrl = URL.createObjectURL(blob);
     const video = $("result-video");
+    video.muted = false; // speech-to-video results carry their audio: play it
     video.src = videoUrl;
     video.dataset.job = id;
     const link = $("download");
@@ -339,6 +382,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("gen-form").addEventListener("submit", submit);
   $("model").addEventListener("change", onModelChange);
+  $("audio").addEventListener("change", onAudioPicked);
   $("cancel").addEventListener("click", cancelCurrent);
   start().catch(showError);
 });
