@@ -5,22 +5,12 @@ from __future__ import annotations
 import av
 import numpy as np
 
+from artifex.models.s2v.audio import write_tone
+
 
 def write_wav(path, seconds: float, rate: int = 44100, channels: int = 2) -> None:
-    """A 440 Hz tone (plus a little noise) written through PyAV as 16-bit PCM."""
-    n = int(seconds * rate)
-    t = np.arange(n) / rate
-    tone = 0.4 * np.sin(2 * np.pi * 440 * t) + 0.01 * np.random.default_rng(0).standard_normal(n)
-    pcm = (np.repeat(tone[:, None], channels, axis=1) * 32767).astype(np.int16)
-    with av.open(str(path), "w", format="wav") as out:
-        stream = out.add_stream("pcm_s16le", rate=rate, layout="stereo" if channels == 2 else "mono")
-        if n:
-            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout=stream.layout.name)
-            frame.sample_rate = rate
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+    """A speech-band tone as 16-bit PCM (``models.s2v.audio.write_tone``), stereo at 44.1 kHz by default."""
+    write_tone(path, seconds, rate, channels)
 
 
 def write_video(path, frames: int, width: int, height: int, fps: int = 16) -> None:

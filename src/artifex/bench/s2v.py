@@ -224,11 +224,12 @@ def clip_section(model: str, width: int, height: int, device: torch.device, step
     from artifex.engine.pipeline import Engine
     from artifex.engine.request import GenerationRequest
     from artifex.models.random_init import random_components
+    from artifex.models.s2v.audio import write_tone
 
     spec = get_model(model)
     work.mkdir(parents=True, exist_ok=True)
     audio, image = work / "speech.wav", work / "ref.png"
-    _tone(audio, 4.0)
+    write_tone(audio, 4.0)
     y, x = np.mgrid[0:height, 0:width]
     Image.fromarray(np.stack([x * 255 // width, y * 255 // height, (x + y) % 255], -1).astype(np.uint8)).save(image)
     comps = random_components(spec, "bf16", build_device=device)
@@ -248,20 +249,6 @@ def clip_section(model: str, width: int, height: int, device: torch.device, step
             "peak_gib": result.peak_memory.get("gpu_max_allocated_gib"),
             "peak_memory": result.peak_memory, "plan": side["plan"]["placement"], "fp8": side.get("fp8"),
             "attention": side["attention"], "audio": side["audio"]}
-
-
-def _tone(path: Path, seconds: float, rate: int = 16000) -> None:
-    import av
-    import numpy as np
-
-    t = np.arange(int(seconds * rate)) / rate
-    pcm = ((0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))) * 32767).astype(np.int16)
-    with av.open(str(path), "w", format="wav") as out:
-        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray(pcm[None], format="s16", layout="mono")
-        frame.sample_rate = rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            out.mux(packet)
 
 
 def run(out_dir: Path, model: str = "s2v-14b", parts: tuple[str, ...] = ("forward", "clip"), size=None,

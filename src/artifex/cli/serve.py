@@ -21,7 +21,7 @@ from artifex.errors import InvalidRequestError
 log = logging.getLogger("artifex.serve")
 
 _FLAG_SETTINGS = ("host", "port", "max_queue", "max_steps", "max_frames", "max_width", "max_height", "max_attempts",
-                  "max_prompt_chars", "max_image_pixels")
+                  "max_prompt_chars", "max_image_pixels", "max_audio_seconds")
 
 
 def default_data_dir() -> Path:
@@ -79,6 +79,8 @@ def add_commands(sub) -> None:
     s.add_argument("--max-width", type=int, help="request limit (default: 1280)")
     s.add_argument("--max-height", type=int, help="request limit (default: 1280)")
     s.add_argument("--max-upload-mb", type=float, help="largest image upload (default: 20)")
+    s.add_argument("--max-media-mb", type=float, help="largest audio or pose-video upload, s2v models (default: 50)")
+    s.add_argument("--max-audio-seconds", type=int, help="longest audio accepted, s2v models (default and most: 600)")
     s.add_argument("--max-image-pixels", type=int, help="largest image in pixels (default: 40 million)")
     s.add_argument("--max-prompt-chars", type=int, help="longest prompt (default: 4000)")
     s.add_argument("--max-attempts", type=int, help="runs of a job interrupted by crashes before it fails "
@@ -137,10 +139,12 @@ def build_serve_config(args: argparse.Namespace):
     overrides = {k: getattr(args, k) for k in _FLAG_SETTINGS if getattr(args, k) is not None}
     if args.max_disk is not None:
         overrides["max_disk"] = parse_bytes(args.max_disk, "max_disk")
-    if args.max_upload_mb is not None:
-        if not math.isfinite(args.max_upload_mb) or args.max_upload_mb <= 0:
-            raise InvalidRequestError("max_upload_mb", f"must be a positive number of MiB, got {args.max_upload_mb}")
-        overrides["max_upload_bytes"] = int(args.max_upload_mb * 2**20)
+    for flag, key in (("max_upload_mb", "max_upload_bytes"), ("max_media_mb", "max_media_bytes")):
+        mib = getattr(args, flag)
+        if mib is not None:
+            if not math.isfinite(mib) or mib <= 0:
+                raise InvalidRequestError(flag, f"must be a positive number of MiB, got {mib}")
+            overrides[key] = int(mib * 2**20)
     if args.warmup_shape:
         overrides["warmup_shapes"] = tuple(args.warmup_shape)
     if args.lora_set:

@@ -149,6 +149,8 @@ class Mp4Stream:
             self.frames += 1
 
     def _drain(self) -> None:
+        import av  # noqa: F401 (imported here: the import overlaps the first chunk's decode)
+
         while (frames := self._queue.get()) is not None:
             if self._error is None:
                 try:

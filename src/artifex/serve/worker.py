@@ -62,14 +62,6 @@ def run_job(executor: Executor, fields: dict, on_progress: ProgressFn) -> dict:
             "text_cache": text_cache}
 
 
-def _warm_up_needs_audio(model: str) -> bool:
-    """Whether ``model`` is one the engine's warm-up cannot run yet: its warm-up requests (``warm_up_requests``)
-    carry an image where needed but no audio, and an s2v model refuses a request without one."""
-    from artifex.models.registry import get_model
-
-    return get_model(model).task == "s2v"
-
-
 def request_fields(job: Job, settings: ServeSettings) -> dict:
     """A stored job -> the fields of its ``GenerationRequest`` (``lora`` still among them): the stored request plus
     the server's paths of its uploads (image, audio, pose video) and of its mp4."""
@@ -158,11 +150,7 @@ class ModelWorker:
                                                config=self.config), 3)
         self.lora_set = DEFAULT_LORA_SET
         log.info("loaded %s (worker %d) in %.2fs", self.model, self.index, self.load_s, extra={"model": self.model})
-        if self.settings.warmup and _warm_up_needs_audio(self.model):
-            log.warning("no warm-up for %s (worker %d): the engine's warm-up requests carry no audio, which s2v "
-                        "models need; its first job pays the first-call costs", self.model, self.index,
-                        extra={"model": self.model})
-        elif self.settings.warmup:
+        if self.settings.warmup:
             self.status = "warming"
             self.warmup_s = round(self.executor.warm_up(self.settings.warmup_shapes, self._stop.is_set), 3)
             log.info("warmed up %s (worker %d) in %.2fs", self.model, self.index, self.warmup_s,

@@ -76,6 +76,29 @@ def load_audio(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS) -> np
     return samples
 
 
+def write_tone(path: str | Path, seconds: float, rate: int = SAMPLE_RATE, channels: int = 1) -> Path:
+    """A 16-bit PCM wav of a speech-band tone whose loudness moves at 3 Hz (warm-ups, benchmarks, tests)."""
+    import av
+
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) \
+        + 0.01 * np.random.default_rng(0).standard_normal(n)
+    pcm = (np.repeat(tone[:, None], channels, axis=1) * 32767).astype(np.int16)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout="stereo" if channels == 2 else "mono")
+        packets = []
+        if n:
+            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout=stream.layout.name)
+            frame.sample_rate = rate
+            packets += stream.encode(frame)
+        for packet in [*packets, *stream.encode(None)]:
+            out.mux(packet)
+    return path
+
+
 def audio_for_mux(path: str | Path, max_rate: int = 48000) -> tuple[np.ndarray, int]:
     """The file's first audio stream for the mp4: (float32 samples (channels, n), rate), mono or stereo as it is
     (more channels downmixed to stereo), at its own rate up to ``max_rate``."""
