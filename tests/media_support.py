@@ -9,8 +9,8 @@ from artifex.models.s2v.audio import write_tone
 
 
 def write_wav(path, seconds: float, rate: int = 44100, channels: int = 2) -> None:
-    """A speech-band tone as 16-bit PCM (``models.s2v.audio.write_tone``), stereo at 44.1 kHz by default."""
-    write_tone(path, seconds, rate, channels)
+    """A 440 Hz tone as 16-bit PCM (``models.s2v.audio.write_tone``), stereo at 44.1 kHz by default."""
+    write_tone(path, seconds, rate, channels, freq=440.0)
 
 
 def write_video(path, frames: int, width: int, height: int, fps: int = 16) -> None:

@@ -86,6 +86,33 @@ def test_auto_times_verified_backends_and_caches_the_choice(tmp_path):
     assert len(json.loads(cache.read_text())["entries"]) == 2
 
 
+def test_verifications_are_cached_and_a_later_process_checks_only_the_backend_it_runs(tmp_path, monkeypatch):
+    """The first selection verifies every candidate and keeps the outcomes; the next (another process, the same
+    versions) verifies only the one it picks; a cached backend that now fails its check is dropped, the next one
+    verified and chosen."""
+    import importlib
+
+    sel = importlib.import_module("artifex.attention.select")  # the package's `select` is the function
+
+    cache = tmp_path / "attention-selection.json"
+    calls: list[str] = []
+    real = sel.verify
+    monkeypatch.setattr(sel, "verify", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
+    first = select("auto", DEVICE, torch.float32, (1, 96, 2, 32), cache_path=cache)
+    verified = json.loads(cache.read_text())["verified"]
+    assert len(verified) == 1 and set(calls) == {n for n, ok in next(iter(verified.values())).items()}
+    calls.clear()
+    second = select("auto", DEVICE, torch.float32, (1, 112, 2, 32), cache_path=cache)  # a new shape: timed again
+    assert calls == [second.chosen] and second.chosen in first.chain
+    calls.clear()
+    broken = second.chosen
+    monkeypatch.setattr(sel, "verify", lambda name, *a, **k: calls.append(name) or (
+        sel.Verification(name, False, None, 1.0, "broke") if name == broken else real(name, *a, **k)))
+    third = select("auto", DEVICE, torch.float32, (1, 112, 2, 32), cache_path=cache)
+    assert calls[0] == broken and third.chosen != broken and "failed verification: broke" in third.rejected[broken]
+    assert json.loads(cache.read_text())["verified"][next(iter(verified))][broken] == "broke"
+
+
 def test_a_corrupt_cache_is_rebuilt(tmp_path, caplog):
     cache = tmp_path / "attention-selection.json"
     cache.write_text("{ this is not json")

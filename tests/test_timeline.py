@@ -52,6 +52,9 @@ def test_wall_section_accounts_for_the_rest_as_other():
     assert s["load.checkpoint_read"] == 0.5 and s["request.denoise"] == 0.25 and "request.total" not in s
     assert "process.startup" in s
     assert wall["host_peak_rss_gib"] > 0
+    rss = wall["host_rss_gib"]  # by kind, at this moment
+    assert set(rss) == {"anon", "file", "shmem"} and rss["anon"] > 0
+    assert rss["anon"] + rss["file"] + rss["shmem"] <= wall["host_peak_rss_gib"] + 0.01
     assert abs(wall["process_s"] - wall["stages_sum_s"] - wall["other_s"]) < 1e-3
 
 

@@ -26,10 +26,12 @@ from artifex.env import read_env
 
 def describe(m, x):
     b = m.blocks[0]
-    return {"hooked_model": dit._hooked(m), "accelerate_hooks": sum(hasattr(x, "_hf_hook") for x in m.modules()),
+    paths = {}
+    if hasattr(b, "_artifex_ffn"):  # after accelerate_model
+        paths = {"fused_qkv": bool(getattr(b.attn1, "fused_projections", False)), "ffn_path": dit._ffn_path(b, x),
+                 "norm_path": dit._norm_path(b, x, dit._ffn_path(b, x)), "out_path": dit._out_path(b, x)}
+    return {**paths, "hooked_model": dit._hooked(m), "accelerate_hooks": sum(hasattr(x, "_hf_hook") for x in m.modules()),
             "instance_forwards": sum("forward" in x.__dict__ for x in m.modules()), "hf_device_map": str(getattr(m, "hf_device_map", None)),
-            "fused_qkv": bool(getattr(b.attn1, "fused_projections", False)), "ffn_path": dit._ffn_path(b, x),
-            "norm_path": dit._norm_path(b, x, dit._ffn_path(b, x)), "out_path": dit._out_path(b, x),
             "param_dtypes": sorted({str(p.dtype) for p in m.parameters()}),
             "noncontiguous": sum(not p.is_contiguous() for p in m.parameters()),
             "distinct_storages": len({p.untyped_storage().data_ptr() for p in m.parameters()}),

@@ -39,7 +39,10 @@ class Preset:
             return self.sampling(spec).steps
         return max(4, round(spec.steps * self.steps_scale))
 
-    def num_frames(self, spec: ModelSpec) -> int:
+    def num_frames(self, spec: ModelSpec) -> int | None:
+        """The preset's frame count for ``spec``; S2V: one clip for a short preset, else None (the audio's)."""
+        if spec.clip_frames:
+            return spec.clip_video_frames(1) if self.frames == "short" else None
         if self.frames == "default":
             return spec.frames
         stride = spec.vae.temporal_stride

@@ -210,6 +210,9 @@ def wall_section(load: dict[str, float], request: dict[str, float]) -> dict:
         "other_s": round(process_s - accounted, 4),
         "imports_s": imports_section(),  # process.imports by library group (not more stages: inside that one)
         "host_peak_rss_gib": host_peak_rss_gib(),  # a checkpoint read whole into host memory shows here
+        # now, by kind: the peak above counts the safetensors pages a read mapped (file) as well as the process's
+        # own memory (anon; pinned homes are anon too), and the kernel keeps no peak per kind
+        "host_rss_gib": host_rss_gib(),
     }
 
 
@@ -224,5 +227,21 @@ def host_peak_rss_gib() -> float | None:
     return round(kib / 2**20, 3)
 
 
+def host_rss_gib() -> dict[str, float] | None:
+    """This process's resident host memory now, by kind (GiB): anon (its own allocations), file (mapped files,
+    e.g. safetensors shards being read), shmem; None where /proc/self/status is not there."""
+    kinds = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in kinds:
+                    out[kinds[key]] = round(int(value.split()[0]) / 2**20, 3)  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return out or None
+
+
 __all__ = ["IMPORTS", "LIBRARIES", "PROCESS", "START", "START_SOURCE", "Timeline", "age", "host_peak_rss_gib",
-           "gc_paused", "import_libraries", "imports_section", "start", "wall_section"]
+           "host_rss_gib", "gc_paused", "import_libraries", "imports_section", "start", "wall_section"]

@@ -154,6 +154,14 @@ def cache_key(device, dtype, shape, scale, causal, dropout) -> str:
                      str(dtype).removeprefix("torch."), f"scale={scale}", f"causal={causal}", f"dropout={dropout}"])
 
 
+def verify_key(device, dtype, head_dim, scale, causal) -> str:
+    """The verification cache's key: what a backend's check depends on (not the sequence length: it runs on small
+    random inputs)."""
+    versions = ",".join(f"{k}={v}" for k, v in sorted(backend_versions().items()) if v)
+    return "|".join([_device_key(device), f"torch={torch.__version__}", versions, str(dtype).removeprefix("torch."),
+                     f"head_dim={head_dim}", f"scale={scale}", f"causal={causal}"])
+
+
 def _read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -208,6 +216,12 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
 
     rejected: dict[str, str] = {}
     candidates = []
+    # Verifications are kept like the timings (``verify_key``: device, torch and kernel versions, dtype, head_dim):
+    # a later process verifies only the backend it will run, not every candidate (flex compiles for its check).
+    vkey = verify_key(device, dtype, d, scale, causal)
+    store = _read_cache(cache_path) if cache_path else None
+    known = dict((store or {}).get("verified", {}).get(vkey, {}))
+    checked_now: set[str] = set()
     for name, backend in BACKENDS.items():
         if not backend.in_auto:
             continue
@@ -218,9 +232,12 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
         if why:
             rejected[name] = why
             continue
-        v = verify(name, device, dtype, d, scale=scale, causal=causal)
-        if not v.ok:
-            rejected[name] = f"failed verification: {v.reason}"
+        if name not in known:
+            v = verify(name, device, dtype, d, scale=scale, causal=causal)
+            known[name] = True if v.ok else str(v.reason)
+            checked_now.add(name)
+        if known[name] is not True:
+            rejected[name] = f"failed verification: {known[name]}" + ("" if name in checked_now else " (cached)")
             continue
         candidates.append(name)
     order = prefer or []
@@ -263,6 +280,20 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
         ranked = sorted(timings, key=timings.get) + [r for r in ranked if r not in timings and r not in rejected]
         if not ranked:
             return Choice("auto", LAST_RESORT, [LAST_RESORT], "preference", shape, dname, rejected, timings)
+    while ranked and ranked[0] not in checked_now:  # the backend that will run is verified in this process
+        v = verify(ranked[0], device, dtype, d, scale=scale, causal=causal)
+        checked_now.add(ranked[0])
+        if v.ok:
+            break
+        known[ranked[0]] = str(v.reason)
+        rejected[ranked[0]] = f"failed verification: {v.reason}"
+        ranked = ranked[1:]
+    if cache_path and checked_now:
+        store = _read_cache(cache_path)  # again: the timing above may have written it
+        store.setdefault("verified", {})[vkey] = {**store.get("verified", {}).get(vkey, {}), **known}
+        _write_cache(cache_path, store)
+    if not ranked:
+        return Choice("auto", LAST_RESORT, [LAST_RESORT], "preference", shape, dname, rejected, timings)
     chain = ranked + ([LAST_RESORT] if LAST_RESORT not in ranked else [])
     choice = Choice("auto", chain[0], chain, source, shape, dname, rejected, timings, cache_file, timed_at)
     where = {"cache": f"from {cache_file}, timed {timed_at}", "timed": f"timed now, kept in {cache_file}"

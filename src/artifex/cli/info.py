@@ -137,7 +137,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
             w, h = pick_size(spec, p.size)
             opts = ", ".join(f"{k}={v}" for k, v in p.optimizations.items()) or "-"
             steps = f"{p.steps(spec)} {sampling.sampler}"
-            rows.append((spec.name, p.name, steps, f"{w}x{h}", str(p.num_frames(spec)),
+            rows.append((spec.name, p.name, steps, f"{w}x{h}", str(p.num_frames(spec) or "audio's"),
                          "/".join(f"{g:g}" for g in sampling.guidance), opts, p.description))
     table(rows)
     return 0

@@ -288,8 +288,8 @@ def resolve_request(req: GenerationRequest, limits: RequestLimits | None = None,
         frames = _int("frames", req.frames) if req.frames is not None else None
         if frames is not None:
             check_clip_frames(spec, frames, limits)
-        elif preset is not None and preset.frames == "short":
-            frames = spec.clip_video_frames(1)
+        elif preset is not None:
+            frames = preset.num_frames(spec)  # one clip for draft; None: the audio's length
     else:
         frames = _int("frames", req.frames) if req.frames is not None else (
             preset.num_frames(spec) if preset else spec.frames)

@@ -340,6 +340,15 @@ def _open_media(path: Path, name: str, noun: str, demuxers: tuple[str, ...], for
                                   formats) from None
 
 
+def _first_stream(container, kind: str, name: str, formats: str):
+    """The container's first ``kind`` ("audio", "video") stream, or an error listing the streams it has."""
+    streams = getattr(container.streams, kind)
+    if not streams:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
+        raise InvalidRequestError(name, f"the upload has no {kind} stream (streams: {kinds})", formats)
+    return streams[0]
+
+
 def check_audio(data: bytes, folder: Path, max_bytes: int, max_seconds: float, name: str = "audio") -> CheckedMedia:
     """Decode an audio upload fully with ``load_audio`` (its checks: an audio stream, at least 25 ms, at most
     ``max_seconds``) after a size check and a probe limited to ``AUDIO_DEMUXERS``."""
@@ -347,9 +356,7 @@ def check_audio(data: bytes, folder: Path, max_bytes: int, max_seconds: float, n
     try:
         with _open_media(path, name, "audio", AUDIO_DEMUXERS, AUDIO_FORMATS) as container:
             fmt = container.format.name
-            if not container.streams.audio:
-                kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
-                raise InvalidRequestError(name, f"the upload has no audio stream (streams: {kinds})", AUDIO_FORMATS)
+            _first_stream(container, "audio", name, AUDIO_FORMATS)
         from artifex.models.s2v.audio import SAMPLE_RATE, clips_for_samples, load_audio
 
         try:
@@ -375,10 +382,7 @@ def check_pose_video(data: bytes, folder: Path, max_bytes: int, max_pixels: int,
     try:
         with _open_media(path, name, "a video", VIDEO_DEMUXERS, VIDEO_FORMATS) as container:
             fmt = container.format.name
-            if not container.streams.video:
-                kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
-                raise InvalidRequestError(name, f"the upload has no video stream (streams: {kinds})", VIDEO_FORMATS)
-            stream = container.streams.video[0]
+            stream = _first_stream(container, "video", name, VIDEO_FORMATS)
             w, h = stream.codec_context.width or 0, stream.codec_context.height or 0
             if w * h > max_pixels:
                 raise InvalidRequestError(name, f"{w}x{h} has too many pixels", f"at most {max_pixels} pixels")

@@ -76,13 +76,15 @@ def load_audio(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS) -> np
     return samples
 
 
-def write_tone(path: str | Path, seconds: float, rate: int = SAMPLE_RATE, channels: int = 1) -> Path:
-    """A 16-bit PCM wav of a speech-band tone whose loudness moves at 3 Hz (warm-ups, benchmarks, tests)."""
+def write_tone(path: str | Path, seconds: float, rate: int = SAMPLE_RATE, channels: int = 1,
+               freq: float = 180.0) -> Path:
+    """A 16-bit PCM wav of a tone (speech-band by default) whose loudness moves at 3 Hz (warm-ups, benchmarks,
+    tests)."""
     import av
 
     n = int(seconds * rate)
     t = np.arange(n) / rate
-    tone = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) \
+    tone = 0.3 * np.sin(2 * np.pi * freq * t) * (1 + np.sin(2 * np.pi * 3 * t)) \
         + 0.01 * np.random.default_rng(0).standard_normal(n)
     pcm = (np.repeat(tone[:, None], channels, axis=1) * 32767).astype(np.int16)
     path = Path(path)
