@@ -114,6 +114,13 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
                        "takes it (the same tensor, bit for bit)")
     if config.use_torch_compile:
         reasons.append("use_torch_compile: repeated transformer blocks compiled (first steps include compile time)")
+    elif device.type == "cuda":
+        reasons.append("use_torch_compile off (the default): a one-off generation pays the blocks' compile in its "
+                       "first steps; a server compiles once in its warm-up (--preset production or "
+                       "use_torch_compile = true)")
+    if config.fp8 == "off" and device.type == "cuda":
+        reasons.append("fp8 off (the default): the exact bf16 model; --fp8 all is faster and lossy (its error vs "
+                       "bf16 is probed at load and written to the sidecar)")
     if config.fp8 != "off":
         reasons.append(f"fp8={config.fp8}: DiT block linears as e4m3 matmuls"
                        + (", attention fa3-fp8" if config.fp8 == "all" else "") + "; error vs bf16 probed at load")
