@@ -94,14 +94,14 @@ class S2VEngine(Engine):
             # 2. Audio features for every clip, the reference latent, the pose video's pixels (encoded per clip).
             job.emit(ProgressEvent("encode_audio", 0, 1, job.elapsed()))
             features = self.audio_features(s.audio, s.clips)  # (1, layers, hidden, clips * 80)
+            track = AudioTrack(*s2v_audio.audio_for_mux(s.audio))  # the mp4's audio, at the file's own rate
             _lap(job, "encode_audio")
             job.emit(ProgressEvent("encode_image", 0, 1, job.elapsed()))
             ref = self.encode_video(image_to_tensor(job.image, s.width, s.height).unsqueeze(2))  # (1, z, 1, h, w)
             pose = self.pose_pixels(s) if s.pose_video else None  # (1, 3, clips * 80, H, W) or None
             _lap(job, "encode_image")
 
-            out = Mp4Stream(self._output(s, output_dir), s.fps, background=True,
-                            audio=AudioTrack(*s2v_audio.audio_for_mux(s.audio)))
+            out = Mp4Stream(self._output(s, output_dir), s.fps, background=True, audio=track)
             try:
                 clips = self._clips(job, features, ref, pose, out)
                 start = time.perf_counter()
@@ -139,6 +139,8 @@ class S2VEngine(Engine):
                 audio=s2v_audio.clip_features(features, r, spec.clip_frames).to(self.device, self.dtype),
                 ref=ref.to(self.dtype), motion=None if motion is None else motion.to(self.dtype),
                 pose=None if pose is None else self.encode_pose(pose, r).to(self.dtype))
+            if pose is not None:
+                clip["encode_pose_s"] = round(_lap(job, "encode_pose"), 4)
             job.noise = torch.randn((1, *self._clip_latent_shape(s)),
                                     generator=torch.Generator("cpu").manual_seed(s.seed + r),
                                     dtype=torch.float32).to(self.device)
