@@ -503,6 +503,16 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 
 @pytest.mark.slow
+def _wait_video_ready(page, timeout: float = 20.0) -> None:
+    """Until the result video has its first frame (readyState >= 2), polled from the test: playwright's
+    wait_for_function can poll with an eval in the page, which the page's CSP (script-src 'self') refuses (seen in
+    CI as an EvalError whenever the video was not ready at the first check)."""
+    end = time.monotonic() + timeout
+    while page.evaluate("document.querySelector('#result-video').readyState") < 2:
+        assert time.monotonic() < end, "the result video did not load"
+        time.sleep(0.1)
+
+
 def test_web_page_in_headless_chromium(server, s2v_job, s2v_media, tmp_path):
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":
@@ -565,7 +575,7 @@ def test_web_page_in_headless_chromium(server, s2v_job, s2v_media, tmp_path):
             assert page.locator("#progress").evaluate("el => el.value") == 100
             video = page.locator("#result-video")
             expect(video).to_be_visible()
-            page.wait_for_function("document.querySelector('#result-video').readyState >= 2", timeout=20000)
+            _wait_video_ready(page)
             assert page.evaluate("document.querySelector('#result-video').duration") > 0
             assert page.evaluate("document.querySelector('#result-video').videoWidth") == 128
             job_id = video.get_attribute("data-job")
@@ -632,7 +642,7 @@ def test_web_page_in_headless_chromium(server, s2v_job, s2v_media, tmp_path):
             expect(page.locator("#job-audio")).to_contain_text("audio: 2.0 s → 1 clip, 77 frames")
             video = page.locator("#result-video")
             expect(video).to_have_attribute("data-job", s2v_job["id"], timeout=20000)
-            page.wait_for_function("document.querySelector('#result-video').readyState >= 2", timeout=20000)
+            _wait_video_ready(page)
             assert video.get_attribute("muted") is None and video.get_attribute("controls") is not None
             assert page.evaluate("document.querySelector('#result-video').muted") is False
             assert page.evaluate("document.querySelector('#result-video').duration") > 4
