@@ -82,7 +82,7 @@ class ModelSpec:
     hub_id: str | None
     image: str  # "none", "optional" (TI2V), "required" (I2V, S2V)
     text_len: int = 512
-    runnable: bool = True  # False: spec only, no pipeline yet (S2V)
+    runnable: bool = True  # False: a spec only, whose pipeline is not built (every variant runs today)
     tiny: bool = False
     extra: dict = field(default_factory=dict)
     # Sampling defaults beyond steps/shift/guidance: the sampler (artifex.engine.samplers), its explicit
