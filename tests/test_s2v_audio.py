@@ -78,3 +78,24 @@ def test_clip_counts():
     assert clips_for_samples(5 * 16000) == 1 and clips_for_samples(6 * 16000) == 2
     with pytest.raises(InvalidRequestError, match="allowed: 0..1"):
         clip_features(torch.zeros(1, 3, 4, 160), 2)
+
+
+def test_a_file_decoded_once_is_not_decoded_again_for_its_length(tmp_path, monkeypatch):
+    """A server checks an upload (decoding it whole), renames it into its store and resolves the request: the
+    length comes from the first decode; a changed file is decoded again."""
+    import av
+
+    from artifex.models.s2v.audio import audio_samples
+
+    _wav(tmp_path / "check.wav", 1.0)
+    n = load_audio(tmp_path / "check.wav").size
+    (tmp_path / "check.wav").rename(tmp_path / "stored.wav")
+    opened = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    assert audio_samples(tmp_path / "stored.wav") == n and opened == []
+    with pytest.raises(InvalidRequestError, match="longer than 0.5 s"):
+        audio_samples(tmp_path / "stored.wav", max_seconds=0.5)
+    _wav(tmp_path / "stored.wav", 2.0)  # rewritten: another size and time
+    opened.clear()
+    assert audio_samples(tmp_path / "stored.wav") > n and len(opened) == 1

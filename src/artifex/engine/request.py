@@ -482,16 +482,16 @@ def _s2v_media(spec: ModelSpec, req: GenerationRequest, frames: int | None,
                 raise InvalidRequestError(name, f"{spec.name} takes no {name.replace('_', ' ')}",
                                           f"models that do: {', '.join(s2v)}")
         return None
-    from artifex.models.s2v.audio import SAMPLE_RATE, clips_for_samples, load_audio, open_pose_video
+    from artifex.models.s2v.audio import SAMPLE_RATE, audio_samples, clips_for_samples, open_pose_video
 
     if req.audio is None:
         raise InvalidRequestError("audio", f"{spec.name} generates from speech or other audio; pass one "
                                            "(--audio PATH: wav, mp3, m4a, flac, ogg or any file PyAV decodes)")
     if not isinstance(req.audio, str):
         raise InvalidRequestError("audio", f"must be a file path, got {type(req.audio).__name__}")
-    samples = load_audio(req.audio)
-    seconds = samples.size / SAMPLE_RATE
-    available = clips_for_samples(samples.size)
+    samples = audio_samples(req.audio)  # decoded and checked (a server's check decoded it already: not again)
+    seconds = samples / SAMPLE_RATE
+    available = clips_for_samples(samples)
     if frames is not None:
         clips = check_clip_frames(spec, frames, limits)
         if clips > available:

@@ -73,7 +73,38 @@ def load_audio(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS) -> np
     if samples.size < 400:  # under one wav2vec2 frame (25 ms)
         raise InvalidRequestError("audio", f"{path} holds {samples.size} samples at 16 kHz; at least 400 "
                                   "(25 ms) are needed")
+    _remember(path, samples.size)
     return samples
+
+
+# The sample counts of files decoded whole by ``load_audio``, by file identity (device, inode, size, mtime): a
+# server checks an upload, renames it into its store and resolves the request; the second look needs no decode.
+_LENGTHS: dict[tuple, int] = {}
+_MAX_LENGTHS = 256
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remember(path: Path, samples: int) -> None:
+    if len(_LENGTHS) >= _MAX_LENGTHS:
+        _LENGTHS.pop(next(iter(_LENGTHS)))
+    _LENGTHS[_identity(path)] = samples
+
+
+def audio_samples(path: str | Path, max_seconds: float = DEFAULT_MAX_SECONDS) -> int:
+    """How many 16-kHz samples ``load_audio`` makes of ``path``, with its checks; a file it decoded before (the
+    same file, unchanged) is not decoded again."""
+    path = Path(path)
+    n = _LENGTHS.get(_identity(path)) if path.is_file() else None
+    if n is None:
+        return load_audio(path, max_seconds).size
+    if n > int(max_seconds * SAMPLE_RATE):
+        raise InvalidRequestError("audio", f"{path} lasts {n / SAMPLE_RATE:.1f} s, longer than {max_seconds:g} s",
+                                  "shorter audio")
+    return n
 
 
 def write_tone(path: str | Path, seconds: float, rate: int = SAMPLE_RATE, channels: int = 1,
