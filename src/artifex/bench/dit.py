@@ -77,7 +77,7 @@ def inputs_for(spec, text_dim: int, width: int, height: int, frames: int, device
     return text, out
 
 
-def _peak_gib(device) -> float | None:
+def peak_gib(device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None
 
 
@@ -122,7 +122,7 @@ def run(model: str, width: int, height: int, frames: int, out_dir: Path | None =
         out = call(*sets[0])  # the first call: compile, autotune, and the output compared across variants
         secs = report.median_ms(call, sets, dev, warmup, iters) / 1e3
         row = {"variant": name, "s_per_forward": round(secs, 4), "tflops": round(flops / secs / 1e12, 1),
-               "pct_matmul_peak": round(100 * flops / secs / (peak * 1e12), 1), "peak_gib": _peak_gib(dev),
+               "pct_matmul_peak": round(100 * flops / secs / (peak * 1e12), 1), "peak_gib": peak_gib(dev),
                "note": note}
         if profile:
             row["kernels"] = report.kernel_breakdown(lambda: call(*sets[1]), dev)

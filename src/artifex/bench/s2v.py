@@ -35,10 +35,10 @@ import torch
 
 from artifex.attention.select import rel_l2
 from artifex.bench import report
+from artifex.bench.dit import peak_gib
 from artifex.models.registry import get_model
 
 log = logging.getLogger("artifex")
-GIB = 2**30
 
 
 def injector_flops(model, noisy_tokens: int) -> float:
@@ -162,7 +162,7 @@ def forward_section(model: str, width: int, height: int, device: torch.device, w
             return
         row = {"variant": name, "s_per_forward": round(secs, 4), "tflops": round(flops / secs / 1e12, 1),
                "pct_sustained_matmul": round(100 * flops / secs / (rate * 1e12), 1),
-               "peak_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else None,
+               "peak_gib": peak_gib(device),
                "note": note}
         out = out.float().cpu()
         row["rel_l2_vs_plain"] = round(rel_l2(out, base[0]), 6) if base else None

@@ -200,8 +200,6 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def cmd_bench_s2v(args: argparse.Namespace) -> int:
     from artifex.bench import s2v
 

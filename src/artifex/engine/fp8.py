@@ -51,12 +51,12 @@ def keep_patterns(model: nn.Module, keep: str) -> tuple[str, ...]:
     return patterns
 
 
-@torch.no_grad()
 def _output(out) -> torch.Tensor:
     """The prediction of a forward: diffusers' models return a tuple here, S2V's its tensor."""
     return out[0] if isinstance(out, tuple) else out
 
 
+@torch.no_grad()
 def quantize_experts(spec, experts: list[torch.nn.Module], device: torch.device, dtype: torch.dtype,
                      keep: str = "") -> dict:
     """Quantize every expert's block linears in place (on ``device``), but those ``keep`` names (``fp8_keep``);

@@ -115,9 +115,9 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
     if config.use_torch_compile:
         reasons.append("use_torch_compile: repeated transformer blocks compiled (first steps include compile time)")
     elif device.type == "cuda":
-        reasons.append("use_torch_compile off (the default): a one-off generation pays the blocks' compile in its "
-                       "first steps; a server compiles once in its warm-up (--preset production or "
-                       "use_torch_compile = true)")
+        reasons.append("use_torch_compile off (the default): compiling the blocks costs a one-off generation its "
+                       "first steps; a server with it on (--preset production or use_torch_compile = true) pays that "
+                       "once, in its warm-up")
     if config.fp8 == "off" and device.type == "cuda":
         reasons.append("fp8 off (the default): the exact bf16 model; --fp8 all is faster and lossy (its error vs "
                        "bf16 is probed at load and written to the sidecar)")

@@ -53,6 +53,7 @@ class ClipInputs:
     """What the DiT sees besides the noisy latents and the text, for one clip (the engine's dtype and device)."""
 
     audio: torch.Tensor  # (1, layers, hidden, 4 * F) this clip's wav2vec2 features
+    silent: torch.Tensor  # the same shape, zeros: CFG's unconditional audio
     ref: torch.Tensor  # (1, z, 1, h, w) the reference image's latent
     motion: torch.Tensor | None  # (1, z, 19, h, w) the last 73 frames' latents; None for the first clip
     pose: torch.Tensor | None  # (1, z, F, h, w) or None
@@ -135,9 +136,10 @@ class S2VEngine(Engine):
         for r in range(s.clips):
             job.emit = _clip_events(outer, r, s.clips, s.steps)
             clip = {"clip": r}
+            audio = s2v_audio.clip_features(features, r, spec.clip_frames).to(self.device, self.dtype)
             self._clip = ClipInputs(
-                audio=s2v_audio.clip_features(features, r, spec.clip_frames).to(self.device, self.dtype),
-                ref=ref.to(self.dtype), motion=None if motion is None else motion.to(self.dtype),
+                audio=audio, silent=torch.zeros_like(audio), ref=ref.to(self.dtype),
+                motion=None if motion is None else motion.to(self.dtype),
                 pose=None if pose is None else self.encode_pose(pose, r).to(self.dtype))
             if pose is not None:
                 clip["encode_pose_s"] = round(_lap(job, "encode_pose"), 4)
@@ -205,7 +207,7 @@ class S2VEngine(Engine):
         """The pose video's first clips * 80 frames at 16 fps, covering (width, height), in [-1, 1], padded with
         -1 frames: (1, 3, clips * 80, H, W) on the CPU."""
         n = s.clips * self.spec.clip_frames
-        frames = s2v_audio.read_pose_frames(s.pose_video, n, s.fps)
+        frames = s2v_audio.open_pose_video(s.pose_video, n, s.fps)
         video = torch.cat([image_to_tensor(Image.fromarray(f), s.width, s.height) for f in frames])  # (T, 3, H, W)
         video = video.permute(1, 0, 2, 3).unsqueeze(0)
         if video.shape[2] < n:
@@ -231,20 +233,21 @@ class S2VEngine(Engine):
             raise RuntimeError("S2V's DiT runs inside a clip (S2VEngine.generate)")
 
         def run(x, t, text, audio, n=1):
-            rep = (lambda v: None if v is None else v.expand(n, *v.shape[1:])) if n > 1 else (lambda v: v)
+            def rep(v):  # the clip's conditioning for each of the batch's n samples
+                return v if v is None or n == 1 else v.expand(n, *v.shape[1:])
+
             return model(hidden_states=x, timestep=t, encoder_hidden_states=text, audio_features=audio,
                          ref_latents=rep(c.ref), motion_latents=rep(c.motion), pose_latents=rep(c.pose)).float()
 
         if guidance is None:
             return run(x, timestep, cond, c.audio)
-        silent = torch.zeros_like(c.audio)
         if self.plan.cfg_batch == 2:
             pos, neg = run(torch.cat([x, x]), torch.cat([timestep, timestep]), self._pair(model, cond, uncond),
-                           torch.cat([c.audio, silent]), n=2).chunk(2)
+                           torch.cat([c.audio, c.silent]), n=2).chunk(2)
         else:
             with share_first_block(model):
                 pos = run(x, timestep, cond, c.audio)
-                neg = run(x, timestep, uncond, silent)
+                neg = run(x, timestep, uncond, c.silent)
         return neg + guidance * (pos - neg)
 
 

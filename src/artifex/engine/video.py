@@ -27,6 +27,7 @@ class AudioTrack:
         if samples.ndim != 2 or samples.shape[0] not in (1, 2):
             raise ValueError(f"audio samples must be (1 or 2 channels, n), got {samples.shape}")
         self.samples, self.rate = samples.astype(np.float32), int(rate)
+        self.layout = "stereo" if samples.shape[0] == 2 else "mono"
 
     def fitted(self, seconds: float) -> np.ndarray:
         """The samples cut, or padded with silence, to ``seconds``."""
@@ -119,8 +120,7 @@ class Mp4Stream:
         cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = BT709, BT709, BT709, TV_RANGE
         self._to_yuv = VideoReformatter()
         if self.audio is not None:  # every stream is declared before the first packet
-            layout = "stereo" if self.audio.samples.shape[0] == 2 else "mono"
-            self._audio_stream = self._container.add_stream("aac", rate=self.audio.rate, layout=layout)
+            self._audio_stream = self._container.add_stream("aac", rate=self.audio.rate, layout=self.audio.layout)
 
     def _encode_audio(self) -> None:
         """The audio, fitted to the video's length, as AAC frames of the encoder's size."""
@@ -129,10 +129,9 @@ class Mp4Stream:
         samples = self.audio.fitted(self.frames / self.fps)
         stream = self._audio_stream
         size = stream.codec_context.frame_size or 1024
-        layout = "stereo" if samples.shape[0] == 2 else "mono"
         for start in range(0, samples.shape[1], size):
             chunk = np.ascontiguousarray(samples[:, start:start + size])
-            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self.audio.layout)
             frame.sample_rate, frame.pts = self.audio.rate, start
             self._container.mux(stream.encode(frame))
         self._container.mux(stream.encode(None))

@@ -39,12 +39,10 @@ def random_components(spec: ModelSpec, precision: str = "bf16", build_device: st
                for _ in range(spec.experts)]
     audio = extractor = None
     if spec.task == "s2v":  # wav2vec2-large-xlsr-53's shape (tiny: the tiny twin's), fp32 as the official code runs it
-        from artifex.models.s2v.audio import tiny_wav2vec, wav2vec2_large
+        from artifex.models.s2v.audio import feature_extractor, tiny_wav2vec, wav2vec2_large
 
-        make = (lambda: tiny_wav2vec(seed)) if spec.tiny else wav2vec2_large
-        pair = []
-        audio = build(lambda: pair.extend(make()) or pair[0], lambda m: m)
-        extractor = pair[1]
+        audio = build(lambda: (tiny_wav2vec(seed) if spec.tiny else wav2vec2_large())[0], lambda m: m)
+        extractor = feature_extractor()
     sizes = {"text_encoder": 0, "vae": 0}
     info = CheckpointInfo(path=Path(f"random:{spec.name}"), weight_bytes=sizes, boundary_ratio=spec.boundary)
     scheduler = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000, "solver_order": 2,

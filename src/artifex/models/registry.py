@@ -357,29 +357,13 @@ _TINY = [
         image="required",
         tiny=True,
     ),
-    ModelSpec(
-        name="tiny-s2v",
-        task="s2v",
-        description="Toy S2V-14B twin (audio injectors, FramePack motion, real clip structure) with random weights",
-        transformer=TransformerArch(in_channels=16, out_channels=16, **{**_TINY_T, "layers": 3}),
-        vae=WAN21_VAE,
-        experts=1,
-        steps=4,
-        shift=3.0,
-        guidance=(4.5,),
-        boundary=None,
-        fps=16,
-        frames=77,
-        sizes=((128, 64), (64, 128)),
-        hub_id=None,
-        image="required",
-        tiny=True,
-        extra={"audio": "required", "audio_encoder": "wav2vec2"},
-        size_multiple=64,
-        clip_frames=80,
-        motion_frames=73,
-    ),
 ]
+# S2V's twin keeps the real clip structure (80 frames a clip, 73 of motion, sizes in 64s) and sampling defaults.
+_TINY.append(replace(
+    next(m for m in _REAL if m.name == "s2v-14b"), name="tiny-s2v",
+    description="Toy S2V-14B twin (audio injectors, FramePack motion, real clip structure) with random weights",
+    transformer=TransformerArch(in_channels=16, out_channels=16, **{**_TINY_T, "layers": 3}), steps=4,
+    sizes=((128, 64), (64, 128)), tiny=True))
 
 _BASES = {m.name: m for m in _REAL + _TINY}
 _PROFILES = _profiles(_BASES) + _profiles(_BASES, "tiny-", tiny=True)

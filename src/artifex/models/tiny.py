@@ -73,7 +73,9 @@ def build_components(spec: ModelSpec) -> dict:
         for i in range(spec.experts):
             torch.manual_seed(10 + i)
             if spec.task == "s2v":
-                transformers.append(_tiny_s2v(spec, seed=10 + i))
+                from artifex.models.s2v.transformer import s2v_config_for, tiny_s2v_transformer
+
+                transformers.append(tiny_s2v_transformer(seed=10 + i, **s2v_config_for(spec)))
                 continue
             t = WanTransformer3DModel(**arch.diffusers_config())
             # diffusers zero-initialises nothing that matters here, but the output projection of a
@@ -99,13 +101,6 @@ def build_components(spec: ModelSpec) -> dict:
         "transformer": transformers[0],
         "transformer_2": transformers[1] if spec.experts == 2 else None,
     }
-
-
-def _tiny_s2v(spec: ModelSpec, seed: int):
-    """The tiny S2V transformer of ``spec``'s shape."""
-    from artifex.models.s2v.transformer import s2v_config_for, tiny_s2v_transformer
-
-    return tiny_s2v_transformer(seed=seed, **s2v_config_for(spec))
 
 
 def save_tiny_checkpoint(spec: ModelSpec, path: str | Path) -> Path:

@@ -148,40 +148,31 @@ def audio_for_mux(path: str | Path, max_rate: int = 48000) -> tuple[np.ndarray, 
     return samples.reshape(channels, -1), rate
 
 
-def open_pose_video(path: str | Path) -> tuple[float, int]:
-    """Check that ``path`` is a video PyAV can read; returns (its frame rate, its frame count or 0 if unknown)."""
+def open_pose_video(path: str | Path, frames: int = 0, fps: int = VIDEO_FPS) -> list[np.ndarray]:
+    """Check that ``path`` is a video PyAV can read, and return its first ``frames`` frames sampled at ``fps``
+    (every round(rate / fps)-th frame, as the official sampler takes them), RGB uint8 (H, W, 3) each; fewer if the
+    video is shorter. ``frames`` 0: the check only (nothing decoded)."""
     import av
 
     path = Path(path)
     if not path.is_file():
         raise InvalidRequestError("pose_video", f"{path} does not exist or is not a file")
+    out: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise InvalidRequestError("pose_video", f"{path} has no video stream")
             stream = container.streams.video[0]
-            return float(stream.average_rate or stream.guessed_rate or VIDEO_FPS), int(stream.frames or 0)
-    except (av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise InvalidRequestError("pose_video", f"{path} is not a video PyAV can read: {e}") from None
-
-
-def read_pose_frames(path: str | Path, frames: int, fps: int = VIDEO_FPS) -> list[np.ndarray]:
-    """The pose video's first ``frames`` frames sampled at ``fps`` (every round(rate / fps)-th frame, as the
-    official sampler takes them), RGB uint8 (H, W, 3) each; fewer if the video is shorter."""
-    import av
-
-    rate, _ = open_pose_video(path)
-    interval = max(1, round(rate / fps))
-    out: list[np.ndarray] = []
-    try:
-        with av.open(str(path)) as container:
-            for i, frame in enumerate(container.decode(container.streams.video[0])):
+            if not frames:
+                return out
+            interval = max(1, round(float(stream.average_rate or stream.guessed_rate or fps) / fps))
+            for i, frame in enumerate(container.decode(stream)):
                 if i % interval == 0:
                     out.append(frame.to_ndarray(format="rgb24"))
                     if len(out) == frames:
                         break
-    except av.error.FFmpegError as e:
-        raise InvalidRequestError("pose_video", f"{path}: the video stream could not be decoded: {e}") from None
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise InvalidRequestError("pose_video", f"{path} is not a video PyAV can read: {e}") from None
     if not out:
         raise InvalidRequestError("pose_video", f"{path} holds no decodable frames")
     return out
@@ -250,7 +241,9 @@ def audio_features(path: str | Path, model, feature_extractor, max_seconds: floa
     return bucket_per_video_frame(feats, clip_frames)
 
 
-def _extractor():
+def feature_extractor():
+    """A wav2vec2 feature extractor with wav2vec2-large-xlsr's settings (normalised 16-kHz mono input), for the
+    models built here (benchmarks, the tiny twin); a checkpoint's own comes with it."""
     from transformers import Wav2Vec2FeatureExtractor
 
     return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
@@ -265,7 +258,7 @@ def wav2vec2_large():
     config = Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                             conv_dim=(512,) * 7, do_stable_layer_norm=True, feat_extract_norm="layer",
                             vocab_size=33)
-    return Wav2Vec2ForCTC(config).eval(), _extractor()
+    return Wav2Vec2ForCTC(config).eval(), feature_extractor()
 
 
 def tiny_wav2vec(seed: int = 0):
@@ -278,4 +271,4 @@ def tiny_wav2vec(seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Wav2Vec2ForCTC(config).eval()
-    return model, _extractor()
+    return model, feature_extractor()
