@@ -227,13 +227,17 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     repeated prompt in `artifex batch`, diffusers' from_pretrained on the same directory; the issue's keys."""
     saved = tmp_path / "ckpt"
     args = ["bench", "pipeline", "--model", "tiny-ti2v", "--steps", "2", "--frames", "9", "--output-dir",
-            str(tmp_path), "--user-path", "--only-user-path", "--save-checkpoint", str(saved)]
+            str(tmp_path), "--user-path", "--only-user-path", "--save-checkpoint", str(saved),
+            "--user-prime-steps", "1"]
     assert main(args) == 0
     assert (saved / "model_index.json").is_file() and (saved / "transformer" / "config.json").is_file()
-    data = json.loads((tmp_path / "pipeline-cpu.json").read_text())
+    data = json.loads((tmp_path / "ttv-cpu.json").read_text())  # the user's path alone: time to video
+    assert not (tmp_path / "pipeline-cpu.json").exists()
     up = data["user_path"]
-    plain, budget = up["runs"]
+    prime, plain, budget = up["runs"]
+    assert prime["run"] == "cli-first-on-machine" and prime["steps"] == 1 and plain["steps"] == 2
     assert plain["budget"] is None and budget["budget"] == "24GB"
+    assert plain["prefetch"][str(saved.resolve())]["files"] == 3  # transformer, VAE, text encoder
     for r in up["runs"]:
         assert r["cli_wall_s"] >= r["process_to_mp4_s"] >= r["wall"]["stages_sum_s"] - 1e-3
         assert r["wall"]["stages_s"]["process.imports"] > 0 and r["timings_s"]["denoise"] > 0
@@ -246,5 +250,27 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
             "repeat_prompt_text_s"} <= set(s["tinyti2v_256x160"])
     assert s["tinyti2v_256x160"]["repeat_prompt_text_s"] == up["repeat_prompt"]["repeat_text_s"]
     assert set(s["tinyti2v_256x160_24gb"]) == {"cli_wall_s", "peak_gib"}
-    assert "The user's path" in (tmp_path / "pipeline-cpu.md").read_text()
+    assert s["tinyti2v_256x160"]["cli_wall_s"] == plain["cli_wall_s"]  # the primed run, not the machine's first
+    assert "The user's path" in (tmp_path / "ttv-cpu.md").read_text()
     assert main(["bench", "pipeline", "--model", "tiny-ti2v", "--only-user-path"]) == 2  # needs --user-path
+    assert main(["bench", "pipeline", "--model", "tiny-ti2v", "--user-loads"]) == 2
+
+    # Loading alone, appended to the same file: the earlier runs stay, the load rows join them.
+    args = ["bench", "pipeline", "--model", "tiny-ti2v", "--steps", "2", "--frames", "9", "--output-dir",
+            str(tmp_path), "--user-path", "--only-user-path", "--checkpoint", str(saved), "--append",
+            "--user-budgets", "", "--no-user-repeat", "--diffusers", "off", "--user-loads"]
+    assert main(args) == 0
+    merged = json.loads((tmp_path / "ttv-cpu.json").read_text())
+    assert [r["run"] for r in merged["user_path"]["runs"]] == [r["run"] for r in up["runs"]]
+    assert merged["user_path"]["diffusers"] == up["diffusers"]
+    loads = {r["run"]: r for r in merged["user_path"]["loads"]["runs"]}
+    assert list(loads) == ["warm-shards-serial", "warm-shards-parallel", "cold-prefetch-off", "cold-prefetch-on"]
+    assert loads["warm-shards-serial"]["env"]["HF_ENABLE_PARALLEL_LOADING"] == "no"
+    assert loads["cold-prefetch-on"]["page_cache_dropped_gib"] >= 0 and loads["warm-shards-serial"][
+        "page_cache_dropped_gib"] == 0
+    pf = loads["cold-prefetch-off"]["prefetch"][str(saved.resolve())]
+    assert pf["skipped"] == "ARTIFEX_PREFETCH=off"
+    assert loads["cold-prefetch-on"]["prefetch"][str(saved.resolve())]["state"] in ("done", "stopped")
+    assert merged["summary"]["tinyti2v_256x160"] == s["tinyti2v_256x160"]
+    assert merged["summary"]["tinyti2v_256x160_load"]["diffusers_cold_load_s"] > 0
+    assert "Loading alone" in (tmp_path / "ttv-cpu.md").read_text()

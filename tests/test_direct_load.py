@@ -112,3 +112,28 @@ def test_on_demand_text_encoder_and_vae_return_to_their_homes(engine):
     fresh = offload.placement._module_homes[id(enc)]
     assert fresh is not home and fresh.holds(enc) and next(enc.parameters()).dtype == torch.float32
     enc.to(torch.bfloat16)
+
+
+def test_shards_read_on_threads_give_the_same_weights(checkpoint_copy, monkeypatch):
+    """HF_ENABLE_PARALLEL_LOADING (the default import_libraries sets): a transformer saved in several shards reads
+    to the same tensors, dtypes included, on diffusers' shard threads as in its serial read."""
+    import diffusers.models.modeling_utils as mu
+    from diffusers import WanTransformer3DModel
+
+    spec = get_model("tiny-ti2v")
+    path = checkpoint_copy("tiny-ti2v")
+    model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
+    model.save_pretrained(path / "transformer", max_shard_size="200KB")
+    assert len(list((path / "transformer").glob("*.safetensors"))) > 2
+    monkeypatch.setattr(mu, "HF_ENABLE_PARALLEL_LOADING", False)
+    serial = load_components(spec, path, "bf16", devices={r: "cpu" for r in ROLES})
+    monkeypatch.setattr(mu, "HF_ENABLE_PARALLEL_LOADING", True)
+    pooled, calls = mu._load_shard_files_with_threadpool, []
+    monkeypatch.setattr(mu, "_load_shard_files_with_threadpool", lambda files, **kw: calls.append(files) or
+                        pooled(files, **kw))
+    threaded = load_components(spec, path, "bf16", devices={r: "cpu" for r in ROLES})
+    assert any(len(files) > 2 for files in calls)  # the transformer's shards went to the thread pool
+    a, b = _tensors(serial.experts[0]), _tensors(threaded.experts[0])
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert {torch.bfloat16, torch.float32} <= {t.dtype for t in b.values()}

@@ -11,6 +11,8 @@ VARIABLES = {
     "ARTIFEX_OUTPUT_DIR": "where generated videos go when no --output is given; default ./artifex-output",
     "ARTIFEX_CONFIG": "an OptimizationConfig TOML file read before --config and CLI flags",
     "ARTIFEX_LOG_LEVEL": "logging level: DEBUG, INFO (default), WARNING, ERROR",
+    "ARTIFEX_PREFETCH": "on (default) or off: read a checkpoint directory's weight files into the page cache while "
+                        "the libraries import (skipped when the host lacks the memory to keep them cached)",
     "ARTIFEX_API_TOKEN": "bearer token of `artifex serve` (and what `artifex monitor` sends); default: a generated "
                          "one stored in the data directory",
 }

@@ -178,6 +178,10 @@ def import_libraries() -> None:
     with _IMPORT_LOCK:
         if _IMPORTS_DONE.is_set():
             return
+        if "diffusers" not in sys.modules:  # diffusers reads it once, at its import
+            # Shards of one model read on threads (each safetensors file's tensors copied to their device in
+            # parallel); HF_ENABLE_PARALLEL_LOADING=no in the environment keeps diffusers' serial read.
+            os.environ.setdefault("HF_ENABLE_PARALLEL_LOADING", "yes")
         with PROCESS.span("imports"), gc_paused():
             for name, load in LIBRARIES:
                 with IMPORTS.span(name):

@@ -16,10 +16,12 @@ checkpoint is given. In order, on the same components:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -244,11 +246,12 @@ def run(model: str, out_dir: Path, configs: list[str], diffusers: str = "full", 
         width: int | None = None, height: int | None = None, frames: int | None = None,
         checkpoint: str | None = None, profile: Path | None = None, device: str | None = None,
         append: bool = False, keep_videos: bool = False, user: bool = False, save_checkpoint: Path | None = None,
-        user_budgets: tuple = (None, "24GB"), in_memory: bool = True) -> dict:
+        user_runs: UserPathRuns | None = None, in_memory: bool = True) -> dict:
     """``keep_videos``: leave the mp4s (and sidecars) in OUT/pipeline-videos; by default they are written to a
     temporary folder and removed, so OUT holds only the report. ``user``: first the user's path (``user_path``:
     ``artifex generate`` as a process on ``checkpoint``, else on random weights saved to ``save_checkpoint`` or a
-    temporary directory, per budget of ``user_budgets``); ``in_memory`` False skips the in-memory runs."""
+    temporary directory; ``user_runs`` says which runs); ``in_memory`` False skips the in-memory runs, and the
+    report is then ttv-<gpu>.json (time to video) instead of pipeline-<gpu>.json."""
     import shutil
     import tempfile
 
@@ -262,23 +265,26 @@ def run(model: str, out_dir: Path, configs: list[str], diffusers: str = "full", 
     work = out_dir / "pipeline-videos" if keep_videos else Path(tempfile.mkdtemp(prefix="artifex-bench-"))
     work.mkdir(exist_ok=True)
     try:
-        up = user_path(spec, dev, w, h, frames, steps, work, checkpoint, save_checkpoint, tuple(user_budgets),
-                       diffusers != "off") if user else None
+        runs = user_runs or UserPathRuns()
+        if diffusers == "off":
+            runs = dataclasses.replace(runs, diffusers=False)
+        up = user_path(spec, dev, w, h, frames, steps, work, checkpoint, save_checkpoint, runs) if user else None
         return _run(spec, dev, w, h, frames, steps, out_dir, work, configs if in_memory else [],
-                    diffusers if in_memory else "off", checkpoint, profile, append, up)
+                    diffusers if in_memory else "off", checkpoint, profile, append, up,
+                    "pipeline" if in_memory else "ttv")
     finally:
         if not keep_videos:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, checkpoint, profile, append,
-         up: dict | None = None) -> dict:
+         up: dict | None = None, stem: str = "pipeline") -> dict:
     model = spec.name
     if not configs and diffusers == "off":  # the user's path only: no components in this process
         data = report.header(dev)
         data.update(model=model, size=f"{w}x{h}x{frames}", steps=steps, guidance=list(spec.guidance),
                     weights=(up or {}).get("checkpoint"), prompt=PROMPT, runs=[])
-        return _finish(data, spec, w, h, frames, steps, out_dir, dev, append, up)
+        return _finish(data, spec, w, h, frames, steps, out_dir, dev, append, up, stem)
     if checkpoint:
         from artifex.env import read_env
         from artifex.models.loader import load_components, resolve_checkpoint
@@ -311,20 +317,20 @@ def _run(spec, dev, w, h, frames, steps, out_dir, work, configs, diffusers, chec
         gc.collect()
     if latents is not None and any(PIPELINE_CONFIGS[n].get("vae_precision") == "bf16" for n in configs):
         data["vae"] = vae_variants(spec, components, vae_fp32, latents, dev)
-    return _finish(data, spec, w, h, frames, steps, out_dir, dev, append, up)
+    return _finish(data, spec, w, h, frames, steps, out_dir, dev, append, up, stem)
 
 
-def _finish(data, spec, w, h, frames, steps, out_dir, dev, append, up) -> dict:
+def _finish(data, spec, w, h, frames, steps, out_dir, dev, append, up, stem: str = "pipeline") -> dict:
     if up is not None:
         data["user_path"] = up
     if append:
-        data = merge_previous(out_dir / f"pipeline-{report.device_slug(dev)}.json", data)
+        data = merge_previous(out_dir / f"{stem}-{report.device_slug(dev)}.json", data)
     data["summary"] = summary_of(data, spec, w, h, frames, steps)
     if not data["runs"] and not data.get("diffusers"):  # the user's path alone: no in-memory figures to sum up
         data["summary"] = {}
     if data.get("user_path"):
         data["summary"].update(user_path_summary(data, spec.name, w, h))
-    data["files"] = [str(p) for p in write(out_dir, data, dev)]
+    data["files"] = [str(p) for p in write(out_dir, data, dev, stem)]
     return data
 
 
@@ -376,12 +382,14 @@ def merge_previous(path: Path, data: dict) -> dict:
     for key in ("vae", "vae_bf16_vs_fp32", "user_path"):  # the earlier run's, unless this one made its own
         if key not in data and key in old:
             data[key] = old[key]
+    if "user_path" in old and data.get("user_path") is not old["user_path"]:
+        data["user_path"] = merge_user_path(old["user_path"], data["user_path"])
     data["appended_to"] = {"command": old.get("command"), "date": old.get("date")}
     return data
 
 
-def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
-    slug = report.device_slug(dev)
+def write(out_dir: Path, data: dict, dev: torch.device, stem: str = "pipeline") -> list[Path]:
+    slug = f"{stem}-{report.device_slug(dev)}"
     d = data.get("diffusers")
     rows = [["run", "total s", "text s", "denoise s", "decode s", "write s", "peak GiB", "warm-up s", "note"]]
     if d:
@@ -399,15 +407,18 @@ def write(out_dir: Path, data: dict, dev: torch.device) -> list[Path]:
                      str(t.get("decode")), str(t.get("write")), str(r["peak_gib"]), str(r["warmup_s"]), note])
     md = (f"# Whole generation, diffusers vs Artifex ({data['device'].get('name')})\n\n"
           f"{data['model']} {data['size']}, {data['steps']} steps, CFG {data['guidance']}, weights: "
-          f"{data['weights']}\n\n`{data['command']}` ({data['date']})\n\n" + report.md_table(rows) +
-          f"\nVAE decode of the same latents (seconds, peak GiB, error against fp32): "
-          f"{data.get('vae') or data.get('vae_bf16_vs_fp32')}\n")
+          f"{data['weights']}\n\n`{data['command']}` ({data['date']})\n\n")
+    if len(rows) > 1:
+        md += (report.md_table(rows) + f"\nVAE decode of the same latents (seconds, peak GiB, error against fp32): "
+               f"{data.get('vae') or data.get('vae_bf16_vs_fp32')}\n")
     if data.get("user_path"):
         md += ("\n## The user's path: `artifex generate` as a process on a checkpoint directory\n\n"
                f"Checkpoint: {data['user_path']['checkpoint']}\n\n" + user_path_table(data["user_path"]))
-    files = report.write(out_dir, f"pipeline-{slug}", data, md)
-    _chart(rows, out_dir / f"pipeline-{slug}.png")
-    return files + [out_dir / f"pipeline-{slug}.png"]
+    files = report.write(out_dir, slug, data, md)
+    if len(rows) == 1:  # the user's path alone: its table is the report
+        return files
+    _chart(rows, out_dir / f"{slug}.png")
+    return files + [out_dir / f"{slug}.png"]
 
 
 def _chart(rows: list[list[str]], path: Path) -> None:
@@ -462,13 +473,16 @@ def save_random_checkpoint(spec, path: Path, build_device) -> Path:
     return path
 
 
-def _cli(args: list[str], timeout: float) -> tuple[float, str]:
-    """``python -m artifex ARGS`` as a child process: (its wall seconds, its stdout); its stderr in an error."""
+def _cli(args: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[float, str]:
+    """``python -m artifex ARGS`` as a child process (``env``: variables set for it): (its wall seconds, its
+    stdout); its stderr in an error."""
+    import os
     import subprocess
     import sys
 
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "artifex", *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "artifex", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"artifex {' '.join(args[:3])} ... exited {proc.returncode}: {proc.stderr[-2000:]}")
@@ -479,29 +493,67 @@ def _shape_flags(w, h, frames, steps) -> list[str]:
     return ["--size", f"{w}x{h}", "--frames", str(frames), "--steps", str(steps)]
 
 
-def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, budget: str | None,
-                     timeout: float = 3600) -> dict:
-    """``artifex generate`` with no other flags (but ``--vram-budget`` when given) on ``ckpt``: the process's wall
-    from outside, and its sidecar's wall section, stages and peak."""
+def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, budget: str | None = None,
+                     timeout: float = 3600, flags: tuple[str, ...] = (), name: str | None = None,
+                     env: dict[str, str] | None = None) -> dict:
+    """``artifex generate`` with no other flags (but ``--vram-budget`` when given, and ``flags``) on ``ckpt``: the
+    process's wall from outside, and its sidecar's wall section, stages, prefetch and peak. ``env``: variables set
+    for the process."""
     import json
 
-    name = f"cli-{budget or 'whole-gpu'}"
+    name = name or f"cli-{budget or 'whole-gpu'}"
     out = work / f"{name}.mp4"
     args = ["generate", "--model", spec.name, "--checkpoint", str(ckpt), "--prompt", PROMPT, "--seed", "1",
-            "--output", str(out), "--device", str(device), *_shape_flags(w, h, frames, steps)]
+            "--output", str(out), "--device", str(device), *_shape_flags(w, h, frames, steps), *flags]
     if budget:
         args += ["--vram-budget", budget]
-    wall, _ = _cli(args, timeout)
+    wall, _ = _cli(args, timeout, env)
     side = json.loads(out.with_suffix(".json").read_text())
-    return {"run": name, "budget": budget, "cli_wall_s": round(wall, 2),
+    return {"run": name, "budget": budget, "flags": list(flags), "env": env or {},
+            "shape": f"{w}x{h}x{frames}", "steps": steps, "cli_wall_s": round(wall, 2),
             "process_to_mp4_s": side["wall"]["process_s"],
             "after_mp4_s": round(wall - side["wall"]["process_s"], 2),  # the exit (and the spawn before the start)
             "wall": side["wall"], "timings_s": side["timings_s"],
             "load_timings_s": {k[5:]: v for k, v in side["wall"]["stages_s"].items() if k.startswith("load.")},
+            "prefetch": side.get("prefetch"),
             "tier": side["memory"].get("tier") if isinstance(side.get("memory"), dict) else None,
+            "attention": (side.get("attention") or {}).get("chosen"),
             "vae_precision": side["plan"]["vae_precision"], "vae_tiling": side["plan"]["vae_tiling"],
             "peak_gib": side["peak_memory"].get("gpu_max_allocated_gib"),
             "host_peak_rss_gib": side["wall"].get("host_peak_rss_gib")}
+
+
+def load_rows(spec, ckpt: Path, w, h, device, work: Path) -> dict:
+    """Loading alone, one step of 5 frames after it (``artifex generate`` as a process): with the checkpoint in
+    the page cache, diffusers' shard threads off and on (``HF_ENABLE_PARALLEL_LOADING``); with the checkpoint
+    dropped from the page cache first (``prefetch.evict``), the prefetch off and on; and diffusers'
+    ``from_pretrained`` of the whole pipeline after the same drop (this process: no imports)."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    from artifex.models import prefetch
+
+    cases = (("warm-shards-serial", False, {"HF_ENABLE_PARALLEL_LOADING": "no", "ARTIFEX_PREFETCH": "off"}),
+             ("warm-shards-parallel", False, {"HF_ENABLE_PARALLEL_LOADING": "yes", "ARTIFEX_PREFETCH": "off"}),
+             ("cold-prefetch-off", True, {"ARTIFEX_PREFETCH": "off"}),
+             ("cold-prefetch-on", True, {"ARTIFEX_PREFETCH": "on"}))
+    rows = []
+    for name, cold, env in cases:
+        dropped = prefetch.evict(ckpt) if cold else 0
+        row = cli_generate_run(spec, ckpt, w, h, 5, 1, device, work, name=name, env=env)
+        row["page_cache_dropped_gib"] = round(dropped / GIB, 2)
+        rows.append(row)
+        log.info("load row %s: wall %s, load %s", name, row["cli_wall_s"], row["timings_s"]["load"])
+    prefetch.evict(ckpt)
+    t0 = time.perf_counter()
+    vae = AutoencoderKLWan.from_pretrained(ckpt, subfolder="vae", torch_dtype=torch.float32)
+    pipe = WanPipeline.from_pretrained(ckpt, vae=vae, torch_dtype=torch.bfloat16).to(device)
+    _sync(device)
+    cold_s = time.perf_counter() - t0
+    del pipe, vae
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"runs": rows, "diffusers_cold_load_s": round(cold_s, 2)}
 
 
 def cli_repeat_prompt_run(spec, ckpt: Path, w, h, frames, device, work: Path, timeout: float = 3600) -> dict:
@@ -554,11 +606,26 @@ def diffusers_from_dir(spec, ckpt: Path, w, h, frames, steps, device, work: Path
             "wall_s": round(load_s + generate_s, 2), "peak_gib": peak}
 
 
+@dataclass(frozen=True)
+class UserPathRuns:
+    """Which user-path runs to make. ``budgets``: one ``artifex generate`` per ``--vram-budget`` value (None: no
+    flag); ``prime_steps``: first a run of that many steps on a fresh machine's empty caches (the attention
+    choice, Triton's kernels), reported as such, so that the runs after it measure what every later run of the
+    machine sees (0: none); ``flags``: more runs, each with these flags; ``loads``: ``load_rows``; ``repeat``: the
+    repeated prompt in ``artifex batch``; ``diffusers``: diffusers' from_pretrained + call."""
+    budgets: tuple = (None, "24GB")
+    prime_steps: int = 0
+    flags: tuple[tuple[str, ...], ...] = ()
+    loads: bool = False
+    repeat: bool = True
+    diffusers: bool = True
+
+
 def user_path(spec, dev, w, h, frames, steps, work: Path, checkpoint: str | None = None,
-              save_checkpoint: Path | None = None, budgets: tuple = (None, "24GB"), diffusers: bool = True) -> dict:
+              save_checkpoint: Path | None = None, runs: UserPathRuns = UserPathRuns()) -> dict:
     """The user's path on one checkpoint directory: ``artifex generate`` per budget and a repeated prompt in
     ``artifex batch`` (child processes; this process holds no GPU memory meanwhile), then diffusers'
-    ``WanPipeline.from_pretrained`` and one call on the same directory."""
+    ``WanPipeline.from_pretrained`` and one call on the same directory (``runs`` says which)."""
     import shutil
 
     if checkpoint:
@@ -574,18 +641,40 @@ def user_path(spec, dev, w, h, frames, steps, work: Path, checkpoint: str | None
                  "temporary directory", "runs": []}
     if not checkpoint:
         out["save_s"] = round(saved_s, 2)
+
+    def add(row: dict) -> None:
+        out["runs"].append(row)
+        log.info("user path %s: %s", row["run"], {k: row[k] for k in ("cli_wall_s", "process_to_mp4_s")})
+
     try:
-        for budget in budgets:
-            row = cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, budget)
-            out["runs"].append(row)
-            log.info("user path %s: %s", row["run"], {k: row[k] for k in ("cli_wall_s", "process_to_mp4_s")})
-        out["repeat_prompt"] = cli_repeat_prompt_run(spec, ckpt, w, h, frames, dev, work)
-        if diffusers:
+        if runs.prime_steps:
+            add(cli_generate_run(spec, ckpt, w, h, frames, runs.prime_steps, dev, work, name="cli-first-on-machine"))
+        for budget in runs.budgets:
+            add(cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, budget))
+        for flags in runs.flags:
+            add(cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, flags=flags,
+                                 name="cli" + "".join(f"-{f.lstrip('-')}" for f in flags)))
+        if runs.repeat:
+            out["repeat_prompt"] = cli_repeat_prompt_run(spec, ckpt, w, h, frames, dev, work)
+        if runs.loads:
+            out["loads"] = load_rows(spec, ckpt, w, h, dev, work)
+        if runs.diffusers:
             out["diffusers"] = diffusers_from_dir(spec, ckpt, w, h, frames, steps, dev, work)
     finally:
         if made:
             shutil.rmtree(ckpt, ignore_errors=True)
     return out
+
+
+def merge_user_path(old: dict, new: dict) -> dict:
+    """``--append`` of user-path runs: the earlier file's runs and sections, this run's replacing those of the
+    same name; each earlier section keeps the command and date it came from."""
+    mine = {r["run"] for r in new.get("runs", [])}
+    merged = dict(new, runs=[r for r in old.get("runs", []) if r["run"] not in mine] + new.get("runs", []))
+    for key in ("repeat_prompt", "loads", "diffusers", "save_s"):
+        if key not in new and key in old:
+            merged[key] = old[key]
+    return merged
 
 
 def user_path_summary(data: dict, model: str, w: int, h: int) -> dict:
@@ -598,6 +687,8 @@ def user_path_summary(data: dict, model: str, w: int, h: int) -> dict:
     out = {}
     d = up.get("diffusers") or {}
     for r in up.get("runs", []):
+        if r["run"] == "cli-first-on-machine" or r.get("flags"):
+            continue
         if r["budget"] is None:
             out[key] = {"cli_wall_s": r["cli_wall_s"], "cli_process_to_mp4_s": r["process_to_mp4_s"],
                         "engine_total_s": r["timings_s"]["total"], "load_s": r["timings_s"]["load"],
@@ -606,7 +697,19 @@ def user_path_summary(data: dict, model: str, w: int, h: int) -> dict:
         else:
             out[f"{key}_{r['budget'].lower().replace(' ', '')}"] = {"cli_wall_s": r["cli_wall_s"],
                                                                     "peak_gib": r["peak_gib"]}
+    loads = up.get("loads")
+    if loads:
+        out[f"{key}_load"] = {r["run"].replace("-", "_") + "_load_s": r["timings_s"]["load"] for r in loads["runs"]}
+        out[f"{key}_load"] |= {r["run"].replace("-", "_") + "_wall_s": r["cli_wall_s"] for r in loads["runs"]}
+        out[f"{key}_load"]["diffusers_cold_load_s"] = loads["diffusers_cold_load_s"]
     return out
+
+
+def _run_label(r: dict) -> str:
+    if r["run"] == "cli-first-on-machine":
+        return f"artifex generate, {r['steps']} steps, the machine's first run (empty caches)"
+    words = [*r.get("flags", [])] + (["--vram-budget", r["budget"]] if r["budget"] else [])
+    return " ".join(["artifex generate", *words])
 
 
 def user_path_table(up: dict) -> str:
@@ -614,8 +717,7 @@ def user_path_table(up: dict) -> str:
              "write s", "other s", "peak GiB", "host peak GiB"]]
     for r in up.get("runs", []):
         s, t = r["wall"]["stages_s"], r["timings_s"]
-        rows.append([f"artifex generate{' --vram-budget ' + r['budget'] if r['budget'] else ''}",
-                     str(r["cli_wall_s"]), str(r["process_to_mp4_s"]), str(s.get("process.imports")),
+        rows.append([_run_label(r), str(r["cli_wall_s"]), str(r["process_to_mp4_s"]), str(s.get("process.imports")),
                      str(t.get("load")), str(t.get("encode_text")), str(t.get("denoise")), str(t.get("decode")),
                      str(t.get("write")), str(r["wall"]["other_s"]), str(r["peak_gib"]),
                      str(r["host_peak_rss_gib"])])
@@ -626,4 +728,19 @@ def user_path_table(up: dict) -> str:
     rp = up.get("repeat_prompt") or {}
     note = (f"\nA repeated prompt (`artifex batch`, second job): text {rp.get('repeat_text_s')} s against "
             f"{rp.get('first_text_s')} s the first time (cache hit: {rp.get('repeat_hit')}).\n") if rp else ""
+    loads = up.get("loads")
+    if loads:
+        lrows = [["run (1 step, 5 frames)", "env", "page cache dropped GiB", "process wall s", "imports s",
+                  "checkpoint read s", "load s", "prefetch"]]
+        for r in loads["runs"]:
+            pf = next(iter((r.get("prefetch") or {}).values()), None)
+            lrows.append([r["run"], " ".join(f"{k}={v}" for k, v in r["env"].items()),
+                          str(r["page_cache_dropped_gib"]), str(r["cli_wall_s"]),
+                          str(r["wall"]["stages_s"].get("process.imports")),
+                          str(r["load_timings_s"].get("checkpoint_read")), str(r["timings_s"]["load"]),
+                          f"{pf.get('read_gib')} GiB in {pf.get('seconds')} s, {pf.get('state')}"
+                          if pf and "skipped" not in pf else (pf or {}).get("skipped", "-")])
+        note += ("\n### Loading alone\n\n" + report.md_table(lrows) +
+                 f"\ndiffusers' `from_pretrained` of the pipeline after the same page-cache drop: "
+                 f"{loads['diffusers_cold_load_s']} s.\n")
     return report.md_table(rows) + note

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from artifex.bench import DIT_ABLATIONS, DIT_VARIANTS, FEWSTEP_CASES, FEWSTEP_CONFIGS, PIPELINE_CONFIGS, multigpu
@@ -79,7 +80,17 @@ def add_commands(sub) -> None:
                         "%(default)s)")
     u.add_argument("--save-checkpoint", type=Path,
                    help="keep the random-weights checkpoint in this directory (default: a temporary one, removed)")
-    u.add_argument("--only-user-path", action="store_true", help="skip the in-memory runs (with --user-path)")
+    u.add_argument("--only-user-path", action="store_true",
+                   help="skip the in-memory runs (with --user-path); the report is then ttv-<gpu>.json")
+    u.add_argument("--user-prime-steps", type=int, default=0, metavar="N",
+                   help="first a generate run of N steps, reported as the machine's first (empty attention and "
+                        "kernel caches), so that the runs after it see what later runs see (default: none)")
+    u.add_argument("--user-flags", action="append", default=[], metavar="FLAGS",
+                   help="one more generate run with these flags (quoted, e.g. \"--fp8 all\"); repeatable")
+    u.add_argument("--user-loads", action="store_true",
+                   help="loading alone (1 step, 5 frames): page cache warm with diffusers' shard threads off and "
+                        "on, dropped first with the prefetch off and on, and diffusers' cold from_pretrained")
+    u.add_argument("--no-user-repeat", action="store_true", help="skip the repeated-prompt batch run")
     bp.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     bp.set_defaults(func=cmd_bench_pipeline)
 
@@ -187,13 +198,21 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     budgets = [None if b.strip().lower() == "none" else b.strip() for b in args.user_budgets.split(",") if b.strip()]
     for b in budgets:
         parse_budget(b)
-    if (args.only_user_path or args.save_checkpoint) and not args.user_path:
-        raise InvalidRequestError("user_path", "--only-user-path and --save-checkpoint go with --user-path")
+    user_options = (args.only_user_path, args.save_checkpoint, args.user_prime_steps, args.user_flags,
+                    args.user_loads, args.no_user_repeat)
+    if any(user_options) and not args.user_path:
+        raise InvalidRequestError("user_path", "--only-user-path, --save-checkpoint and the --user-* flags go "
+                                               "with --user-path")
+    if args.user_prime_steps < 0:
+        raise InvalidRequestError("user_prime_steps", f"is {args.user_prime_steps}", "0 or more")
+    runs = pipeline.UserPathRuns(budgets=tuple(budgets), prime_steps=args.user_prime_steps,
+                                 flags=tuple(tuple(shlex.split(f)) for f in args.user_flags),
+                                 loads=args.user_loads, repeat=not args.no_user_repeat)
     if args.save_checkpoint and args.checkpoint:
         raise InvalidRequestError("save_checkpoint", "saves random weights; --checkpoint already names a directory")
     data = pipeline.run(args.model, args.output_dir, args.configs, args.diffusers, args.steps, w, h, frames,
                         args.checkpoint, args.profile, append=args.append, keep_videos=args.keep_videos,
-                        user=args.user_path, save_checkpoint=args.save_checkpoint, user_budgets=tuple(budgets),
+                        user=args.user_path, save_checkpoint=args.save_checkpoint, user_runs=runs,
                         in_memory=not args.only_user_path)
     print(json.dumps(data["summary"], indent=2))
     print("\n".join(data.get("files", [])))

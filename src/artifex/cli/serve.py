@@ -17,6 +17,7 @@ from pathlib import Path
 from artifex.cli.common import add_config_flags, config_flags
 from artifex.env import read_env
 from artifex.errors import InvalidRequestError
+from artifex.models import prefetch
 
 log = logging.getLogger("artifex.serve")
 
@@ -178,6 +179,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         token, source = resolve_token(settings.data_dir, settings.token_file)
         log.info("API token from %s", source)
+    if not getattr(args, "ray", None) and settings.models:  # this process loads the first model: read it meanwhile
+        prefetch.start(settings.checkpoints.get(settings.models[0]))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.info("environment: %s", {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "TOKENIZERS_PARALLELISM",
                                                                "CUDA_VISIBLE_DEVICES")})

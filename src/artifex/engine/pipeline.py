@@ -39,6 +39,7 @@ from artifex.engine.vae import accelerate_vae, set_layout
 from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
 from artifex.kernels.fp8 import unquantized
+from artifex.models import prefetch
 from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
 from artifex.models.lora import fuse_loras, parse_lora_specs
 from artifex.models.registry import ModelSpec, get_model
@@ -222,7 +223,10 @@ class Engine:
             before = plan_before_load(spec, config)
             devices = load_devices(before.placement, torch.device(before.device), config.fp8_weights)
             timings["plan_before_load"] = round(time.perf_counter() - t, 4)
-        components = load_components(spec, path, config.precision, single_files, devices=devices)
+        try:
+            components = load_components(spec, path, config.precision, single_files, devices=devices)
+        finally:
+            prefetch.stop_all()  # what it has not read yet the load has read itself
         timings["checkpoint_check"] = components.timings.get("checkpoint_check", 0.0)
         timings["checkpoint_read"] = round(sum(v for k, v in components.timings.items() if k.startswith("read.")), 4)
         for w in components.info.warnings:
