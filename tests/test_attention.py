@@ -113,6 +113,33 @@ def test_verifications_are_cached_and_a_later_process_checks_only_the_backend_it
     assert json.loads(cache.read_text())["verified"][next(iter(verified))][broken] == "broke"
 
 
+def test_an_explicit_backend_is_verified_once_per_cache_and_a_failure_is_checked_again(tmp_path, monkeypatch):
+    """A named backend (fa3-fp8 under fp8=all, here sdpa-math) is checked at load (check_explicit) and at the first
+    request (select): with the cache, once; a cached pass is reused by the next process; a failure is not kept."""
+    import importlib
+
+    from artifex.attention.processor import AttentionRuntime
+
+    sel = importlib.import_module("artifex.attention.select")
+    cache = tmp_path / "attention-selection.json"
+    calls: list[str] = []
+    real = sel.verify
+    monkeypatch.setattr(sel, "verify", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
+    runtime = AttentionRuntime(requested="sdpa-math", cache_path=cache)
+    runtime.check_explicit(DEVICE, torch.float32, 32)
+    assert runtime.prepare((1, 64, 2, 32), torch.float32, DEVICE).source == "explicit"
+    assert calls == ["sdpa-math"]
+    assert AttentionRuntime(requested="sdpa-math", cache_path=cache).check_explicit(DEVICE, torch.float32, 32) \
+        is None and calls == ["sdpa-math"]  # the next process: from the cache
+    runtime = AttentionRuntime(requested="sdpa", cache_path=cache)
+    monkeypatch.setattr(sel, "verify", lambda name, *a, **k: calls.append(name) or sel.Verification(
+        name, False, None, 1.0, "broke"))
+    for _ in range(2):
+        with pytest.raises(AttentionUnavailableError, match="'sdpa' cannot run here: broke"):
+            runtime.check_explicit(DEVICE, torch.float32, 32)
+    assert calls[1:] == ["sdpa", "sdpa"]
+
+
 def test_a_corrupt_cache_is_rebuilt(tmp_path, caplog):
     cache = tmp_path / "attention-selection.json"
     cache.write_text("{ this is not json")

@@ -258,7 +258,7 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     # Loading alone, appended to the same file: the earlier runs stay, the load rows join them.
     args = ["bench", "pipeline", "--model", "tiny-ti2v", "--steps", "2", "--frames", "9", "--output-dir",
             str(tmp_path), "--user-path", "--only-user-path", "--checkpoint", str(saved), "--append",
-            "--user-budgets", "", "--no-user-repeat", "--diffusers", "off", "--user-loads"]
+            "--user-budgets", "", "--no-user-repeat", "--diffusers", "off", "--user-loads", "--user-server"]
     assert main(args) == 0
     merged = json.loads((tmp_path / "ttv-cpu.json").read_text())
     assert [r["run"] for r in merged["user_path"]["runs"]] == [r["run"] for r in up["runs"]]
@@ -274,3 +274,7 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     assert merged["summary"]["tinyti2v_256x160"] == s["tinyti2v_256x160"]
     assert merged["summary"]["tinyti2v_256x160_load"]["diffusers_cold_load_s"] > 0
     assert "Loading alone" in (tmp_path / "ttv-cpu.md").read_text()
+    srv = merged["user_path"]["server"]  # artifex serve on the same directory: ready, then one job through the API
+    assert srv["ready_s"] >= srv["healthz_s"] > 0 and srv["load_s"] > 0 and srv["warmup_s"] > 0
+    assert srv["first_request_s"] > 0 and srv["job_timings_s"]["denoise"] > 0
+    assert merged["summary"]["tinyti2v_256x160_serve"]["ready_s"] == srv["ready_s"]

@@ -16,7 +16,7 @@ import torch
 
 from artifex.attention import ops  # also registers torch.ops.artifex.attention / attention_qk8
 from artifex.attention.backends import BACKENDS
-from artifex.attention.select import AttentionUnavailableError, Choice, select, verify
+from artifex.attention.select import AttentionUnavailableError, Choice, select, verify_cached
 from artifex.kernels.fp8 import quantization_suspended
 
 _TEXT_CONTEXT = 512  # Wan's text context length; longer contexts carry image tokens first (Wan2.1 I2V)
@@ -40,8 +40,8 @@ class AttentionRuntime:
         """Refuse an explicitly named backend that cannot run here, before any work starts."""
         if self.requested == "auto":
             return
-        v = verify(self.requested, device, dtype, head_dim, scale=self.scale, causal=self.causal,
-                   slices=max(self.slices, 1))
+        v = verify_cached(self.requested, device, dtype, head_dim, self.scale, self.causal, max(self.slices, 1),
+                          self.cache_path)
         if not v.ok:
             raise AttentionUnavailableError(f"attention backend {self.requested!r} cannot run here: {v.reason}")
 

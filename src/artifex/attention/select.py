@@ -183,6 +183,23 @@ def _write_cache(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def verify_cached(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, scale: float | None,
+                  causal: bool, slices: int, cache_path: Path | None) -> Verification:
+    """``verify`` for a backend named explicitly, unless the cache (``verified`` under ``verify_key``) says it
+    passed here before: a process that names fa3-fp8 checks it once per machine and kernel version, not once per
+    process and again at its first request. A failure is not trusted from the cache: it is checked again (and a
+    pass then kept)."""
+    vkey = verify_key(device, dtype, head_dim, scale, causal)
+    if cache_path and _read_cache(cache_path).get("verified", {}).get(vkey, {}).get(name) is True:
+        return Verification(name, True, None, max(BOUNDS[dtype], BACKENDS[name].bound or 0.0), "cached")
+    v = verify(name, device, dtype, head_dim, scale=scale, causal=causal, slices=slices)
+    if cache_path and v.ok:
+        store = _read_cache(cache_path)
+        store.setdefault("verified", {}).setdefault(vkey, {})[name] = True
+        _write_cache(cache_path, store)
+    return v
+
+
 # Preference order for `auto` without timing (CPU) and for ties: the kernels that were
 # fastest on the H100 at Wan shapes first (DESIGN.md), the generic paths after.
 PREFERENCE = ["fa3", "fa4", "sdpa-cudnn", "fa2", "flex", "sage", "sdpa-flash", "xformers", "sdpa",
@@ -205,8 +222,7 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
 
     if requested != "auto":
         reason = failed.get(requested) and f"failed at runtime earlier: {failed[requested]}"
-        v = None if reason else verify(requested, device, dtype, d, scale=scale, causal=causal,
-                                       slices=max(slices, 1))
+        v = None if reason else verify_cached(requested, device, dtype, d, scale, causal, max(slices, 1), cache_path)
         if reason or not v.ok:
             raise AttentionUnavailableError(f"attention backend {requested!r} cannot run here: {reason or v.reason}")
         if dropout and not BACKENDS[requested].dropout:

@@ -572,6 +572,88 @@ def cli_repeat_prompt_run(spec, ckpt: Path, w, h, frames, device, work: Path, ti
             "repeat_hit": second["text_cache"]["hit"]}
 
 
+def _http(url: str, body: dict | None = None, timeout: float = 10) -> tuple[int, dict]:
+    """GET (or POST ``body`` as JSON) on the loopback server: (status, JSON answer)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def server_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, timeout: float = 1200) -> dict:
+    """``artifex serve`` on ``ckpt`` (loopback, no token) as a child process: the seconds from its start until
+    /healthz answers and until /readyz says ready (its load and warm-up), then one job through ``POST /api/jobs``
+    from its submission until it succeeded (the server's first request after ready) and its stage timings."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    log_path = work / "serve.log"
+    cmd = [sys.executable, "-m", "artifex", "serve", "--model", spec.name, "--checkpoint", f"{spec.name}={ckpt}",
+           "--port", str(port), "--no-auth", "--data-dir", str(work / "serve-data"), "--device", str(device)]
+    t0 = time.perf_counter()
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    out: dict = {"run": "serve", "command": " ".join(cmd[1:])}
+
+    def alive() -> None:
+        if proc.poll() is not None:
+            raise RuntimeError(f"artifex serve exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+
+    try:
+        ready = None
+        while time.perf_counter() - t0 < timeout:
+            alive()
+            try:
+                code, body = _http(base + "/readyz", timeout=2)
+            except OSError:  # not listening yet
+                time.sleep(0.2)
+                continue
+            out.setdefault("healthz_s", round(time.perf_counter() - t0, 2))
+            if code == 200:
+                ready = body
+                break
+            time.sleep(0.2)
+        if ready is None:
+            raise TimeoutError(f"artifex serve not ready after {timeout} s: {log_path.read_text()[-2000:]}")
+        out["ready_s"] = round(time.perf_counter() - t0, 2)
+        m = ready["models"][spec.name]
+        out |= {"load_s": m["load_s"], "warmup_s": m["warmup_s"]}
+        t1 = time.perf_counter()
+        code, job = _http(base + "/api/jobs", {"model": spec.name, "prompt": PROMPT, "seed": 1, "width": w,
+                                                "height": h, "frames": frames, "steps": steps})
+        if code not in (200, 201):
+            raise RuntimeError(f"POST /api/jobs answered {code}: {job}")
+        while job["state"] in ("queued", "running") and time.perf_counter() - t1 < timeout:
+            alive()
+            time.sleep(0.25)
+            _, job = _http(f"{base}/api/jobs/{job['id']}")
+        if job["state"] != "succeeded":
+            raise RuntimeError(f"the server's job ended {job['state']}: {job.get('error')}")
+        out |= {"first_request_s": round(time.perf_counter() - t1, 2), "job_timings_s": job["timings"]}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    return out
+
+
 def diffusers_from_dir(spec, ckpt: Path, w, h, frames, steps, device, work: Path) -> dict:
     """diffusers' WanPipeline as its docs load it from ``ckpt`` (VAE in fp32, the rest bf16, ``.to(device)``), one
     call, frames written: its load and its wall (load to mp4 written; in this process, so without imports)."""
@@ -618,6 +700,7 @@ class UserPathRuns:
     flags: tuple[tuple[str, ...], ...] = ()
     loads: bool = False
     repeat: bool = True
+    server: bool = False
     diffusers: bool = True
 
 
@@ -651,13 +734,17 @@ def user_path(spec, dev, w, h, frames, steps, work: Path, checkpoint: str | None
             add(cli_generate_run(spec, ckpt, w, h, frames, runs.prime_steps, dev, work, name="cli-first-on-machine"))
         for budget in runs.budgets:
             add(cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, budget))
-        for flags in runs.flags:
+        for i, flags in enumerate(runs.flags):
+            name = "cli" + "".join(f"-{f.lstrip('-')}" for f in flags)
+            repeat = runs.flags[:i].count(flags)  # the same flags again: the second run of a machine's caches
             add(cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, flags=flags,
-                                 name="cli" + "".join(f"-{f.lstrip('-')}" for f in flags)))
+                                 name=f"{name}-{repeat + 1}" if repeat else name))
         if runs.repeat:
             out["repeat_prompt"] = cli_repeat_prompt_run(spec, ckpt, w, h, frames, dev, work)
         if runs.loads:
             out["loads"] = load_rows(spec, ckpt, w, h, dev, work)
+        if runs.server:
+            out["server"] = server_run(spec, ckpt, w, h, frames, steps, dev, work)
         if runs.diffusers:
             out["diffusers"] = diffusers_from_dir(spec, ckpt, w, h, frames, steps, dev, work)
     finally:
@@ -671,7 +758,7 @@ def merge_user_path(old: dict, new: dict) -> dict:
     same name; each earlier section keeps the command and date it came from."""
     mine = {r["run"] for r in new.get("runs", [])}
     merged = dict(new, runs=[r for r in old.get("runs", []) if r["run"] not in mine] + new.get("runs", []))
-    for key in ("repeat_prompt", "loads", "diffusers", "save_s"):
+    for key in ("repeat_prompt", "loads", "server", "diffusers", "save_s"):
         if key not in new and key in old:
             merged[key] = old[key]
     return merged
@@ -697,6 +784,9 @@ def user_path_summary(data: dict, model: str, w: int, h: int) -> dict:
         else:
             out[f"{key}_{r['budget'].lower().replace(' ', '')}"] = {"cli_wall_s": r["cli_wall_s"],
                                                                     "peak_gib": r["peak_gib"]}
+    srv = up.get("server")
+    if srv:
+        out[f"{key}_serve"] = {k: srv[k] for k in ("ready_s", "load_s", "warmup_s", "first_request_s")}
     loads = up.get("loads")
     if loads:
         out[f"{key}_load"] = {r["run"].replace("-", "_") + "_load_s": r["timings_s"]["load"] for r in loads["runs"]}
@@ -728,6 +818,12 @@ def user_path_table(up: dict) -> str:
     rp = up.get("repeat_prompt") or {}
     note = (f"\nA repeated prompt (`artifex batch`, second job): text {rp.get('repeat_text_s')} s against "
             f"{rp.get('first_text_s')} s the first time (cache hit: {rp.get('repeat_hit')}).\n") if rp else ""
+    srv = up.get("server")
+    if srv:
+        t = srv["job_timings_s"] or {}
+        note += (f"\n`artifex serve`: /healthz after {srv['healthz_s']} s, ready after {srv['ready_s']} s (load "
+                 f"{srv['load_s']} s, warm-up {srv['warmup_s']} s); its first job: {srv['first_request_s']} s from "
+                 f"the POST to succeeded (stages: {t}).\n")
     loads = up.get("loads")
     if loads:
         lrows = [["run (1 step, 5 frames)", "env", "page cache dropped GiB", "process wall s", "imports s",

@@ -91,6 +91,8 @@ def add_commands(sub) -> None:
                    help="loading alone (1 step, 5 frames): page cache warm with diffusers' shard threads off and "
                         "on, dropped first with the prefetch off and on, and diffusers' cold from_pretrained")
     u.add_argument("--no-user-repeat", action="store_true", help="skip the repeated-prompt batch run")
+    u.add_argument("--user-server", action="store_true",
+                   help="`artifex serve` on the checkpoint: time to /readyz (load, warm-up) and its first job")
     bp.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     bp.set_defaults(func=cmd_bench_pipeline)
 
@@ -199,7 +201,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     for b in budgets:
         parse_budget(b)
     user_options = (args.only_user_path, args.save_checkpoint, args.user_prime_steps, args.user_flags,
-                    args.user_loads, args.no_user_repeat)
+                    args.user_loads, args.no_user_repeat, args.user_server)
     if any(user_options) and not args.user_path:
         raise InvalidRequestError("user_path", "--only-user-path, --save-checkpoint and the --user-* flags go "
                                                "with --user-path")
@@ -207,7 +209,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
         raise InvalidRequestError("user_prime_steps", f"is {args.user_prime_steps}", "0 or more")
     runs = pipeline.UserPathRuns(budgets=tuple(budgets), prime_steps=args.user_prime_steps,
                                  flags=tuple(tuple(shlex.split(f)) for f in args.user_flags),
-                                 loads=args.user_loads, repeat=not args.no_user_repeat)
+                                 loads=args.user_loads, repeat=not args.no_user_repeat, server=args.user_server)
     if args.save_checkpoint and args.checkpoint:
         raise InvalidRequestError("save_checkpoint", "saves random weights; --checkpoint already names a directory")
     data = pipeline.run(args.model, args.output_dir, args.configs, args.diffusers, args.steps, w, h, frames,

@@ -188,6 +188,8 @@ class Engine:
         self._pair_memo: dict[int, tuple] = {}  # per expert (id): cond and uncond as one batch
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         check_fp8(config.fp8, self.device)
+        # The light decoder's file, the attention runtime and the checks above: a load stage like the others
+        self.load_timings["setup"] = round(time.perf_counter() - t0, 4)
         t = time.perf_counter()
         self.fp8_report = quantize_experts(spec, components.experts, self.device, self.dtype, config.fp8_keep) \
             if config.fp8 != "off" else None

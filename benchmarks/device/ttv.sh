@@ -1,0 +1,37 @@
+#!/bin/bash
+# The time-to-video runs of issue 22 on one GPU machine, in calls that each fit the device's 10-minute limit and
+# share the machine's /tmp while it stays warm (30 s between calls). Run from the repository root:
+#   PHASE=setup  (carry .whl-a: PyAV + the small wheels)  installs, saves the checkpoint (+ ARGS: e.g. --user-loads)
+#   PHASE=runs   (carry .whl-b: fa3-fwd, once)            `bench pipeline --user-path` on that checkpoint with ARGS
+# Every phase appends to the same ttv-<gpu>.json (kept in /tmp/keep between calls) and writes it under $OUT.
+#   series 1: setup ARGS="--user-loads"; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB --diffusers off";
+#             runs ARGS="--user-budgets '' --no-user-repeat --user-flags '--fp8 all'"
+#   series 2: setup; runs ARGS="--user-prime-steps 2 --user-budgets '' --no-user-repeat --diffusers off
+#             --user-flags '--fp8 all' --user-flags '--fp8 all' --user-server"
+set -euo pipefail
+unset PYTHONDONTWRITEBYTECODE  # the device sets it: every process would compile what it imports (LOG.md)
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+mkdir -p /tmp/keep /tmp/site
+OUT=${OUT:-/tmp/out}
+ARGS=${ARGS:-}
+for w in .whl-a .whl-b; do  # whichever was carried
+  if ls $w/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $w/*.whl
+    python3 -m compileall -q -j 0 /tmp/site src >/dev/null || true
+  fi
+done
+if [ "$PHASE" = setup ]; then
+  # The checkpoint on a disk, not in memory: eviction from the page cache must mean something.
+  CK=/tmp/ckpt; if df -T /tmp | tail -1 | grep -q tmpfs; then CK=$HOME/ckpt; fi
+  echo "$CK" > /tmp/keep/ck
+  rm -f /tmp/keep/ttv-*.json
+  df -T /tmp "$HOME" | tee "$OUT/disk.txt"; nproc; grep -E "MemTotal|MemAvailable" /proc/meminfo
+  eval python3 -m artifex bench pipeline --model ti2v-5b --user-path --only-user-path --save-checkpoint "$CK" \
+    --user-budgets "''" --no-user-repeat --diffusers off --output-dir "$OUT" $ARGS 2>&1 | tail -25
+else
+  cp /tmp/keep/ttv-*.json "$OUT/" 2>/dev/null || true
+  eval python3 -m artifex bench pipeline --model ti2v-5b --user-path --only-user-path \
+    --checkpoint "$(cat /tmp/keep/ck)" --append --output-dir "$OUT" $ARGS 2>&1 | tail -25
+fi
+cp "$OUT"/ttv-*.json /tmp/keep/
+ls -la "$OUT"
