@@ -258,11 +258,15 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     # Loading alone, appended to the same file: the earlier runs stay, the load rows join them.
     args = ["bench", "pipeline", "--model", "tiny-ti2v", "--steps", "2", "--frames", "9", "--output-dir",
             str(tmp_path), "--user-path", "--only-user-path", "--checkpoint", str(saved), "--append",
-            "--user-budgets", "", "--no-user-repeat", "--diffusers", "off", "--user-loads", "--user-server"]
-    assert main(args) == 0
+            "--user-budgets", "", "--no-user-repeat", "--diffusers", "off", "--user-loads", "--user-server",
+            "--user-flags", "--attention flash9"]
+    assert main(args) == 1  # one row failed: recorded, the others still ran and the file was written
     merged = json.loads((tmp_path / "ttv-cpu.json").read_text())
+    (err,) = merged["user_path"]["errors"]
+    assert err["run"] == "cli-attention-flash9" and "invalid choice: 'flash9'" in err["error"]
     assert [r["run"] for r in merged["user_path"]["runs"]] == [r["run"] for r in up["runs"]]
     assert merged["user_path"]["diffusers"] == up["diffusers"]
+    assert [a["date"] for a in merged["appended_to"]] == [data["date"]]  # the series' earlier calls
     loads = {r["run"]: r for r in merged["user_path"]["loads"]["runs"]}
     assert list(loads) == ["warm-shards-serial", "warm-shards-parallel", "cold-prefetch-off", "cold-prefetch-on"]
     assert loads["warm-shards-serial"]["env"]["HF_ENABLE_PARALLEL_LOADING"] == "no"

@@ -384,7 +384,9 @@ def merge_previous(path: Path, data: dict) -> dict:
             data[key] = old[key]
     if "user_path" in old and data.get("user_path") is not old["user_path"]:
         data["user_path"] = merge_user_path(old["user_path"], data["user_path"])
-    data["appended_to"] = {"command": old.get("command"), "date": old.get("date")}
+    earlier = old.get("appended_to") or []  # every earlier call of the series, oldest first
+    earlier = [earlier] if isinstance(earlier, dict) else earlier
+    data["appended_to"] = [*earlier, {"command": old.get("command"), "date": old.get("date")}]
     return data
 
 
@@ -725,28 +727,44 @@ def user_path(spec, dev, w, h, frames, steps, work: Path, checkpoint: str | None
     if not checkpoint:
         out["save_s"] = round(saved_s, 2)
 
-    def add(row: dict) -> None:
-        out["runs"].append(row)
-        log.info("user path %s: %s", row["run"], {k: row[k] for k in ("cli_wall_s", "process_to_mp4_s")})
+    def attempt(what: str, make) -> dict | None:
+        """One row; a row that fails is recorded under ``errors`` and the others still run (a device call's
+        results are not lost to one missing dependency)."""
+        try:
+            return make()
+        except Exception as e:
+            log.error("user path %s failed: %s: %s", what, type(e).__name__, e)
+            out.setdefault("errors", []).append({"run": what, "error": f"{type(e).__name__}: {e}"[-3000:]})
+            return None
+
+    def add(name: str, make) -> None:
+        row = attempt(name, make)
+        if row is not None:
+            out["runs"].append(row)
+            log.info("user path %s: %s", name, {k: row[k] for k in ("cli_wall_s", "process_to_mp4_s")})
 
     try:
         if runs.prime_steps:
-            add(cli_generate_run(spec, ckpt, w, h, frames, runs.prime_steps, dev, work, name="cli-first-on-machine"))
+            add("cli-first-on-machine", lambda: cli_generate_run(spec, ckpt, w, h, frames, runs.prime_steps, dev,
+                                                                  work, name="cli-first-on-machine"))
         for budget in runs.budgets:
-            add(cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, budget))
+            add(f"cli-{budget or 'whole-gpu'}",
+                lambda b=budget: cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, b))
         for i, flags in enumerate(runs.flags):
             name = "cli" + "".join(f"-{f.lstrip('-')}" for f in flags)
             repeat = runs.flags[:i].count(flags)  # the same flags again: the second run of a machine's caches
-            add(cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, flags=flags,
-                                 name=f"{name}-{repeat + 1}" if repeat else name))
-        if runs.repeat:
-            out["repeat_prompt"] = cli_repeat_prompt_run(spec, ckpt, w, h, frames, dev, work)
-        if runs.loads:
-            out["loads"] = load_rows(spec, ckpt, w, h, dev, work)
-        if runs.server:
-            out["server"] = server_run(spec, ckpt, w, h, frames, steps, dev, work)
-        if runs.diffusers:
-            out["diffusers"] = diffusers_from_dir(spec, ckpt, w, h, frames, steps, dev, work)
+            name = f"{name}-{repeat + 1}" if repeat else name
+            add(name, lambda f=flags, n=name, k=repeat + 1: {
+                **cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, flags=f, name=n), "repeat": k})
+        sections = (("repeat_prompt", runs.repeat, lambda: cli_repeat_prompt_run(spec, ckpt, w, h, frames, dev, work)),
+                    ("loads", runs.loads, lambda: load_rows(spec, ckpt, w, h, dev, work)),
+                    ("server", runs.server, lambda: server_run(spec, ckpt, w, h, frames, steps, dev, work)),
+                    ("diffusers", runs.diffusers,
+                     lambda: diffusers_from_dir(spec, ckpt, w, h, frames, steps, dev, work)))
+        for key, wanted, make in sections:
+            result = attempt(key, make) if wanted else None
+            if result is not None:
+                out[key] = result
     finally:
         if made:
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -799,7 +817,8 @@ def _run_label(r: dict) -> str:
     if r["run"] == "cli-first-on-machine":
         return f"artifex generate, {r['steps']} steps, the machine's first run (empty caches)"
     words = [*r.get("flags", [])] + (["--vram-budget", r["budget"]] if r["budget"] else [])
-    return " ".join(["artifex generate", *words])
+    again = r.get("repeat", 1)
+    return " ".join(["artifex generate", *words]) + (f" (run {again})" if again > 1 else "")
 
 
 def user_path_table(up: dict) -> str:
@@ -824,6 +843,8 @@ def user_path_table(up: dict) -> str:
         note += (f"\n`artifex serve`: /healthz after {srv['healthz_s']} s, ready after {srv['ready_s']} s (load "
                  f"{srv['load_s']} s, warm-up {srv['warmup_s']} s); its first job: {srv['first_request_s']} s from "
                  f"the POST to succeeded (stages: {t}).\n")
+    for e in up.get("errors", []):
+        note += f"\nFailed: {e['run']}: {e['error'][-300:]}\n"
     loads = up.get("loads")
     if loads:
         lrows = [["run (1 step, 5 frames)", "env", "page cache dropped GiB", "process wall s", "imports s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from artifex.bench import DIT_ABLATIONS, DIT_VARIANTS, FEWSTEP_CASES, FEWSTEP_CONFIGS, PIPELINE_CONFIGS, multigpu
@@ -218,7 +219,10 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
                         in_memory=not args.only_user_path)
     print(json.dumps(data["summary"], indent=2))
     print("\n".join(data.get("files", [])))
-    return 0
+    failed = (data.get("user_path") or {}).get("errors", [])
+    for e in failed:
+        print(f"failed: {e['run']}: {e['error'][-500:]}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_bench_s2v(args: argparse.Namespace) -> int:
