@@ -268,9 +268,11 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     assert merged["user_path"]["diffusers"] == up["diffusers"]
     assert [a["date"] for a in merged["appended_to"]] == [data["date"]]  # the series' earlier calls
     loads = {r["run"]: r for r in merged["user_path"]["loads"]["runs"]}
-    assert list(loads) == ["warm-shards-serial", "warm-shards-parallel", "cold-prefetch-off", "cold-prefetch-on"]
-    assert loads["warm-shards-serial"]["env"]["HF_ENABLE_PARALLEL_LOADING"] == "no"
-    assert loads["cold-prefetch-on"]["page_cache_dropped_gib"] >= 0 and loads["warm-shards-serial"][
+    assert list(loads) == ["warm-libraries-serial", "warm-libraries-parallel", "warm-fast-read", "cold-prefetch-off",
+                           "cold-prefetch-on"]
+    assert loads["warm-libraries-serial"]["env"] == {"ARTIFEX_FAST_READ": "off", "ARTIFEX_PREFETCH": "off",
+                                                     "HF_ENABLE_PARALLEL_LOADING": "no"}
+    assert loads["cold-prefetch-on"]["page_cache_dropped_gib"] >= 0 and loads["warm-libraries-serial"][
         "page_cache_dropped_gib"] == 0
     pf = loads["cold-prefetch-off"]["prefetch"][str(saved.resolve())]
     assert pf["skipped"] == "ARTIFEX_PREFETCH=off"

@@ -9,7 +9,7 @@ import torch
 from artifex.config import OptimizationConfig
 from artifex.engine.placement import TIERS, load_devices
 from artifex.engine.plan import make_plan, plan_before_load
-from artifex.models.loader import load_components
+from artifex.models.loader import DTYPES, load_components
 from artifex.models.registry import get_model
 
 ROLES = ("transformer", "transformer_2", "vae", "text_encoder")
@@ -28,12 +28,15 @@ def _ties(module) -> set[tuple[str, ...]]:
     return {tuple(sorted(g)) for g in groups.values() if len(g) > 1}
 
 
-@pytest.mark.parametrize("model", ["tiny-t2v-moe", "tiny-ti2v"])
-def test_device_path_reads_the_same_weights_as_the_default_loader(tiny_checkpoint, model):
+@pytest.mark.parametrize("model, precision", [("tiny-t2v-moe", "bf16"), ("tiny-ti2v", "bf16"), ("tiny-ti2v", "fp16")])
+def test_device_path_reads_the_same_weights_as_the_default_loader(tiny_checkpoint, model, precision):
+    """The device path reads with fast_read (ARTIFEX_FAST_READ's default): the models it builds equal the
+    libraries' from_pretrained ones, tensor for tensor, dtypes (the fp32-kept modules of both libraries, fp16's
+    included), ties and configs."""
     spec = get_model(model)
     path = tiny_checkpoint(model)
-    plain = load_components(spec, path, "bf16")
-    direct = load_components(spec, path, "bf16", devices={r: "cpu" for r in ROLES})
+    plain = load_components(spec, path, precision)
+    direct = load_components(spec, path, precision, devices={r: "cpu" for r in ROLES})
     pairs = [(plain.text_encoder, direct.text_encoder), (plain.vae, direct.vae),
              *zip(plain.experts, direct.experts, strict=True)]
     for a, b in pairs:
@@ -44,9 +47,12 @@ def test_device_path_reads_the_same_weights_as_the_default_loader(tiny_checkpoin
             assert ta[k].dtype == tb[k].dtype, k  # the fp32-kept modules stay fp32 on both paths
             assert torch.equal(ta[k], tb[k]), k
         assert _ties(a) == _ties(b)  # tied weights (the text encoder's embeddings) stay one tensor
+        assert a.config == b.config and not b.training
     # Some tensors are kept in fp32 while the rest is bf16: the comparison covered both kinds.
     dtypes = {t.dtype for t in _tensors(direct.experts[0]).values()}
-    assert {torch.bfloat16, torch.float32} <= dtypes
+    assert {DTYPES[precision], torch.float32} <= dtypes
+    if precision == "fp16":  # transformers keeps UMT5's "wo" in fp32 at fp16 only
+        assert {torch.float16, torch.float32} <= {t.dtype for t in direct.text_encoder.parameters()}
     assert {t.dtype for t in direct.vae.parameters()} == {torch.float32}
     assert set(direct.timings) == {"checkpoint_check", "read.vae", "read.text_encoder",
                                    *(f"read.{r}" for r in ROLES[:spec.experts])}
@@ -125,6 +131,7 @@ def test_shards_read_on_threads_give_the_same_weights(checkpoint_copy, monkeypat
     model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
     model.save_pretrained(path / "transformer", max_shard_size="200KB")
     assert len(list((path / "transformer").glob("*.safetensors"))) > 2
+    monkeypatch.setenv("ARTIFEX_FAST_READ", "off")  # diffusers' own reader
     monkeypatch.setattr(mu, "HF_ENABLE_PARALLEL_LOADING", False)
     serial = load_components(spec, path, "bf16", devices={r: "cpu" for r in ROLES})
     monkeypatch.setattr(mu, "HF_ENABLE_PARALLEL_LOADING", True)
@@ -137,3 +144,6 @@ def test_shards_read_on_threads_give_the_same_weights(checkpoint_copy, monkeypat
     assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert {torch.bfloat16, torch.float32} <= {t.dtype for t in b.values()}
+    monkeypatch.setenv("ARTIFEX_FAST_READ", "on")  # and fast_read's, shard after shard
+    c = _tensors(load_components(spec, path, "bf16", devices={r: "cpu" for r in ROLES}).experts[0])
+    assert c.keys() == a.keys() and all(a[k].dtype == c[k].dtype and torch.equal(a[k], c[k]) for k in a)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from artifex.errors import InvalidRequestError
+
 VARIABLES = {
     "ARTIFEX_HOME": "cache folder for tiny checkpoints and (later) compile/autotune caches; default ~/.cache/artifex",
     "ARTIFEX_OUTPUT_DIR": "where generated videos go when no --output is given; default ./artifex-output",
@@ -13,6 +15,8 @@ VARIABLES = {
     "ARTIFEX_LOG_LEVEL": "logging level: DEBUG, INFO (default), WARNING, ERROR",
     "ARTIFEX_PREFETCH": "on (default) or off: read a checkpoint directory's weight files into the page cache while "
                         "the libraries import (skipped when the host lacks the memory to keep them cached)",
+    "ARTIFEX_FAST_READ": "on (default) or off: read a component's safetensors straight to the GPU it loads on "
+                         "through pinned buffers on threads (off: diffusers' and transformers' own readers)",
     "ARTIFEX_API_TOKEN": "bearer token of `artifex serve` (and what `artifex monitor` sends); default: a generated "
                          "one stored in the data directory",
 }
@@ -37,3 +41,11 @@ def read_env() -> Env:
         log_level=(os.environ.get("ARTIFEX_LOG_LEVEL") or "INFO").upper(),
         api_token=os.environ.get("ARTIFEX_API_TOKEN") or None,
     )
+
+
+def switch(name: str, default: str = "on") -> bool:
+    """An on/off variable of ``VARIABLES``: True for on; any other value than on or off is an error naming both."""
+    value = (os.environ.get(name) or default).strip().lower()
+    if value not in ("on", "off"):
+        raise InvalidRequestError(name, f"is {value!r}", "on, off")
+    return value == "on"

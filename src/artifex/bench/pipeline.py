@@ -527,15 +527,18 @@ def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, 
 
 def load_rows(spec, ckpt: Path, w, h, device, work: Path) -> dict:
     """Loading alone, one step of 5 frames after it (``artifex generate`` as a process): with the checkpoint in
-    the page cache, diffusers' shard threads off and on (``HF_ENABLE_PARALLEL_LOADING``); with the checkpoint
+    the page cache, the libraries' readers with diffusers' shard threads off and on (``HF_ENABLE_PARALLEL_LOADING``)
+    and Artifex's own (``fast_read``, the default); with the checkpoint
     dropped from the page cache first (``prefetch.evict``), the prefetch off and on; and diffusers'
     ``from_pretrained`` of the whole pipeline after the same drop (this process: no imports)."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
     from artifex.models import prefetch
 
-    cases = (("warm-shards-serial", False, {"HF_ENABLE_PARALLEL_LOADING": "no", "ARTIFEX_PREFETCH": "off"}),
-             ("warm-shards-parallel", False, {"HF_ENABLE_PARALLEL_LOADING": "yes", "ARTIFEX_PREFETCH": "off"}),
+    libraries = {"ARTIFEX_FAST_READ": "off", "ARTIFEX_PREFETCH": "off"}
+    cases = (("warm-libraries-serial", False, {**libraries, "HF_ENABLE_PARALLEL_LOADING": "no"}),
+             ("warm-libraries-parallel", False, {**libraries, "HF_ENABLE_PARALLEL_LOADING": "yes"}),
+             ("warm-fast-read", False, {"ARTIFEX_FAST_READ": "on", "ARTIFEX_PREFETCH": "off"}),
              ("cold-prefetch-off", True, {"ARTIFEX_PREFETCH": "off"}),
              ("cold-prefetch-on", True, {"ARTIFEX_PREFETCH": "on"}))
     rows = []

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from artifex.errors import CheckpointError
+from artifex.models import fast_read
 from artifex.models.registry import MODELS, ModelSpec
 
 log = logging.getLogger("artifex")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_MAX_HEADER = 100 * 1024 * 1024
 
 # component folder -> (weights stem, fields of config.json that must match the spec)
 _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
@@ -112,40 +112,27 @@ def read_json(path: Path) -> dict:
 
 def check_safetensors(path: Path) -> int:
     """Validate a safetensors file's header against its length; return its tensor bytes."""
-    if not path.is_file():
-        raise CheckpointError(path, "is missing")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(path, f"is corrupt: {size} bytes is too short for a safetensors header")
-        n = int.from_bytes(head, "little")
-        if n < 2 or n > min(size - 8, _MAX_HEADER):
-            raise CheckpointError(path, "is corrupt: not a safetensors file (bad header length)")
-        try:
-            meta = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(path, "is corrupt: its safetensors header is not valid JSON") from None
-    ends = [v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__" and isinstance(v, dict)]
-    data = max(ends, default=0)
-    if 8 + n + data != size:
-        raise CheckpointError(path, f"is truncated or corrupt: its header describes {8 + n + data} bytes, "
-                                    f"the file holds {size}")
-    return data
+    start, _ = fast_read.read_header(path)
+    return path.stat().st_size - start
 
 
-def _check_weights(folder: Path, stem: str) -> int:
-    """Check the weights of one component folder (single file or index + shards)."""
+def weight_files(folder: Path, stem: str) -> list[Path]:
+    """A component folder's safetensors files: ``<stem>.safetensors``, else the shards its index names."""
     single = folder / f"{stem}.safetensors"
     index = folder / f"{stem}.safetensors.index.json"
     if single.is_file():
-        return check_safetensors(single)
+        return [single]
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(index, "has no weight_map")
-        return sum(check_safetensors(folder / shard) for shard in sorted(set(weight_map.values())))
+        return [folder / shard for shard in sorted(set(weight_map.values()))]
     raise CheckpointError(folder, f"holds no weights: expected {single.name} or {index.name}")
+
+
+def _check_weights(folder: Path, stem: str) -> int:
+    """Check the weights of one component folder (single file or index + shards)."""
+    return sum(check_safetensors(f) for f in weight_files(folder, stem))
 
 
 _ARCH_KEYS = ("in_channels", "out_channels", "num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim",
@@ -293,6 +280,10 @@ def load_components(
                 model = cls.from_single_file(single_files[role], config=str(path), subfolder=subfolder,
                                              torch_dtype=torch.float32)
                 return cast_keeping_fp32(model, dtype)
+            if role in devices and fast_read.enabled():
+                model = read_diffusers_model(cls, path, subfolder, dtype, devices[role])
+                if model is not None:
+                    return model
             return cls.from_pretrained(path, subfolder=subfolder, dtype=dtype, **device_map(role))
         except CheckpointError:
             raise
@@ -307,8 +298,14 @@ def load_components(
     vae = load("vae", AutoencoderKLWan, "vae", torch.float32).eval()
     t = time.perf_counter()
     try:
-        text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype,
-                                                        **device_map("text_encoder")).eval()
+        text_encoder = None
+        if "text_encoder" in devices and fast_read.enabled():
+            text_encoder = read_transformers_model(UMT5EncoderModel, path / "text_encoder", dtype,
+                                                   devices["text_encoder"])
+        if text_encoder is None:
+            text_encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype,
+                                                            **device_map("text_encoder"))
+        text_encoder = text_encoder.eval()
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     except Exception as e:
         raise CheckpointError(path / "text_encoder", f"could not be loaded: {type(e).__name__}: {e}") from e
@@ -318,11 +315,68 @@ def load_components(
                       scheduler_config=scheduler_config, experts=experts, info=info, timings=timings)
 
 
+def _kept_fp32(name: str, keep) -> bool:
+    return any(k in name.split(".") for k in keep or ())
+
+
+def _load_dtypes(dtype: torch.dtype, keep):
+    """The dtype each tensor loads in: floating ones in ``dtype``, or fp32 within a module of ``keep``."""
+    return lambda name, d: (torch.float32 if _kept_fp32(name, keep) else dtype) if d.is_floating_point else d
+
+
+def read_diffusers_model(cls, path: Path, subfolder: str, dtype: torch.dtype, device) -> torch.nn.Module | None:
+    """A diffusers model whose safetensors ``fast_read`` reads straight to ``device`` (in ``dtype``, the modules the
+    class keeps in fp32 in fp32: the rule of diffusers' from_pretrained), built on the meta device and given those
+    tensors; the same model from_pretrained makes. None where the checkpoint's names are not exactly the model's
+    (the caller then uses from_pretrained, which reports or converts them)."""
+    import accelerate
+
+    folder = path / subfolder
+    keep = cls._keep_in_fp32_modules or []
+    state = fast_read.read_safetensors(
+        weight_files(folder, _DIFFUSERS_WEIGHTS), device,
+        _load_dtypes(dtype, keep))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as from_pretrained builds it: what __init__ makes without a dtype takes this one
+    try:
+        with accelerate.init_empty_weights():
+            model = cls.from_config(cls.load_config(folder))
+    finally:
+        torch.set_default_dtype(previous)
+    if set(model.state_dict()) != set(state):
+        log.info("%s: its tensor names differ from %s's; read by diffusers", folder, cls.__name__)
+        return None
+    model.load_state_dict(state, strict=True, assign=True)
+    # As from_pretrained ends: dispatched to the device (the buffers no checkpoint holds move there), named
+    accelerate.dispatch_model(model, device_map={"": torch.device(device)})
+    model.register_to_config(_name_or_path=path)
+    return model
+
+
+def read_transformers_model(cls, folder: Path, dtype: torch.dtype, device) -> torch.nn.Module | None:
+    """A transformers model (the UMT5 text encoder) whose safetensors ``fast_read`` reads straight to ``device``,
+    handed to its from_pretrained as the state dict: transformers builds it and ties its weights as when it reads
+    the files. Floating tensors come in ``dtype``, except those transformers keeps in fp32 at that dtype."""
+    from transformers import AutoConfig
+
+    keep = list(getattr(cls, "_keep_in_fp32_modules_strict", None) or []) if dtype in (torch.float16,
+                                                                                      torch.bfloat16) else []
+    if dtype == torch.float16:
+        keep += list(getattr(cls, "_keep_in_fp32_modules", None) or [])
+    state = fast_read.read_safetensors(
+        weight_files(folder, _TRANSFORMERS_WEIGHTS), device,
+        _load_dtypes(dtype, keep))
+    model = cls.from_pretrained(None, config=AutoConfig.from_pretrained(folder), state_dict=state, dtype=dtype,
+                                device_map={"": torch.device(device)})
+    model.config._name_or_path = str(folder)  # what from_pretrained(folder) records
+    return model
+
+
 def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast floating parameters and buffers to ``dtype``, leaving the modules the class lists in
     ``_keep_in_fp32_modules`` in fp32 (the rule diffusers' from_pretrained applies)."""
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    keep = getattr(model, "_keep_in_fp32_modules", None)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point() and not any(k in name.split(".") for k in keep):
+        if tensor.is_floating_point() and not _kept_fp32(name, keep):
             tensor.data = tensor.data.to(dtype)
     return model

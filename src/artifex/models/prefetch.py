@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from artifex.errors import InvalidRequestError
+from artifex.env import switch
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 CHUNK = 64 * 2**20  # bytes per read: few GIL hand-overs, a small buffer
@@ -63,10 +63,7 @@ def mem_available() -> int | None:
 
 
 def enabled() -> bool:
-    value = (os.environ.get("ARTIFEX_PREFETCH") or "on").strip().lower()
-    if value not in ("on", "off"):
-        raise InvalidRequestError("ARTIFEX_PREFETCH", f"is {value!r}", "on, off")
-    return value == "on"
+    return switch("ARTIFEX_PREFETCH")
 
 
 class Prefetch:

@@ -1,0 +1,144 @@
+"""fast_read on a GPU, on a checkpoint directory in the page cache: the components it loads against the libraries'
+own readers (every tensor equal, dtypes and devices included), then the time of each (medians), then the reader
+alone over threads x chunk sizes (GB/s). Writes fast-read-<gpu>.json under --out.
+
+    python3 benchmarks/device/fast_read_check.py --checkpoint /tmp/ckpt --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from artifex.bench.report import device_slug, header, md_table, write
+from artifex.models import fast_read
+from artifex.models.loader import _DIFFUSERS_WEIGHTS, _TRANSFORMERS_WEIGHTS, load_components, weight_files
+from artifex.models.registry import get_model
+from artifex.sysinfo import peak_bytes, reset_peak_memory
+
+ROLES = ("transformer", "vae", "text_encoder")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _load(spec, path: Path, reader: str, device: str):
+    os.environ["ARTIFEX_FAST_READ"] = "on" if reader == "fast_read" else "off"
+    _sync(device)
+    t0 = time.perf_counter()
+    c = load_components(spec, path, "bf16", devices={r: device for r in ROLES})
+    _sync(device)
+    return c, time.perf_counter() - t0
+
+
+def _state(c) -> dict[str, torch.Tensor]:
+    out = {}
+    for role, m in (("transformer", c.experts[0]), ("vae", c.vae), ("text_encoder", c.text_encoder)):
+        out |= {f"{role}.{k}": v for k, v in m.state_dict(keep_vars=True).items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="ti2v-5b")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cuda:0", help="cpu: a dry run of the script (a tiny --model)")
+    args = ap.parse_args()
+    spec = get_model(args.model)
+    dev = torch.device(args.device)
+    result: dict = header(dev, prog="python3 benchmarks/device/fast_read_check.py")
+
+    # 1. Numerics first: fast_read's models against the libraries', tensor for tensor.
+    ref, _ = _load(spec, args.checkpoint, "libraries", args.device)
+    a = {k: v.detach().clone() for k, v in _state(ref).items()}
+    del ref
+    _free(args.device)
+    new, _ = _load(spec, args.checkpoint, "fast_read", args.device)
+    b = _state(new)
+    bad = [k for k in a if k not in b or a[k].dtype != b[k].dtype or a[k].device != b[k].device
+           or not torch.equal(a[k], b[k])]
+    result["check"] = {"tensors": len(a), "bytes_gib": round(sum(t.numel() * t.element_size() for t in a.values())
+                                                              / 2**30, 3),
+                       "same_names": a.keys() == b.keys(), "mismatched": bad[:20],
+                       "dtypes": sorted({str(t.dtype) for t in b.values()})}
+    del a, b, new
+    _free(args.device)
+    print(json.dumps(result["check"]))
+
+    # 2. Whole components, each reader in turn (page cache warm after the check), medians.
+    times: dict[str, list[float]] = {"libraries": [], "fast_read": []}
+    for _ in range(args.repeat):
+        for reader in times:
+            reset_peak_memory(dev)
+            c, s = _load(spec, args.checkpoint, reader, args.device)
+            times[reader].append(s)
+            result.setdefault("peak_gib", {})[reader] = round((peak_bytes(dev) or (0, 0))[0] / 2**30, 3)
+            del c
+            _free(args.device)
+    result["load_components_s"] = {k: {"median": round(statistics.median(v), 4), "runs": [round(x, 4) for x in v]}
+                                   for k, v in times.items()}
+
+    # 3. The reader alone over its two knobs (file dtypes kept: bytes as stored).
+    files = (weight_files(args.checkpoint / "transformer", _DIFFUSERS_WEIGHTS)
+             + weight_files(args.checkpoint / "text_encoder", _TRANSFORMERS_WEIGHTS))
+    nbytes = sum(f.stat().st_size for f in files)
+    sweep = []
+    for threads in (1, 2, 4, 8):
+        for chunk_mib in (16, 64, 256):
+            runs = []
+            for _ in range(2):
+                _sync(args.device)
+                t0 = time.perf_counter()
+                state = fast_read.read_safetensors(files, args.device, lambda n, d: d, threads=threads,
+                                                   chunk=chunk_mib * 2**20, chunked=True)
+                _sync(args.device)
+                runs.append(time.perf_counter() - t0)
+                del state
+                _free(args.device)
+            s = statistics.median(runs)
+            sweep.append({"threads": threads, "chunk_mib": chunk_mib, "s": round(s, 4),
+                          "gb_per_s": round(nbytes / s / 1e9, 2)})
+            print(sweep[-1])
+    result["reader_sweep"] = {"files_gib": round(nbytes / 2**30, 3), "runs": sweep}
+    best = min(sweep, key=lambda r: r["s"])
+    result["summary"] = {"same_weights": not bad and result["check"]["same_names"],
+                         "libraries_load_s": result["load_components_s"]["libraries"]["median"],
+                         "fast_read_load_s": result["load_components_s"]["fast_read"]["median"],
+                         "default_reader_gb_per_s": next(r["gb_per_s"] for r in sweep
+                                                         if r["threads"] == fast_read.THREADS
+                                                         and r["chunk_mib"] * 2**20 == fast_read.CHUNK),
+                         "best_reader": best}
+    lt = result["load_components_s"]
+    md = (f"# fast_read on {result['device'].get('name', device_slug(dev))}\n\n"
+          f"`{result['command']}` ({result['date']})\n\n"
+          f"Same weights as the libraries' readers: {result['summary']['same_weights']} "
+          f"({result['check']['tensors']} tensors, {result['check']['bytes_gib']} GiB).\n\n"
+          + md_table([["load_components to the GPU (page cache warm)", "median s", "runs", "peak GiB"],
+                      *[[k, str(v["median"]), ", ".join(map(str, v["runs"])), str(result["peak_gib"][k])]
+                        for k, v in lt.items()]])
+          + f"\nThe reader alone, {result['reader_sweep']['files_gib']} GiB (transformer + text encoder):\n\n"
+          + md_table([["threads", "chunk MiB", "s", "GB/s"],
+                      *[[str(r["threads"]), str(r["chunk_mib"]), str(r["s"]), str(r["gb_per_s"])] for r in sweep]]))
+    write(args.out, f"fast-read-{device_slug(dev)}", result, md)
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
