@@ -59,6 +59,7 @@ def test_each_tensor_is_cast_as_dtype_of_says(tmp_path):
     path = tmp_path / "w.safetensors"
     tensors = _mixed()
     save_file(tensors, path)
+
     def rule(name: str, d: torch.dtype) -> torch.dtype:
         return torch.bfloat16 if d.is_floating_point and not name.startswith("a.") else d
 
@@ -106,7 +107,7 @@ def test_the_switch_takes_on_or_off(monkeypatch):
 
 def test_names_the_model_does_not_have_go_to_from_pretrained(checkpoint_copy):
     """A transformer file with a tensor the model lacks: not read by fast_read; from_pretrained loads it (and
-    drops that tensor), to the same weights as a clean checkpoint."""
+    drops that tensor), to the file's other weights in their load dtypes."""
     from diffusers import WanTransformer3DModel
 
     spec = get_model("tiny-ti2v")
@@ -118,3 +119,4 @@ def test_names_the_model_does_not_have_go_to_from_pretrained(checkpoint_copy):
     loaded = load_components(spec, path, "bf16", devices={"transformer": "cpu"}).experts[0]
     state = loaded.state_dict()
     assert "extra.weight" not in state and set(state) == set(clean)
+    assert all(torch.equal(state[k], clean[k].to(state[k].dtype)) for k in clean)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from artifex.bench.pipeline import _sync
 from artifex.bench.report import device_slug, header, md_table, write
 from artifex.models import fast_read
 from artifex.models.loader import _DIFFUSERS_WEIGHTS, _TRANSFORMERS_WEIGHTS, load_components, weight_files
@@ -24,11 +25,6 @@ from artifex.models.registry import get_model
 from artifex.sysinfo import peak_bytes, reset_peak_memory
 
 ROLES = ("transformer", "vae", "text_encoder")
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _free(device: str) -> None:
@@ -39,10 +35,10 @@ def _free(device: str) -> None:
 
 def _load(spec, path: Path, reader: str, device: str):
     os.environ["ARTIFEX_FAST_READ"] = "on" if reader == "fast_read" else "off"
-    _sync(device)
+    _sync(torch.device(device))
     t0 = time.perf_counter()
     c = load_components(spec, path, "bf16", devices={r: device for r in ROLES})
-    _sync(device)
+    _sync(torch.device(device))
     return c, time.perf_counter() - t0
 
 
@@ -104,11 +100,11 @@ def main() -> None:
         for chunk_mib in (16, 64, 256):
             runs = []
             for _ in range(2):
-                _sync(args.device)
+                _sync(dev)
                 t0 = time.perf_counter()
                 state = fast_read.read_safetensors(files, args.device, lambda n, d: d, threads=threads,
                                                    chunk=chunk_mib * 2**20, chunked=True)
-                _sync(args.device)
+                _sync(dev)
                 runs.append(time.perf_counter() - t0)
                 del state
                 _free(args.device)

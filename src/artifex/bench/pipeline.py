@@ -503,7 +503,7 @@ def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, 
     for the process."""
     import json
 
-    name = name or f"cli-{budget or 'whole-gpu'}"
+    name = name or budget_run_name(budget)
     out = work / f"{name}.mp4"
     args = ["generate", "--model", spec.name, "--checkpoint", str(ckpt), "--prompt", PROMPT, "--seed", "1",
             "--output", str(out), "--device", str(device), *_shape_flags(w, h, frames, steps), *flags]
@@ -523,6 +523,11 @@ def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, 
             "vae_precision": side["plan"]["vae_precision"], "vae_tiling": side["plan"]["vae_tiling"],
             "peak_gib": side["peak_memory"].get("gpu_max_allocated_gib"),
             "host_peak_rss_gib": side["wall"].get("host_peak_rss_gib")}
+
+
+def budget_run_name(budget: str | None) -> str:
+    """The user path's row name of a plain ``artifex generate`` under ``budget`` (None: the whole GPU)."""
+    return f"cli-{budget or 'whole-gpu'}"
 
 
 def load_rows(spec, ckpt: Path, w, h, device, work: Path) -> dict:
@@ -751,7 +756,7 @@ def user_path(spec, dev, w, h, frames, steps, work: Path, checkpoint: str | None
             add("cli-first-on-machine", lambda: cli_generate_run(spec, ckpt, w, h, frames, runs.prime_steps, dev,
                                                                   work, name="cli-first-on-machine"))
         for budget in runs.budgets:
-            add(f"cli-{budget or 'whole-gpu'}",
+            add(budget_run_name(budget),
                 lambda b=budget: cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, b))
         for i, flags in enumerate(runs.flags):
             name = "cli" + "".join(f"-{f.lstrip('-')}" for f in flags)

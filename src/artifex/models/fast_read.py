@@ -75,6 +75,11 @@ def read_header(path: Path) -> tuple[int, dict]:
     return 8 + n, entries
 
 
+def tensor_names(files: list[Path]) -> set[str]:
+    """The tensor names the files' headers hold (no tensor data read)."""
+    return {name for path in files for name in read_header(Path(path))[1]}
+
+
 class _File:
     """One file's tensors, allocated on the device in the file's dtypes, sorted by where their bytes lie."""
 

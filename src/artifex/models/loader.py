@@ -332,10 +332,7 @@ def read_diffusers_model(cls, path: Path, subfolder: str, dtype: torch.dtype, de
     import accelerate
 
     folder = path / subfolder
-    keep = cls._keep_in_fp32_modules or []
-    state = fast_read.read_safetensors(
-        weight_files(folder, _DIFFUSERS_WEIGHTS), device,
-        _load_dtypes(dtype, keep))
+    files = weight_files(folder, _DIFFUSERS_WEIGHTS)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # as from_pretrained builds it: what __init__ makes without a dtype takes this one
     try:
@@ -343,9 +340,10 @@ def read_diffusers_model(cls, path: Path, subfolder: str, dtype: torch.dtype, de
             model = cls.from_config(cls.load_config(folder))
     finally:
         torch.set_default_dtype(previous)
-    if set(model.state_dict()) != set(state):
+    if set(model.state_dict()) != fast_read.tensor_names(files):  # from the headers: nothing read twice
         log.info("%s: its tensor names differ from %s's; read by diffusers", folder, cls.__name__)
         return None
+    state = fast_read.read_safetensors(files, device, _load_dtypes(dtype, cls._keep_in_fp32_modules))
     model.load_state_dict(state, strict=True, assign=True)
     # As from_pretrained ends: dispatched to the device (the buffers no checkpoint holds move there), named
     accelerate.dispatch_model(model, device_map={"": torch.device(device)})
@@ -363,9 +361,7 @@ def read_transformers_model(cls, folder: Path, dtype: torch.dtype, device) -> to
                                                                                       torch.bfloat16) else []
     if dtype == torch.float16:
         keep += list(getattr(cls, "_keep_in_fp32_modules", None) or [])
-    state = fast_read.read_safetensors(
-        weight_files(folder, _TRANSFORMERS_WEIGHTS), device,
-        _load_dtypes(dtype, keep))
+    state = fast_read.read_safetensors(weight_files(folder, _TRANSFORMERS_WEIGHTS), device, _load_dtypes(dtype, keep))
     model = cls.from_pretrained(None, config=AutoConfig.from_pretrained(folder), state_dict=state, dtype=dtype,
                                 device_map={"": torch.device(device)})
     model.config._name_or_path = str(folder)  # what from_pretrained(folder) records
