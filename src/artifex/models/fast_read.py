@@ -31,8 +31,8 @@ from artifex.env import switch
 from artifex.errors import CheckpointError
 
 MAX_HEADER = 100 * 2**20
-CHUNK = 64 * 2**20  # bytes per pinned buffer (each thread holds two)
-THREADS = 4
+CHUNK = 16 * 2**20  # bytes per pinned buffer (each thread holds two); 8 x 16 MiB read fastest on an H200
+THREADS = 8
 _MAX_READ = 1 << 30  # bytes per preadv call (Linux caps one read near 2 GiB)
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
