@@ -231,3 +231,22 @@ def test_a_progress_callback_can_cancel_between_steps(engine, tmp_path):
         generate(engine("tiny-ti2v"), tmp_path, "x.mp4", steps=6, frames=5, events=cancel_at_3)
     assert seen.count("denoise") == 3 and "decode" not in seen
     assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_a_cancel_at_the_write_event_leaves_no_video(engine, tmp_path):
+    """The "write" event comes once the mp4 is complete; a cancel that lands there still cancels, and the job
+    leaves neither the mp4 nor its sidecar behind."""
+    from artifex.errors import GenerationCancelled
+
+    seen = []
+
+    def cancel_at_write(e):
+        seen.append(e.stage)
+        if e.stage == "write":
+            assert (tmp_path / "w.mp4").is_file()  # it was written, and is about to go
+            raise GenerationCancelled("too late, but asked")
+
+    with pytest.raises(GenerationCancelled):
+        generate(engine("tiny-ti2v"), tmp_path, "w.mp4", steps=2, frames=5, events=cancel_at_write)
+    assert seen[-2:] == ["decode", "write"] and "done" not in seen
+    assert not (tmp_path / "w.mp4").exists() and not (tmp_path / "w.json").exists()

@@ -172,6 +172,7 @@ def test_executor_ships_inputs_and_outputs_as_for_another_node(cluster, tmp_path
     import ray
 
     from artifex.config import OptimizationConfig
+    from artifex.errors import GenerationCancelled
     from artifex.ray.executor import RayPool as RayExecutor
     from artifex.serve.settings import ServeSettings
     from artifex.serve.worker import WorkerLost, run_job
@@ -196,6 +197,19 @@ def test_executor_ships_inputs_and_outputs_as_for_another_node(cluster, tmp_path
         assert output.with_suffix(".json").is_file()
         assert ("encode_image", 0, 1) in events and ("denoise", 2, 2) in events and events[-1][0] == "done"
         assert runner.health()["pid"] == runner.identity["pid"]
+
+        # a cancel seen only once the actor is past its last check (the "write" event): cancelled, and no files
+        def cancel_at_write(stage, step, total):
+            if stage == "write":
+                raise GenerationCancelled("asked after the video was written")
+
+        for ship in (True, False):
+            runner.ship, late = ship, settings.outputs_dir / f"late-{ship}.mp4"
+            outcome = run_job(runner, {"model": "tiny-ti2v", "prompt": "late", "image": str(image_file),
+                                         "width": 64, "height": 64, "frames": 5, "steps": 2, "seed": 1,
+                                         "output": str(late)}, cancel_at_write)
+            assert outcome == {"state": "cancelled"}
+            assert not late.exists() and not late.with_suffix(".json").exists()
         ray.kill(runner.actor, no_restart=True)  # asynchronous: a call sent just before it lands may still answer
         with pytest.raises(WorkerLost):
             for _ in range(300):

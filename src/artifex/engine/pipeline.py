@@ -38,6 +38,7 @@ from artifex.engine.text_cache import TextCache, encoder_fingerprint, tokenizer_
 from artifex.engine.vae import accelerate_vae, set_layout
 from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env
+from artifex.errors import GenerationCancelled
 from artifex.kernels.fp8 import unquantized
 from artifex.models import prefetch
 from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
@@ -117,6 +118,16 @@ class GenerationJob:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+    def written(self, video_path: Path | None) -> None:
+        """Emit the "write" event once the mp4 is complete: the last point where a cancel stops the job. A cancel
+        that lands here removes the mp4, so that a cancelled job leaves no video behind."""
+        try:
+            self.emit(ProgressEvent("write", 1, 1, self.elapsed()))
+        except GenerationCancelled:
+            if video_path is not None:
+                video_path.unlink(missing_ok=True)
+            raise
 
     def mark(self, name: str) -> None:
         """Record the time since the last mark (or the start) as stage ``name``."""
@@ -543,7 +554,7 @@ class Engine:
         job.timings["decode"] = round(time.perf_counter() - start - finish, 4)  # with the encoder overlapping
         job.timings["write"] = round(finish, 4)  # what was left to encode after the last frame decoded
         self.memory_guard.stage_peak(job, "decode")
-        job.emit(ProgressEvent("write", 1, 1, job.elapsed()))
+        job.written(video_path)
         job.timings["total"] = round(job.elapsed(), 4)
         result = self._result(job, video_path)
         result.sidecar = build_sidecar(self, job.request, result, {**self.layout.sidecar, **job.sidecar_extra})

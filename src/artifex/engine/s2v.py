@@ -117,7 +117,7 @@ class S2VEngine(Engine):
         job.sidecar_extra["audio"] = {"codec": "aac", "sample_rate": out.audio.rate,
                                       "channels": int(out.audio.samples.shape[0]),
                                       "seconds": round(out.frames / s.fps, 4)}
-        job.emit(ProgressEvent("write", 1, 1, job.elapsed()))
+        job.written(out.path)
         job.timings["total"] = round(job.elapsed(), 4)
         result = self._result(job, out.path)
         result.sidecar = build_sidecar(self, job.request, result, {**self.layout.sidecar, **job.sidecar_extra})

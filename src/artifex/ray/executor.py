@@ -409,9 +409,15 @@ class RayExecutor(Executor):
                     cancelled = True
         if "error" in outcome:
             raise RemoteError(**outcome["error"])
-        if "cancelled" in outcome or cancelled:
+        if "cancelled" in outcome:
             raise GenerationCancelled(f"request {call_id} cancelled")
         result = outcome["result"]
+        if cancelled:  # the cancel reached the actor after its last check: the job's files go, as on one machine
+            if not self.ship:
+                for p in (result.video_path, result.sidecar_path):
+                    if p is not None:
+                        Path(p).unlink(missing_ok=True)
+            raise GenerationCancelled(f"request {call_id} cancelled after its video was written")
         files = outcome.pop("files", None)
         if files is not None:  # from another node: the caller writes them where the request says
             from artifex.engine.outputs import default_output
