@@ -9,7 +9,7 @@ import torch
 from artifex.config import OptimizationConfig
 from artifex.engine.placement import TIERS, load_devices
 from artifex.engine.plan import make_plan, plan_before_load
-from artifex.models.loader import DTYPES, load_components
+from artifex.models.loader import DTYPES, PINNED, load_components
 from artifex.models.registry import get_model
 
 ROLES = ("transformer", "transformer_2", "vae", "text_encoder")
@@ -28,15 +28,33 @@ def _ties(module) -> set[tuple[str, ...]]:
     return {tuple(sorted(g)) for g in groups.values() if len(g) > 1}
 
 
-@pytest.mark.parametrize("model, precision", [("tiny-t2v-moe", "bf16"), ("tiny-ti2v", "bf16"), ("tiny-ti2v", "fp16")])
-def test_device_path_reads_the_same_weights_as_the_default_loader(tiny_checkpoint, model, precision):
+@pytest.mark.parametrize("model, precision, place", [("tiny-t2v-moe", "bf16", "cpu"), ("tiny-ti2v", "bf16", "cpu"),
+                                                    ("tiny-ti2v", "fp16", "cpu"), ("tiny-t2v-moe", "bf16", PINNED)])
+def test_device_path_reads_the_same_weights_as_the_default_loader(tiny_checkpoint, monkeypatch, model, precision,
+                                                                  place):
     """The device path reads with fast_read (ARTIFEX_FAST_READ's default): the models it builds equal the
     libraries' from_pretrained ones, tensor for tensor, dtypes (the fp32-kept modules of both libraries, fp16's
-    included), ties and configs."""
+    included), ties and configs. PINNED: the same, read into (here: played) pinned chunks, which the models keep."""
+    from artifex.models import fast_read
+
     spec = get_model(model)
     path = tiny_checkpoint(model)
     plain = load_components(spec, path, precision)
-    direct = load_components(spec, path, precision, devices={r: "cpu" for r in ROLES})
+    chunks = []
+    if place == PINNED:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(fast_read, "pinned_buffer", lambda n: chunks.append(torch.empty(n, dtype=torch.uint8))
+                            or chunks[-1])
+    direct = load_components(spec, path, precision, devices={r: place for r in ROLES})
+    if place == PINNED:  # each expert's weights stored in their load dtype stay in the chunks they were read into
+        storages, kept = {c.untyped_storage().data_ptr() for c in chunks}, 0
+        for role, expert in zip(ROLES, direct.experts, strict=False):
+            stored = fast_read.read_header(path / role / "diffusion_pytorch_model.safetensors")[1]
+            for name, t in expert.state_dict().items():
+                if fast_read.DTYPES[stored[name]["dtype"]] == t.dtype:
+                    assert t.untyped_storage().data_ptr() in storages, name
+                    kept += 1
+        assert kept > 10
     pairs = [(plain.text_encoder, direct.text_encoder), (plain.vae, direct.vae),
              *zip(plain.experts, direct.experts, strict=True)]
     for a, b in pairs:
@@ -59,15 +77,20 @@ def test_device_path_reads_the_same_weights_as_the_default_loader(tiny_checkpoin
 
 
 def test_each_tier_reads_components_to_where_it_keeps_them():
+    """To the GPU what the tier keeps there, to pinned host memory what it copies in for each use."""
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert load_devices("resident", cpu) == {}  # on a CPU everything is read as before
     assert load_devices("resident", gpu) == {r: "cuda:0" for r in ROLES}
-    assert load_devices("text_offload", gpu) == {"vae": "cuda:0", "transformer": "cuda:0", "transformer_2": "cuda:0"}
-    assert load_devices("expert_swap", gpu) == {"vae": "cuda:0"}  # the experts' homes are in host memory
+    assert load_devices("text_offload", gpu) == {"text_encoder": PINNED, "vae": "cuda:0", "transformer": "cuda:0",
+                                                 "transformer_2": "cuda:0"}
+    # the experts' homes are in host memory
+    assert load_devices("expert_swap", gpu) == {"text_encoder": PINNED, "vae": "cuda:0", "transformer": PINNED,
+                                                "transformer_2": PINNED}
     for tier in ("model_offload", "block_offload", "leaf_offload"):
-        assert load_devices(tier, gpu) == {}
+        assert load_devices(tier, gpu) == {r: PINNED for r in ROLES}
     # fp8 weight storage casts the experts in host memory, so the device never holds their bf16 copy.
     assert load_devices("resident", gpu, fp8_weights=True) == {"text_encoder": "cuda:0", "vae": "cuda:0"}
+    assert load_devices("model_offload", gpu, fp8_weights=True) == {"text_encoder": PINNED, "vae": PINNED}
     assert set(TIERS) == {"resident", "text_offload", "expert_swap", "model_offload", "block_offload",
                           "leaf_offload"}  # a new tier needs a line above
 

@@ -120,3 +120,64 @@ def test_names_the_model_does_not_have_go_to_from_pretrained(checkpoint_copy):
     state = loaded.state_dict()
     assert "extra.weight" not in state and set(state) == set(clean)
     assert all(torch.equal(state[k], clean[k].to(state[k].dtype)) for k in clean)
+
+
+@pytest.fixture
+def fake_pinning(monkeypatch):
+    """A CUDA machine's pinned allocator, played by ordinary host memory (this machine has no CUDA): the chunks
+    handed out, in order."""
+    chunks: list[torch.Tensor] = []
+
+    def pinned_buffer(nbytes: int) -> torch.Tensor:
+        chunks.append(torch.full((nbytes,), 0xAB, dtype=torch.uint8))  # not zeros: every byte must be read over
+        return chunks[-1]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fast_read, "pinned_buffer", pinned_buffer)
+    return chunks
+
+
+def test_pinned_reads_pack_each_files_tensors_into_chunks(tmp_path, fake_pinning, monkeypatch):
+    """pin=True: every tensor is a view into a few chunks (at most PIN_CHUNK bytes each, but for a tensor larger
+    than one), its bytes read in pieces over the threads, values and dtypes those of safetensors' reader."""
+    monkeypatch.setattr(fast_read, "PIN_CHUNK", 4096)
+    monkeypatch.setattr(fast_read, "PIECE", 96)  # the 4800-byte tensor below is read in 50 pieces
+    path = tmp_path / "w.safetensors"
+    tensors = _mixed() | {"z.large": torch.randn(1200)}
+    save_file(tensors, path)
+    got = fast_read.read_safetensors([path], "cpu", KEEP, threads=3, pin=True)
+    assert _same(got, load_file(path))
+    storages = {c.untyped_storage().data_ptr() for c in fake_pinning}
+    assert all(t.untyped_storage().data_ptr() in storages for t in got.values())
+    sizes = sorted(c.numel() for c in fake_pinning)
+    assert sizes[-1] == 5120 and sizes[:-1] and all(n <= 4096 for n in sizes[:-1])  # z.large alone, aligned to 512
+    # a cast tensor is a new one (pinned later, by the placement); the rest stay in their chunks
+    cast = fast_read.read_safetensors([path], "cpu", lambda n, d: torch.bfloat16 if n == "a.weight" else d, pin=True)
+    assert cast["a.weight"].dtype == torch.bfloat16 and torch.equal(cast["a.weight"],
+                                                                     tensors["a.weight"].to(torch.bfloat16))
+
+
+def test_pinning_that_fails_reads_to_ordinary_memory(tmp_path, monkeypatch, caplog):
+    def refuse(nbytes):
+        raise RuntimeError("CUDA error: out of memory (host memory locked out)")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fast_read, "pinned_buffer", refuse)
+    path = tmp_path / "w.safetensors"
+    save_file(_mixed(), path)
+    assert _same(fast_read.read_safetensors([path], "cpu", KEEP, pin=True), load_file(path))
+    assert "pinned host memory for the weights failed" in caplog.text and "locked out" in caplog.text
+
+
+def test_pack_lays_out_largest_first_first_fit():
+    sizes = [100, 600, 0, 513, 2000, 300]
+    layout = fast_read.pack(sizes, chunk=1024)
+    # 2000 alone (rounded up to 2048); each of the others takes 512 or 1024 bytes of a chunk of at most 1024
+    placed = {k: (c, offset) for c, (_, members) in enumerate(layout) for k, offset in members}
+    assert sorted(placed) == [0, 1, 2, 3, 4, 5]
+    assert all(offset % fast_read.PIN_ALIGN == 0 for _, offset in placed.values())
+    used = [u for u, _ in layout]
+    assert used[0] == 2048 and all(u <= 1024 for u in used[1:])
+    for u, members in layout:  # no two tensors of a chunk overlap, and each chunk is as long as what it holds
+        spans = sorted((o, o + -(-sizes[k] // 512) * 512) for k, o in members)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and (not spans or spans[-1][1] == u)

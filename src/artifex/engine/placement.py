@@ -24,7 +24,9 @@ taking an expert off the device points its parameters (``.data``) and buffers ba
 home tensors, with no device->host copy and no new host memory; bringing one on copies the
 home to fresh device tensors. With CUDA the homes are page-locked (pinned) once, in 1 GiB
 chunks (PyTorch's pinned allocator rounds each allocation up to a power of two, so one
-pinning per tensor would waste up to half), and the copies are non_blocking on a side
+pinning per tensor would waste up to half; ``fast_read.pack``): read into them at load
+(``load_devices`` names the homes ``PINNED``), else copied into them when the tier is
+applied; and the copies are non_blocking on a side
 stream whose event the compute stream waits on before the expert runs. The cost is host
 RAM: both experts' weights stay in (pinned) host memory for the engine's life, also the
 active one's (A14B: ~2 x 27 GiB in bf16, ~2 x 14 GiB with fp8_weights) where ``.to`` kept
@@ -70,6 +72,9 @@ import threading
 
 import torch
 
+from artifex.models import fast_read
+from artifex.models.loader import PINNED
+
 log = logging.getLogger("artifex")
 
 TIERS = ("resident", "text_offload", "expert_swap", "model_offload", "block_offload", "leaf_offload")
@@ -78,8 +83,7 @@ _ON_DEMAND_VAE = {"model_offload", "block_offload", "leaf_offload"}
 _GROUP_OFFLOAD = {"block_offload": "block_level", "leaf_offload": "leaf_level"}
 _SWAP = {"expert_swap", "model_offload"}  # one expert on the device at a time, swapped with activate_expert
 _HOMED = _SWAP | set(_GROUP_OFFLOAD)  # tiers whose experts live in their CPU homes (``_Home``)
-PIN_CHUNK = 2**30  # bytes of one pinned host allocation (a power of two: the pinned allocator rounds up to one)
-_ALIGN = 512  # offset of each tensor inside a pinned chunk
+PIN_CHUNK = fast_read.PIN_CHUNK  # bytes of one pinned host allocation (``fast_read.pack``)
 
 
 def on_demand(tier: str) -> tuple[bool, bool]:
@@ -93,19 +97,18 @@ def _audio(components):
 
 
 def load_devices(tier: str, device: torch.device, fp8_weights: bool = False) -> dict[str, str]:
-    """Where ``Engine.load`` reads each component to: its place in ``tier`` when that is ``device`` (a GPU), so
-    that it is never copied whole into host memory first; the CPU ones are left out (read as before). Experts
-    whose weights are stored in fp8 (``fp8_weights``) are cast in host memory before they move, so the device
-    never holds their bf16 copy: they are read to the CPU."""
+    """Where ``Engine.load`` reads each component to: its place in ``tier``, so that nothing is copied twice. On
+    the device (a GPU) what the tier keeps there, never copied whole into host memory first; ``PINNED`` (pinned
+    host memory) what it keeps in a CPU home and copies in for each use (the on-demand text encoder and VAE, the
+    experts of a homed tier), so that the placement has nothing left to pin. Experts whose weights are stored in
+    fp8 (``fp8_weights``) are cast in host memory before they move, so the device never holds their bf16 copy:
+    they are left out (read to the CPU as before), as is everything on a CPU."""
     if device.type == "cpu":
         return {}
-    out = {}
-    if tier not in _ON_DEMAND_TEXT:
-        out["text_encoder"] = str(device)
-    if tier not in _ON_DEMAND_VAE:
-        out["vae"] = str(device)
-    if tier in ("resident", "text_offload") and not fp8_weights:
-        out["transformer"] = out["transformer_2"] = str(device)
+    out = {"text_encoder": PINNED if tier in _ON_DEMAND_TEXT else str(device),
+           "vae": PINNED if tier in _ON_DEMAND_VAE else str(device)}
+    if not fp8_weights:
+        out["transformer"] = out["transformer_2"] = PINNED if tier in _HOMED else str(device)
     return out
 
 
@@ -114,8 +117,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _pinned_buffer(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of page-locked host memory (needs CUDA: raises RuntimeError without it)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return fast_read.pinned_buffer(nbytes)
 
 
 class _Home:
@@ -172,22 +174,14 @@ class _Home:
         """Copy the homes into pinned chunks (largest first, first fit), binding each chunk's tensors as it is
         filled so the pageable originals can go; already pinned tensors stay as they are. Returns pinned bytes.
         If pinning fails (host memory locked out), the rest stays pageable: still correct, copies then block."""
-        todo = sorted((k for k, t in enumerate(self.tensors) if not t.is_pinned()),
-                      key=lambda k: -_nbytes(self.tensors[k]))
-        chunks: list[list] = []  # [bytes used, [(k, offset)]]
-        for k in todo:
-            size = -(-_nbytes(self.tensors[k]) // _ALIGN) * _ALIGN
-            chunk = next((c for c in chunks if c[0] + size <= PIN_CHUNK), None)
-            if chunk is None:
-                chunk = [0, []]
-                chunks.append(chunk)
-            chunk[1].append((k, chunk[0]))
-            chunk[0] += size
+        todo = [k for k, t in enumerate(self.tensors) if not t.is_pinned()]
+        chunks = fast_read.pack([_nbytes(self.tensors[k]) for k in todo], PIN_CHUNK)
         pinned = 0
         try:
             for used, members in chunks:
                 buf = _pinned_buffer(used)
-                for k, offset in members:
+                for j, offset in members:
+                    k = todo[j]
                     t = self.tensors[k]
                     view = buf[offset:offset + _nbytes(t)].view(t.dtype).view(t.shape)
                     view.copy_(t)

@@ -10,7 +10,10 @@ its next chunk into its second buffer.
 ``read_safetensors(files, device, dtype_of)`` returns ``{name: tensor}`` on ``device``, each tensor cast to
 ``dtype_of(name, file dtype)`` file by file (a file's tensors are cast once all of its bytes arrived, so a
 checkpoint stored in fp32 never holds more than one file's fp32 copy on the device). On the CPU it reads each
-tensor's bytes into its own memory directly (no buffer). The loader (``loader.py``) hands the result to the model
+tensor's bytes into its own memory directly (no buffer), large tensors in pieces shared over the threads; with
+``pin=True`` (a CUDA machine's host homes: the text encoder, VAE or experts an offload tier copies in for each use)
+that memory is page-locked, the file's tensors packed into pinned chunks as ``pack`` lays them out, so that the
+placement has nothing left to pin or copy. The loader (``loader.py``) hands the result to the model
 classes (meta-device skeleton + ``load_state_dict(assign=True)`` for diffusers' models; transformers'
 ``from_pretrained(state_dict=...)`` for the text encoder). ``ARTIFEX_FAST_READ=off`` keeps the libraries' readers.
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -30,10 +35,15 @@ import torch
 from artifex.env import switch
 from artifex.errors import CheckpointError
 
+log = logging.getLogger("artifex")
+
 MAX_HEADER = 100 * 2**20
 CHUNK = 16 * 2**20  # bytes per pinned buffer (each thread holds two); 8 x 16 MiB read fastest on an H200
 THREADS = 8
 _MAX_READ = 1 << 30  # bytes per preadv call (Linux caps one read near 2 GiB)
+PIECE = 64 * 2**20  # bytes of one thread's read into host memory (a large tensor is shared over the threads)
+PIN_CHUNK = 2**30  # bytes of one pinned host allocation (a power of two: the pinned allocator rounds each up to one)
+PIN_ALIGN = 512  # offset of each tensor inside a pinned chunk
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -75,6 +85,48 @@ def read_header(path: Path) -> tuple[int, dict]:
     return 8 + n, entries
 
 
+def pinned_buffer(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-locked host memory (needs CUDA: raises RuntimeError without it)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def pack(sizes: list[int], chunk: int = PIN_CHUNK) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Pinned chunks for tensors of ``sizes`` bytes, largest first, each in the first chunk with room (one larger
+    than ``chunk`` gets its own): ``[(bytes used, [(index into sizes, byte offset), ...]), ...]``, every offset a
+    multiple of ``PIN_ALIGN``. One pinned allocation per tensor would waste up to half of it to the rounding."""
+    used: list[int] = []
+    members: list[list[tuple[int, int]]] = []
+    for k in sorted(range(len(sizes)), key=lambda k: -sizes[k]):
+        size = -(-sizes[k] // PIN_ALIGN) * PIN_ALIGN
+        c = next((c for c in range(len(used)) if used[c] + size <= chunk), None)
+        if c is None:
+            c = len(used)
+            used.append(0)
+            members.append([])
+        members[c].append((k, used[c]))
+        used[c] += size
+    return list(zip(used, members, strict=True))
+
+
+def _allocate(specs: list[tuple[list[int], torch.dtype]], device: torch.device, pin: bool) -> list[torch.Tensor]:
+    """Empty tensors of ``specs`` (shape, dtype) on ``device``; with ``pin``, views into pinned chunks (``pack``),
+    or ordinary host memory where pinning fails (host memory locked out: a warning, the placement tries again)."""
+    if pin:
+        sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
+        out: list = [None] * len(specs)
+        try:
+            for used, members in pack(sizes, PIN_CHUNK):
+                buf = pinned_buffer(used)
+                for k, offset in members:
+                    shape, dtype = specs[k]
+                    out[k] = buf[offset:offset + sizes[k]].view(dtype).view(shape)
+            return out
+        except RuntimeError as e:
+            log.warning("pinned host memory for the weights failed (%s); read to pageable memory",
+                        str(e).splitlines()[0])
+    return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+
+
 def tensor_names(files: list[Path]) -> set[str]:
     """The tensor names the files' headers hold (no tensor data read)."""
     return {name for path in files for name in read_header(Path(path))[1]}
@@ -83,23 +135,24 @@ def tensor_names(files: list[Path]) -> set[str]:
 class _File:
     """One file's tensors, allocated on the device in the file's dtypes, sorted by where their bytes lie."""
 
-    def __init__(self, path: Path, device: torch.device):
+    def __init__(self, path: Path, device: torch.device, pin: bool = False):
         self.path = path
         self.start, entries = read_header(path)
-        self.names, self.begins, self.ends, self.tensors = [], [], [], []
+        self.names, self.begins, self.ends, specs = [], [], [], []
         for name, e in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if e.get("dtype") not in DTYPES:
                 raise CheckpointError(path, f"holds tensor {name!r} of dtype {e.get('dtype')!r}; readable: "
                                             f"{', '.join(DTYPES)}")
-            t = torch.empty(e["shape"], dtype=DTYPES[e["dtype"]], device=device)
+            shape, dtype = e["shape"], DTYPES[e["dtype"]]
             begin, end = e["data_offsets"]
-            if end - begin != t.numel() * t.element_size():
+            if end - begin != math.prod(shape) * dtype.itemsize:
                 raise CheckpointError(path, f"is corrupt: tensor {name!r} has {end - begin} bytes for shape "
-                                            f"{e['shape']} in {e['dtype']}")
+                                            f"{shape} in {e['dtype']}")
             self.names.append(name)
             self.begins.append(begin)
             self.ends.append(end)
-            self.tensors.append(t)
+            specs.append((shape, dtype))
+        self.tensors = _allocate(specs, device, pin)
         self.size = max(self.ends, default=0)
 
     def pieces(self, lo: int, hi: int) -> Iterable[tuple[torch.Tensor, int, int, int]]:
@@ -145,13 +198,23 @@ def _run_threads(work: Callable[[int], None], threads: int) -> None:
 
 
 def _read_cpu(file: _File, threads: int) -> None:
-    """Each tensor's bytes read into its own memory, tensors shared out over the threads."""
+    """Each tensor's bytes read into its own memory, in pieces of at most ``PIECE`` bytes taken in turn by the
+    threads."""
     fd = os.open(file.path, os.O_RDONLY)
+    pieces = [(i, lo, min(lo + PIECE, file.ends[i] - file.begins[i])) for i in range(len(file.tensors))
+              for lo in range(0, file.ends[i] - file.begins[i], PIECE)]
+    lock, next_piece = threading.Lock(), [0]
     try:
         def work(k: int) -> None:
-            for i in range(k, len(file.tensors), threads):
-                view = memoryview(_bytes(file.tensors[i]).numpy())
-                _pread_into(fd, view, file.start + file.begins[i], file.path)
+            while True:
+                with lock:
+                    p = next_piece[0]
+                    next_piece[0] += 1
+                if p >= len(pieces):
+                    return
+                i, lo, hi = pieces[p]
+                view = memoryview(_bytes(file.tensors[i]).numpy())[lo:hi]
+                _pread_into(fd, view, file.start + file.begins[i] + lo, file.path)
 
         _run_threads(work, threads)
     finally:
@@ -203,17 +266,19 @@ def _read_chunked(file: _File, device: torch.device, threads: int, chunk: int) -
 
 def read_safetensors(files: list[Path], device: str | torch.device,
                      dtype_of: Callable[[str, torch.dtype], torch.dtype],
-                     threads: int = THREADS, chunk: int = CHUNK, chunked: bool | None = None
+                     threads: int = THREADS, chunk: int = CHUNK, chunked: bool | None = None, pin: bool = False
                      ) -> dict[str, torch.Tensor]:
     """Every tensor of ``files`` on ``device``, cast to ``dtype_of(name, dtype in the file)``. A name in two files
     is an error (shards of one model do not overlap). ``chunked`` (default: on a GPU) reads through buffers of
-    ``chunk`` bytes; else each tensor is read into its own memory (a CPU's)."""
+    ``chunk`` bytes; else each tensor is read into its own memory (a CPU's). ``pin``: on the CPU, that memory is
+    pinned (where CUDA is present; a tensor that needs a cast is pinned later, by the placement)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    pin = pin and device.type == "cpu" and torch.cuda.is_available()
     out: dict[str, torch.Tensor] = {}
     for path in files:
-        file = _File(Path(path), device)
+        file = _File(Path(path), device, pin)
         if file.size:
             if device.type == "cuda" if chunked is None else chunked:
                 _read_chunked(file, device, threads, chunk)

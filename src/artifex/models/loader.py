@@ -9,6 +9,7 @@ the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -29,6 +30,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # component folder -> (weights stem, fields of config.json that must match the spec)
+PINNED = "pinned"  # a ``devices`` value of load_components: pinned host memory (an offload tier's CPU home)
 _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 _TRANSFORMERS_WEIGHTS = "model"
 
@@ -230,7 +232,9 @@ def load_components(
     ``devices`` maps "transformer", "transformer_2", "vae" or "text_encoder" to the device that component is read
     straight to (``device_map``: the model is built on the meta device and each tensor of each safetensors shard is
     copied to that device in its load dtype, the fp32-kept modules in fp32, in the same pass): the memory tier's
-    place for it, so that no full copy is made in host memory first. A single file is read to the CPU.
+    place for it, so that no full copy is made in host memory first. ``PINNED`` reads it to pinned host memory (its
+    home in an offload tier) with fast_read, or to ordinary host memory with the libraries' readers. A single file
+    is read to the CPU.
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -244,6 +248,7 @@ def load_components(
         roles = {"text_encoder", "vae", *["transformer", "transformer_2"][: spec.experts]}
         places = {str(devices[r]) for r in roles if r in (devices or {})}
         device = places.pop() if devices and roles <= set(devices) and len(places) == 1 else "cpu"
+        device = "cpu" if device == PINNED else device  # pinned later, by the placement
         components = official.load_official(spec, path, precision, single_files, device=device)
         components.timings = {"read.official": round(time.perf_counter() - t0, 4)}  # check + read + convert
         return components
@@ -264,7 +269,7 @@ def load_components(
     devices = dict(devices or {})
 
     def device_map(role: str) -> dict:
-        return {"device_map": {"": torch.device(devices[role])}} if role in devices else {}
+        return {"device_map": {"": torch.device(devices[role])}} if devices.get(role, PINNED) != PINNED else {}
 
     def load(role: str, cls, subfolder: str, dtype: torch.dtype):
         t = time.perf_counter()
@@ -343,7 +348,8 @@ def read_diffusers_model(cls, path: Path, subfolder: str, dtype: torch.dtype, de
     if set(model.state_dict()) != fast_read.tensor_names(files):  # from the headers: nothing read twice
         log.info("%s: its tensor names differ from %s's; read by diffusers", folder, cls.__name__)
         return None
-    state = fast_read.read_safetensors(files, device, _load_dtypes(dtype, cls._keep_in_fp32_modules))
+    device, pin = _target(device)
+    state = fast_read.read_safetensors(files, device, _load_dtypes(dtype, cls._keep_in_fp32_modules), pin=pin)
     model.load_state_dict(state, strict=True, assign=True)
     # As from_pretrained ends: dispatched to the device (the buffers no checkpoint holds move there), named
     accelerate.dispatch_model(model, device_map={"": torch.device(device)})
@@ -361,11 +367,38 @@ def read_transformers_model(cls, folder: Path, dtype: torch.dtype, device) -> to
                                                                                       torch.bfloat16) else []
     if dtype == torch.float16:
         keep += list(getattr(cls, "_keep_in_fp32_modules", None) or [])
-    state = fast_read.read_safetensors(weight_files(folder, _TRANSFORMERS_WEIGHTS), device, _load_dtypes(dtype, keep))
-    model = cls.from_pretrained(None, config=AutoConfig.from_pretrained(folder), state_dict=state, dtype=dtype,
-                                device_map={"": torch.device(device)})
+    device, pin = _target(device)
+    state = fast_read.read_safetensors(weight_files(folder, _TRANSFORMERS_WEIGHTS), device, _load_dtypes(dtype, keep),
+                                       pin=pin)
+    with _without_allocator_warmup():
+        model = cls.from_pretrained(None, config=AutoConfig.from_pretrained(folder), state_dict=state, dtype=dtype,
+                                    device_map={"": torch.device(device)})
     model.config._name_or_path = str(folder)  # what from_pretrained(folder) records
     return model
+
+
+def _target(device) -> tuple[str, bool]:
+    """(device to read to, whether in pinned host memory) of a ``devices`` value."""
+    return ("cpu", True) if device == PINNED else (str(device), False)
+
+
+@contextlib.contextmanager
+def _without_allocator_warmup():
+    """transformers' from_pretrained with a device map first allocates the model's size on the device and frees it
+    ("caching allocator warmup"), so that its reads reuse that memory. Handed a state dict already on the device,
+    that is a second copy of the model at the load's peak (the umt5-xxl's 10.6 GiB): skipped while the block runs.
+    A transformers without the function has nothing to skip."""
+    from transformers import modeling_utils
+
+    warmup = getattr(modeling_utils, "caching_allocator_warmup", None)
+    if warmup is None:
+        yield
+        return
+    modeling_utils.caching_allocator_warmup = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        modeling_utils.caching_allocator_warmup = warmup
 
 
 def cast_keeping_fp32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
