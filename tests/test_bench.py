@@ -282,5 +282,6 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     assert "Loading alone" in (tmp_path / "ttv-cpu.md").read_text()
     srv = merged["user_path"]["server"]  # artifex serve on the same directory: ready, then one job through the API
     assert srv["ready_s"] >= srv["healthz_s"] > 0 and srv["load_s"] > 0 and srv["warmup_s"] > 0
+    assert 0 < srv["imports_s"] < srv["load_s"]  # a fresh server process: its load imported the libraries
     assert srv["first_request_s"] > 0 and srv["job_timings_s"]["denoise"] > 0
     assert merged["summary"]["tinyti2v_256x160_serve"]["ready_s"] == srv["ready_s"]

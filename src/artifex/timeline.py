@@ -189,10 +189,15 @@ def import_libraries() -> None:
         _IMPORTS_DONE.set()
 
 
+def imports_s() -> float:
+    """The ``imports`` phase of this process so far (an executor's load reads it before and after)."""
+    return PROCESS.to_dict().get("imports", 0.0)
+
+
 def imports_section() -> dict[str, float]:
     """The ``imports`` phase by group (``IMPORTS``), and ``elsewhere``: the rest of the phase."""
     groups = IMPORTS.to_dict()
-    total = PROCESS.to_dict().get("imports", 0.0)
+    total = imports_s()
     return groups | {"elsewhere": round(max(total - sum(groups.values()), 0.0), 4)}
 
 

@@ -640,7 +640,7 @@ def server_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, timeou
             raise TimeoutError(f"artifex serve not ready after {timeout} s: {log_path.read_text()[-2000:]}")
         out["ready_s"] = round(time.perf_counter() - t0, 2)
         m = ready["models"][spec.name]
-        out |= {"load_s": m["load_s"], "warmup_s": m["warmup_s"]}
+        out |= {"load_s": m["load_s"], "imports_s": m.get("imports_s"), "warmup_s": m["warmup_s"]}
         t1 = time.perf_counter()
         code, job = _http(base + "/api/jobs", {"model": spec.name, "prompt": PROMPT, "seed": 1, "width": w,
                                                 "height": h, "frames": frames, "steps": steps})
@@ -812,7 +812,8 @@ def user_path_summary(data: dict, model: str, w: int, h: int) -> dict:
                                                                     "peak_gib": r["peak_gib"]}
     srv = up.get("server")
     if srv:
-        out[f"{key}_serve"] = {k: srv[k] for k in ("ready_s", "load_s", "warmup_s", "first_request_s")}
+        out[f"{key}_serve"] = {k: srv.get(k) for k in ("ready_s", "load_s", "imports_s", "warmup_s",
+                                                        "first_request_s")}
     loads = up.get("loads")
     if loads:
         out[f"{key}_load"] = {r["run"].replace("-", "_") + "_load_s": r["timings_s"]["load"] for r in loads["runs"]}
@@ -849,7 +850,8 @@ def user_path_table(up: dict) -> str:
     if srv:
         t = srv["job_timings_s"] or {}
         note += (f"\n`artifex serve`: /healthz after {srv['healthz_s']} s, ready after {srv['ready_s']} s (load "
-                 f"{srv['load_s']} s, warm-up {srv['warmup_s']} s); its first job: {srv['first_request_s']} s from "
+                 f"{srv['load_s']} s, of which imports {srv.get('imports_s')} s; warm-up {srv['warmup_s']} s); its "
+                 f"first job: {srv['first_request_s']} s from "
                  f"the POST to succeeded (stages: {t}).\n")
     for e in up.get("errors", []):
         note += f"\nFailed: {e['run']}: {e['error'][-300:]}\n"

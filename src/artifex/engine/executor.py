@@ -133,6 +133,7 @@ class Executor(abc.ABC):
         self.model: str | None = None
         self.identity: dict = {"kind": self.kind, "node": os.uname().nodename, "pid": None, "gpus": []}
         self._report: dict = {}
+        self.imports_s: float | None = None  # of the last load: the libraries' first import in the engine's process
 
     @property
     def report(self) -> dict:
@@ -200,7 +201,7 @@ class LocalExecutor(Executor):
     def load(self, model, checkpoint=None, config=None, single_files=None) -> float:
         from artifex import timeline
 
-        t0 = time.perf_counter()
+        t0, imported = time.perf_counter(), timeline.imports_s()
         with LOAD_LOCK:  # the libraries' lazy imports are not thread-safe either
             # torch and the engine's modules, the first time: the process's
             with timeline.PROCESS.span("imports"), timeline.gc_paused():
@@ -208,6 +209,7 @@ class LocalExecutor(Executor):
                 with timeline.IMPORTS.span("artifex.engine"):
                     from artifex.engine.pipeline import Engine
             engine = Engine.load(model, checkpoint=checkpoint, config=config, single_files=single_files)
+        self.imports_s = round(timeline.imports_s() - imported, 4)
         self._attach(engine)
         log.info("loaded %s; plan: %s", model, engine.plan.to_dict(), extra={"model": model})
         return time.perf_counter() - t0

@@ -178,7 +178,8 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/readyz", tags=["health"])
     def readyz() -> JSONResponse:
         """200 once every served model is loaded and warmed up; 503 before (or if one failed to load)."""
-        models = {n: {"status": w.status, "error": w.error, "load_s": w.load_s, "warmup_s": w.warmup_s,
+        models = {n: {"status": w.status, "error": w.error, "load_s": w.load_s, "imports_s": w.imports_s,
+                      "warmup_s": w.warmup_s,
                       "workers": [x.status for x in w.workers]} for n, w in service.workers.items()}
         ready = service.ready()
         return JSONResponse({"ready": ready, "models": models}, status_code=200 if ready else 503)

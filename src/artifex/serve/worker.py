@@ -88,6 +88,7 @@ class ModelWorker:
         self.status = "starting"  # starting, loading, warming, ready, restarting, failed
         self.error: str | None = None
         self.load_s: float | None = None
+        self.imports_s: float | None = None  # the part of load_s that imported the libraries (None: not known)
         self.warmup_s: float | None = None
         self.current: str | None = None
         self.jobs_done = 0
@@ -117,6 +118,7 @@ class ModelWorker:
         return {"model": self.model, "index": self.index, **self.executor.identity, "status": self.status,
                 "error": self.error, "busy": self.current is not None, "current_job": self.current,
                 "jobs_done": self.jobs_done, "restarts": self.restarts, "load_s": self.load_s,
+                "imports_s": self.imports_s,
                 "warmup_s": self.warmup_s, "lora_set": self.lora_set, "lora_switch_s": self.lora_switch_s,
                 "report": self.executor.report}
 
@@ -148,8 +150,10 @@ class ModelWorker:
         log.info("loading %s (worker %d)", self.model, self.index, extra={"model": self.model})
         self.load_s = round(self.executor.load(self.model, checkpoint=self.settings.checkpoints.get(self.model),
                                                config=self.config), 3)
+        self.imports_s = self.executor.imports_s
         self.lora_set = DEFAULT_LORA_SET
-        log.info("loaded %s (worker %d) in %.2fs", self.model, self.index, self.load_s, extra={"model": self.model})
+        log.info("loaded %s (worker %d) in %.2fs%s", self.model, self.index, self.load_s,
+                 "" if self.imports_s is None else f" (imports {self.imports_s:.2f}s)", extra={"model": self.model})
         if self.settings.warmup:
             self.status = "warming"
             self.warmup_s = round(self.executor.warm_up(self.settings.warmup_shapes, self._stop.is_set), 3)
@@ -318,6 +322,12 @@ class ModelPool:
     @property
     def load_s(self) -> float | None:
         return max((w.load_s for w in self.workers if w.load_s is not None), default=None)
+
+    @property
+    def imports_s(self) -> float | None:
+        """The slowest-loading worker's imports (the part of ``load_s`` that imported the libraries)."""
+        slowest = max((w for w in self.workers if w.load_s is not None), key=lambda w: w.load_s, default=None)
+        return None if slowest is None else slowest.imports_s
 
     @property
     def warmup_s(self) -> float | None:

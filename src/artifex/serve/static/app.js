@@ -76,13 +76,15 @@ async function refreshReady() {
 
 function seconds(s) { return s.toFixed(2) + " s"; }
 
-// Each model's load and warm-up time, as the server measured them (the slowest of its workers).
+// Each model's load (with the part that imported the libraries) and warm-up time, as the server measured them
+// (the slowest of its workers).
 function startupText(byModel) {
   return Object.entries(byModel).map(([m, v]) => {
     if (v.load_s == null) return m + ": " + v.status;
     const warm = v.warmup_s != null ? "warm-up " + seconds(v.warmup_s) : v.status === "ready" ? "no warm-up"
       : v.status;
-    return m + ": load " + seconds(v.load_s) + ", " + warm;
+    const imports = v.imports_s != null ? " (imports " + seconds(v.imports_s) + ")" : "";
+    return m + ": load " + seconds(v.load_s) + imports + ", " + warm;
   }).join(" · ");
 }
 
