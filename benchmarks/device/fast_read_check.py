@@ -46,7 +46,7 @@ def _load(spec, path: Path, reader: str, device: str):
     _sync(torch.device(device))
     t0 = time.perf_counter()
     c = load_components(spec, path, "bf16", devices={r: PINNED if pinned else device for r in ROLES})
-    if pinned and torch.device(device).type == "cuda":
+    if pinned and torch.cuda.is_available():  # the libraries' read is to host memory: pinned here, as placement pins
         c.homes = [_Home(m, pin=True) for m in (c.experts[0], c.vae, c.text_encoder)]  # what placement does
     _sync(torch.device(device))
     return c, time.perf_counter() - t0
@@ -67,13 +67,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cuda:0", help="cpu: a dry run of the script (a tiny --model)")
     ap.add_argument("--sweep", action="store_true", help="also the reader alone over threads x chunk sizes")
+    ap.add_argument("--readers", default="libraries,fast_read,libraries+pinned,fast_read+pinned",
+                    help="which loads to time (comma-separated)")
+    ap.add_argument("--no-check", action="store_true", help="skip the numerics (already checked on this checkpoint)")
+    ap.add_argument("--name", default="fast-read", help="the result files' stem (+ -<gpu>)")
+    ap.add_argument("--pin-probe", type=int, default=0, metavar="GIB", help="also time pinning GIB x 1 GiB alone")
     args = ap.parse_args()
     spec = get_model(args.model)
     dev = torch.device(args.device)
     result: dict = header(dev, prog="python3 benchmarks/device/fast_read_check.py")
 
     # 1. Numerics first: fast_read's models against the libraries', tensor for tensor; to the GPU and pinned.
-    for target, readers in (("device", ("libraries", "fast_read")), ("pinned", ("libraries", "fast_read+pinned"))):
+    for target, readers in () if args.no_check else (("device", ("libraries", "fast_read")),
+                                                      ("pinned", ("libraries", "fast_read+pinned"))):
         ref, _ = _load(spec, args.checkpoint, readers[0], args.device if target == "device" else "cpu")
         a = {k: v.detach().clone() for k, v in _state(ref).items()}
         del ref
@@ -95,8 +101,7 @@ def main() -> None:
         print(target, json.dumps(check))
 
     # 2. Whole components, each reader in turn (page cache warm after the check), medians.
-    times: dict[str, list[float]] = {"libraries": [], "fast_read": [], "libraries+pinned": [],
-                                     "fast_read+pinned": []}
+    times: dict[str, list[float]] = {r: [] for r in args.readers.split(",")}
     for _ in range(args.repeat):
         for reader in times:
             reset_peak_memory(dev)
@@ -130,34 +135,62 @@ def main() -> None:
                       "gb_per_s": round(nbytes / s / 1e9, 2)})
         print(sweep[-1])
     result["reader_sweep"] = {"files_gib": round(nbytes / 2**30, 3), "runs": sweep}
+    # 4. What pinning costs by itself: 1 GiB host chunks allocated pinned (the pinned cache emptied first) against
+    #    pageable ones touched page by page, and pageable ones registered with CUDA afterwards.
+    if args.pin_probe and torch.cuda.is_available():
+        probe: dict[str, float] = {}
+        for how in ("pinned_alloc", "pageable_touch", "pageable_touch_register"):
+            _free(args.device)
+            t0 = time.perf_counter()
+            chunks = [torch.empty(2**30, dtype=torch.uint8, pin_memory=how == "pinned_alloc")
+                      for _ in range(args.pin_probe)]
+            if how != "pinned_alloc":
+                for c in chunks:
+                    c.fill_(1)
+            if how == "pageable_touch_register":
+                cudart = torch.cuda.cudart()
+                for c in chunks:
+                    cudart.cudaHostRegister(c.data_ptr(), c.numel(), 0)
+            probe[f"{how}_gb_per_s"] = round(args.pin_probe * 2**30 / (time.perf_counter() - t0) / 1e9, 2)
+            if how == "pageable_touch_register":
+                for c in chunks:
+                    cudart.cudaHostUnregister(c.data_ptr())
+            del chunks
+        result["pin_probe"] = {"gib": args.pin_probe, **probe}
+        print(json.dumps(result["pin_probe"]))
+
     lt = result["load_components_s"]
-    result["summary"] = {"same_weights": not result["check"]["mismatched"] and result["check"]["same_names"],
-                         "same_weights_pinned": (not result["check_pinned"]["mismatched"]
-                                                 and result["check_pinned"]["same_names"]),
-                         "pinned_gib": result["check_pinned"]["pinned_gib"],
-                         **{f"{k.replace('+', '_')}_load_s": v["median"] for k, v in lt.items()},
-                         **{f"{k.replace('+', '_')}_peak_gib": v for k, v in result["peak_gib"].items()}}
+    summary: dict = {}
+    if "check" in result:
+        summary = {"same_weights": not result["check"]["mismatched"] and result["check"]["same_names"],
+                   "same_weights_pinned": (not result["check_pinned"]["mismatched"]
+                                           and result["check_pinned"]["same_names"]),
+                   "pinned_gib": result["check_pinned"]["pinned_gib"]}
+    result["summary"] = {**summary, **{f"{k.replace('+', '_')}_load_s": v["median"] for k, v in lt.items()},
+                         **{f"{k.replace('+', '_')}_peak_gib": v for k, v in result["peak_gib"].items()},
+                         **({"pin_probe": result["pin_probe"]} if "pin_probe" in result else {})}
     if sweep:
         best = min(sweep, key=lambda r: r["s"])
         result["summary"] |= {"default_reader_gb_per_s": next(r["gb_per_s"] for r in sweep
                                                               if r["threads"] == fast_read.THREADS
                                                               and r["chunk_mib"] * 2**20 == fast_read.CHUNK),
                               "best_reader": best}
-    lt = result["load_components_s"]
+    checked = (f"Same weights as the libraries' readers: {summary['same_weights']} ({result['check']['tensors']} "
+               f"tensors, {result['check']['bytes_gib']} GiB); read to pinned host memory: "
+               f"{summary['same_weights_pinned']}, {summary['pinned_gib']} GiB of it pinned.\n\n"
+               if summary else "Numerics not checked in this run (--no-check).\n\n")
     md = (f"# fast_read on {result['device'].get('name', device_slug(dev))}\n\n"
-          f"`{result['command']}` ({result['date']})\n\n"
-          f"Same weights as the libraries' readers: {result['summary']['same_weights']} "
-          f"({result['check']['tensors']} tensors, {result['check']['bytes_gib']} GiB); read to pinned host memory: "
-          f"{result['summary']['same_weights_pinned']}, {result['summary']['pinned_gib']} GiB of it pinned.\n\n"
+          f"`{result['command']}` ({result['date']})\n\n" + checked
           + md_table([["load_components (page cache warm); +pinned: to the offload tiers' pinned homes", "median s",
                        "runs", "device peak GiB"],
                       *[[k, str(v["median"]), ", ".join(map(str, v["runs"])), str(result["peak_gib"][k])]
                         for k, v in lt.items()]])
+          + (f"\nPinning alone ({args.pin_probe} x 1 GiB): {result['pin_probe']}\n" if "pin_probe" in result else "")
           + (f"\nThe reader alone, {result['reader_sweep']['files_gib']} GiB (transformer + text encoder):\n\n"
              + md_table([["threads", "chunk MiB", "s", "GB/s"],
                          *[[str(r["threads"]), str(r["chunk_mib"]), str(r["s"]), str(r["gb_per_s"])] for r in sweep]])
              if sweep else ""))
-    write(args.out, f"fast-read-{device_slug(dev)}", result, md)
+    write(args.out, f"{args.name}-{device_slug(dev)}", result, md)
     print(json.dumps(result["summary"], indent=1))
 
 

@@ -2,7 +2,8 @@
 # The time-to-video runs of issue 22 on one GPU machine, in calls that each fit the device's 10-minute limit and
 # share the machine's /tmp while it stays warm (30 s between calls). Run from the repository root:
 #   PHASE=setup  (carry .whl-a: PyAV, the small wheels and artifex serve's) installs, saves the checkpoint (+ ARGS:
-#                e.g. --user-loads), then checks and times fast_read on it (fast_read_check.py: fast-read-<gpu>.json)
+#                e.g. --user-loads), then checks and times fast_read on it (fast_read_check.py: fast-read-<gpu>.json;
+#                FRC_ARGS: its options)
 #   PHASE=runs   (carry .whl-b: fa3-fwd, once)            `bench pipeline --user-path` on that checkpoint with ARGS
 # Every phase appends to the same ttv-<gpu>.json (kept in /tmp/keep between calls) and writes it under $OUT.
 #   series 1: setup ARGS="--user-loads"; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB --diffusers off";
@@ -11,6 +12,9 @@
 #             --user-flags '--fp8 all' --user-flags '--fp8 all' --user-server"
 #   series 3 (fast_read): setup; runs ARGS="--user-loads --user-server --user-budgets '' --no-user-repeat";
 #             runs ARGS="--user-prime-steps 2 --user-budgets none,24GB --diffusers off --user-flags '--fp8 all'"
+#   series 4 (pinned homes): setup FRC_ARGS="--no-check --readers libraries+pinned,fast_read+pinned --repeat 2
+#             --pin-probe 8 --name fast-read-pinned"; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB";
+#             runs ARGS="--user-server --user-budgets '' --no-user-repeat --diffusers off --user-flags '--fp8 all'"
 set -euo pipefail
 unset PYTHONDONTWRITEBYTECODE  # the device sets it: every process would compile what it imports (LOG.md)
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -31,7 +35,8 @@ if [ "$PHASE" = setup ]; then
   df -T /tmp "$HOME" | tee "$OUT/disk.txt"; nproc; grep -E "MemTotal|MemAvailable" /proc/meminfo
   eval python3 -m artifex bench pipeline --model ti2v-5b --user-path --only-user-path --save-checkpoint "$CK" \
     --user-budgets "''" --no-user-repeat --diffusers off --output-dir "$OUT" $ARGS 2>&1 | tail -25
-  python3 benchmarks/device/fast_read_check.py --checkpoint "$CK" --out "$OUT" 2>&1 | grep -v "^Loading" | tail -30
+  eval python3 benchmarks/device/fast_read_check.py --checkpoint "$CK" --out "$OUT" ${FRC_ARGS:-} 2>&1 \
+    | grep -v "^Loading" | tail -30
 else
   cp /tmp/keep/ttv-*.json "$OUT/" 2>/dev/null || true
   eval python3 -m artifex bench pipeline --model ti2v-5b --user-path --only-user-path \
