@@ -181,3 +181,65 @@ def test_pack_lays_out_largest_first_first_fit():
     for u, members in layout:  # no two tensors of a chunk overlap, and each chunk is as long as what it holds
         spans = sorted((o, o + -(-sizes[k] // 512) * 512) for k, o in members)
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and (not spans or spans[-1][1] == u)
+
+
+@pytest.fixture
+def allocator(monkeypatch):
+    """A CUDA machine's allocator settings and pinned allocations, recorded (this machine has no CUDA): the
+    settings strings set, and the pinned allocations asked for, each with the registering state then in force."""
+    seen = {"settings": [], "pinned": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fast_read, "_REGISTER", {"state": None})
+    monkeypatch.setattr(fast_read, "_set_allocator", seen["settings"].append)
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "ARTIFEX_PIN_REGISTER"):
+        monkeypatch.delenv(name, raising=False)
+    real_empty = torch.empty
+
+    def empty(*shape, pin_memory=False, **kw):
+        if pin_memory:
+            registering = any("pinned_use_cuda_host_register:True" in s for s in seen["settings"][-1:])
+            seen["pinned"].append(registering)
+            if registering and seen.get("refuse_registering"):
+                raise RuntimeError("CUDA error: invalid argument (cudaHostRegister)")
+        return real_empty(*shape, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return seen
+
+
+def test_pinned_memory_is_registered_pages_once_decided(allocator):
+    """The first pinned buffer turns on torch's cudaHostRegister pinning with fast_read's fault-in threads, once
+    per process; the buffers are then allocated that way."""
+    a, b = fast_read.pinned_buffer(100), fast_read.pinned_buffer(300)
+    assert a.numel() == 100 and b.numel() == 300
+    assert allocator["settings"] == [f"pinned_use_cuda_host_register:True,"
+                                     f"pinned_num_register_threads:{fast_read.REGISTER_THREADS}"]
+    assert allocator["pinned"] == [True, True]
+
+
+@pytest.mark.parametrize("env", [("ARTIFEX_PIN_REGISTER", "off"),
+                                 ("PYTORCH_CUDA_ALLOC_CONF", "pinned_use_cuda_host_register:False"),
+                                 ("PYTORCH_ALLOC_CONF", "expandable_segments:True,pinned_use_cuda_host_register:True")])
+def test_pinning_is_left_to_torch_when_told(allocator, monkeypatch, env):
+    """ARTIFEX_PIN_REGISTER=off, or the allocator's own variable naming the setting: Artifex sets nothing."""
+    monkeypatch.setenv(*env)
+    assert not fast_read.pin_by_registering()
+    fast_read.pinned_buffer(64)
+    assert allocator["settings"] == [] and allocator["pinned"] == [False]
+
+
+def test_registering_that_fails_falls_back_to_cuda_host_alloc(allocator, caplog):
+    """A registration refused (a locked-memory limit): that buffer and every later one come from cudaHostAlloc."""
+    allocator["refuse_registering"] = True
+    assert fast_read.pinned_buffer(64).numel() == 64
+    assert fast_read.pinned_buffer(32).numel() == 32
+    assert allocator["settings"][-1] == "pinned_use_cuda_host_register:False"
+    assert allocator["pinned"] == [True, False, False]
+    assert "pinning by cudaHostRegister failed" in caplog.text and not fast_read.pin_by_registering()
+
+
+def test_pinned_registering_without_cuda_stays_off(monkeypatch):
+    monkeypatch.setattr(fast_read, "_REGISTER", {"state": None})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fast_read, "_set_allocator", lambda s: pytest.fail(f"set {s} without CUDA"))
+    assert not fast_read.pin_by_registering()

@@ -38,9 +38,22 @@ def _free(device: str) -> None:
         getattr(torch._C, "_host_emptyCache", lambda: None)()  # pinned blocks back to the system
 
 
+def _pinning(how: str) -> None:
+    """How pinned host memory is pinned from here on: ``register`` (ordinary pages registered with CUDA: Artifex's
+    default, ``fast_read.pin_by_registering``) or ``alloc`` (cudaHostAlloc: torch's default)."""
+    if torch.cuda.is_available():
+        fast_read._set_allocator("pinned_use_cuda_host_register:True,pinned_num_register_threads:"
+                                 f"{fast_read.REGISTER_THREADS}" if how == "register"
+                                 else "pinned_use_cuda_host_register:False")
+        fast_read._REGISTER["state"] = how == "register"
+
+
 def _load(spec, path: Path, reader: str, device: str):
     """(components, seconds): to ``device``; ``reader`` "libraries" or "fast_read", "+pinned" for the homes of an
-    offload tier (fast_read reads into pinned chunks, the libraries read to host memory and ``_Home`` pins)."""
+    offload tier (fast_read reads into pinned chunks, the libraries read to host memory and ``_Home`` pins), then
+    "@alloc" to pin by cudaHostAlloc (else by registering pages)."""
+    reader, _, how = reader.partition("@")
+    _pinning(how or "register")
     os.environ["ARTIFEX_FAST_READ"] = "on" if reader.startswith("fast_read") else "off"
     pinned = reader.endswith("+pinned")
     _sync(torch.device(device))
@@ -68,7 +81,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda:0", help="cpu: a dry run of the script (a tiny --model)")
     ap.add_argument("--sweep", action="store_true", help="also the reader alone over threads x chunk sizes")
     ap.add_argument("--readers", default="libraries,fast_read,libraries+pinned,fast_read+pinned",
-                    help="which loads to time (comma-separated)")
+                    help="which loads to time (comma-separated; +pinned@alloc: pinned by cudaHostAlloc)")
     ap.add_argument("--no-check", action="store_true", help="skip the numerics (already checked on this checkpoint)")
     ap.add_argument("--name", default="fast-read", help="the result files' stem (+ -<gpu>)")
     ap.add_argument("--pin-probe", type=int, default=0, metavar="GIB", help="also time pinning GIB x 1 GiB alone")
@@ -105,7 +118,8 @@ def main() -> None:
     for _ in range(args.repeat):
         for reader in times:
             reset_peak_memory(dev)
-            c, s = _load(spec, args.checkpoint, reader, "cpu" if reader == "libraries+pinned" else args.device)
+            c, s = _load(spec, args.checkpoint, reader,
+                         "cpu" if reader.startswith("libraries+pinned") else args.device)
             times[reader].append(s)
             result.setdefault("peak_gib", {})[reader] = round((peak_bytes(dev) or (0, 0))[0] / 2**30, 3)
             del c
@@ -135,14 +149,16 @@ def main() -> None:
                       "gb_per_s": round(nbytes / s / 1e9, 2)})
         print(sweep[-1])
     result["reader_sweep"] = {"files_gib": round(nbytes / 2**30, 3), "runs": sweep}
-    # 4. What pinning costs by itself: 1 GiB host chunks allocated pinned (the pinned cache emptied first) against
+    # 4. What pinning costs by itself: 1 GiB host chunks allocated pinned (the pinned cache emptied first; by
+    #    cudaHostAlloc, then by torch registering pages it faults in on fast_read.REGISTER_THREADS threads) against
     #    pageable ones touched page by page, and pageable ones registered with CUDA afterwards.
     if args.pin_probe and torch.cuda.is_available():
         probe: dict[str, float] = {}
-        for how in ("pinned_alloc", "pageable_touch", "pageable_touch_register"):
+        for how in ("pinned_alloc", "pinned_register", "pageable_touch", "pageable_touch_register"):
             _free(args.device)
+            _pinning("register" if how == "pinned_register" else "alloc")
             t0 = time.perf_counter()
-            chunks = [torch.empty(2**30, dtype=torch.uint8, pin_memory=how == "pinned_alloc")
+            chunks = [torch.empty(2**30, dtype=torch.uint8, pin_memory=how.startswith("pinned_"))
                       for _ in range(args.pin_probe)]
             if how != "pinned_alloc":
                 for c in chunks:
@@ -166,8 +182,9 @@ def main() -> None:
                    "same_weights_pinned": (not result["check_pinned"]["mismatched"]
                                            and result["check_pinned"]["same_names"]),
                    "pinned_gib": result["check_pinned"]["pinned_gib"]}
-    result["summary"] = {**summary, **{f"{k.replace('+', '_')}_load_s": v["median"] for k, v in lt.items()},
-                         **{f"{k.replace('+', '_')}_peak_gib": v for k, v in result["peak_gib"].items()},
+    key = {k: k.replace("+", "_").replace("@", "_") for k in lt}
+    result["summary"] = {**summary, **{f"{key[k]}_load_s": v["median"] for k, v in lt.items()},
+                         **{f"{key[k]}_peak_gib": v for k, v in result["peak_gib"].items()},
                          **({"pin_probe": result["pin_probe"]} if "pin_probe" in result else {})}
     if sweep:
         best = min(sweep, key=lambda r: r["s"])

@@ -15,10 +15,15 @@
 #   series 4 (pinned homes): setup FRC_ARGS="--no-check --readers libraries+pinned,fast_read+pinned --repeat 2
 #             --pin-probe 8 --name fast-read-pinned"; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB";
 #             runs ARGS="--user-server --user-budgets '' --no-user-repeat --diffusers off --user-flags '--fp8 all'"
+#   series 5 (pinning by registering, bytecode kept): setup FRC_ARGS="--readers fast_read,fast_read+pinned,
+#             fast_read+pinned@alloc,libraries+pinned --repeat 2 --pin-probe 8"; then the two runs of series 4
 set -euo pipefail
 unset PYTHONDONTWRITEBYTECODE  # the device sets it: every process would compile what it imports (LOG.md)
+# ... and the image's packages hold no bytecode and may not be writable: all bytecode goes to one folder that
+# lives as long as the machine, so only the setup's first process compiles (as a pip install compiles once)
+export PYTHONPYCACHEPREFIX=/tmp/pycache
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
-mkdir -p /tmp/keep /tmp/site
+mkdir -p /tmp/keep /tmp/site /tmp/pycache
 OUT=${OUT:-/tmp/out}
 ARGS=${ARGS:-}
 for w in .whl-a .whl-b; do  # whichever was carried
@@ -33,6 +38,9 @@ if [ "$PHASE" = setup ]; then
   echo "$CK" > /tmp/keep/ck
   rm -f /tmp/keep/ttv-*.json
   df -T /tmp "$HOME" | tee "$OUT/disk.txt"; nproc; grep -E "MemTotal|MemAvailable" /proc/meminfo
+  TD=$(python3 -c "import importlib.util as u; print(u.find_spec('torch').submodule_search_locations[0])")
+  echo "torch at $TD: writable $([ -w "$TD" ] && echo yes || echo no), .pyc files $(find "$TD" -name '*.pyc' | wc -l)" \
+    | tee -a "$OUT/disk.txt"
   eval python3 -m artifex bench pipeline --model ti2v-5b --user-path --only-user-path --save-checkpoint "$CK" \
     --user-budgets "''" --no-user-repeat --diffusers off --output-dir "$OUT" $ARGS 2>&1 | tail -25
   eval python3 benchmarks/device/fast_read_check.py --checkpoint "$CK" --out "$OUT" ${FRC_ARGS:-} 2>&1 \

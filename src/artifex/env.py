@@ -17,6 +17,8 @@ VARIABLES = {
                         "the libraries import (skipped when the host lacks the memory to keep them cached)",
     "ARTIFEX_FAST_READ": "on (default) or off: read a component's safetensors straight to the GPU it loads on "
                          "through pinned buffers on threads (off: diffusers' and transformers' own readers)",
+    "ARTIFEX_PIN_REGISTER": "on (default) or off: pin host memory (offload tiers' CPU homes, read buffers) as "
+                            "ordinary pages registered with CUDA, not by cudaHostAlloc (off: torch's default)",
     "ARTIFEX_API_TOKEN": "bearer token of `artifex serve` (and what `artifex monitor` sends); default: a generated "
                          "one stored in the data directory",
 }
