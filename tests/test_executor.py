@@ -151,3 +151,26 @@ def test_a_layout_and_ray_together_are_refused(tmp_path):
                         "--layout", "2x1", "--ray", "auto", "--data-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.returncode == 2 and "choose --layout or --ray" in p.stderr, p.stderr
+
+
+def test_a_warm_up_decodes_only_its_first_latent_frames(tmp_path):
+    """A warm-up request (what ``Executor.warm_up`` sends) runs text and denoise at its whole shape, then decodes
+    and writes only WARM_UP_DECODE_FRAMES latent frames; the same request unmarked decodes every frame, with the
+    same latents up to there."""
+    from serve_support import frame_count
+
+    from artifex.engine.executor import warm_up_requests
+    from artifex.engine.pipeline import WARM_UP_DECODE_FRAMES
+
+    req, = warm_up_requests("tiny-t2v-moe", False, tmp_path, [(160, 96, 21)])
+    assert req.warm_up and req.to_dict()["warm_up"] is True
+    executor = LocalExecutor()
+    executor.load("tiny-t2v-moe", config=OptimizationConfig(**FP32))
+    warm = executor.generate(req)
+    full = executor.generate(GenerationRequest(**{**req.to_dict(), "warm_up": False,
+                                                  "output": str(tmp_path / "full.mp4")}))
+    assert "warm_up" not in full.sidecar["request"] and warm.sidecar["request"]["warm_up"] is True
+    assert full.latents.shape[2] == 6 and warm.latents.shape[2] == WARM_UP_DECODE_FRAMES  # 21 frames: 6 latent
+    assert torch.equal(warm.latents, full.latents[:, :, :WARM_UP_DECODE_FRAMES])
+    assert frame_count(full.video_path.read_bytes(), tmp_path)[0] == 21
+    assert frame_count(warm.video_path.read_bytes(), tmp_path)[0] == 1 + 4 * (WARM_UP_DECODE_FRAMES - 1)

@@ -105,8 +105,8 @@ def _warmup_image(path: Path, width: int, height: int) -> Path:
 
 
 def warm_up_requests(model: str, image_required: bool, folder: Path, shapes: Iterable[Shape] | None):
-    """One two-step request per shape (first-call costs: compile, kernel choice), writing into ``folder``; an s2v
-    model's with a 1 s tone as its audio (one clip)."""
+    """One two-step request per shape (first-call costs: compile, kernel choice), writing into ``folder``, marked
+    ``warm_up`` (only its first latent frames decoded); an s2v model's with a 1 s tone as its audio (one clip)."""
     from artifex.engine.request import GenerationRequest, resolve_request
     from artifex.models.registry import get_model
 
@@ -118,7 +118,8 @@ def warm_up_requests(model: str, image_required: bool, folder: Path, shapes: Ite
     for width, height, frames in shapes or ((None, None, None),):
         image = str(_warmup_image(folder / f"{model}.png", width or 832, height or 480)) if image_required else None
         req = GenerationRequest(model=model, prompt="warm-up", image=image, width=width, height=height,
-                                frames=frames, steps=2, seed=0, output=str(folder / f"{model}.mp4"), audio=audio)
+                                frames=frames, steps=2, seed=0, output=str(folder / f"{model}.mp4"), audio=audio,
+                                warm_up=True)
         resolve_request(req)
         yield req
 

@@ -69,9 +69,16 @@ class GenerationRequest:
     switch_step: int | None = None  # A14B: the first step of the low-noise expert (instead of the boundary)
     audio: str | None = None  # S2V: path of the speech/audio that drives the video (required there)
     pose_video: str | None = None  # S2V: path of a pose video that drives the body (optional)
+    # A warm-up's (``Executor.warm_up``; not an API field): the whole shape through text and denoise, then only the
+    # first ``WARM_UP_DECODE_FRAMES`` latent frames decoded and written (S2V decodes its clip whole)
+    warm_up: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields (``warm_up`` only on a warm-up: it is nobody's request field)."""
+        d = asdict(self)
+        if not d["warm_up"]:
+            del d["warm_up"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:

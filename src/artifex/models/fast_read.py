@@ -99,8 +99,8 @@ def _set_allocator(settings: str) -> None:
 def pin_by_registering() -> bool:
     """From here on, pinned host memory is allocated as ordinary pages, faulted in on ``REGISTER_THREADS`` threads
     and then page-locked with ``cudaHostRegister`` (torch's ``pinned_use_cuda_host_register``), not by
-    ``cudaHostAlloc``: on an H200 host, cudaHostAlloc pinned 3.1 GB/s, pageable pages touched then registered
-    12.1 GB/s on one thread (``fast-read-pinned-h200.json``), and an offload tier pins its whole CPU home at load.
+    ``cudaHostAlloc``: on an H200 host, cudaHostAlloc pinned 2.84 GB/s, this 11.42 GB/s, and an offload tier's
+    homes (24.5 GiB for TI2V-5B) read into pinned memory in 4.07 s against 11.59 s (``fast-read-h200.json``).
     Decided once per process: not where ``ARTIFEX_PIN_REGISTER=off``, nor where the allocator's own variables
     already say how to pin, nor without CUDA. Returns whether it is on."""
     with _REGISTER_LOCK:
