@@ -87,7 +87,8 @@ def test_local_executor_runs_the_engine_it_holds(tmp_path):
 @pytest.mark.slow
 def test_world_executor_runs_a_layout_in_ranks_it_starts(tmp_path, artifex_home):
     """CFG-parallel over two gloo ranks started by the executor: the one-process latents, rank 0's mp4 here, the
-    sidecar's layout; a cancel stops every rank at the same step and the ranks stay usable; a killed rank is
+    sidecar's layout; a cancel stops every rank at the same step and the ranks stay usable, one that comes after
+    the mp4 was written removes it; a killed rank is
     ExecutorLost; a refused request is the engine's error."""
     from artifex.distributed.layout import ParallelLayout
     from artifex.distributed.world import WorldExecutor
@@ -113,6 +114,16 @@ def test_world_executor_runs_a_layout_in_ranks_it_starts(tmp_path, artifex_home)
             executor.generate(GenerationRequest(model="tiny-t2v-moe", output=str(tmp_path / "c.mp4"), **T2V),
                               on_event=stop_at_two)
         assert not (tmp_path / "c.mp4").exists()
+
+        def stop_at_write(e):  # after every rank's last check: rank 0 wrote the files, which go
+            if e.stage == "write":
+                assert (tmp_path / "late.mp4").is_file()
+                raise GenerationCancelled("asked after the video was written")
+
+        with pytest.raises(GenerationCancelled, match="after its video was written"):
+            executor.generate(GenerationRequest(model="tiny-t2v-moe", output=str(tmp_path / "late.mp4"), **T2V),
+                              on_event=stop_at_write)
+        assert not (tmp_path / "late.mp4").exists() and not (tmp_path / "late.json").exists()
         with pytest.raises(RemoteError, match="frames: must be 4n\\+1") as e:
             executor.generate(GenerationRequest(model="tiny-t2v-moe", **{**T2V, "frames": 6}))
         assert e.value.code == "invalid_request" and e.value.param == "frames"

@@ -247,3 +247,45 @@ def test_the_gpu_check_script_runs_the_swap_tiers_and_finds_them_equal(tmp_path,
     assert [r["tier"] for r in data["tiers"]] == ["resident", "expert_swap", "model_offload"]
     assert data["equal"] and all(r["max_abs_diff_vs_resident"] == 0.0 for r in data["tiers"])
     assert all(r["switch_step"] is not None for r in data["tiers"])
+
+
+def test_homes_pack_anew_what_a_mostly_dead_pinned_chunk_still_holds(monkeypatch):
+    """Weights read into pinned chunks (fast_read) keep a chunk locked while any of them lives: a home whose
+    tensors fill less than REPACK_BELOW of their chunk (the rest replaced after the read, as q/k/v fusion does)
+    copies them into new chunks, so the old one can go; a chunk still full stays as it is, nothing copied."""
+    chunks: list[torch.Tensor] = []  # the homes' new chunks
+    pinned = set()  # the storages this test plays as pinned: the read's chunks below and the homes' new ones
+
+    def fake_pinned(nbytes):
+        chunks.append(torch.zeros(nbytes, dtype=torch.uint8))
+        pinned.add(chunks[-1].untyped_storage().data_ptr())
+        return chunks[-1]
+
+    monkeypatch.setattr(placement_mod, "_pinned_buffer", fake_pinned)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: self.untyped_storage().data_ptr() in pinned)
+
+    def read_into_chunk(m: torch.nn.Module) -> torch.Tensor:
+        """m's parameters moved into one chunk, as a pinned read leaves them."""
+        params = list(m.parameters())
+        chunk = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
+        pinned.add(chunk.untyped_storage().data_ptr())
+        offset = 0
+        for p in params:
+            p.data = chunk[offset:offset + p.numel()].view(p.shape).copy_(p.data)
+            offset += p.numel()
+        return chunk
+
+    full, fused = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), torch.nn.Linear(8, 8)
+    full_chunk = read_into_chunk(full)
+    fused_chunk = read_into_chunk(torch.nn.Sequential(fused, torch.nn.Linear(64, 64)))  # the 64x64 layer: "replaced"
+    before = {n: t.clone() for n, t in _tensors(fused).items()}
+
+    kept = placement_mod._Home(full, pin=True)
+    assert kept.pinned_bytes == 0 and not chunks  # a full chunk: its tensors stay where they are
+    assert all(t.untyped_storage().data_ptr() == full_chunk.untyped_storage().data_ptr() for t in kept.tensors)
+
+    moved = placement_mod._Home(fused, pin=True)
+    assert moved.pinned_bytes == sum(c.numel() for c in chunks) > 0
+    assert all(t.untyped_storage().data_ptr() == chunks[-1].untyped_storage().data_ptr() for t in moved.tensors)
+    assert all(p.untyped_storage().data_ptr() != fused_chunk.untyped_storage().data_ptr() for p in fused.parameters())
+    assert all(torch.equal(t, before[n]) for n, t in _tensors(fused).items())

@@ -152,9 +152,13 @@ def test_pinned_reads_pack_each_files_tensors_into_chunks(tmp_path, fake_pinning
     sizes = sorted(c.numel() for c in fake_pinning)
     assert sizes[-1] == 5120 and sizes[:-1] and all(n <= 4096 for n in sizes[:-1])  # z.large alone, aligned to 512
     # a cast tensor is a new one (pinned later, by the placement); the rest stay in their chunks
+    fake_pinning.clear()
     cast = fast_read.read_safetensors([path], "cpu", lambda n, d: torch.bfloat16 if n == "a.weight" else d, pin=True)
     assert cast["a.weight"].dtype == torch.bfloat16 and torch.equal(cast["a.weight"],
                                                                      tensors["a.weight"].to(torch.bfloat16))
+    storages = {c.untyped_storage().data_ptr() for c in fake_pinning}
+    assert cast["a.weight"].untyped_storage().data_ptr() not in storages
+    assert all(cast[k].untyped_storage().data_ptr() in storages for k in cast if k != "a.weight")
 
 
 def test_pinning_that_fails_reads_to_ordinary_memory(tmp_path, monkeypatch, caplog):
@@ -243,3 +247,19 @@ def test_pinned_registering_without_cuda_stays_off(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(fast_read, "_set_allocator", lambda s: pytest.fail(f"set {s} without CUDA"))
     assert not fast_read.pin_by_registering()
+
+
+def test_allocator_settings_keep_the_environments_own(monkeypatch):
+    """torch resets every allocator key a settings call does not name: Artifex's call repeats the user's first."""
+    seen = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", seen.append, raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512,")
+    fast_read._set_allocator("pinned_use_cuda_host_register:True")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # the newer name wins, as in torch
+    fast_read._set_allocator("pinned_use_cuda_host_register:False")
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    fast_read._set_allocator("pinned_num_register_threads:8")
+    assert seen == ["max_split_size_mb:512,pinned_use_cuda_host_register:True",
+                    "expandable_segments:True,pinned_use_cuda_host_register:False", "pinned_num_register_threads:8"]

@@ -35,7 +35,7 @@ def _free(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        getattr(torch._C, "_host_emptyCache", lambda: None)()  # pinned blocks back to the system
+        fast_read.empty_pinned_cache()
 
 
 def _pinning(how: str) -> None:

@@ -27,7 +27,7 @@ import socket
 import time
 
 from artifex.distributed.layout import ParallelLayout
-from artifex.engine.executor import Executor, ExecutorLost, ExecutorPool, RemoteError, describe_error
+from artifex.engine.executor import Executor, ExecutorLost, ExecutorPool, RemoteError, describe_error, discard_outputs
 from artifex.errors import GenerationCancelled, InvalidRequestError
 
 log = logging.getLogger("artifex")
@@ -210,9 +210,13 @@ class WorldExecutor(Executor):
         for r in replies:
             if r[0] == "error":
                 raise RemoteError(**r[1])
-        if reply[0] == "cancelled" or cancelled:
+        if reply[0] == "cancelled":
             raise GenerationCancelled("cancelled by the caller")
-        return pickle.loads(reply[1])
+        result = pickle.loads(reply[1])
+        if cancelled:  # the cancel came after the ranks' last check: rank 0 wrote the files, which go
+            discard_outputs(result)
+            raise GenerationCancelled("cancelled by the caller after its video was written")
+        return result
 
     def health(self) -> dict:
         self._send_all("health")

@@ -55,6 +55,14 @@ class RemoteError(ArtifexError):
         super().__init__(message)
 
 
+def discard_outputs(result: GenerationResult) -> None:
+    """Remove a result's mp4 and sidecar: a job whose cancel arrived after they were written (its engine's last
+    check had passed) leaves nothing behind, as one cancelled in time does."""
+    for p in (result.video_path, result.sidecar_path):
+        if p is not None:
+            Path(p).unlink(missing_ok=True)
+
+
 def describe_error(e: BaseException) -> dict:
     """An error as plain data that crosses processes: {code, message, param}; codes: invalid_request (a field
     of the request), generation_error (another refusal of the engine), internal_error (anything else)."""

@@ -551,9 +551,9 @@ class Engine:
     def finish(self, job: GenerationJob, output_dir: str | Path | None = None) -> GenerationResult:
         """4. Decode ``job``'s latents and 5. write the mp4 (each decoded chunk goes to the encoder thread at once),
         then the sidecar. A warm-up decodes only its first latent frames (``WARM_UP_DECODE_FRAMES``) where this
-        process decodes alone."""
+        process decodes alone with the VAE (the light decoder's chunks of frames are left whole: it is fast)."""
         s = job.settings
-        if job.request.warm_up and not self.layout.joins_decode:
+        if job.request.warm_up and not self.layout.joins_decode and self.light_decoder is None:
             job.latents = job.latents[:, :, :WARM_UP_DECODE_FRAMES]
         job.emit(ProgressEvent("decode", 0, 1, job.elapsed()))
         self.placement.park_experts()

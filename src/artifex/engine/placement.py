@@ -84,6 +84,9 @@ _GROUP_OFFLOAD = {"block_offload": "block_level", "leaf_offload": "leaf_level"}
 _SWAP = {"expert_swap", "model_offload"}  # one expert on the device at a time, swapped with activate_expert
 _HOMED = _SWAP | set(_GROUP_OFFLOAD)  # tiers whose experts live in their CPU homes (``_Home``)
 PIN_CHUNK = fast_read.PIN_CHUNK  # bytes of one pinned host allocation (``fast_read.pack``)
+# A pinned chunk a home's tensors fill less than this much of is packed anew: the rest of it held tensors that were
+# replaced after the read (q/k/v fused, a cast, a layout change), dead but still locked while any of it lives.
+REPACK_BELOW = 0.9
 
 
 def on_demand(tier: str) -> tuple[bool, bool]:
@@ -170,11 +173,27 @@ class _Home:
             else:
                 module._buffers[name] = t
 
+    def _stays(self) -> list[bool]:
+        """Per tensor: already pinned, in a chunk (storage) that this home's tensors fill ``REPACK_BELOW`` of."""
+        pinned = [t.is_pinned() for t in self.tensors]
+        chunk = [t.untyped_storage() for t in self.tensors]
+        live: dict[int, int] = {}
+        for t, c, p in zip(self.tensors, chunk, pinned, strict=True):
+            if p:
+                live[c.data_ptr()] = live.get(c.data_ptr(), 0) + _nbytes(t)
+        return [p and live[c.data_ptr()] >= REPACK_BELOW * c.nbytes() for c, p in zip(chunk, pinned, strict=True)]
+
     def _pin(self) -> int:
         """Copy the homes into pinned chunks (largest first, first fit), binding each chunk's tensors as it is
-        filled so the pageable originals can go; already pinned tensors stay as they are. Returns pinned bytes.
-        If pinning fails (host memory locked out), the rest stays pageable: still correct, copies then block."""
-        todo = [k for k, t in enumerate(self.tensors) if not t.is_pinned()]
+        filled so the pageable originals can go; already pinned tensors stay as they are, but for those of a chunk
+        left mostly dead (``REPACK_BELOW``): they are packed with the rest (``Placement.apply`` then empties the
+        pinned cache, so the old chunks go back to the system). Returns pinned bytes. If pinning fails (host memory
+        locked out), the rest stays pageable: still correct, copies then block."""
+        todo = [k for k, keep in enumerate(self._stays()) if not keep]
+        repacked = sum(self.tensors[k].is_pinned() for k in todo)
+        if repacked:
+            log.info("%d pinned tensors moved out of chunks left mostly dead by tensors replaced since the read",
+                     repacked)
         chunks = fast_read.pack([_nbytes(self.tensors[k]) for k in todo], PIN_CHUNK)
         pinned = 0
         try:
@@ -229,6 +248,12 @@ class Placement:
         self._module_homes: dict[int, _Home] = {}
 
     def apply(self) -> None:
+        self._apply()
+        if self.device.type == "cuda":  # pinned blocks nobody holds any more (chunks whose tensors were all replaced
+            # or packed anew, the read's staging buffers) go back to the system instead of staying locked in the cache
+            fast_read.empty_pinned_cache()
+
+    def _apply(self) -> None:
         c, tier, dev = self.c, self.tier, self.device
         if self.fp8_weights and not self._fp8_applied:
             for expert in c.experts:

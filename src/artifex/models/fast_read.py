@@ -92,8 +92,18 @@ _REGISTER_LOCK = threading.Lock()
 
 
 def _set_allocator(settings: str) -> None:
+    """torch's allocator ``settings``, after the environment's own (torch sets each key a call does not name back
+    to its default: a user's ``max_split_size_mb`` would be lost)."""
+    user = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; older: the CUDA one
-    (setter or torch.cuda.memory._set_allocator_settings)(settings)
+    (setter or torch.cuda.memory._set_allocator_settings)(",".join(p for p in (user.strip(" ,"), settings) if p))
+
+
+def empty_pinned_cache() -> None:
+    """Pinned blocks nobody holds back to the system (torch's host allocator keeps freed ones locked for reuse)."""
+    if torch.cuda.is_available():
+        empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+        (empty or getattr(torch._C, "_host_emptyCache", lambda: None))()
 
 
 def pin_by_registering() -> bool:
@@ -121,7 +131,8 @@ def pin_by_registering() -> bool:
 
 def pinned_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` of page-locked host memory (needs CUDA: raises RuntimeError without it), pinned as
-    ``pin_by_registering`` says; where registering fails (e.g. a locked-memory limit), cudaHostAlloc from then on."""
+    ``pin_by_registering`` says; where registering fails (e.g. a locked-memory limit), cudaHostAlloc from then on
+    (torch does not free the pages of a registration it could not finish: one buffer's worth is lost then)."""
     if pin_by_registering():
         try:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)

@@ -43,6 +43,7 @@ from artifex.engine.executor import (
     LocalExecutor,
     RemoteError,
     describe_error,
+    discard_outputs,
     process_report,
 )
 from artifex.engine.outputs import write_atomic
@@ -416,9 +417,7 @@ class RayExecutor(Executor):
         result = outcome["result"]
         if cancelled:  # the cancel reached the actor after its last check: the job's files go, as on one machine
             if not self.ship:
-                for p in (result.video_path, result.sidecar_path):
-                    if p is not None:
-                        Path(p).unlink(missing_ok=True)
+                discard_outputs(result)
             raise GenerationCancelled(f"request {call_id} cancelled after its video was written")
         files = outcome.pop("files", None)
         if files is not None:  # from another node: the caller writes them where the request says
