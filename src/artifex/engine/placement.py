@@ -101,17 +101,20 @@ def _audio(components):
 
 def load_devices(tier: str, device: torch.device, fp8_weights: bool = False) -> dict[str, str]:
     """Where ``Engine.load`` reads each component to: its place in ``tier``, so that nothing is copied twice. On
-    the device (a GPU) what the tier keeps there, never copied whole into host memory first; ``PINNED`` (pinned
-    host memory) what it keeps in a CPU home and copies in for each use (the on-demand text encoder and VAE, the
-    experts of a homed tier), so that the placement has nothing left to pin. Experts whose weights are stored in
-    fp8 (``fp8_weights``) are cast in host memory before they move, so the device never holds their bf16 copy:
-    they are left out (read to the CPU as before), as is everything on a CPU."""
+    the device (a GPU) what the tier keeps there, never copied whole into host memory first; an on-demand text
+    encoder into ``PINNED`` host memory, its CPU home as read (nothing replaces its tensors after the read, so
+    the placement has nothing left to pin). The rest of what a tier keeps in host memory is read to the CPU (left
+    out here) and pinned by the placement: the experts of a homed tier and an on-demand VAE have tensors replaced
+    after the read (q/k/v fused, the VAE's cast and memory layout), which would leave most of pinned chunks read
+    for them dead. Experts whose weights are stored in fp8 (``fp8_weights``) are cast in host memory before they
+    move, so the device never holds their bf16 copy: read to the CPU too; on a CPU everything is."""
     if device.type == "cpu":
         return {}
-    out = {"text_encoder": PINNED if tier in _ON_DEMAND_TEXT else str(device),
-           "vae": PINNED if tier in _ON_DEMAND_VAE else str(device)}
-    if not fp8_weights:
-        out["transformer"] = out["transformer_2"] = PINNED if tier in _HOMED else str(device)
+    out = {"text_encoder": PINNED if tier in _ON_DEMAND_TEXT else str(device)}
+    if tier not in _ON_DEMAND_VAE:
+        out["vae"] = str(device)
+    if not fp8_weights and tier not in _HOMED:
+        out["transformer"] = out["transformer_2"] = str(device)
     return out
 
 

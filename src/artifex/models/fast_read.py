@@ -11,7 +11,7 @@ its next chunk into its second buffer.
 ``dtype_of(name, file dtype)`` file by file (a file's tensors are cast once all of its bytes arrived, so a
 checkpoint stored in fp32 never holds more than one file's fp32 copy on the device). On the CPU it reads each
 tensor's bytes into its own memory directly (no buffer), large tensors in pieces shared over the threads; with
-``pin=True`` (a CUDA machine's host homes: the text encoder, VAE or experts an offload tier copies in for each use)
+``pin=True`` (a CUDA machine's host home: the text encoder an offload tier copies in for each encode)
 that memory is page-locked, the file's tensors packed into pinned chunks as ``pack`` lays them out, so that the
 placement has nothing left to pin or copy; pinned memory is pinned by registering ordinary pages
 (``pin_by_registering``: ~4x cudaHostAlloc's rate on an H200 host). The loader (``loader.py``) hands the result
