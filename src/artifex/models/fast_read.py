@@ -103,7 +103,10 @@ def empty_pinned_cache() -> None:
     """Pinned blocks nobody holds back to the system (torch's host allocator keeps freed ones locked for reuse)."""
     if torch.cuda.is_available():
         empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-        (empty or getattr(torch._C, "_host_emptyCache", lambda: None))()
+        try:
+            (empty or getattr(torch._C, "_host_emptyCache", lambda: None))()
+        except RuntimeError as e:  # best effort: the blocks stay cached for reuse
+            log.debug("emptying the pinned cache failed: %s", e)
 
 
 def pin_by_registering() -> bool:
