@@ -284,6 +284,16 @@ def test_homes_pack_anew_what_a_mostly_dead_pinned_chunk_still_holds(monkeypatch
     assert kept.pinned_bytes == 0 and not chunks  # a full chunk: its tensors stay where they are
     assert all(t.untyped_storage().data_ptr() == full_chunk.untyped_storage().data_ptr() for t in kept.tensors)
 
+    # small tensors as fast_read.pack lays them out (each at a 512-byte boundary): a full chunk too
+    small = torch.nn.Module()
+    layout = placement_mod.fast_read.pack([4] * 6)
+    (used, members), = layout
+    packed = torch.zeros(used, dtype=torch.uint8)
+    pinned.add(packed.untyped_storage().data_ptr())
+    for k, offset in members:
+        small.register_buffer(f"s{k}", packed[offset:offset + 4].view(torch.float32).view(()).fill_(k))
+    assert placement_mod._Home(small, pin=True).pinned_bytes == 0 and not chunks
+
     moved = placement_mod._Home(fused, pin=True)
     assert moved.pinned_bytes == sum(c.numel() for c in chunks) > 0
     assert all(t.untyped_storage().data_ptr() == chunks[-1].untyped_storage().data_ptr() for t in moved.tensors)

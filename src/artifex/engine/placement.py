@@ -177,13 +177,15 @@ class _Home:
                 module._buffers[name] = t
 
     def _stays(self) -> list[bool]:
-        """Per tensor: already pinned, in a chunk (storage) that this home's tensors fill ``REPACK_BELOW`` of."""
+        """Per tensor: already pinned, in a chunk (storage) that this home's tensors fill ``REPACK_BELOW`` of (each
+        counted with its alignment padding, as ``fast_read.pack`` lays chunks out: a chunk as packed is full)."""
         pinned = [t.is_pinned() for t in self.tensors]
         chunk = [t.untyped_storage() for t in self.tensors]
         live: dict[int, int] = {}
+        align = fast_read.PIN_ALIGN
         for t, c, p in zip(self.tensors, chunk, pinned, strict=True):
             if p:
-                live[c.data_ptr()] = live.get(c.data_ptr(), 0) + _nbytes(t)
+                live[c.data_ptr()] = live.get(c.data_ptr(), 0) + -(-_nbytes(t) // align) * align
         return [p and live[c.data_ptr()] >= REPACK_BELOW * c.nbytes() for c, p in zip(chunk, pinned, strict=True)]
 
     def _pin(self) -> int:
