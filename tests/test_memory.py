@@ -258,11 +258,32 @@ def test_plan_command_prints_the_table(capsys):
     assert main(["plan", "--model", "t2v-a14b", "--size", "832x480", "--vram-budget", "16GB"]) == 0
     out = capsys.readouterr().out
     assert "block_offload" in out and "<- auto" in out and "experts 26.7 + 26.7 GiB" in out
+    assert "to GPU GiB/request" in out and "+ GiB/forward" in out
     assert main(["plan", "--model", "t2v-a14b", "--vram-budget", "24XB"]) == 2
     assert "cannot read '24XB'" in capsys.readouterr().err
     assert main(["plan", "--model", "ti2v-5b", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["size"] == [1280, 704] and len(data["tiers"]) == 5
+
+
+def test_each_tier_counts_what_it_copies_to_the_gpu():
+    """The time a tier costs besides memory: what the placement copies from host memory for each request and for
+    each DiT forward pass; the tiers in planning order copy no less than the ones before them."""
+    for name in ("ti2v-5b", "t2v-a14b"):
+        spec = get_model(name)
+        w = weights_of(*meta_components(spec))
+        ests = {t: estimate(spec, w, t, *spec.sizes[0], spec.frames) for t in tiers_for(spec)}
+        got = {t: (e.copy_per_request, e.copy_per_forward) for t, e in ests.items()}
+        experts = sum(w.experts)
+        assert got["resident"] == (0, 0) and got["text_offload"] == (w.text_encoder, 0)
+        assert got["model_offload"] == (w.text_encoder + experts + w.vae, 0)
+        assert got["block_offload"] == got["leaf_offload"] == (w.text_encoder + w.vae, max(w.experts))
+        if spec.experts == 2:
+            assert got["expert_swap"] == (w.text_encoder + experts, 0)
+        steps = [ests[t].copy_per_request + spec.steps * ests[t].copy_per_forward for t in tiers_for(spec)]
+        assert steps == sorted(steps)
+        d = ests["block_offload"].to_dict()
+        assert d["copy_per_forward_gib"] == pytest.approx(max(w.experts) / GIB) and "copy_per_forward" not in d
 
 
 def test_random_weight_components_run_through_the_engine(tmp_path):

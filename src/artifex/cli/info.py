@@ -86,14 +86,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"{', fp8 weights' if args.fp8_weights else ''}, VAE {vae_precision}{' tiled' if tiled else ''}; "
               f"weights: text encoder {weights.text_encoder / GIB:.1f} GiB, VAE {weights.vae / GIB:.1f} GiB, "
               f"experts {' + '.join(f'{x / GIB:.1f}' for x in weights.experts)} GiB")
-        rows = [("tier", "peak GiB", "encode_text", "denoise", "decode", "fits" if budget else "")]
+        rows = [("tier", "peak GiB", "encode_text", "denoise", "decode", "to GPU GiB/request", "+ GiB/forward",
+                 "fits" if budget else "")]
         for e in ests:
-            g = e.to_dict()["stages_gib"]
+            d = e.to_dict()
+            g = d["stages_gib"]
             mark = "" if budget is None else ("<- auto" if e.tier == chosen else ("yes" if fits(e.peak_bytes, budget)
                                                                                    else "no"))
             rows.append((e.tier, f"{e.peak_gib:.1f}", f"{g['encode_text']:.1f}", f"{g['denoise']:.1f}",
-                         f"{g['decode']:.1f}", mark))
+                         f"{g['decode']:.1f}", f"{d['copy_per_request_gib']:.1f}", f"{d['copy_per_forward_gib']:.1f}",
+                         mark))
         table(rows)
+        print("to GPU: what a tier copies from host memory, its cost in time besides memory: GiB a request (the text "
+              "encoder's part skipped\n  when the prompt cache answers) + GiB each DiT forward pass (two a step with "
+              "CFG in two passes); the tiers go from the least\n  copying to the most (leaf_offload: block_offload's "
+              "bytes in smaller pieces), and auto takes the first that fits")
         if why_vae:
             print(f"plan: {why_vae}")
         if budget is not None:

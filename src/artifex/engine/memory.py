@@ -96,6 +96,11 @@ class Estimate:
     tier: str
     peak_bytes: int
     stages: dict[str, int] = field(default_factory=dict)
+    # What the tier costs in time besides memory: bytes it copies from host to GPU memory for each request (the
+    # on-demand text encoder, skipped when the prompt cache answers; swapped experts; an on-demand VAE), and for
+    # each DiT forward pass (a group-offload tier streams the running expert's weights through the GPU every pass).
+    copy_per_request: int = 0
+    copy_per_forward: int = 0
 
     @property
     def peak_gib(self) -> float:
@@ -112,7 +117,9 @@ class Estimate:
         d = asdict(self)
         d["peak_gib"] = self.peak_gib
         d["stages_gib"] = {k: v / GIB for k, v in self.stages.items()}
-        del d["stages"]
+        d["copy_per_request_gib"], d["copy_per_forward_gib"] = self.copy_per_request / GIB, self.copy_per_forward / GIB
+        for k in ("stages", "copy_per_request", "copy_per_forward"):
+            del d[k]
         return d
 
 
@@ -160,7 +167,19 @@ def estimate(spec: ModelSpec, w: Weights, tier: str, width: int, height: int, fr
     else:
         on = {"encode_text": w.text_encoder, "denoise": streamed_bytes(w, tier), "decode": w.vae}
     stages = {k: int((on[k] + act[k]) * SLACK) for k in act}
-    return Estimate(tier, max(stages.values()), stages)
+    return Estimate(tier, max(stages.values()), stages, *copies(w, tier))
+
+
+def copies(w: Weights, tier: str) -> tuple[int, int]:
+    """(bytes per request, bytes per DiT forward pass) that ``tier`` copies from host to GPU memory (the
+    placement's moves: ``engine.placement``), in a steady stream of requests."""
+    text = 0 if tier == "resident" else w.text_encoder
+    if tier in ("resident", "text_offload"):
+        return text, 0
+    if tier in ("expert_swap", "model_offload"):  # each expert comes in once a request (the next starts again with
+        # the first); model_offload brings the VAE in for the decode too
+        return text + sum(w.experts) + (w.vae if tier == "model_offload" else 0), 0
+    return text + w.vae, max(w.experts)  # group offload: the running expert's groups, every pass
 
 
 def streamed_bytes(w: Weights, tier: str) -> int:
