@@ -161,6 +161,21 @@ def test_pinned_reads_pack_each_files_tensors_into_chunks(tmp_path, fake_pinning
     assert all(cast[k].untyped_storage().data_ptr() in storages for k in cast if k != "a.weight")
 
 
+def test_pinned_reads_pack_all_shards_together(tmp_path, fake_pinning, monkeypatch):
+    """The shards of one component share chunks: two small files fill one chunk, not one each (each chunk is
+    rounded up to a power of two by the pinned allocator: a chunk per shard's tail wastes up to half of it)."""
+    monkeypatch.setattr(fast_read, "PIN_CHUNK", 8192)
+    tensors = _mixed()
+    names = sorted(tensors)
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    save_file({k: tensors[k] for k in names[:4]}, files[0])
+    save_file({k: tensors[k] for k in names[4:]}, files[1])
+    got = fast_read.read_safetensors(files, "cpu", KEEP, pin=True)
+    assert _same(got, {**load_file(files[0]), **load_file(files[1])})
+    assert len(fake_pinning) == 1
+    assert all(t.untyped_storage().data_ptr() == fake_pinning[0].untyped_storage().data_ptr() for t in got.values())
+
+
 def test_pinning_that_fails_reads_to_ordinary_memory(tmp_path, monkeypatch, caplog):
     def refuse(nbytes):
         raise RuntimeError("CUDA error: out of memory (host memory locked out)")

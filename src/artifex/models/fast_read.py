@@ -12,7 +12,7 @@ its next chunk into its second buffer.
 checkpoint stored in fp32 never holds more than one file's fp32 copy on the device). On the CPU it reads each
 tensor's bytes into its own memory directly (no buffer), large tensors in pieces shared over the threads; with
 ``pin=True`` (a CUDA machine's host home: the text encoder an offload tier copies in for each encode)
-that memory is page-locked, the file's tensors packed into pinned chunks as ``pack`` lays them out, so that the
+that memory is page-locked, the files' tensors packed into pinned chunks as ``pack`` lays them out, so that the
 placement has nothing left to pin or copy; pinned memory is pinned by registering ordinary pages
 (``pin_by_registering``: ~4x cudaHostAlloc's rate on an H200 host). The loader (``loader.py``) hands the result
 to the model classes (meta-device skeleton + ``load_state_dict(assign=True)`` for diffusers' models; transformers'
@@ -193,7 +193,7 @@ def tensor_names(files: list[Path]) -> set[str]:
 class _File:
     """One file's tensors, allocated on the device in the file's dtypes, sorted by where their bytes lie."""
 
-    def __init__(self, path: Path, device: torch.device, pin: bool = False):
+    def __init__(self, path: Path, device: torch.device, pin: bool = False, allocate: bool = True):
         self.path = path
         self.start, entries = read_header(path)
         self.names, self.begins, self.ends, specs = [], [], [], []
@@ -210,7 +210,8 @@ class _File:
             self.begins.append(begin)
             self.ends.append(end)
             specs.append((shape, dtype))
-        self.tensors = _allocate(specs, device, pin)
+        self.specs = specs
+        self.tensors = _allocate(specs, device, pin) if allocate else []  # else: the caller's (read_safetensors)
         self.size = max(self.ends, default=0)
 
     def pieces(self, lo: int, hi: int) -> Iterable[tuple[torch.Tensor, int, int, int]]:
@@ -330,14 +331,25 @@ def read_safetensors(files: list[Path], device: str | torch.device,
     """Every tensor of ``files`` on ``device``, cast to ``dtype_of(name, dtype in the file)``. A name in two files
     is an error (shards of one model do not overlap). ``chunked`` (default: on a GPU) reads through buffers of
     ``chunk`` bytes; else each tensor is read into its own memory (a CPU's). ``pin``: on the CPU, that memory is
-    pinned (where CUDA is present; a tensor that needs a cast is pinned later, by the placement)."""
+    pinned (where CUDA is present), every file's tensors packed together into chunks (``pack``); a tensor that
+    needs a cast is pinned later, by the placement."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     pin = pin and device.type == "cpu" and torch.cuda.is_available()
+    files = [Path(p) for p in files]
+    pinned: list[_File | None] = []
+    if pin:  # one packing over every file's tensors: each shard's last chunk, rounded up, would waste up to half
+        pinned = [_File(p, device, allocate=False) for p in files]
+        flat, k = _allocate([spec for f in pinned for spec in f.specs], device, True), 0
+        for f in pinned:
+            f.tensors, k = flat[k:k + len(f.specs)], k + len(f.specs)
+        del flat
     out: dict[str, torch.Tensor] = {}
-    for path in files:
-        file = _File(Path(path), device, pin)
+    for i, path in enumerate(files):
+        file = pinned[i] if pin else _File(path, device)
+        if pin:
+            pinned[i] = None
         if file.size:
             if device.type == "cuda" if chunked is None else chunked:
                 _read_chunked(file, device, threads, chunk)
