@@ -33,6 +33,36 @@ def test_streamed_decode_concatenates_to_diffusers_decode(model):
     assert not can_stream(vae)  # tiles go through diffusers' own path
 
 
+@pytest.mark.parametrize("model", ["tiny-ti2v", "tiny-t2v-moe"])
+def test_every_decode_shape_is_met_within_the_warm_ups_latent_frames(model):
+    """What a warm-up's short decode rests on (``WARM_UP_DECODE_FRAMES``): in a streamed decode, the last new input
+    shape any convolution sees comes before that many latent frames; the rest of a long video repeats them."""
+    from diffusers import AutoencoderKLWan
+
+    from artifex.engine.pipeline import WARM_UP_DECODE_FRAMES
+    from artifex.models.configs import vae_kwargs
+
+    spec = get_model(model)
+    vae = AutoencoderKLWan(**vae_kwargs(spec)).eval()
+    _, t, h, w = spec.latent_shape(64, 48, 41)
+    first_seen: dict = {}
+    frame = [-1]
+
+    def record(module, args):
+        first_seen.setdefault((id(module), tuple(args[0].shape)), frame[0])
+
+    convs = [m for m in vae.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    hooks = [m.register_forward_pre_hook(record) for m in convs]
+    with torch.no_grad():
+        for _ in decode_stream(vae, torch.randn(1, spec.vae.z_dim, t, h, w)):
+            frame[0] += 1  # the chunk of latent frame k arrived; latent frame k + 1 decodes next
+    for hk in hooks:
+        hk.remove()
+    seen_at = [k + 1 for k in first_seen.values()]  # the latent frame at which each shape first appeared
+    assert t == 11 and len(seen_at) > len(convs)  # some convolutions meet more than one shape
+    assert 0 < max(seen_at) < WARM_UP_DECODE_FRAMES  # > 0: counted per latent frame
+
+
 def _frames(path):
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])

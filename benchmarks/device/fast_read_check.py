@@ -42,8 +42,7 @@ def _pinning(how: str) -> None:
     """How pinned host memory is pinned from here on: ``register`` (ordinary pages registered with CUDA: Artifex's
     default, ``fast_read.pin_by_registering``) or ``alloc`` (cudaHostAlloc: torch's default)."""
     if torch.cuda.is_available():
-        fast_read._set_allocator("pinned_use_cuda_host_register:True,pinned_num_register_threads:"
-                                 f"{fast_read.REGISTER_THREADS}" if how == "register"
+        fast_read._set_allocator(fast_read.REGISTER_SETTINGS if how == "register"
                                  else "pinned_use_cuda_host_register:False")
         fast_read._REGISTER["state"] = how == "register"
 

@@ -172,9 +172,10 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
 
 
 # The VAE decodes a video one latent frame at a time, carrying a causal cache; every convolution meets its last new
-# input shape by the second latent frame (the cache is full from there on), so a warm-up that decodes three has
-# loaded every kernel and cuDNN plan the whole video's decode needs: at 1280x704x121 on the H200 the full decode
-# was 4.3 s of a 10.3 s server warm-up (ttv-h200.json).
+# input shape by the second latent frame (the cache is full from there on: test_vae_video), so a warm-up that
+# decodes three has met every shape, and so every kernel and cuDNN plan, of the whole video's decode. At
+# 1280x704x121 on the H200 a whole decode took 4.28 s (the server's first job) and the warm-up 10.33 s in all
+# (ttv-h200.json).
 WARM_UP_DECODE_FRAMES = 3
 
 

@@ -87,14 +87,20 @@ def read_header(path: Path) -> tuple[int, dict]:
 
 
 REGISTER_THREADS = 8  # threads that fault in a new pinned allocation's pages (torch's pinned_num_register_threads)
+REGISTER_SETTINGS = f"pinned_use_cuda_host_register:True,pinned_num_register_threads:{REGISTER_THREADS}"
 _REGISTER = {"state": None}  # None: not decided yet; True: pinning by registering; False: cudaHostAlloc
 _REGISTER_LOCK = threading.Lock()
+
+
+def _user_allocator_settings() -> str:
+    """The allocator settings the environment gives torch (the newer variable first, as torch reads them)."""
+    return os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""
 
 
 def _set_allocator(settings: str) -> None:
     """torch's allocator ``settings``, after the environment's own (torch sets each key a call does not name back
     to its default: a user's ``max_split_size_mb`` would be lost)."""
-    user = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""
+    user = _user_allocator_settings()
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; older: the CUDA one
     (setter or torch.cuda.memory._set_allocator_settings)(",".join(p for p in (user.strip(" ,"), settings) if p))
 
@@ -118,12 +124,10 @@ def pin_by_registering() -> bool:
     already say how to pin, nor without CUDA. Returns whether it is on."""
     with _REGISTER_LOCK:
         if _REGISTER["state"] is None:
-            conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
-            on = switch("ARTIFEX_PIN_REGISTER") and "pinned_use_cuda_host_register" not in conf
+            on = switch("ARTIFEX_PIN_REGISTER") and "pinned_use_cuda_host_register" not in _user_allocator_settings()
             if on and torch.cuda.is_available():
                 try:
-                    _set_allocator(f"pinned_use_cuda_host_register:True,"
-                                   f"pinned_num_register_threads:{REGISTER_THREADS}")
+                    _set_allocator(REGISTER_SETTINGS)
                 except (RuntimeError, AttributeError) as e:
                     log.warning("pinning by cudaHostRegister is not available (%s); cudaHostAlloc pins",
                                 str(e).splitlines()[0])
@@ -193,7 +197,7 @@ def tensor_names(files: list[Path]) -> set[str]:
 class _File:
     """One file's tensors, allocated on the device in the file's dtypes, sorted by where their bytes lie."""
 
-    def __init__(self, path: Path, device: torch.device, pin: bool = False, allocate: bool = True):
+    def __init__(self, path: Path, device: torch.device, allocate: bool = True):
         self.path = path
         self.start, entries = read_header(path)
         self.names, self.begins, self.ends, specs = [], [], [], []
@@ -211,7 +215,7 @@ class _File:
             self.ends.append(end)
             specs.append((shape, dtype))
         self.specs = specs
-        self.tensors = _allocate(specs, device, pin) if allocate else []  # else: the caller's (read_safetensors)
+        self.tensors = _allocate(specs, device, False) if allocate else []  # else: pinned by read_safetensors
         self.size = max(self.ends, default=0)
 
     def pieces(self, lo: int, hi: int) -> Iterable[tuple[torch.Tensor, int, int, int]]:
