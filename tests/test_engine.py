@@ -250,3 +250,62 @@ def test_a_cancel_at_the_write_event_leaves_no_video(engine, tmp_path):
         generate(engine("tiny-ti2v"), tmp_path, "w.mp4", steps=2, frames=5, events=cancel_at_write)
     assert seen[-2:] == ["decode", "write"] and "done" not in seen
     assert not (tmp_path / "w.mp4").exists() and not (tmp_path / "w.json").exists()
+
+
+def test_the_decoder_warm_up_runs_beside_the_denoise_once_per_shape_and_changes_nothing(engine, tmp_path,
+                                                                                        monkeypatch):
+    """Where it applies (a GPU; here the CPU let in), a first decode at a shape is preceded by a decode of three
+    latent frames of random latents on a thread while the denoise runs; the video is the one made without it, a
+    shape decoded before skips it, a failing warm-up only costs the head start, and ARTIFEX_DECODE_WARM_UP=off or
+    no room beside the denoise turns it off."""
+    import threading
+
+    from artifex.engine import pipeline
+
+    eng = engine("tiny-ti2v", vram_budget="8GB")  # a budget: the warm-up's room is planned against one
+    kw = dict(steps=2, frames=13, width=160, height=96)
+    base = generate(eng, tmp_path, "base.mp4", **kw)
+    assert "decode_warm_up" not in base.sidecar and base.memory["decode_warm_up_fits"]  # not on a CPU
+    monkeypatch.setattr(pipeline, "DECODER_WARM_UP_DEVICES", ("cuda", "cpu"))
+    eng._decoded.clear()
+    seen, fail = [], []
+    real = eng.decode_chunks
+
+    def spy(latents):
+        seen.append((threading.current_thread().name, latents.shape[2]))
+        if fail and threading.current_thread().name == "artifex-decoder-warm-up":
+            raise RuntimeError(fail[0])
+        return real(latents)
+
+    monkeypatch.setattr(eng, "decode_chunks", spy)
+    warm = generate(eng, tmp_path, "warm.mp4", **kw)
+    assert seen == [("artifex-decoder-warm-up", 3), (threading.current_thread().name, 4)]
+    report = warm.sidecar["decode_warm_up"]
+    assert report["latent_frames"] == 3 and report["beside"] == "denoise" and report["seconds"] > 0
+    assert "error" not in report
+    assert torch.equal(warm.latents, base.latents)
+    assert read_mp4(warm.video_path)[2].tobytes() == read_mp4(base.video_path)[2].tobytes()
+
+    seen.clear()  # the shape is decoded: no warm-up
+    assert "decode_warm_up" not in generate(eng, tmp_path, "again.mp4", **kw).sidecar and len(seen) == 1
+
+    seen.clear()
+    fail.append("no room")  # another shape, and its warm-up fails: the job does not
+    other = generate(eng, tmp_path, "other.mp4", **(kw | {"width": 128, "height": 64}))
+    assert other.sidecar["decode_warm_up"]["error"] == "RuntimeError: no room" and len(seen) == 2
+    assert read_mp4(other.video_path)[2].shape == (13, 64, 128, 3)
+
+    eng._decoded.clear()
+    seen.clear()
+    monkeypatch.setenv("ARTIFEX_DECODE_WARM_UP", "off")
+    assert "decode_warm_up" not in generate(eng, tmp_path, "off.mp4", **kw).sidecar and len(seen) == 1
+    monkeypatch.delenv("ARTIFEX_DECODE_WARM_UP")
+    from artifex.engine.memory import estimate
+
+    job = eng.prepare(GenerationRequest(model="tiny-ti2v", prompt="x", **kw))
+    est = estimate(job.spec, eng.weights, "resident", 160, 96, 13, eng.plan.cfg_batch, False, "artifex",
+                   eng.plan.vae_precision)
+    fits = eng.memory_guard.decode_warm_up_fits
+    assert fits(job, est, False, 2 * est.peak_bytes)
+    assert not fits(job, est, False, est.stages["denoise"])  # no room for a decode beside the denoise
+    assert not fits(job, est, False, None)  # no budget: a CPU without one

@@ -158,11 +158,18 @@ def _attributes(module: str, *names: str):
 
 # What import_libraries imports, in order, as IMPORTS' groups. torch._dynamo is its own group: diffusers imports it
 # unconditionally (diffusers.utils.torch_utils: ``from torch._dynamo import allow_in_graph``), so importing it
-# first changes nothing but shows its share.
+# first changes nothing but shows its share. diffusers' model families' packages are deferred (lazy_packages).
+def _diffusers() -> None:
+    importlib.import_module("diffusers")
+    from artifex.lazy_packages import defer_diffusers_models
+
+    defer_diffusers_models()  # before the first model class: only the Wan classes' own modules import
+
+
 LIBRARIES = (
     ("torch", _attributes("torch")),
     ("torch._dynamo", _attributes("torch._dynamo")),
-    ("diffusers", _attributes("diffusers")),
+    ("diffusers", _diffusers),
     ("diffusers.models", _attributes("diffusers", "AutoencoderKLWan", "WanTransformer3DModel")),
     ("transformers", _attributes("transformers", "AutoTokenizer", "UMT5EncoderModel")),
 )

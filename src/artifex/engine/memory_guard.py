@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from artifex.engine.memory import estimate, plan_memory, prefetch_fits, prefetch_peak, tiers_for
+from artifex.engine.memory import (
+    SLACK,
+    activations,
+    estimate,
+    fits,
+    plan_memory,
+    prefetch_fits,
+    prefetch_peak,
+    tiers_for,
+)
+from artifex.engine.placement import on_demand
 from artifex.engine.plan import memory_budget, requested_tier
 from artifex.sysinfo import peak_bytes, reset_peak_memory
 
@@ -70,7 +80,21 @@ class MemoryGuard:
             info["predicted_stages_gib"] = est.stages_gib
         if prefetch:
             info["predicted_peak_gib"] = round(max(est.peak_bytes, prefetch_peak(est, eng.weights)) / 2**30, 2)
+        info["decode_warm_up_fits"] = self.decode_warm_up_fits(job, est, prefetch, budget)
         return info
+
+    def decode_warm_up_fits(self, job: GenerationJob, est, prefetch: bool, budget: int | None) -> bool:
+        """Whether the decoder's warm-up (``Engine.start_decoder_warm_up``: a streamed decode of a few latent frames
+        while the denoise runs) fits: the VAE stays on the device through the denoise (not an on-demand VAE, not
+        tiled), and one latent frame's decode activations fit the budget beside the denoise stage's peak (the
+        next expert's prefetch included)."""
+        eng, s = self.engine, job.settings
+        if est is None or budget is None or eng.plan.vae_tiling or on_demand(eng.placement.tier)[1]:
+            return False
+        denoise = est.stages["denoise"] if not prefetch else prefetch_peak(est, eng.weights)
+        decode = activations(job.spec, s.width, s.height, s.frames, eng.plan.cfg_batch, False, self.dit_forward(job),
+                             eng.plan.vae_precision)["decode"]
+        return fits(denoise + int(decode * SLACK), budget)
 
     def repredict(self, job: GenerationJob) -> None:
         """After an OOM step-down: the planner's prediction for what runs now (tier and VAE tiling), so the

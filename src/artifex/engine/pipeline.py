@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import html
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from artifex.engine.samplers import checkpoint_shift, make_sampler, scheduler_wa
 from artifex.engine.text_cache import TextCache, encoder_fingerprint, tokenizer_fingerprint
 from artifex.engine.vae import accelerate_vae, set_layout
 from artifex.engine.video import Mp4Stream, to_uint8_frames
-from artifex.env import read_env
+from artifex.env import read_env, switch
 from artifex.errors import GenerationCancelled
 from artifex.kernels.fp8 import unquantized
 from artifex.models import prefetch
@@ -177,6 +178,9 @@ def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor
 # 1280x704x121 on the H200 a whole decode took 4.28 s (the server's first job) and the warm-up 10.33 s in all
 # (ttv-h200.json).
 WARM_UP_DECODE_FRAMES = 3
+# Where the decode's first use of each kernel and cuDNN plan costs enough to warm it up beside the denoise
+# (``Engine.start_decoder_warm_up``).
+DECODER_WARM_UP_DEVICES = ("cuda",)
 
 
 class Engine:
@@ -205,6 +209,7 @@ class Engine:
         self.memory_guard = MemoryGuard(self)
         self.text_cache = TextCache(config.text_cache_size)  # prompt embeddings by tokenizer, encoder and text
         self._pair_memo: dict[int, tuple] = {}  # per expert (id): cond and uncond as one batch
+        self._decoded: set[tuple] = set()  # the decode shapes (``_decode_key``) this engine has decoded
         self.attention.check_explicit(self.device, self.dtype, spec.transformer.head_dim)
         check_fp8(config.fp8, self.device)
         # The light decoder's file, the attention runtime and the checks above: a load stage like the others
@@ -408,6 +413,58 @@ class Engine:
             raise
         return time.perf_counter() - decoded
 
+    def _decode_key(self, latents: torch.Tensor) -> tuple:
+        """What a decode's kernels and cuDNN plans depend on: the latent channels and frame size (each latent frame
+        decodes on its own, so not the frame count), the VAE's precision and layout."""
+        return (latents.shape[1], *latents.shape[3:], self.plan.vae_precision, self.plan.channels_last)
+
+    def start_decoder_warm_up(self, job: GenerationJob) -> threading.Thread | None:
+        """A thread that decodes ``WARM_UP_DECODE_FRAMES`` latent frames of random latents of ``job``'s shape on a side
+        CUDA stream while the denoise runs, pixels discarded; None where it does not apply.
+
+        A process's first decode at a shape pays for the first use of each of its kernels and cuDNN plans; a one-off
+        CLI run pays that after the denoise, on the critical path. The warm-up moves it beside the denoise, where
+        the GPU's share it takes is its small decode. It applies on a CUDA device (``DECODER_WARM_UP_DEVICES``)
+        where this engine has not decoded the shape yet (a server's warm-up has), the VAE stays on the device
+        through the denoise and its working set fits beside the denoise's (``MemoryGuard.decode_warm_up_fits``), to
+        a request that writes its video with the VAE alone (no light decoder, no decode split over ranks);
+        ``ARTIFEX_DECODE_WARM_UP=off`` turns it off. The job's latents and video are unchanged: it decodes its own
+        random latents (its own generator: no RNG the request uses moves). Its seconds, or its error (the decode
+        then runs without it), go to the sidecar's ``decode_warm_up``."""
+        key = self._decode_key(job.noise)
+        if (self.device.type not in DECODER_WARM_UP_DEVICES or job.request.warm_up or key in self._decoded
+                or "decode_warm_up" in job.sidecar_extra or not job.memory.get("decode_warm_up_fits")
+                or not self.layout.writes_output or self.layout.joins_decode or self.light_decoder is not None
+                or not switch("ARTIFEX_DECODE_WARM_UP")):
+            return None
+        frames = min(WARM_UP_DECODE_FRAMES, job.noise.shape[2])
+        g = torch.Generator(self.device).manual_seed(0)
+        z = torch.randn((*job.noise.shape[:2], frames, *job.noise.shape[3:]), generator=g, device=self.device,
+                        dtype=job.noise.dtype)
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the latents and the placed VAE
+        report = job.sidecar_extra["decode_warm_up"] = {"latent_frames": frames, "beside": "denoise"}
+
+        def run() -> None:
+            t = time.perf_counter()
+            try:
+                with torch.no_grad(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    with contextlib.closing(self.decode_chunks(z)) as chunks:
+                        for _ in chunks:
+                            pass
+                    if stream is not None:
+                        stream.synchronize()
+                self._decoded.add(key)
+            except Exception as e:  # the job's own decode still runs, without the head start
+                report["error"] = f"{type(e).__name__}: {e}"
+                log.warning("decoder warm-up failed; the decode runs without it: %s", report["error"])
+            report["seconds"] = round(time.perf_counter() - t, 4)
+
+        thread = threading.Thread(target=run, name="artifex-decoder-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.c.vae.config
         shape = (1, cfg.z_dim, 1, 1, 1)
@@ -435,8 +492,13 @@ class Engine:
             # 3. Denoise every step: the sampler (UniPC by default), the MoE switch at the boundary, CFG per expert
             #    (after an OOM step-down, again from the noise).
             def denoise():
-                self.start_denoising(job)
-                self.denoise(job)
+                warm_up = self.start_decoder_warm_up(job)
+                try:
+                    self.start_denoising(job)
+                    self.denoise(job)
+                finally:
+                    if warm_up is not None:
+                        warm_up.join()
 
             guard.stepping_down("denoise", denoise, job)
             if job.frame_mask is not None:  # TI2V: the frames given by the image stay the encoded image
@@ -563,6 +625,7 @@ class Engine:
         finish = self.memory_guard.stepping_down("decode", lambda: self.decode_to_mp4(job.latents, video_path, s.fps),
                                                  job)
         job.timings["decode"] = round(time.perf_counter() - start - finish, 4)  # with the encoder overlapping
+        self._decoded.add(self._decode_key(job.latents))
         job.timings["write"] = round(finish, 4)  # what was left to encode after the last frame decoded
         self.memory_guard.stage_peak(job, "decode")
         job.written(video_path)

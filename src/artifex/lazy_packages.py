@@ -1,0 +1,93 @@
+"""Packages whose ``__init__`` runs only when something asks it for a name: diffusers' model families.
+
+Importing ``diffusers.models.autoencoders.autoencoder_kl_wan`` first runs ``diffusers/models/autoencoders/
+__init__.py``, which imports every autoencoder diffusers ships (~40); one of them imports
+``diffusers.models.unets``, whose ``__init__`` imports every UNet, and through them ``diffusers.models.transformers``,
+whose ``__init__`` imports every transformer model (and, through one of them, ``diffusers.hooks`` and peft where it
+is installed). The Wan classes need none of that.
+
+``defer(name)`` puts the package ``name`` into ``sys.modules`` as a module that has its ``__path__`` (so its
+submodules import as usual) but has not run its ``__init__`` yet: the first lookup of a name the module does not
+hold (``from diffusers.models.autoencoders import AutoencoderKL``, ``pkg.AutoencoderKL``, ``from pkg import *``)
+runs it, once, and then answers as the package always would. A submodule imported before that is set on the
+package as Python sets it, and the ``__init__``'s own imports of it find it in ``sys.modules``.
+
+``defer_diffusers_models()`` does this for ``DIFFUSERS_PACKAGES`` before diffusers' model classes are first
+imported (``timeline.import_libraries``); ``ARTIFEX_LAZY_IMPORTS=off`` turns it off. A package already imported,
+or one that is not a plain source package here, is left as it is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import types
+
+from artifex.env import switch
+
+DIFFUSERS_PACKAGES = ("diffusers.models.autoencoders", "diffusers.models.unets", "diffusers.models.transformers")
+
+
+class _Deferred:
+    """The state of one deferred package: its spec, whether its ``__init__`` ran, the lock its first run holds."""
+
+    def __init__(self, module: types.ModuleType, spec):
+        self.module, self.spec = module, spec
+        self.lock = threading.RLock()  # another thread asking while the __init__ runs waits for it to end
+        self.started = self.ran = False
+
+    def getattr(self, attr: str):
+        if not self.ran:
+            with self.lock:
+                if not self.started:  # else: this thread's own __init__ asking: what it has defined so far
+                    self.started = True
+                    try:
+                        self.spec.loader.exec_module(self.module)
+                    finally:
+                        self.ran = True
+                        if self.module.__dict__.get("__getattr__") == self.getattr:  # unless the __init__ set one
+                            del self.module.__dict__["__getattr__"]
+        try:
+            return self.module.__dict__[attr]
+        except KeyError:
+            raise AttributeError(f"module {self.module.__name__!r} has no attribute {attr!r}") from None
+
+
+def is_deferred(name: str) -> bool:
+    """Whether ``name`` is in ``sys.modules`` as a deferred package whose ``__init__`` has not run yet."""
+    state = getattr(sys.modules.get(name), "__artifex_deferred__", None)
+    return state is not None and not state.ran
+
+
+def defer(name: str) -> bool:
+    """Make package ``name`` deferred (module docstring). False (nothing changed) where it is imported already,
+    cannot be found, or is not a package of source files with a loader that can run its ``__init__``."""
+    if name in sys.modules:
+        return False
+    try:
+        spec = importlib.util.find_spec(name)  # imports the parent packages
+    except (ImportError, ValueError):
+        return False
+    if (spec is None or spec.submodule_search_locations is None or spec.loader is None
+            or not hasattr(spec.loader, "exec_module") or name in sys.modules):
+        return False
+    module = importlib.util.module_from_spec(spec)
+    state = _Deferred(module, spec)
+    module.__artifex_deferred__ = state
+    module.__getattr__ = state.getattr  # module-level __getattr__ (PEP 562): only for names not in the module
+    sys.modules[name] = module
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, module)
+    return True
+
+
+def defer_diffusers_models() -> list[str]:
+    """Defer ``DIFFUSERS_PACKAGES`` (unless ``ARTIFEX_LAZY_IMPORTS=off``): the ones now deferred."""
+    if not switch("ARTIFEX_LAZY_IMPORTS"):
+        return []
+    return [name for name in DIFFUSERS_PACKAGES if defer(name)]
+
+
+__all__ = ["DIFFUSERS_PACKAGES", "defer", "defer_diffusers_models", "is_deferred"]

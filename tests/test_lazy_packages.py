@@ -1,0 +1,110 @@
+"""Deferred package __init__s (artifex.lazy_packages): diffusers' model families import only what is asked for."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from artifex import lazy_packages
+
+
+def _package(root, name: str) -> None:
+    """A package whose __init__ counts its runs (in a builtins list) and imports its submodule ``sub``."""
+    pkg = root / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent(f"""
+        import builtins, time
+        builtins.RUNS_{name}.append(1)
+        time.sleep(0.05)  # long enough for a second thread to ask meanwhile
+        from .sub import VALUE
+        DOUBLE = VALUE * 2
+        __all__ = ["DOUBLE", "VALUE"]
+    """))
+    (pkg / "sub.py").write_text("VALUE = 21\n")
+
+
+def test_a_deferred_package_runs_its_init_once_on_the_first_name_asked(tmp_path, monkeypatch):
+    import builtins
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _package(tmp_path, "lzpkg_a")
+    monkeypatch.setattr(builtins, "RUNS_lzpkg_a", [], raising=False)
+    monkeypatch.delitem(sys.modules, "lzpkg_a", raising=False)
+    monkeypatch.delitem(sys.modules, "lzpkg_a.sub", raising=False)
+    assert lazy_packages.defer("lzpkg_a")
+    assert lazy_packages.is_deferred("lzpkg_a")
+    from lzpkg_a.sub import VALUE  # a submodule imports without the __init__
+
+    assert VALUE == 21 and builtins.RUNS_lzpkg_a == []
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(sys.modules["lzpkg_a"].DOUBLE)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [42] * 4 and builtins.RUNS_lzpkg_a == [1]  # four threads, one run
+    assert not lazy_packages.is_deferred("lzpkg_a")
+    import lzpkg_a
+
+    assert lzpkg_a.sub.VALUE == 21 and lzpkg_a.__all__ == ["DOUBLE", "VALUE"]
+    with pytest.raises(AttributeError, match="lzpkg_a.*no attribute 'MISSING'"):
+        lzpkg_a.MISSING  # noqa: B018
+
+
+def test_star_import_and_missing_names_run_the_init(tmp_path, monkeypatch):
+    import builtins
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _package(tmp_path, "lzpkg_b")
+    monkeypatch.setattr(builtins, "RUNS_lzpkg_b", [], raising=False)
+    monkeypatch.delitem(sys.modules, "lzpkg_b", raising=False)
+    monkeypatch.delitem(sys.modules, "lzpkg_b.sub", raising=False)
+    assert lazy_packages.defer("lzpkg_b")
+    scope: dict = {}
+    exec("from lzpkg_b import *", scope)
+    assert scope["DOUBLE"] == 42 and builtins.RUNS_lzpkg_b == [1]
+
+
+def test_imported_missing_and_plain_modules_are_left_alone(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "lzmod_plain.py").write_text("X = 1\n")
+    assert not lazy_packages.defer("json")  # imported already
+    assert not lazy_packages.defer("no_such_package_here")
+    assert not lazy_packages.defer("lzmod_plain")  # a module, not a package
+    assert "lzmod_plain" not in sys.modules and not lazy_packages.is_deferred("json")
+
+
+CHILD = """
+import json, sys
+from artifex import timeline
+timeline.import_libraries()
+from artifex.lazy_packages import is_deferred
+out = {"deferred": is_deferred("diffusers.models.autoencoders"),
+       "others_imported": "diffusers.models.autoencoders.autoencoder_kl" in sys.modules}
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders import AutoencoderKL, AutoencoderKLWan as Wan  # runs the package's __init__
+from diffusers.models.transformers import WanTransformer3DModel
+import diffusers
+out["same_class"] = Wan is AutoencoderKLWan and WanTransformer3DModel is diffusers.WanTransformer3DModel
+out["after"] = is_deferred("diffusers.models.autoencoders")
+out["kl"] = AutoencoderKL.__module__
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", ["on", "off"])
+def test_diffusers_model_families_import_only_what_is_asked_for(switch, monkeypatch):
+    monkeypatch.setenv("ARTIFEX_LAZY_IMPORTS", switch)
+    p = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["deferred"] is (switch == "on")
+    assert out["others_imported"] is (switch == "off")  # on: the Wan VAE came without diffusers' other autoencoders
+    assert out["same_class"] and out["after"] is False
+    assert out["kl"] == "diffusers.models.autoencoders.autoencoder_kl"
