@@ -228,15 +228,20 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     saved = tmp_path / "ckpt"
     args = ["bench", "pipeline", "--model", "tiny-ti2v", "--steps", "2", "--frames", "9", "--output-dir",
             str(tmp_path), "--user-path", "--only-user-path", "--save-checkpoint", str(saved),
-            "--user-prime-steps", "1"]
+            "--user-prime-steps", "1", "--user-flags", "ARTIFEX_DECODE_WARM_UP=off"]
     assert main(args) == 0
     assert (saved / "model_index.json").is_file() and (saved / "transformer" / "config.json").is_file()
     data = json.loads((tmp_path / "ttv-cpu.json").read_text())  # the user's path alone: time to video
     assert not (tmp_path / "pipeline-cpu.json").exists()
     up = data["user_path"]
-    prime, plain, budget = up["runs"]
+    prime, plain, budget, off = up["runs"]
     assert prime["run"] == "cli-first-on-machine" and prime["steps"] == 1 and plain["steps"] == 2
     assert plain["budget"] is None and budget["budget"] == "24GB"
+    # A NAME=value word of --user-flags: a variable of that run's process, not a flag
+    assert off["run"] == "cli-ARTIFEX_DECODE_WARM_UP=off" and off["flags"] == [] and off["budget"] is None
+    assert off["env"] == {"ARTIFEX_DECODE_WARM_UP": "off"}
+    assert plain["decode_warm_up"] is None and plain["decode_warm_up_fits"] is False  # a CPU without a budget
+    assert all(w.startswith("WARNING") for w in plain["log_warnings"])
     assert plain["prefetch"][str(saved.resolve())]["files"] == 3  # transformer, VAE, text encoder
     for r in up["runs"]:
         assert r["cli_wall_s"] >= r["process_to_mp4_s"] >= r["wall"]["stages_sum_s"] - 1e-3
@@ -251,7 +256,8 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     assert s["tinyti2v_256x160"]["repeat_prompt_text_s"] == up["repeat_prompt"]["repeat_text_s"]
     assert set(s["tinyti2v_256x160_24gb"]) == {"cli_wall_s", "peak_gib"}
     assert s["tinyti2v_256x160"]["cli_wall_s"] == plain["cli_wall_s"]  # the primed run, not the machine's first
-    assert "The user's path" in (tmp_path / "ttv-cpu.md").read_text()
+    report = (tmp_path / "ttv-cpu.md").read_text()
+    assert "The user's path" in report and "ARTIFEX_DECODE_WARM_UP=off artifex generate" in report
     assert main(["bench", "pipeline", "--model", "tiny-ti2v", "--only-user-path"]) == 2  # needs --user-path
     assert main(["bench", "pipeline", "--model", "tiny-ti2v", "--user-loads"]) == 2
 

@@ -17,6 +17,9 @@
 #             runs ARGS="--user-server --user-budgets '' --no-user-repeat --diffusers off --user-flags '--fp8 all'"
 #   series 5 (pinning by registering, bytecode kept): setup FRC_ARGS="--readers fast_read,fast_read+pinned,
 #             fast_read+pinned@alloc,libraries+pinned --repeat 2 --pin-probe 8"; then the two runs of series 4
+#   series 6 (decoder warm-up, deferred diffusers packages): setup FRC_ARGS=skip PROBE=probe11; runs
+#             ARGS="--user-prime-steps 2 --user-budgets none,24GB"; runs ARGS="--user-server --user-budgets ''
+#             --no-user-repeat --diffusers off"
 set -euo pipefail
 unset PYTHONDONTWRITEBYTECODE  # the device sets it: every process would compile what it imports (LOG.md)
 # ... and the image's packages hold no bytecode and may not be writable: all bytecode goes to one folder that
@@ -43,8 +46,11 @@ if [ "$PHASE" = setup ]; then
     | tee -a "$OUT/disk.txt"
   eval python3 -m artifex bench pipeline --model ti2v-5b --user-path --only-user-path --save-checkpoint "$CK" \
     --user-budgets "''" --no-user-repeat --diffusers off --output-dir "$OUT" $ARGS 2>&1 | tail -25
-  eval python3 benchmarks/device/fast_read_check.py --checkpoint "$CK" --out "$OUT" ${FRC_ARGS:-} 2>&1 \
-    | grep -v "^Loading" | tail -30
+  if [ "${FRC_ARGS:-}" != skip ]; then
+    eval python3 benchmarks/device/fast_read_check.py --checkpoint "$CK" --out "$OUT" ${FRC_ARGS:-} 2>&1 \
+      | grep -v "^Loading" | tail -30
+  fi
+  if [ -n "${PROBE:-}" ]; then python3 "benchmarks/probes/$PROBE.py" "$OUT" 2>&1 | tail -30; fi
 else
   cp /tmp/keep/ttv-*.json "$OUT/" 2>/dev/null || true
   eval python3 -m artifex bench pipeline --model ti2v-5b --user-path --only-user-path \

@@ -20,6 +20,7 @@ import dataclasses
 import gc
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -475,9 +476,9 @@ def save_random_checkpoint(spec, path: Path, build_device) -> Path:
     return path
 
 
-def _cli(args: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[float, str]:
+def _cli(args: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[float, str, str]:
     """``python -m artifex ARGS`` as a child process (``env``: variables set for it): (its wall seconds, its
-    stdout); its stderr in an error."""
+    stdout, its stderr); its stderr in an error."""
     import os
     import subprocess
     import sys
@@ -488,7 +489,7 @@ def _cli(args: list[str], timeout: float, env: dict[str, str] | None = None) -> 
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"artifex {' '.join(args[:3])} ... exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return wall, proc.stdout
+    return wall, proc.stdout, proc.stderr
 
 
 def _shape_flags(w, h, frames, steps) -> list[str]:
@@ -509,8 +510,9 @@ def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, 
             "--output", str(out), "--device", str(device), *_shape_flags(w, h, frames, steps), *flags]
     if budget:
         args += ["--vram-budget", budget]
-    wall, _ = _cli(args, timeout, env)
+    wall, _, stderr = _cli(args, timeout, env)
     side = json.loads(out.with_suffix(".json").read_text())
+    memory = side["memory"] if isinstance(side.get("memory"), dict) else {}
     return {"run": name, "budget": budget, "flags": list(flags), "env": env or {},
             "shape": f"{w}x{h}x{frames}", "steps": steps, "cli_wall_s": round(wall, 2),
             "process_to_mp4_s": side["wall"]["process_s"],
@@ -518,7 +520,10 @@ def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, 
             "wall": side["wall"], "timings_s": side["timings_s"],
             "load_timings_s": {k[5:]: v for k, v in side["wall"]["stages_s"].items() if k.startswith("load.")},
             "prefetch": side.get("prefetch"),
-            "tier": side["memory"].get("tier") if isinstance(side.get("memory"), dict) else None,
+            "tier": memory.get("tier"),
+            # the decoder's warm-up beside the denoise: whether it had room, and what it did (seconds, or its error)
+            "decode_warm_up_fits": memory.get("decode_warm_up_fits"), "decode_warm_up": side.get("decode_warm_up"),
+            "log_warnings": [line for line in stderr.splitlines() if line.startswith("WARNING")][-20:],
             "attention": (side.get("attention") or {}).get("chosen"),
             "vae_precision": side["plan"]["vae_precision"], "vae_tiling": side["plan"]["vae_tiling"],
             "peak_gib": side["peak_memory"].get("gpu_max_allocated_gib"),
@@ -574,7 +579,7 @@ def cli_repeat_prompt_run(spec, ckpt: Path, w, h, frames, device, work: Path, ti
     out_dir = work / "batch"
     args = ["batch", "--model", spec.name, "--checkpoint", str(ckpt), "--prompt", PROMPT, "--prompt", PROMPT,
             "--seed", "1", "--output-dir", str(out_dir), "--device", str(device), *_shape_flags(w, h, frames, 2)]
-    wall, stdout = _cli(args, timeout)
+    wall, stdout, _ = _cli(args, timeout)
     videos = [Path(line) for line in stdout.splitlines() if line.strip().endswith(".mp4")]
     first, second = (json.loads(v.with_suffix(".json").read_text()) for v in videos[:2])
     return {"run": "cli-batch-repeat", "cli_wall_s": round(wall, 2),
@@ -698,13 +703,17 @@ def diffusers_from_dir(spec, ckpt: Path, w, h, frames, steps, device, work: Path
             "wall_s": round(load_s + generate_s, 2), "peak_gib": peak}
 
 
+ENV_WORD = re.compile(r"[A-Z][A-Z0-9_]*=")  # a word of a --user-flags run that sets a variable for its process
+
+
 @dataclass(frozen=True)
 class UserPathRuns:
     """Which user-path runs to make. ``budgets``: one ``artifex generate`` per ``--vram-budget`` value (None: no
     flag); ``prime_steps``: first a run of that many steps on a fresh machine's empty caches (the attention
     choice, Triton's kernels), reported as such, so that the runs after it measure what every later run of the
-    machine sees (0: none); ``flags``: more runs, each with these flags; ``loads``: ``load_rows``; ``repeat``: the
-    repeated prompt in ``artifex batch``; ``diffusers``: diffusers' from_pretrained + call."""
+    machine sees (0: none); ``flags``: more runs, each with these flags (a word NAME=value sets that variable for
+    the run's process instead); ``loads``: ``load_rows``; ``repeat``: the repeated prompt in ``artifex batch``;
+    ``diffusers``: diffusers' from_pretrained + call."""
     budgets: tuple = (None, "24GB")
     prime_steps: int = 0
     flags: tuple[tuple[str, ...], ...] = ()
@@ -758,12 +767,14 @@ def user_path(spec, dev, w, h, frames, steps, work: Path, checkpoint: str | None
         for budget in runs.budgets:
             add(budget_run_name(budget),
                 lambda b=budget: cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, b))
-        for i, flags in enumerate(runs.flags):
-            name = "cli" + "".join(f"-{f.lstrip('-')}" for f in flags)
-            repeat = runs.flags[:i].count(flags)  # the same flags again: the second run of a machine's caches
+        for i, words in enumerate(runs.flags):
+            name = "cli" + "".join(f"-{f.lstrip('-')}" for f in words)
+            repeat = runs.flags[:i].count(words)  # the same flags again: the second run of a machine's caches
             name = f"{name}-{repeat + 1}" if repeat else name
-            add(name, lambda f=flags, n=name, k=repeat + 1: {
-                **cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, flags=f, name=n), "repeat": k})
+            env = dict(word.split("=", 1) for word in words if ENV_WORD.match(word))  # NAME=value: the process's
+            flags = tuple(word for word in words if not ENV_WORD.match(word))
+            add(name, lambda f=flags, e=env, n=name, k=repeat + 1: {
+                **cli_generate_run(spec, ckpt, w, h, frames, steps, dev, work, flags=f, name=n, env=e), "repeat": k})
         sections = (("repeat_prompt", runs.repeat, lambda: cli_repeat_prompt_run(spec, ckpt, w, h, frames, dev, work)),
                     ("loads", runs.loads, lambda: load_rows(spec, ckpt, w, h, dev, work)),
                     ("server", runs.server, lambda: server_run(spec, ckpt, w, h, frames, steps, dev, work)),
@@ -800,7 +811,7 @@ def user_path_summary(data: dict, model: str, w: int, h: int) -> dict:
     out = {}
     d = up.get("diffusers") or {}
     for r in up.get("runs", []):
-        if r["run"] == "cli-first-on-machine" or r.get("flags"):
+        if r["run"] == "cli-first-on-machine" or r.get("flags") or r.get("env"):
             continue
         if r["budget"] is None:
             out[key] = {"cli_wall_s": r["cli_wall_s"], "cli_process_to_mp4_s": r["process_to_mp4_s"],
@@ -826,8 +837,9 @@ def _run_label(r: dict) -> str:
     if r["run"] == "cli-first-on-machine":
         return f"artifex generate, {r['steps']} steps, the machine's first run (empty caches)"
     words = [*r.get("flags", [])] + (["--vram-budget", r["budget"]] if r["budget"] else [])
+    env = [f"{k}={v}" for k, v in r.get("env", {}).items()]
     again = r.get("repeat", 1)
-    return " ".join(["artifex generate", *words]) + (f" (run {again})" if again > 1 else "")
+    return " ".join([*env, "artifex generate", *words]) + (f" (run {again})" if again > 1 else "")
 
 
 def user_path_table(up: dict) -> str:

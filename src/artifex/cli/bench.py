@@ -87,7 +87,8 @@ def add_commands(sub) -> None:
                    help="first a generate run of N steps, reported as the machine's first (empty attention and "
                         "kernel caches), so that the runs after it see what later runs see (default: none)")
     u.add_argument("--user-flags", action="append", default=[], metavar="FLAGS",
-                   help="one more generate run with these flags (quoted, e.g. \"--fp8 all\"); repeatable")
+                   help="one more generate run with these flags (quoted, e.g. \"--fp8 all\"; a word NAME=value "
+                        "sets that variable for the run, e.g. \"ARTIFEX_DECODE_WARM_UP=off\"); repeatable")
     u.add_argument("--user-loads", action="store_true",
                    help="loading alone (1 step, 5 frames): page cache warm with diffusers' shard threads off and "
                         "on, dropped first with the prefetch off and on, and diffusers' cold from_pretrained")
