@@ -270,19 +270,21 @@ def test_the_decoder_warm_up_runs_beside_the_denoise_once_per_shape_and_changes_
     assert "decode_warm_up" not in base.sidecar and base.memory["decode_warm_up_fits"]  # not on a CPU
     monkeypatch.setattr(pipeline, "DECODER_WARM_UP_DEVICES", ("cuda", "cpu"))
     eng._decoded.clear()
-    seen, fail, inputs = [], [], []
+    seen, fail, inputs, events = [], [], [], []
     real = eng.decode_chunks
 
     def spy(latents):
-        seen.append((threading.current_thread().name, latents.shape[2]))
+        steps_done = sum(e.stage == "denoise" for e in events)
+        seen.append((threading.current_thread().name, latents.shape[2], steps_done))
         inputs.append(latents.clone())
         if fail and threading.current_thread().name == "artifex-decoder-warm-up":
             raise RuntimeError(fail[0])
         return real(latents)
 
     monkeypatch.setattr(eng, "decode_chunks", spy)
-    warm = generate(eng, tmp_path, "warm.mp4", **kw)
-    assert seen == [("artifex-decoder-warm-up", 3), (threading.current_thread().name, 4)]
+    warm = generate(eng, tmp_path, "warm.mp4", events=events.append, **kw)
+    # after the first step (Triton's compiler is not for two threads at once), before the real decode
+    assert seen == [("artifex-decoder-warm-up", 3, 1), (threading.current_thread().name, 4, 2)]
     report = warm.sidecar["decode_warm_up"]
     assert report["latent_frames"] == 3 and report["beside"] == "denoise" and report["seconds"] > 0
     assert "error" not in report
@@ -292,6 +294,10 @@ def test_the_decoder_warm_up_runs_beside_the_denoise_once_per_shape_and_changes_
 
     seen.clear()  # the shape is decoded: no warm-up
     assert "decode_warm_up" not in generate(eng, tmp_path, "again.mp4", **kw).sidecar and len(seen) == 1
+    eng._decoded.clear()
+    seen.clear()  # one step: nothing left to run beside it
+    assert "decode_warm_up" not in generate(eng, tmp_path, "one.mp4", **(kw | {"steps": 1})).sidecar
+    assert len(seen) == 1
 
     seen.clear()
     fail.append("no room")  # another shape, and its warm-up fails: the job does not

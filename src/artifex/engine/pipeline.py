@@ -420,7 +420,8 @@ class Engine:
 
     def start_decoder_warm_up(self, job: GenerationJob) -> threading.Thread | None:
         """A thread that decodes ``WARM_UP_DECODE_FRAMES`` latent frames of random latents of ``job``'s shape on a side
-        CUDA stream while the denoise runs, pixels discarded; None where it does not apply.
+        CUDA stream while the denoise runs (``generate`` starts it after the first step), pixels discarded; None
+        where it does not apply.
 
         A process's first decode at a shape pays for the first use of each of its kernels and cuDNN plans; a one-off
         CLI run pays that after the denoise, on the critical path. The warm-up moves it beside the denoise, where
@@ -492,13 +493,20 @@ class Engine:
             # 3. Denoise every step: the sampler (UniPC by default), the MoE switch at the boundary, CFG per expert
             #    (after an OOM step-down, again from the noise).
             def denoise():
-                warm_up = self.start_decoder_warm_up(job)
+                warm_up: list[threading.Thread | None] = []
+
+                def after_step(step: int) -> None:
+                    # From the second step on: the first has compiled the DiT's Triton kernels on this thread, and
+                    # Triton's compiler is not safe to run from two threads at once (the warm-up compiles the VAE's).
+                    if not warm_up and step < len(job.scheduler.timesteps):
+                        warm_up.append(self.start_decoder_warm_up(job))
+
                 try:
                     self.start_denoising(job)
-                    self.denoise(job)
+                    self.denoise(job, on_step=after_step)
                 finally:
-                    if warm_up is not None:
-                        warm_up.join()
+                    if warm_up and warm_up[0] is not None:
+                        warm_up[0].join()
 
             guard.stepping_down("denoise", denoise, job)
             if job.frame_mask is not None:  # TI2V: the frames given by the image stay the encoded image
@@ -569,10 +577,11 @@ class Engine:
         job.attention = self.attention.prepare(job.attention_shape, self.dtype, self.device)
 
     @torch.no_grad()
-    def denoise(self, job: GenerationJob, until: int | None = None) -> None:
+    def denoise(self, job: GenerationJob, until: int | None = None,
+                on_step: Callable[[int], None] | None = None) -> None:
         """Steps ``job.step`` up to ``until`` (default: the last) of ``job``'s scheduler; the MoE switch at the
-        boundary (``expert_schedule``), CFG per expert. The DiT caches of the experts these steps use are
-        cleared at the end (they hold this request's tensors)."""
+        boundary (``expert_schedule``), CFG per expert; ``on_step(steps done)`` after each. The DiT caches of the
+        experts these steps use are cleared at the end (they hold this request's tensors)."""
         s, timesteps = job.settings, job.scheduler.timesteps
         steps = range(job.step, len(timesteps) if until is None else until)
         try:
@@ -596,6 +605,8 @@ class Engine:
                 job.step = i + 1
                 job.emit(ProgressEvent("denoise", i + 1, len(timesteps), job.elapsed(), timestep=float(ts),
                                        expert=expert))
+                if on_step is not None:
+                    on_step(job.step)
         finally:
             for expert in sorted({job.experts[i] for i in steps}):
                 self._forget(self.c.experts[expert])
