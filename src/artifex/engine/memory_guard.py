@@ -80,21 +80,25 @@ class MemoryGuard:
             info["predicted_stages_gib"] = est.stages_gib
         if prefetch:
             info["predicted_peak_gib"] = round(max(est.peak_bytes, prefetch_peak(est, eng.weights)) / 2**30, 2)
-        info["decode_warm_up_fits"] = self.decode_warm_up_fits(job, est, prefetch, budget)
+        extra = self.decode_warm_up_bytes(job, est, prefetch, budget)
+        info["decode_warm_up_fits"] = extra is not None
+        if extra is not None:  # what the denoise stage holds more while the warm-up decodes beside it
+            info["predicted_decode_warm_up_gib"] = round(extra / 2**30, 2)
         return info
 
-    def decode_warm_up_fits(self, job: GenerationJob, est, prefetch: bool, budget: int | None) -> bool:
-        """Whether the decoder's warm-up (``Engine.start_decoder_warm_up``: a streamed decode of a few latent frames
-        while the denoise runs) fits: the VAE stays on the device through the denoise (not an on-demand VAE, not
-        tiled), and one latent frame's decode activations fit the budget beside the denoise stage's peak (the
-        next expert's prefetch included)."""
+    def decode_warm_up_bytes(self, job: GenerationJob, est, prefetch: bool, budget: int | None) -> int | None:
+        """The bytes the decoder's warm-up (``Engine.start_decoder_warm_up``: a streamed decode of a few latent
+        frames while the denoise runs) adds to the denoise stage, where it fits, else None: the VAE stays on the
+        device through the denoise (not an on-demand VAE, not tiled), and one latent frame's decode activations fit
+        the budget beside the denoise stage's peak (the next expert's prefetch included)."""
         eng, s = self.engine, job.settings
         if est is None or budget is None or eng.plan.vae_tiling or on_demand(eng.placement.tier)[1]:
-            return False
+            return None
         denoise = est.stages["denoise"] if not prefetch else prefetch_peak(est, eng.weights)
         decode = activations(job.spec, s.width, s.height, s.frames, eng.plan.cfg_batch, False, self.dit_forward(job),
                              eng.plan.vae_precision)["decode"]
-        return fits(denoise + int(decode * SLACK), budget)
+        extra = int(decode * SLACK)
+        return extra if fits(denoise + extra, budget) else None
 
     def repredict(self, job: GenerationJob) -> None:
         """After an OOM step-down: the planner's prediction for what runs now (tier and VAE tiling), so the

@@ -427,7 +427,7 @@ class Engine:
         CLI run pays that after the denoise, on the critical path. The warm-up moves it beside the denoise, where
         the GPU's share it takes is its small decode. It applies on a CUDA device (``DECODER_WARM_UP_DEVICES``)
         where this engine has not decoded the shape yet (a server's warm-up has), the VAE stays on the device
-        through the denoise and its working set fits beside the denoise's (``MemoryGuard.decode_warm_up_fits``), to
+        through the denoise and its working set fits beside the denoise's (``MemoryGuard.decode_warm_up_bytes``), to
         a request that writes its video with the VAE alone (no light decoder, no decode split over ranks);
         ``ARTIFEX_DECODE_WARM_UP=off`` turns it off. The job's latents and video are unchanged: it decodes its own
         random latents (its own generator: no RNG the request uses moves). Its seconds, or its error (the decode

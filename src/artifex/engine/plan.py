@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from artifex.config import OptimizationConfig, resolve_vae_precision
+from artifex.env import switch
 from artifex.errors import InvalidRequestError
 from artifex.models.registry import ModelSpec
 
@@ -133,6 +134,10 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
     if channels_last and not config.use_channels_last:
         reasons.append("fast_vae on CUDA: the VAE runs in channels_last_3d (its fused norms read that layout and "
                        "cuDNN needs no layout transposes: kernels-vae-h100.json)")
+    if device.type == "cuda" and config.decoder != "light" and switch("ARTIFEX_DECODE_WARM_UP"):
+        reasons.append("decoder warm-up: a process's first decode at a shape is met first by a decode of three latent "
+                       "frames beside the denoise (from its second step, on a side stream), where the VAE stays on the "
+                       "GPU and one latent frame's decode fits beside the denoise (ARTIFEX_DECODE_WARM_UP=off: none)")
     if config.decoder == "light":
         reasons.append(f"decoder=light: TAEHV from {config.light_decoder} decodes instead of the VAE (less detail); "
                        + (f"the VAE decodes the first {config.light_decoder_check} latent frames too, for the "
