@@ -1,7 +1,7 @@
 """``artifex serve`` end to end: a real server process on a loopback port with tiny models.
 
 Submit -> progress events -> playable mp4 (range requests too), uploads, de-duplication,
-cancel, every bad input, the OpenAI Videos shape, metrics and ``artifex monitor``, the
+cancel, every bad input, the OpenAI Videos shape, metrics, ``artifex monitor`` and ``artifex submit``, the
 OpenAPI document, auth and origin rules, and the web page in headless Chromium. One
 speech-to-video job (tiny-s2v: audio and a reference image in, an mp4 with sound out) is
 shared by the tests that need one (``s2v_job``).
@@ -326,6 +326,56 @@ def test_bad_bodies_uploads_and_ids(server):
     assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
     assert server.get("/api/jobs?limit=1").json()["total"] == before  # nothing was queued by bad input
     assert server.get("/healthz").status_code == 200
+
+
+# -- artifex submit: the terminal client -------------------------------------------------------------------
+SUBMIT = ("import sys; from artifex.cli import main; rc = main(sys.argv[1:]); "
+          "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)")
+
+
+def submit(server, *args: str, token: str | None = None) -> subprocess.CompletedProcess:
+    """``artifex submit`` against the test server, as a process (token from ARTIFEX_API_TOKEN)."""
+    env = {**os.environ, "ARTIFEX_API_TOKEN": server.token if token is None else token}
+    return subprocess.run([sys.executable, "-c", SUBMIT, "submit", "--url", server.url(""), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_submit_generates_on_the_server_and_downloads_the_mp4(server, tmp_path):
+    """The image goes up as a data: URL, progress comes per stage, the mp4 lands where --output says and its path
+    on stdout; the client never imports torch."""
+    image = tmp_path / "cond.png"
+    image.write_bytes(png_bytes(160, 96))
+    out = tmp_path / "kite.mp4"
+    p = submit(server, "--model", "tiny-ti2v", "--prompt", "a red kite", "--image", str(image), "--size", "160x96",
+               "--frames", "9", "--steps", "3", "--seed", "5", "--output", str(out))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [str(out), "no torch"]
+    assert frame_count(out.read_bytes(), tmp_path) == (9, 160, 96)
+    assert "queued on" in p.stderr and "denoise" in p.stderr
+    assert re.search(r"succeeded: encode_text [\d.]+s, denoise [\d.]+s, decode [\d.]+s, write [\d.]+s", p.stderr)
+    job_id = p.stderr.split()[0]
+    job = server.get(f"/api/jobs/{job_id}").json()
+    assert job["state"] == "succeeded" and job["image_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert job["settings"]["steps"] == 3 and job["settings"]["seed"] == 5
+
+    again = submit(server, "--model", "tiny-ti2v", "--prompt", "a red kite", "--image", str(image), "--size",
+                   "160x96", "--frames", "9", "--steps", "3", "--seed", "5", "--no-wait")
+    assert again.returncode == 0 and again.stdout.splitlines()[0] == job_id  # the same request: the stored job
+    assert "identical earlier request" in again.stderr
+
+
+@pytest.mark.slow
+def test_submit_names_what_the_server_refused(server, tmp_path):
+    p = submit(server, "--model", "tiny-ti2v", "--prompt", "x", "--frames", "10")
+    assert p.returncode == 2 and "frames" in p.stderr and "POST /api/jobs: 400" in p.stderr, p.stderr
+    p = submit(server, "--model", "tiny-ti2v", "--prompt", "x", token="y" * 43)
+    assert p.returncode == 2 and "401 unauthorized: give the server's API token" in p.stderr
+    p = submit(server, "--model", "tiny-ti2v", "--prompt", "x", "--image", str(tmp_path / "missing.png"))
+    assert p.returncode == 2 and "image: cannot read" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "artifex", "submit", "--url", "http://127.0.0.1:9", "--model",
+                        "tiny-ti2v", "--prompt", "x"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "cannot reach http://127.0.0.1:9" in p.stderr
 
 
 # -- speech-to-video ---------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ VARIABLES = {
                             "(off: diffusers imports all of its autoencoders, UNets and transformer models)",
     "ARTIFEX_DECODE_WARM_UP": "on (default) or off: on a GPU, a process's first decode at a shape first meets its "
                               "kernels while the denoise runs (a few latent frames of random latents)",
-    "ARTIFEX_API_TOKEN": "bearer token of `artifex serve` (and what `artifex monitor` sends); default: a generated "
-                         "one stored in the data directory",
+    "ARTIFEX_API_TOKEN": "bearer token of `artifex serve` (and what `artifex monitor` and `artifex submit` send); "
+                         "default: a generated one stored in the data directory",
 }
 
 

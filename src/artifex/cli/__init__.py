@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_commands(sub)  # generate, demo, batch
     info.add_commands(sub)  # doctor, plan, models, presets
     bench.add_commands(sub)
-    serve.add_commands(sub)  # serve, monitor
+    serve.add_commands(sub)  # serve, monitor, submit
     launch.add_commands(sub)  # launch (torchrun), with generate's flags
     cluster.add_commands(sub)  # cluster start|status|stop (Ray)
     return parser

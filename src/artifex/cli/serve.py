@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from artifex.cli.common import add_config_flags, config_flags
+from artifex.cli.common import add_config_flags, config_flags, float_list
 from artifex.env import read_env
 from artifex.errors import InvalidRequestError
 from artifex.models import prefetch
@@ -110,14 +110,73 @@ def add_commands(sub) -> None:
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("monitor", help="show a running server's queue, jobs, stage times and GPU live")
-    m.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: http://127.0.0.1:8000)")
-    m.add_argument("--token-file", type=Path, help="file holding the API token (default: $ARTIFEX_API_TOKEN, "
-                                                   "else <data dir>/api_token)")
-    m.add_argument("--data-dir", type=Path, help="the server's data directory, to read its token "
-                                                 "(default: $ARTIFEX_HOME/serve)")
+    server_flags(m)
     m.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     m.add_argument("--once", action="store_true", help="print one snapshot and exit")
     m.set_defaults(func=cmd_monitor)
+
+    c = sub.add_parser("submit", help="generate on a running artifex serve (its model loaded and warm: the job "
+                                      "costs its stages only); the mp4 is downloaded here",
+                       description=SUBMIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    server_flags(c)
+    c.add_argument("--model", required=True, help="a model the server serves (GET /api/models)")
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--negative-prompt")
+    c.add_argument("--image", type=Path, help="conditioning image (TI2V optional; I2V and S2V required)")
+    c.add_argument("--audio", type=Path, help="s2v: the audio driving the video")
+    c.add_argument("--pose-video", type=Path, help="s2v: a pose video driving the body")
+    c.add_argument("--preset", help="draft, preview, production, cinema or turbo")
+    c.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1280x704 (default: preset or model)")
+    c.add_argument("--frames", type=int, help="number of frames, 4n+1")
+    c.add_argument("--steps", type=int)
+    c.add_argument("--guidance", type=float, help="CFG scale (the high-noise expert's for A14B)")
+    c.add_argument("--guidance-low", type=float, help="CFG scale of the low-noise expert (A14B)")
+    c.add_argument("--shift", type=float)
+    c.add_argument("--sampler", help="unipc, euler or dmd")
+    c.add_argument("--timesteps", type=float_list, help="euler/dmd: the timesteps, decreasing in (0, 1000]")
+    c.add_argument("--sigmas", type=float_list, help="euler/dmd: the sigmas, decreasing in (0, 1]")
+    c.add_argument("--switch-step", type=int, help="A14B: the first step of the low-noise expert")
+    c.add_argument("--lora", help="a LoRA set the server registered")
+    c.add_argument("--seed", type=int, help="random seed (with one, an identical earlier request returns its "
+                                            "stored video)")
+    c.add_argument("--output", type=Path, help="mp4 path (default: <output dir>/<job id>.mp4)")
+    c.add_argument("--no-wait", action="store_true", help="print the job's id once it is queued, and exit")
+    c.set_defaults(func=cmd_submit)
+
+
+SUBMIT_HELP = """One generation on a running `artifex serve`, which has imported the libraries, loaded the model
+and warmed it up once: the job costs its stages only, where `artifex generate` first pays a fresh process's
+imports and load. This command imports no torch. Inputs (--image, --audio, --pose-video) are sent as base64
+data: URLs within the server's upload limits; progress is printed per stage and every 10% of the denoise; the
+mp4's path goes to stdout. Ctrl-C cancels the job on the server. Exit status: 0 with the video written, 1 when
+the job failed or was cancelled, 2 for a request the server refused or a server that cannot be reached.
+"""
+
+# JobCreate's fields that come straight from a flag of the same name
+SUBMIT_FIELDS = ("model", "prompt", "negative_prompt", "preset", "size", "frames", "steps", "guidance",
+                 "guidance_low", "shift", "sampler", "timesteps", "sigmas", "switch_step", "lora", "seed")
+
+
+def server_flags(p: argparse.ArgumentParser) -> None:
+    """Where a server client (monitor, submit) finds the server and its API token."""
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: http://127.0.0.1:8000)")
+    p.add_argument("--token-file", type=Path, help="file holding the API token (default: $ARTIFEX_API_TOKEN, "
+                                                   "else <data dir>/api_token)")
+    p.add_argument("--data-dir", type=Path, help="the server's data directory, to read its token "
+                                                 "(default: $ARTIFEX_HOME/serve)")
+
+
+def client_token(args: argparse.Namespace) -> str | None:
+    """The API token a client sends: $ARTIFEX_API_TOKEN, else --token-file, else the data directory's token file
+    (None where none exists: a server run with --no-auth)."""
+    from artifex.serve.auth import TOKEN_FILE_NAME
+
+    token = read_env().api_token
+    if not token:
+        path = args.token_file or (args.data_dir or default_data_dir()) / TOKEN_FILE_NAME
+        if path.exists():
+            token = path.read_text().strip()
+    return token
 
 
 def build_serve_config(args: argparse.Namespace):
@@ -226,14 +285,19 @@ def build_pool(args: argparse.Namespace, settings):
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     from artifex.serve import monitor
-    from artifex.serve.auth import TOKEN_FILE_NAME
 
-    token = read_env().api_token
-    if not token:
-        path = args.token_file or (args.data_dir or default_data_dir()) / TOKEN_FILE_NAME
-        if path.exists():
-            token = path.read_text().strip()
     try:
-        return monitor.run(args.url, token, args.interval, args.once)
+        return monitor.run(args.url, client_token(args), args.interval, args.once)
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from artifex.serve import client
+
+    body = {k: getattr(args, k) for k in SUBMIT_FIELDS if getattr(args, k) is not None}
+    for field in ("image", "audio", "pose_video"):
+        if getattr(args, field) is not None:
+            body[field] = client.data_url(getattr(args, field), field)
+    return client.run(client.Client(args.url, client_token(args)), body, args.output, read_env().output_dir,
+                      wait=not args.no_wait)

@@ -15,4 +15,5 @@ back state; it never waits on a generation.
   metrics.py   Prometheus text: queue, jobs by state, stage durations, NVML GPU figures
   app.py       the FastAPI application
   monitor.py   ``artifex monitor``: the same figures live in a terminal
+  client.py    ``artifex submit``: one job from the terminal, its mp4 downloaded (no torch imported)
 """
