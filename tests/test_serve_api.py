@@ -366,9 +366,36 @@ def test_submit_generates_on_the_server_and_downloads_the_mp4(server, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_in_submit_cancels_the_job_on_the_server(server):
+    import signal
+
+    env = {**os.environ, "ARTIFEX_API_TOKEN": server.token}
+    proc = subprocess.Popen([sys.executable, "-m", "artifex", "submit", "--url", server.url(""), "--model",
+                             "tiny-t2v-moe", "--prompt", "a long one", "--size", "256x256", "--frames", "33", "--steps",
+                             "80"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()  # "<id> queued on <url>"
+        assert " queued on " in first, first + proc.stderr.read()
+        job_id = first.split()[0]
+        deadline = time.monotonic() + 120
+        while server.get(f"/api/jobs/{job_id}").json()["progress"].get("stage") != "denoise":
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+        assert f"asked {server.url('')} to cancel {job_id}" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert server.wait_job(job_id, timeout=120)["state"] == "cancelled"
+
+
+@pytest.mark.slow
 def test_submit_names_what_the_server_refused(server, tmp_path):
     p = submit(server, "--model", "tiny-ti2v", "--prompt", "x", "--frames", "10")
     assert p.returncode == 2 and "frames" in p.stderr and "POST /api/jobs: 400" in p.stderr, p.stderr
+    p = submit(server, "--model", "tiny-t2v-moe", "--prompt", "x", "--steps", "400")  # allowed: said once
+    assert p.returncode == 2 and p.stderr.count("at most 84 at this shift") == 1, p.stderr
     p = submit(server, "--model", "tiny-ti2v", "--prompt", "x", token="y" * 43)
     assert p.returncode == 2 and "401 unauthorized: give the server's API token" in p.stderr
     p = submit(server, "--model", "tiny-ti2v", "--prompt", "x", "--image", str(tmp_path / "missing.png"))

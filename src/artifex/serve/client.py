@@ -68,7 +68,7 @@ def refusal(status: int, raw: bytes, headers: dict, what: str) -> str:
     except (ValueError, AttributeError):
         err = {}
     message = err.get("message") or raw[:300].decode(errors="replace") or f"HTTP {status}"
-    if err.get("allowed"):
+    if err.get("allowed") and str(err["allowed"]) not in message:  # the server's message may already say them
         message += f" (allowed: {err['allowed']})"
     if status == 429 and headers.get("Retry-After"):
         message += f"; retry after {headers['Retry-After']} s"
