@@ -17,9 +17,10 @@
 #             runs ARGS="--user-server --user-budgets '' --no-user-repeat --diffusers off --user-flags '--fp8 all'"
 #   series 5 (pinning by registering, bytecode kept): setup FRC_ARGS="--readers fast_read,fast_read+pinned,
 #             fast_read+pinned@alloc,libraries+pinned --repeat 2 --pin-probe 8"; then the two runs of series 4
-#   series 6 (decoder warm-up, deferred diffusers packages): setup FRC_ARGS=skip PROBE=probe11; runs
-#             ARGS="--user-prime-steps 2 --user-budgets none,24GB"; runs ARGS="--user-server --user-budgets ''
-#             --no-user-repeat --diffusers off"
+#   series 6 (decoder warm-up, deferred diffusers packages; H100): setup FRC_ARGS=skip PROBE=probe11; runs
+#             ARGS="--user-budgets none,24GB" (no prime run: the device time left did not allow one)
+#   next:     setup FRC_ARGS=skip; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB --user-flags
+#             ARTIFEX_DECODE_WARM_UP=off"; runs ARGS="--user-server --user-budgets '' --no-user-repeat --diffusers off"
 set -euo pipefail
 unset PYTHONDONTWRITEBYTECODE  # the device sets it: every process would compile what it imports (LOG.md)
 # ... and the image's packages hold no bytecode and may not be writable: all bytecode goes to one folder that
