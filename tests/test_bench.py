@@ -241,6 +241,7 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     assert off["run"] == "cli-ARTIFEX_DECODE_WARM_UP=off" and off["flags"] == [] and off["budget"] is None
     assert off["env"] == {"ARTIFEX_DECODE_WARM_UP": "off"}
     assert plain["decode_warm_up"] is None and plain["decode_warm_up_fits"] is False  # a CPU without a budget
+    assert prime["attention_source"] in ("timed", "cache") and plain["attention_source"] == "cache"
     assert all(w.startswith("WARNING") for w in plain["log_warnings"])
     assert plain["prefetch"][str(saved.resolve())]["files"] == 3  # transformer, VAE, text encoder
     for r in up["runs"]:

@@ -525,6 +525,7 @@ def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, 
             "decode_warm_up_fits": memory.get("decode_warm_up_fits"), "decode_warm_up": side.get("decode_warm_up"),
             "log_warnings": [line for line in stderr.splitlines() if line.startswith("WARNING")][-20:],
             "attention": (side.get("attention") or {}).get("chosen"),
+            "attention_source": (side.get("attention") or {}).get("source"),  # "timed" now, or from the "cache"
             "vae_precision": side["plan"]["vae_precision"], "vae_tiling": side["plan"]["vae_tiling"],
             "peak_gib": side["peak_memory"].get("gpu_max_allocated_gib"),
             "host_peak_rss_gib": side["wall"].get("host_peak_rss_gib")}
