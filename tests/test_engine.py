@@ -298,6 +298,16 @@ def test_the_decoder_warm_up_runs_beside_the_denoise_once_per_shape_and_changes_
     seen.clear()  # one step: nothing left to run beside it
     assert "decode_warm_up" not in generate(eng, tmp_path, "one.mp4", **(kw | {"steps": 1})).sidecar
     assert len(seen) == 1
+    eng._decoded.clear()
+    seen.clear()  # fp8 with its first step unquantized: the first quantized step meets the fp8 kernels first
+    events.clear()
+    plan = (eng.plan.fp8, eng.plan.fp8_bf16_steps)
+    eng.plan.fp8, eng.plan.fp8_bf16_steps = "gemm", 1  # the schedule only: these tiny experts hold no fp8 layers
+    try:
+        generate(eng, tmp_path, "fp8.mp4", events=events.append, **(kw | {"steps": 4}))
+    finally:
+        eng.plan.fp8, eng.plan.fp8_bf16_steps = plan
+    assert seen[0] == ("artifex-decoder-warm-up", 3, 2)
 
     seen.clear()
     fail.append("no room")  # another shape, and its warm-up fails: the job does not

@@ -420,8 +420,8 @@ class Engine:
 
     def start_decoder_warm_up(self, job: GenerationJob) -> threading.Thread | None:
         """A thread that decodes ``WARM_UP_DECODE_FRAMES`` latent frames of random latents of ``job``'s shape on a side
-        CUDA stream while the denoise runs (``generate`` starts it after the first step), pixels discarded; None
-        where it does not apply.
+        CUDA stream while the denoise runs (``generate`` starts it once the steps have met every DiT kernel: after
+        the first, or after the first fp8 step), pixels discarded; None where it does not apply.
 
         A process's first decode at a shape pays for the first use of each of its kernels and cuDNN plans; a one-off
         CLI run pays that after the denoise, on the critical path. The warm-up moves it beside the denoise, where
@@ -496,9 +496,11 @@ class Engine:
                 warm_up: list[threading.Thread | None] = []
 
                 def after_step(step: int) -> None:
-                    # From the second step on: the first has compiled the DiT's Triton kernels on this thread, and
-                    # Triton's compiler is not safe to run from two threads at once (the warm-up compiles the VAE's).
-                    if not warm_up and step < len(job.scheduler.timesteps):
+                    # Once the steps have met every DiT kernel (the first step; with fp8's unquantized first steps,
+                    # the first quantized one too): Triton's compiler is not safe to run from two threads at once,
+                    # and the warm-up compiles the VAE's kernels.
+                    met = 1 + (self.plan.fp8_bf16_steps if self.plan.fp8 != "off" else 0)
+                    if not warm_up and met <= step < len(job.scheduler.timesteps):
                         warm_up.append(self.start_decoder_warm_up(job))
 
                 try:
