@@ -256,17 +256,22 @@ def test_the_decoder_warm_up_runs_beside_the_denoise_once_per_shape_and_changes_
                                                                                         monkeypatch):
     """Where it applies (a GPU; here the CPU let in), a first decode at a shape is preceded by a decode of three
     latent frames of random latents on a thread while the denoise runs; the decode then gets the latents it gets
-    without it, a shape decoded before skips it, a failing warm-up only costs the head start, and
-    ARTIFEX_DECODE_WARM_UP=off or no room beside the denoise turns it off. (What goes into the decode is compared,
-    not the pixels: on this CPU the same latents decoded twice in one process can differ, with or without a
-    warm-up, once other tests have run before.)"""
+    without it and the encoder the same frames, a shape decoded before skips it, a failing warm-up only costs the
+    head start, and ARTIFEX_DECODE_WARM_UP=off or no room beside the denoise turns it off. (The frames handed to
+    the encoder are compared, not the mp4 files: in this test process x264 with frame threads has written
+    different bytes for the same frames now and then, with or without a warm-up.)"""
     import threading
 
-    from artifex.engine import pipeline
+    from artifex.engine import pipeline, video
 
     eng = engine("tiny-ti2v", vram_budget="8GB")  # a budget: the warm-up's room is planned against one
     kw = dict(steps=2, frames=13, width=160, height=96)
+    fed: list[np.ndarray] = []
+    add = video.Mp4Stream.add
+    monkeypatch.setattr(video.Mp4Stream, "add", lambda self, frames: (fed.append(frames.copy()), add(self, frames)))
     base = generate(eng, tmp_path, "base.mp4", **kw)
+    base_frames = np.concatenate(fed)
+    fed.clear()
     assert "decode_warm_up" not in base.sidecar and base.memory["decode_warm_up_fits"]  # room, but not on a CPU
     monkeypatch.setattr(pipeline, "DECODER_WARM_UP_DEVICES", ("cuda", "cpu"))
     eng._decoded.clear()
@@ -290,6 +295,7 @@ def test_the_decoder_warm_up_runs_beside_the_denoise_once_per_shape_and_changes_
     assert "error" not in report
     assert torch.equal(warm.latents, base.latents) and torch.equal(inputs[1].cpu(), base.latents)
     assert not torch.equal(inputs[0].cpu(), base.latents[:, :, :3])  # its own random latents
+    assert base_frames.shape == (13, 96, 160, 3) and np.array_equal(np.concatenate(fed), base_frames)
     assert read_mp4(warm.video_path)[2].shape == (13, 96, 160, 3)
 
     seen.clear()  # the shape is decoded: no warm-up
