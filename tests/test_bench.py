@@ -242,7 +242,7 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     assert off["env"] == {"ARTIFEX_DECODE_WARM_UP": "off"}
     assert plain["decode_warm_up"] is None and plain["decode_warm_up_fits"] is False  # a CPU without a budget
     assert prime["attention_source"] in ("timed", "cache") and plain["attention_source"] == "cache"
-    assert all(w.startswith("WARNING") for w in plain["log_warnings"])
+    assert isinstance(plain["log_warnings"], list)  # what warning_lines keeps: tested on its own
     assert plain["prefetch"][str(saved.resolve())]["files"] == 3  # transformer, VAE, text encoder
     for r in up["runs"]:
         assert r["cli_wall_s"] >= r["process_to_mp4_s"] >= r["wall"]["stages_sum_s"] - 1e-3
@@ -292,3 +292,15 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     assert 0 < srv["imports_s"] < srv["load_s"]  # a fresh server process: its load imported the libraries
     assert srv["first_request_s"] > 0 and srv["job_timings_s"]["denoise"] > 0
     assert merged["summary"]["tinyti2v_256x160_serve"]["ready_s"] == srv["ready_s"]
+
+
+def test_warning_lines_keep_the_last_warnings_of_a_process_log():
+    from artifex.bench.pipeline import warning_lines
+
+    log = "\n".join(["loading ti2v-5b ...", "INFO artifex: plan: x", "WARNING artifex: 160x96 is not a size",
+                     "  WARNING indented: not a log line", "WARNINGS are not a level",
+                     *[f"WARNING artifex: number {i}" for i in range(25)], "denoise 2/2"])
+    assert warning_lines(log, keep=3) == [f"WARNING artifex: number {i}" for i in (22, 23, 24)]
+    assert warning_lines(log)[0] == "WARNING artifex: number 5" and len(warning_lines(log)) == 20  # 26 kept 20
+    assert warning_lines("WARNING artifex: one\nINFO x", keep=5) == ["WARNING artifex: one"]
+    assert warning_lines("") == []

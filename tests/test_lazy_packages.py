@@ -13,8 +13,11 @@ import pytest
 from artifex import lazy_packages
 
 
-def _package(root, name: str) -> None:
-    """A package whose __init__ counts its runs (in a builtins list) and imports its submodule ``sub``."""
+def _package(root, name: str, monkeypatch) -> list:
+    """A package on the path whose __init__ counts its runs (the list returned, kept in builtins) and imports its
+    submodule ``sub``; neither imported yet."""
+    import builtins
+
     pkg = root / name
     pkg.mkdir()
     (pkg / "__init__.py").write_text(textwrap.dedent(f"""
@@ -26,28 +29,28 @@ def _package(root, name: str) -> None:
         __all__ = ["DOUBLE", "VALUE"]
     """))
     (pkg / "sub.py").write_text("VALUE = 21\n")
+    monkeypatch.syspath_prepend(str(root))
+    runs: list = []
+    monkeypatch.setattr(builtins, f"RUNS_{name}", runs, raising=False)
+    for module in (name, f"{name}.sub"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    return runs
 
 
 def test_a_deferred_package_runs_its_init_once_on_the_first_name_asked(tmp_path, monkeypatch):
-    import builtins
-
-    monkeypatch.syspath_prepend(str(tmp_path))
-    _package(tmp_path, "lzpkg_a")
-    monkeypatch.setattr(builtins, "RUNS_lzpkg_a", [], raising=False)
-    monkeypatch.delitem(sys.modules, "lzpkg_a", raising=False)
-    monkeypatch.delitem(sys.modules, "lzpkg_a.sub", raising=False)
+    runs = _package(tmp_path, "lzpkg_a", monkeypatch)
     assert lazy_packages.defer("lzpkg_a")
     assert lazy_packages.is_deferred("lzpkg_a")
     from lzpkg_a.sub import VALUE  # a submodule imports without the __init__
 
-    assert VALUE == 21 and builtins.RUNS_lzpkg_a == []
+    assert VALUE == 21 and runs == []
     got = []
     threads = [threading.Thread(target=lambda: got.append(sys.modules["lzpkg_a"].DOUBLE)) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert got == [42] * 4 and builtins.RUNS_lzpkg_a == [1]  # four threads, one run
+    assert got == [42] * 4 and runs == [1]  # four threads, one run
     assert not lazy_packages.is_deferred("lzpkg_a")
     import lzpkg_a
 
@@ -57,17 +60,11 @@ def test_a_deferred_package_runs_its_init_once_on_the_first_name_asked(tmp_path,
 
 
 def test_star_import_and_missing_names_run_the_init(tmp_path, monkeypatch):
-    import builtins
-
-    monkeypatch.syspath_prepend(str(tmp_path))
-    _package(tmp_path, "lzpkg_b")
-    monkeypatch.setattr(builtins, "RUNS_lzpkg_b", [], raising=False)
-    monkeypatch.delitem(sys.modules, "lzpkg_b", raising=False)
-    monkeypatch.delitem(sys.modules, "lzpkg_b.sub", raising=False)
+    runs = _package(tmp_path, "lzpkg_b", monkeypatch)
     assert lazy_packages.defer("lzpkg_b")
     scope: dict = {}
     exec("from lzpkg_b import *", scope)
-    assert scope["DOUBLE"] == 42 and builtins.RUNS_lzpkg_b == [1]
+    assert scope["DOUBLE"] == 42 and runs == [1]
 
 
 def test_imported_missing_and_plain_modules_are_left_alone(tmp_path, monkeypatch):

@@ -513,6 +513,7 @@ def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, 
     wall, _, stderr = _cli(args, timeout, env)
     side = json.loads(out.with_suffix(".json").read_text())
     memory = side["memory"] if isinstance(side.get("memory"), dict) else {}
+    attention = side.get("attention") or {}
     return {"run": name, "budget": budget, "flags": list(flags), "env": env or {},
             "shape": f"{w}x{h}x{frames}", "steps": steps, "cli_wall_s": round(wall, 2),
             "process_to_mp4_s": side["wall"]["process_s"],
@@ -523,12 +524,17 @@ def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, 
             "tier": memory.get("tier"),
             # the decoder's warm-up beside the denoise: whether it had room, and what it did (seconds, or its error)
             "decode_warm_up_fits": memory.get("decode_warm_up_fits"), "decode_warm_up": side.get("decode_warm_up"),
-            "log_warnings": [line for line in stderr.splitlines() if line.startswith("WARNING")][-20:],
-            "attention": (side.get("attention") or {}).get("chosen"),
-            "attention_source": (side.get("attention") or {}).get("source"),  # "timed" now, or from the "cache"
+            "log_warnings": warning_lines(stderr),
+            "attention": attention.get("chosen"),
+            "attention_source": attention.get("source"),  # "timed" now, or from the "cache"
             "vae_precision": side["plan"]["vae_precision"], "vae_tiling": side["plan"]["vae_tiling"],
             "peak_gib": side["peak_memory"].get("gpu_max_allocated_gib"),
             "host_peak_rss_gib": side["wall"].get("host_peak_rss_gib")}
+
+
+def warning_lines(stderr: str, keep: int = 20) -> list[str]:
+    """The last ``keep`` WARNING lines an ``artifex`` process logged (its log format: ``LEVEL name: message``)."""
+    return [line for line in stderr.splitlines() if line.startswith("WARNING ")][-keep:]
 
 
 def budget_run_name(budget: str | None) -> str:

@@ -69,8 +69,23 @@ def build_config(args: argparse.Namespace, preset: str | None = None) -> Optimiz
 
 
 def add_generate_flags(g: argparse.ArgumentParser) -> None:
-    """The flags of ``artifex generate`` (also those of ``batch`` and ``launch``)."""
-    g.add_argument("--model", required=True, help=f"one of: {', '.join(n for n, s in MODELS.items() if s.runnable)}")
+    """The flags of ``artifex generate`` (also those of ``batch`` and ``launch``): a request's, then where its
+    video goes and where the weights come from, then the config's."""
+    add_request_flags(g, f"one of: {', '.join(n for n, s in MODELS.items() if s.runnable)}")
+    g.add_argument("--output", type=Path, help="mp4 path (default: a new file in the output directory)")
+    g.add_argument("--output-dir", type=Path,
+                   help="output directory (default: $ARTIFEX_OUTPUT_DIR or ./artifex-output)")
+    g.add_argument("--checkpoint", help="checkpoint directory (diffusers or official Wan2.2 layout) or hub id "
+                                        "(default: the model's published one)")
+    g.add_argument("--transformer-file", help="single-file safetensors replacing transformer/ weights")
+    g.add_argument("--transformer-2-file", help="single-file safetensors replacing transformer_2/ weights (A14B)")
+    g.add_argument("--vae-file", help="single-file safetensors replacing vae/ weights")
+    add_config_flags(g)
+
+
+def add_request_flags(g: argparse.ArgumentParser, model_help: str) -> None:
+    """A generation request's flags (GenerationRequest's fields): those of ``generate`` and of ``submit``."""
+    g.add_argument("--model", required=True, help=model_help)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt")
     g.add_argument("--image", help="conditioning image (required by i2v and s2v models, optional for ti2v; s2v: "
@@ -96,15 +111,6 @@ def add_generate_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--switch-step", type=int, help="A14B: the first step of the low-noise expert (instead of the "
                    "boundary timestep), e.g. 2 for the Lightning 4-step LoRAs")
     g.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded in the sidecar)")
-    g.add_argument("--output", type=Path, help="mp4 path (default: a new file in the output directory)")
-    g.add_argument("--output-dir", type=Path,
-                   help="output directory (default: $ARTIFEX_OUTPUT_DIR or ./artifex-output)")
-    g.add_argument("--checkpoint", help="checkpoint directory (diffusers or official Wan2.2 layout) or hub id "
-                                        "(default: the model's published one)")
-    g.add_argument("--transformer-file", help="single-file safetensors replacing transformer/ weights")
-    g.add_argument("--transformer-2-file", help="single-file safetensors replacing transformer_2/ weights (A14B)")
-    g.add_argument("--vae-file", help="single-file safetensors replacing vae/ weights")
-    add_config_flags(g)
 
 
 def request_from_args(args: argparse.Namespace):

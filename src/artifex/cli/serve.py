@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from artifex.cli.common import add_config_flags, config_flags, float_list
+from artifex.cli.common import add_config_flags, add_request_flags, config_flags
 from artifex.env import read_env
 from artifex.errors import InvalidRequestError
 from artifex.models import prefetch
@@ -119,26 +119,8 @@ def add_commands(sub) -> None:
                                       "costs its stages only); the mp4 is downloaded here",
                        description=SUBMIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     server_flags(c)
-    c.add_argument("--model", required=True, help="a model the server serves (GET /api/models)")
-    c.add_argument("--prompt", required=True)
-    c.add_argument("--negative-prompt")
-    c.add_argument("--image", type=Path, help="conditioning image (TI2V optional; I2V and S2V required)")
-    c.add_argument("--audio", type=Path, help="s2v: the audio driving the video")
-    c.add_argument("--pose-video", type=Path, help="s2v: a pose video driving the body")
-    c.add_argument("--preset", help="draft, preview, production, cinema or turbo")
-    c.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1280x704 (default: preset or model)")
-    c.add_argument("--frames", type=int, help="number of frames, 4n+1")
-    c.add_argument("--steps", type=int)
-    c.add_argument("--guidance", type=float, help="CFG scale (the high-noise expert's for A14B)")
-    c.add_argument("--guidance-low", type=float, help="CFG scale of the low-noise expert (A14B)")
-    c.add_argument("--shift", type=float)
-    c.add_argument("--sampler", help="unipc, euler or dmd")
-    c.add_argument("--timesteps", type=float_list, help="euler/dmd: the timesteps, decreasing in (0, 1000]")
-    c.add_argument("--sigmas", type=float_list, help="euler/dmd: the sigmas, decreasing in (0, 1]")
-    c.add_argument("--switch-step", type=int, help="A14B: the first step of the low-noise expert")
+    add_request_flags(c, "a model the server serves (GET /api/models)")
     c.add_argument("--lora", help="a LoRA set the server registered")
-    c.add_argument("--seed", type=int, help="random seed (with one, an identical earlier request returns its "
-                                            "stored video)")
     c.add_argument("--output", type=Path, help="mp4 path (default: <output dir>/<job id>.mp4)")
     c.add_argument("--no-wait", action="store_true", help="print the job's id once it is queued, and exit")
     c.set_defaults(func=cmd_submit)
@@ -153,8 +135,8 @@ the job failed or was cancelled, 2 for a request the server refused or a server 
 """
 
 # JobCreate's fields that come straight from a flag of the same name
-SUBMIT_FIELDS = ("model", "prompt", "negative_prompt", "preset", "size", "frames", "steps", "guidance",
-                 "guidance_low", "shift", "sampler", "timesteps", "sigmas", "switch_step", "lora", "seed")
+SUBMIT_FIELDS = ("model", "prompt", "negative_prompt", "preset", "frames", "steps", "guidance", "guidance_low",
+                 "shift", "sampler", "timesteps", "sigmas", "switch_step", "lora", "seed")
 
 
 def server_flags(p: argparse.ArgumentParser) -> None:
@@ -296,8 +278,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from artifex.serve import client
 
     body = {k: getattr(args, k) for k in SUBMIT_FIELDS if getattr(args, k) is not None}
+    if args.size:
+        body["size"] = "{}x{}".format(*args.size)
     for field in ("image", "audio", "pose_video"):
         if getattr(args, field) is not None:
-            body[field] = client.data_url(getattr(args, field), field)
+            body[field] = client.data_url(Path(getattr(args, field)), field)
     return client.run(client.Client(args.url, client_token(args)), body, args.output, read_env().output_dir,
                       wait=not args.no_wait)

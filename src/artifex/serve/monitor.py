@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 
+from artifex.serve.client import Client, ClientError
 from artifex.serve.metrics import parse_text
 
 
@@ -16,29 +15,22 @@ class MonitorError(Exception):
     pass
 
 
-def _get(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, OSError) as e:
-        raise MonitorError(f"cannot reach {url}: {getattr(e, 'reason', e)}") from None
-
-
 def snapshot(base: str, token: str | None) -> dict:
     """Everything one screen shows, read from the server."""
-    base = base.rstrip("/")
-    status, body = _get(f"{base}/metrics", token)
+    client = Client(base, token, timeout=5.0)
+
+    def get(path: str) -> tuple[int, bytes]:
+        return client.request("GET", path)[:2]
+
+    status, body = get("/metrics")
     if status == 401:
         raise MonitorError("401 from /metrics: give the API token (ARTIFEX_API_TOKEN, --token-file or --data-dir)")
     if status != 200:
         raise MonitorError(f"/metrics answered {status}: {body[:200]!r}")
     samples = parse_text(body.decode())
-    _, ready_body = _get(f"{base}/readyz", token)
-    running = json.loads(_get(f"{base}/api/jobs?state=running&limit=10", token)[1]).get("jobs", [])
-    queued = json.loads(_get(f"{base}/api/jobs?state=queued&limit=5", token)[1])
+    _, ready_body = get("/readyz")
+    running = json.loads(get("/api/jobs?state=running&limit=10")[1]).get("jobs", [])
+    queued = json.loads(get("/api/jobs?state=queued&limit=5")[1])
     return {"samples": samples, "ready": json.loads(ready_body), "running": running,
             "queued": queued.get("jobs", []), "queued_total": queued.get("total", 0)}
 
@@ -141,7 +133,7 @@ def run(base: str, token: str | None, interval: float, once: bool, out=sys.stdou
         try:
             text = render(base, snapshot(base, token))
             code = 0
-        except MonitorError as e:
+        except (MonitorError, ClientError) as e:
             text, code = f"artifex monitor: {e}", 1
         if once:
             print(text, file=out if code == 0 else sys.stderr)
