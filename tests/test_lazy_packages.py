@@ -90,6 +90,12 @@ import diffusers
 out["same_class"] = Wan is AutoencoderKLWan and WanTransformer3DModel is diffusers.WanTransformer3DModel
 out["after"] = is_deferred("diffusers.models.autoencoders")
 out["kl"] = AutoencoderKL.__module__
+out["stats_deferred"] = is_deferred("scipy.stats")
+from diffusers import FlowMatchEulerDiscreteScheduler  # beta sigmas: scipy.stats.beta.ppf
+sched = FlowMatchEulerDiscreteScheduler(use_beta_sigmas=True)
+sched.set_timesteps(4)
+out["beta_sigmas"] = [round(float(s), 6) for s in sched.sigmas]
+out["stats_after"] = is_deferred("scipy.stats")
 print(json.dumps(out))
 """
 
@@ -105,3 +111,11 @@ def test_diffusers_model_families_import_only_what_is_asked_for(switch, monkeypa
     assert out["others_imported"] is (switch == "off")  # on: the Wan VAE came without diffusers' other autoencoders
     assert out["same_class"] and out["after"] is False
     assert out["kl"] == "diffusers.models.autoencoders.autoencoder_kl"
+    # scipy.stats (a test dependency: the GPU image has it) waits for the first scheduler that uses it, which
+    # then gets what the eager import gives
+    assert out["stats_deferred"] is (switch == "on") and out["stats_after"] is False
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(use_beta_sigmas=True)
+    sched.set_timesteps(4)
+    assert out["beta_sigmas"] == [round(float(s), 6) for s in sched.sigmas]

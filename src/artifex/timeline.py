@@ -158,12 +158,13 @@ def _attributes(module: str, *names: str):
 
 # What import_libraries imports, in order, as IMPORTS' groups. torch._dynamo is its own group: diffusers imports it
 # unconditionally (diffusers.utils.torch_utils: ``from torch._dynamo import allow_in_graph``), so importing it
-# first changes nothing but shows its share. diffusers' model families' packages are deferred (lazy_packages).
+# first changes nothing but shows its share. diffusers' model families' packages and scipy.stats are deferred
+# (lazy_packages).
 def _diffusers() -> None:
     importlib.import_module("diffusers")
-    from artifex.lazy_packages import defer_diffusers_models
+    from artifex.lazy_packages import defer_packages
 
-    defer_diffusers_models()  # before the first model class: only the Wan classes' own modules import
+    defer_packages()  # before the first model class: only the Wan classes' own modules import
 
 
 LIBRARIES = (
