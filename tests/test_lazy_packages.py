@@ -90,12 +90,14 @@ import diffusers
 out["same_class"] = Wan is AutoencoderKLWan and WanTransformer3DModel is diffusers.WanTransformer3DModel
 out["after"] = is_deferred("diffusers.models.autoencoders")
 out["kl"] = AutoencoderKL.__module__
-out["stats_deferred"] = is_deferred("scipy.stats")
+out["scipy_deferred"] = [is_deferred("scipy.stats"), is_deferred("scipy.integrate")]
 from diffusers import FlowMatchEulerDiscreteScheduler  # beta sigmas: scipy.stats.beta.ppf
 sched = FlowMatchEulerDiscreteScheduler(use_beta_sigmas=True)
 sched.set_timesteps(4)
 out["beta_sigmas"] = [round(float(s), 6) for s in sched.sigmas]
-out["stats_after"] = is_deferred("scipy.stats")
+from diffusers.schedulers import scheduling_lms_discrete as lms  # ``from scipy import integrate``
+out["quad"] = lms.integrate.quad(lambda x: x * x, 0.0, 1.0)[0]
+out["scipy_after"] = [is_deferred("scipy.stats"), is_deferred("scipy.integrate")]
 print(json.dumps(out))
 """
 
@@ -111,9 +113,10 @@ def test_diffusers_model_families_import_only_what_is_asked_for(switch, monkeypa
     assert out["others_imported"] is (switch == "off")  # on: the Wan VAE came without diffusers' other autoencoders
     assert out["same_class"] and out["after"] is False
     assert out["kl"] == "diffusers.models.autoencoders.autoencoder_kl"
-    # scipy.stats (a test dependency: the GPU image has it) waits for the first scheduler that uses it, which
-    # then gets what the eager import gives
-    assert out["stats_deferred"] is (switch == "on") and out["stats_after"] is False
+    # scipy.stats and scipy.integrate (scipy is a test dependency: the GPU image has it) wait for the first
+    # scheduler that uses them, which then gets what the eager import gives
+    assert out["scipy_deferred"] == [switch == "on"] * 2 and out["scipy_after"] == [False, False]
+    assert out["quad"] == pytest.approx(1 / 3)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(use_beta_sigmas=True)

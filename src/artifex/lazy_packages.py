@@ -1,5 +1,5 @@
 """Packages whose ``__init__`` runs only when something asks it for a name: diffusers' model families, and
-scipy.stats.
+scipy.stats and scipy.integrate.
 
 Importing ``diffusers.models.autoencoders.autoencoder_kl_wan`` first runs ``diffusers/models/autoencoders/
 __init__.py``, which imports every autoencoder diffusers ships (~40); one of them imports
@@ -13,10 +13,12 @@ hold (``from diffusers.models.autoencoders import AutoencoderKL``, ``pkg.Autoenc
 runs it, once, and then answers as the package always would. A submodule imported before that is set on the
 package as Python sets it, and the ``__init__``'s own imports of it find it in ``sys.modules``.
 
-``scipy.stats``, where scipy is installed, comes in through the same classes: their single-file loader imports
-eight of diffusers' schedulers, and several of those ``import scipy.stats`` for their beta sigmas (a call to
-``scipy.stats.beta.ppf`` when a scheduler is configured with ``use_beta_sigmas``). Its ``__init__`` took 0.49 s of a
-3.1 s import on the CPU machine; deferred, a scheduler that uses it runs it then.
+``scipy.stats`` and ``scipy.integrate``, where scipy is installed, come in through the same classes: their
+single-file loader imports eight of diffusers' schedulers; several of those ``import scipy.stats`` for their beta
+sigmas (``scipy.stats.beta.ppf``, called when a scheduler is configured with ``use_beta_sigmas``), and the LMS
+scheduler takes ``from scipy import integrate`` for its coefficients (``integrate.quad`` in a step). Their
+``__init__``s took 0.49 s and 0.23 s of a 3.1 s import on the CPU machine; deferred, a scheduler that uses one runs
+it then.
 
 ``defer_packages()`` does this for ``DEFERRED_PACKAGES`` before diffusers' model classes are first imported
 (``timeline.import_libraries``); ``ARTIFEX_LAZY_IMPORTS=off`` turns it off. A package already imported, one that
@@ -33,7 +35,7 @@ import types
 from artifex.env import switch
 
 DIFFUSERS_PACKAGES = ("diffusers.models.autoencoders", "diffusers.models.unets", "diffusers.models.transformers")
-DEFERRED_PACKAGES = (*DIFFUSERS_PACKAGES, "scipy.stats")
+DEFERRED_PACKAGES = (*DIFFUSERS_PACKAGES, "scipy.stats", "scipy.integrate")
 
 
 class _Deferred:
