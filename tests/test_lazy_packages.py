@@ -1,4 +1,5 @@
-"""Deferred package __init__s (artifex.lazy_packages): diffusers' model families import only what is asked for."""
+"""Deferred package __init__s (artifex.lazy_packages): diffusers' model families, transformers' model registry and
+two of scipy's packages import only what is asked for."""
 
 from __future__ import annotations
 
@@ -67,6 +68,38 @@ def test_star_import_and_missing_names_run_the_init(tmp_path, monkeypatch):
     assert scope["DOUBLE"] == 42 and runs == [1]
 
 
+def test_a_package_that_replaces_itself_answers_through_its_replacement(tmp_path, monkeypatch):
+    """transformers' package __init__s put a lazy module in sys.modules in their own place."""
+    pkg = tmp_path / "lzpkg_r"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent("""
+        import sys, types
+        class Lazy(types.ModuleType):
+            def __getattr__(self, name):
+                if name == "sub":
+                    import importlib
+                    return importlib.import_module(".sub", __name__)
+                if name == "GREETING":
+                    return "hello"
+                raise AttributeError(name)
+        lazy = Lazy(__name__)
+        lazy.__path__ = __path__
+        sys.modules[__name__] = lazy
+    """))
+    (pkg / "sub.py").write_text("VALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("lzpkg_r", "lzpkg_r.sub"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    assert lazy_packages.defer("lzpkg_r")
+    deferred = sys.modules["lzpkg_r"]
+    assert deferred.GREETING == "hello"  # the __init__ ran and its replacement answered
+    replacement = sys.modules["lzpkg_r"]
+    assert replacement is not deferred and type(replacement).__name__ == "Lazy"
+    assert deferred.sub.VALUE == 7 and not lazy_packages.is_deferred("lzpkg_r")
+    with pytest.raises(AttributeError):
+        deferred.MISSING  # noqa: B018
+
+
 def test_imported_missing_and_plain_modules_are_left_alone(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "lzmod_plain.py").write_text("X = 1\n")
@@ -81,8 +114,20 @@ import json, sys
 from artifex import timeline
 timeline.import_libraries()
 from artifex.lazy_packages import is_deferred
-out = {"deferred": is_deferred("diffusers.models.autoencoders"),
-       "others_imported": "diffusers.models.autoencoders.autoencoder_kl" in sys.modules}
+# a real checkpoint's text encoder and tokenizer, as the loader reads them: transformers' model registry
+# (transformers.models' __init__, which reads every model's source files) is not needed for them
+from artifex.models.loader import load_components
+from artifex.models.registry import get_model
+from pathlib import Path
+components = load_components(get_model("tiny-ti2v"), Path(sys.argv[1]), "fp32")
+out = {"transformers_models": is_deferred("transformers.models"),
+       "encoder": type(components.text_encoder).__name__}
+from transformers.models import bert  # a name asked of it: the __init__ runs and its lazy module answers
+import transformers
+out["bert"] = bert.BertModel is transformers.BertModel
+out["transformers_models_after"] = is_deferred("transformers.models")
+out["deferred"] = is_deferred("diffusers.models.autoencoders")
+out["others_imported"] = "diffusers.models.autoencoders.autoencoder_kl" in sys.modules
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders import AutoencoderKL, AutoencoderKLWan as Wan  # runs the package's __init__
 from diffusers.models.transformers import WanTransformer3DModel
@@ -104,11 +149,15 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("switch", ["on", "off"])
-def test_diffusers_model_families_import_only_what_is_asked_for(switch, monkeypatch):
+def test_diffusers_model_families_import_only_what_is_asked_for(switch, monkeypatch, tiny_checkpoint):
     monkeypatch.setenv("ARTIFEX_LAZY_IMPORTS", switch)
-    p = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint("tiny-ti2v"))], capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
+    # transformers.models' __init__ waits through a whole load of the text encoder and tokenizer
+    assert out["transformers_models"] is (switch == "on") and out["encoder"] == "UMT5EncoderModel"
+    assert out["bert"] and out["transformers_models_after"] is False
     assert out["deferred"] is (switch == "on")
     assert out["others_imported"] is (switch == "off")  # on: the Wan VAE came without diffusers' other autoencoders
     assert out["same_class"] and out["after"] is False

@@ -20,8 +20,9 @@ VARIABLES = {
     "ARTIFEX_PIN_REGISTER": "on (default) or off: pin host memory (offload tiers' CPU homes, read buffers) as "
                             "ordinary pages registered with CUDA, not by cudaHostAlloc (off: torch's default)",
     "ARTIFEX_LAZY_IMPORTS": "on (default) or off: import only the diffusers model modules the Wan classes need, "
-                            "and scipy.stats and scipy.integrate when first used (off: diffusers imports all of "
-                            "its autoencoders, UNets and transformer models, and its schedulers those two)",
+                            "transformers' model registry, scipy.stats and scipy.integrate when first used (off: "
+                            "diffusers imports all of its autoencoders, UNets and transformer models, transformers "
+                            "reads every model's files, and the schedulers import those two)",
     "ARTIFEX_DECODE_WARM_UP": "on (default) or off: on a GPU, a process's first decode at a shape first meets its "
                               "kernels while the denoise runs (a few latent frames of random latents)",
     "ARTIFEX_API_TOKEN": "bearer token of `artifex serve` (and what `artifex monitor` and `artifex submit` send); "

@@ -158,8 +158,8 @@ def _attributes(module: str, *names: str):
 
 # What import_libraries imports, in order, as IMPORTS' groups. torch._dynamo is its own group: diffusers imports it
 # unconditionally (diffusers.utils.torch_utils: ``from torch._dynamo import allow_in_graph``), so importing it
-# first changes nothing but shows its share. diffusers' model families' packages and two of scipy's are deferred
-# (lazy_packages).
+# first changes nothing but shows its share. diffusers' model families' packages, transformers.models and two of
+# scipy's are deferred (lazy_packages).
 def _diffusers() -> None:
     importlib.import_module("diffusers")
     from artifex.lazy_packages import defer_packages
