@@ -243,6 +243,7 @@ def test_bench_pipeline_user_path_runs_the_cli_on_a_saved_checkpoint(tmp_path):
     assert plain["decode_warm_up"] is None and plain["decode_warm_up_fits"] is False  # a CPU without a budget
     assert prime["attention_source"] in ("timed", "cache") and plain["attention_source"] == "cache"
     assert isinstance(plain["log_warnings"], list)  # what warning_lines keeps: tested on its own
+    assert plain["denoise_steps"]["steps"] == 2 and prime["denoise_steps"]["steps"] == 1
     assert plain["prefetch"][str(saved.resolve())]["files"] == 3  # transformer, VAE, text encoder
     for r in up["runs"]:
         assert r["cli_wall_s"] >= r["process_to_mp4_s"] >= r["wall"]["stages_sum_s"] - 1e-3

@@ -93,6 +93,12 @@ def test_sidecar_holds_what_it_claims(engine, tmp_path):
     att = side["attention"]
     assert att["requested"] == "auto" and att["chosen"] == att["chain"][0] and att["chain"][-1] == "sdpa-math"
     assert att["shape"] == [1, side["model"]["tokens_per_forward"], 2, 32]
+    # each step's end: four steps inside the denoise stage's time, the median among them
+    steps = side["denoise_steps"]
+    assert steps["steps"] == 4 and steps["clock"] == ("cuda events" if device_type == "cuda" else "host")
+    assert 0 < steps["prepare_s"] + steps["steps_s"] <= side["timings_s"]["denoise"]
+    assert min(steps["first_s"], steps["second_s"], steps["last_s"]) <= steps["median_s"]
+    assert steps["steps_s"] >= steps["first_s"] + steps["second_s"] + steps["last_s"]
 
 
 def test_ti2v_text_and_image_modes(engine, tmp_path, image_file):

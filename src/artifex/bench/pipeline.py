@@ -524,6 +524,7 @@ def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, 
             "tier": memory.get("tier"),
             # the decoder's warm-up beside the denoise: whether it had room, and what it did (seconds, or its error)
             "decode_warm_up_fits": memory.get("decode_warm_up_fits"), "decode_warm_up": side.get("decode_warm_up"),
+            "denoise_steps": side.get("denoise_steps"),  # the first steps' first uses against the median step
             "log_warnings": warning_lines(stderr),
             "attention": attention.get("chosen"),
             "attention_source": attention.get("source"),  # "timed" now, or from the "cache"

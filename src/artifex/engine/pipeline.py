@@ -35,6 +35,7 @@ from artifex.engine.placement import Placement, load_devices
 from artifex.engine.plan import Plan, make_plan, plan_before_load, resolve_device
 from artifex.engine.request import GenerationRequest, Settings, resolve_request
 from artifex.engine.samplers import checkpoint_shift, make_sampler, scheduler_warnings
+from artifex.engine.step_clock import StepClock
 from artifex.engine.text_cache import TextCache, encoder_fingerprint, tokenizer_fingerprint
 from artifex.engine.vae import accelerate_vae, set_layout
 from artifex.engine.video import Mp4Stream, to_uint8_frames
@@ -115,6 +116,7 @@ class GenerationJob:
     latents: torch.Tensor | None = None
     attention_shape: tuple[int, int, int, int] | None = None
     attention: Choice | None = None
+    step_clock: StepClock | None = None  # the ends of the preparation and of each step (the sidecar's denoise_steps)
     _last: float | None = None
 
     def elapsed(self) -> float:
@@ -514,6 +516,8 @@ class Engine:
             if job.frame_mask is not None:  # TI2V: the frames given by the image stay the encoded image
                 job.latents = (1 - job.frame_mask) * job.condition + job.frame_mask * job.latents
             job.mark("denoise")
+            if (steps := job.step_clock.summary()) is not None:
+                job.sidecar_extra["denoise_steps"] = steps
             guard.stage_peak(job, "denoise")
             if not self.layout.writes_output:  # another rank of a parallel group writes (this one may help decode)
                 if self.layout.joins_decode:
@@ -567,6 +571,7 @@ class Engine:
 
     def start_denoising(self, job: GenerationJob) -> None:
         """A fresh scheduler and the expert of each step; the latents back to the noise; the attention backend."""
+        job.step_clock = StepClock(self.device)
         s, arch = job.settings, job.spec.transformer
         job.scheduler = self.make_scheduler(s)
         job.scheduler.set_timesteps(s.steps, device=self.device)
@@ -577,6 +582,7 @@ class Engine:
         heads = arch.heads // self.layout.attention_heads_divisor
         job.attention_shape = (batch, job.spec.tokens(s.width, s.height, s.frames), heads, arch.head_dim)
         job.attention = self.attention.prepare(job.attention_shape, self.dtype, self.device)
+        job.step_clock.mark()
 
     @torch.no_grad()
     def denoise(self, job: GenerationJob, until: int | None = None,
@@ -605,6 +611,8 @@ class Engine:
                                          s.guidance[expert] if job.use_cfg[expert] else None)
                 job.latents = job.scheduler.step(noise, ts, job.latents, return_dict=False)[0]
                 job.step = i + 1
+                if job.step_clock is not None:
+                    job.step_clock.mark()
                 job.emit(ProgressEvent("denoise", i + 1, len(timesteps), job.elapsed(), timestep=float(ts),
                                        expert=expert))
                 if on_step is not None:
