@@ -256,3 +256,43 @@ def test_a_choice_says_where_its_timings_come_from(tmp_path):
     assert second.to_dict()["timed_at"] == first.timed_at
     alone = select("auto", DEVICE, torch.float32, shape)  # no cache file at all
     assert alone.source == "timed" and alone.cache_file is None
+
+
+def test_auto_rules_out_a_slow_backend_in_one_call_and_leaves_flex_behind_a_faster_kernel(tmp_path, monkeypatch):
+    """At a new shape each candidate is called once; only those within SCREEN of the best so far are timed in
+    full; flex (it compiles per shape) is not timed where a kernel ahead of it in the preference runs, and still
+    follows the timed ones in the chain. The cached choice says the same."""
+    import importlib
+
+    sel = importlib.import_module("artifex.attention.select")
+    ms = {"fa3": 10.0, "sdpa-cudnn": 12.0, "sdpa-flash": 20.0, "sdpa": 11.0, "sdpa-efficient": 40.0, "flex": 9.0}
+    calls: list[tuple[str, int]] = []
+
+    def fake_time(name, shape, dtype, device, scale=None, causal=False, slices=1, warmup=3, iters=10, seed=0):
+        calls.append((name, iters))
+        return ms[name]
+
+    monkeypatch.setattr(sel, "probe", lambda backend, *a, **k: None if backend.name in ms else "not here")
+    monkeypatch.setattr(sel, "verify", lambda name, *a, **k: sel.Verification(name, True, 0.0, 1.0))
+    monkeypatch.setattr(sel, "time_backend", fake_time)
+    cache = tmp_path / "attention-selection.json"
+    choice = select("auto", DEVICE, torch.bfloat16, (1, 64, 2, 32), cache_path=cache)
+    full = [name for name, iters in calls if iters > 1]
+    once = [name for name, iters in calls if iters == 1]
+    # the first in preference order in full, every later one called once first and timed in full only within
+    # 1.25x of the best so far (the order differs between a CPU and a GPU; the outcome does not)
+    assert calls[0][1] > 1 and set(full) == {"fa3", "sdpa-cudnn", "sdpa"} and len(full) == 3
+    assert set(once) == {"fa3", "sdpa-cudnn", "sdpa-flash", "sdpa", "sdpa-efficient"} - {calls[0][0]}
+    assert sorted(choice.screened) == ["sdpa-efficient", "sdpa-flash"]
+    assert "flex" not in dict(calls) and "fa3" in choice.untimed["flex"]
+    assert choice.chosen == "fa3" and choice.chain[:3] == ["fa3", "sdpa", "sdpa-cudnn"]
+    assert choice.chain.index("flex") > choice.chain.index("sdpa-efficient")  # untimed: after every timed one
+    calls.clear()
+    again = select("auto", DEVICE, torch.bfloat16, (1, 64, 2, 32), cache_path=cache)
+    assert calls == [] and again.source == "cache" and again.screened == choice.screened
+    assert again.untimed == choice.untimed and again.chain == choice.chain
+    # where no kernel ahead of flex runs, it is timed like the others
+    ms.pop("fa3"), ms.pop("sdpa-cudnn")
+    calls.clear()
+    alone = select("auto", DEVICE, torch.bfloat16, (1, 64, 4, 32), cache_path=cache)
+    assert "flex" in dict(calls) and alone.chosen == "flex" and not alone.untimed
