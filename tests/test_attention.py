@@ -258,10 +258,10 @@ def test_a_choice_says_where_its_timings_come_from(tmp_path):
     assert alone.source == "timed" and alone.cache_file is None
 
 
-def test_auto_rules_out_a_slow_backend_in_one_call_and_leaves_flex_behind_a_faster_kernel(tmp_path, monkeypatch):
+def test_auto_rules_out_a_slow_backend_in_one_call_and_leaves_flex_out_behind_a_faster_kernel(tmp_path, monkeypatch):
     """At a new shape each candidate is called once; only those within SCREEN of the best so far are timed in
-    full; flex (it compiles per shape) is not timed where a kernel ahead of it in the preference runs, and still
-    follows the timed ones in the chain. The cached choice says the same."""
+    full; flex (it compiles per shape) is neither verified nor timed where a kernel ahead of it in the preference
+    passed its check. The cached choice says the same."""
     import importlib
 
     sel = importlib.import_module("artifex.attention.select")
@@ -273,7 +273,9 @@ def test_auto_rules_out_a_slow_backend_in_one_call_and_leaves_flex_behind_a_fast
         return ms[name]
 
     monkeypatch.setattr(sel, "probe", lambda backend, *a, **k: None if backend.name in ms else "not here")
-    monkeypatch.setattr(sel, "verify", lambda name, *a, **k: sel.Verification(name, True, 0.0, 1.0))
+    verified: list[str] = []
+    monkeypatch.setattr(sel, "verify", lambda name, *a, **k: verified.append(name) or sel.Verification(
+        name, True, 0.0, 1.0))
     monkeypatch.setattr(sel, "time_backend", fake_time)
     cache = tmp_path / "attention-selection.json"
     choice = select("auto", DEVICE, torch.bfloat16, (1, 64, 2, 32), cache_path=cache)
@@ -284,15 +286,14 @@ def test_auto_rules_out_a_slow_backend_in_one_call_and_leaves_flex_behind_a_fast
     assert calls[0][1] > 1 and set(full) == {"fa3", "sdpa-cudnn", "sdpa"} and len(full) == 3
     assert set(once) == {"fa3", "sdpa-cudnn", "sdpa-flash", "sdpa", "sdpa-efficient"} - {calls[0][0]}
     assert sorted(choice.screened) == ["sdpa-efficient", "sdpa-flash"]
-    assert "flex" not in dict(calls) and "fa3" in choice.untimed["flex"]
-    assert choice.chosen == "fa3" and choice.chain[:3] == ["fa3", "sdpa", "sdpa-cudnn"]
-    assert choice.chain.index("flex") > choice.chain.index("sdpa-efficient")  # untimed: after every timed one
+    assert "flex" not in dict(calls) and "flex" not in verified and "fa3" in choice.left_out["flex"]
+    assert choice.chosen == "fa3" and choice.chain[:3] == ["fa3", "sdpa", "sdpa-cudnn"] and "flex" not in choice.chain
     calls.clear()
     again = select("auto", DEVICE, torch.bfloat16, (1, 64, 2, 32), cache_path=cache)
     assert calls == [] and again.source == "cache" and again.screened == choice.screened
-    assert again.untimed == choice.untimed and again.chain == choice.chain
-    # where no kernel ahead of flex runs, it is timed like the others
+    assert again.left_out == choice.left_out and again.chain == choice.chain
+    # where no kernel ahead of flex passes its check, it is verified and timed like the others
     ms.pop("fa3"), ms.pop("sdpa-cudnn")
     calls.clear()
     alone = select("auto", DEVICE, torch.bfloat16, (1, 64, 4, 32), cache_path=cache)
-    assert "flex" in dict(calls) and alone.chosen == "flex" and not alone.untimed
+    assert "flex" in dict(calls) and "flex" in verified and alone.chosen == "flex" and not alone.left_out

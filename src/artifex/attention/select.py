@@ -7,9 +7,10 @@
   verified backends on the real shape (CUDA) and keeps the fastest, remembering the
   choice on disk keyed by GPU, library versions, shape and dtype; on a CPU it takes the
   first verified backend in preference order. A backend one call shows to be far behind
-  is not timed further, and one that compiles for each shape (flex) only where no kernel
-  ahead of it runs (``_time_candidates``). The result is a ``Choice``: the chain to
-  run (fastest first, last resort at the end), what was rejected and why, timings.
+  is not timed further (``_time_candidates``), and one that compiles for each shape (flex)
+  is considered only where no kernel ahead of it passed its check (``COMPILES_PER_SHAPE``).
+  The result is a ``Choice``: the chain to run (fastest first, last resort at the end), what
+  was rejected and why, timings.
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ class Choice:
     # choice says which file and run it came from, so it can be told from one timed now.
     cache_file: str | None = None
     timed_at: str | None = None
-    # Timed once only: slower than SCREEN x the best at that point (``_time_candidates``); and verified backends
-    # left untimed, with why (they follow the timed ones in the chain)
+    # Timed once only: slower than SCREEN x the best at that point (``_time_candidates``); and backends ``auto``
+    # left out before verifying them, with why (``COMPILES_PER_SHAPE``)
     screened: list[str] = field(default_factory=list)
-    untimed: dict[str, str] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,27 +222,23 @@ FLASH_FIRST = ["fa3", "fa2", "fa4", "xformers"]
 # A14B 720p's shape 24 s of the first request there, 8.5 s of it sdpa-efficient's (656 ms a call against fa3's 172,
 # attention-h100.md), which a single call rules out.
 SCREEN = 1.25
-# Backends that compile for each new shape (flex: torch.compile of its kernel, seconds) are timed only where none of
-# the kernels ahead of them in PREFERENCE runs here: at every Wan shape flex was slower than both fa3 and
-# sdpa-cudnn (1.3x sdpa-cudnn's time on the H100, attention-h100.md; 20.5 against 15.8 ms on the H200,
-# probe-attention-select-h200.json). They stay in the chain, after the timed ones.
+# Backends that compile for each new shape (flex: torch.compile of its kernel, seconds, for its check too) are left
+# out of ``auto`` where a kernel ahead of them in PREFERENCE (fa3, fa4, fa2, sdpa-cudnn: before them in BACKENDS)
+# passed its check: at every Wan shape flex was slower than both fa3 and sdpa-cudnn (1.3x sdpa-cudnn's time on the
+# H100, attention-h100.md; 20.5 against 15.8 ms on the H200, probe-attention-select-h200.json). ``--attention flex``
+# still runs it.
 COMPILES_PER_SHAPE = ("flex",)
 
 
 def _time_candidates(ranked: list[str], shape, dtype, device, scale, causal,
-                     rejected: dict[str, str]) -> tuple[dict[str, float], list[str], dict[str, str]]:
-    """Time ``ranked`` (in preference order) at ``shape``: (milliseconds by backend, those timed once only, those
-    not timed with why). A backend that fails or runs out of memory goes to ``rejected``."""
+                     rejected: dict[str, str]) -> tuple[dict[str, float], list[str]]:
+    """Time ``ranked`` (in preference order) at ``shape``: (milliseconds by backend, those timed once only). A
+    backend that fails or runs out of memory goes to ``rejected``."""
     b, n, h, d = shape
     full = (3, 10) if device.type == "cuda" else (1, 3)
     timings: dict[str, float] = {}
     screened: list[str] = []
-    untimed: dict[str, str] = {}
     for name in ranked:
-        ahead = [x for x in PREFERENCE[:PREFERENCE.index(name)] if x in ranked] if name in PREFERENCE else []
-        if name in COMPILES_PER_SHAPE and ahead:
-            untimed[name] = f"compiles for each shape and has not been the fastest where {ahead[0]} runs"
-            continue
         try:
             if timings:
                 once = time_backend(name, shape, dtype, device, scale, causal, warmup=1, iters=1)
@@ -255,7 +252,7 @@ def _time_candidates(ranked: list[str], shape, dtype, device, scale, causal,
             torch.cuda.empty_cache()
         except Exception as e:
             rejected[name] = f"failed while timing: {type(e).__name__}: {e}"[:300]
-    return timings, screened, untimed
+    return timings, screened
 
 
 def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int, int],
@@ -286,8 +283,13 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
     store = _read_cache(cache_path) if cache_path else None
     known = dict((store or {}).get("verified", {}).get(vkey, {}))
     checked_now: set[str] = set()
+    left_out: dict[str, str] = {}
     for name, backend in BACKENDS.items():
         if not backend.in_auto:
+            continue
+        ahead = [c for c in candidates if c in PREFERENCE[:PREFERENCE.index(name)]] if name in PREFERENCE else []
+        if name in COMPILES_PER_SHAPE and ahead:
+            left_out[name] = f"compiles for each shape; slower than {ahead[0]} at every Wan shape measured"
             continue
         if name in failed:
             rejected[name] = f"failed at runtime: {failed[name]}"
@@ -313,7 +315,6 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
 
     timings: dict[str, float] = {}
     screened: list[str] = []
-    untimed: dict[str, str] = {}
     source = "preference"
     cache_file = timed_at = None
     # Time on the real shape on a GPU, and on a CPU when the shape is small enough to be cheap;
@@ -327,18 +328,18 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
                 and hit["timings_ms"]:
             timings, source = {k: float(v) for k, v in hit["timings_ms"].items()}, "cache"
             cache_file, timed_at = str(cache_path), hit.get("date")
-            screened, untimed = list(hit.get("screened", [])), dict(hit.get("untimed", {}))
+            screened = list(hit.get("screened", []))
         else:
-            timings, screened, untimed = _time_candidates(ranked, shape, dtype, device, scale, causal, rejected)
+            timings, screened = _time_candidates(ranked, shape, dtype, device, scale, causal, rejected)
             source, timed_at = "timed", time.strftime("%Y-%m-%d %H:%M:%S")
             if cache_path and timings:
-                cache["entries"][key] = {"timings_ms": timings, "date": timed_at, "screened": screened,
-                                         "untimed": untimed}
+                cache["entries"][key] = {"timings_ms": timings, "date": timed_at, "screened": screened}
                 _write_cache(cache_path, cache)
                 cache_file = str(cache_path)
         ranked = sorted(timings, key=timings.get) + [r for r in ranked if r not in timings and r not in rejected]
         if not ranked:
-            return Choice("auto", LAST_RESORT, [LAST_RESORT], "preference", shape, dname, rejected, timings)
+            return Choice("auto", LAST_RESORT, [LAST_RESORT], "preference", shape, dname, rejected, timings,
+                          left_out=left_out)
     while ranked and ranked[0] not in checked_now:  # the backend that will run is verified in this process
         v = verify(ranked[0], device, dtype, d, scale=scale, causal=causal)
         checked_now.add(ranked[0])
@@ -352,15 +353,16 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
         store.setdefault("verified", {})[vkey] = {**store.get("verified", {}).get(vkey, {}), **known}
         _write_cache(cache_path, store)
     if not ranked:
-        return Choice("auto", LAST_RESORT, [LAST_RESORT], "preference", shape, dname, rejected, timings)
+        return Choice("auto", LAST_RESORT, [LAST_RESORT], "preference", shape, dname, rejected, timings,
+                      left_out=left_out)
     chain = ranked + ([LAST_RESORT] if LAST_RESORT not in ranked else [])
     choice = Choice("auto", chain[0], chain, source, shape, dname, rejected, timings, cache_file, timed_at,
-                    screened, untimed)
+                    screened, left_out)
     where = {"cache": f"from {cache_file}, timed {timed_at}", "timed": f"timed now, kept in {cache_file}"
              if cache_file else "timed now"}.get(source, source)
     log.info("attention: %s for %s %s (%s); rejected: %s%s", choice.chosen, "x".join(map(str, shape)), dname, where,
              "; ".join(f"{k}: {v}" for k, v in rejected.items()) or "none",
-             "".join(f"; {k} not timed: {v}" for k, v in untimed.items()))
+             "".join(f"; {k} left out: {v}" for k, v in left_out.items()))
     return choice
 
 
