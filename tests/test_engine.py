@@ -263,9 +263,9 @@ def test_the_decoder_warm_up_runs_beside_the_denoise_once_per_shape_and_changes_
     """Where it applies (a GPU; here the CPU let in), a first decode at a shape is preceded by a decode of three
     latent frames of random latents on a thread while the denoise runs; the decode then gets the latents it gets
     without it and the encoder the same frames, a shape decoded before skips it, a failing warm-up only costs the
-    head start, and ARTIFEX_DECODE_WARM_UP=off or no room beside the denoise turns it off. (The frames handed to
-    the encoder are compared, not the mp4 files: in this test process x264 with frame threads has written
-    different bytes for the same frames now and then, with or without a warm-up.)"""
+    head start, and it runs only with ARTIFEX_DECODE_WARM_UP=on (off by default) and room beside the denoise.
+    (The frames handed to the encoder are compared, not the mp4 files: in this test process x264 with frame
+    threads has written different bytes for the same frames now and then, with or without a warm-up.)"""
     import threading
 
     from artifex.engine import pipeline, video
@@ -281,6 +281,10 @@ def test_the_decoder_warm_up_runs_beside_the_denoise_once_per_shape_and_changes_
     assert "decode_warm_up" not in base.sidecar and base.memory["decode_warm_up_fits"]  # room, but not on a CPU
     monkeypatch.setattr(pipeline, "DECODER_WARM_UP_DEVICES", ("cuda", "cpu"))
     eng._decoded.clear()
+    assert "decode_warm_up" not in generate(eng, tmp_path, "default.mp4", **kw).sidecar  # off unless asked for
+    fed.clear()
+    eng._decoded.clear()
+    monkeypatch.setenv("ARTIFEX_DECODE_WARM_UP", "on")
     seen, fail, inputs, events = [], [], [], []
     real = eng.decode_chunks
 
@@ -331,7 +335,7 @@ def test_the_decoder_warm_up_runs_beside_the_denoise_once_per_shape_and_changes_
     seen.clear()
     monkeypatch.setenv("ARTIFEX_DECODE_WARM_UP", "off")
     assert "decode_warm_up" not in generate(eng, tmp_path, "off.mp4", **kw).sidecar and len(seen) == 1
-    monkeypatch.delenv("ARTIFEX_DECODE_WARM_UP")
+    monkeypatch.setenv("ARTIFEX_DECODE_WARM_UP", "on")
     from artifex.engine.memory import estimate
 
     job = eng.prepare(GenerationRequest(model="tiny-ti2v", prompt="x", **kw))

@@ -23,8 +23,9 @@ VARIABLES = {
                             "transformers' model registry, scipy.stats and scipy.integrate when first used (off: "
                             "diffusers imports all of its autoencoders, UNets and transformer models, transformers "
                             "reads every model's files, and the schedulers import those two)",
-    "ARTIFEX_DECODE_WARM_UP": "on (default) or off: on a GPU, a process's first decode at a shape first meets its "
-                              "kernels while the denoise runs (a few latent frames of random latents)",
+    "ARTIFEX_DECODE_WARM_UP": "off (default) or on: on a GPU, a process's first decode at a shape first meets its "
+                              "kernels while the denoise runs (a few latent frames of random latents; it did not "
+                              "pay on an H200: ttv-h200.json)",
     "ARTIFEX_API_TOKEN": "bearer token of `artifex serve` (and what `artifex monitor` and `artifex submit` send); "
                          "default: a generated one stored in the data directory",
 }
@@ -51,9 +52,14 @@ def read_env() -> Env:
     )
 
 
-def switch(name: str, default: str = "on") -> bool:
-    """An on/off variable of ``VARIABLES``: True for on; any other value than on or off is an error naming both."""
-    value = (os.environ.get(name) or default).strip().lower()
+# The on/off variables whose default is off (every other one defaults to on)
+OFF_BY_DEFAULT = ("ARTIFEX_DECODE_WARM_UP",)
+
+
+def switch(name: str, default: str | None = None) -> bool:
+    """An on/off variable of ``VARIABLES``: True for on; any other value than on or off is an error naming both.
+    Unset: ``default``, else off for ``OFF_BY_DEFAULT`` and on for the others."""
+    value = (os.environ.get(name) or default or ("off" if name in OFF_BY_DEFAULT else "on")).strip().lower()
     if value not in ("on", "off"):
         raise InvalidRequestError(name, f"is {value!r}", "on, off")
     return value == "on"

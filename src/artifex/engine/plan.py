@@ -138,7 +138,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
         reasons.append("decoder warm-up: a process's first decode at a shape is met first by a decode of three latent "
                        "frames beside the denoise (once its steps have met the DiT's kernels, on a side stream), where "
                        "the VAE stays on the GPU and one latent frame's decode fits beside the denoise "
-                       "(ARTIFEX_DECODE_WARM_UP=off: none)")
+                       "(ARTIFEX_DECODE_WARM_UP=on; off by default)")
     if config.decoder == "light":
         reasons.append(f"decoder=light: TAEHV from {config.light_decoder} decodes instead of the VAE (less detail); "
                        + (f"the VAE decodes the first {config.light_decoder_check} latent frames too, for the "
