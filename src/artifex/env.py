@@ -20,9 +20,10 @@ VARIABLES = {
     "ARTIFEX_PIN_REGISTER": "on (default) or off: pin host memory (offload tiers' CPU homes, read buffers) as "
                             "ordinary pages registered with CUDA, not by cudaHostAlloc (off: torch's default)",
     "ARTIFEX_LAZY_IMPORTS": "on (default) or off: import only the diffusers model modules the Wan classes need, "
-                            "transformers' model registry, scipy.stats and scipy.integrate when first used (off: "
-                            "diffusers imports all of its autoencoders, UNets and transformer models, transformers "
-                            "reads every model's files, and the schedulers import those two)",
+                            "transformers' model registry, scipy.stats and scipy.integrate when first used, and keep "
+                            "importlib's package map on disk (off: diffusers imports all of its autoencoders, UNets "
+                            "and transformer models, transformers reads every model's files, the schedulers import "
+                            "those two, and the package map is built at each import)",
     "ARTIFEX_DECODE_WARM_UP": "off (default) or on: on a GPU, a process's first decode at a shape first meets its "
                               "kernels while the denoise runs (a few latent frames of random latents; it did not "
                               "pay on an H200: ttv-h200.json)",

@@ -156,6 +156,17 @@ def _attributes(module: str, *names: str):
     return load
 
 
+@contextlib.contextmanager
+def importing():
+    """A block that imports the libraries: the garbage collector paused (``gc_paused``) and importlib.metadata's
+    map of packages to distributions answered from disk (``package_map.cached``)."""
+    from artifex import package_map
+    from artifex.env import read_env
+
+    with gc_paused(), package_map.cached(read_env().home / "package-map.json"):
+        yield
+
+
 # What import_libraries imports, in order, as IMPORTS' groups. torch._dynamo is its own group: diffusers imports it
 # unconditionally (diffusers.utils.torch_utils: ``from torch._dynamo import allow_in_graph``), so importing it
 # first changes nothing but shows its share. diffusers' model families' packages, transformers.models and two of
@@ -178,9 +189,9 @@ LIBRARIES = (
 
 def import_libraries() -> None:
     """Import torch, diffusers, transformers and the Wan model classes once, timed as ``imports`` and by group
-    in ``IMPORTS``, with the garbage collector paused (``gc_paused``). The first call in a process pays; later
-    ones return at once; concurrent callers wait for the first. diffusers and transformers load their model
-    modules lazily: without this the import cost would be counted as checkpoint reading."""
+    in ``IMPORTS``, inside ``importing()`` (the collector paused, the package map from disk). The first call in a
+    process pays; later ones return at once; concurrent callers wait for the first. diffusers and transformers
+    load their model modules lazily: without this the import cost would be counted as checkpoint reading."""
     if _IMPORTS_DONE.is_set():
         return
     with _IMPORT_LOCK:
@@ -190,7 +201,7 @@ def import_libraries() -> None:
             # Shards of one model read on threads (each safetensors file's tensors copied to their device in
             # parallel); HF_ENABLE_PARALLEL_LOADING=no in the environment keeps diffusers' serial read.
             os.environ.setdefault("HF_ENABLE_PARALLEL_LOADING", "yes")
-        with PROCESS.span("imports"), gc_paused():
+        with PROCESS.span("imports"), importing():
             for name, load in LIBRARIES:
                 with IMPORTS.span(name):
                     load()
@@ -261,4 +272,4 @@ def host_rss_gib() -> dict[str, float] | None:
 
 
 __all__ = ["IMPORTS", "LIBRARIES", "PROCESS", "START", "START_SOURCE", "Timeline", "age", "host_peak_rss_gib",
-           "host_rss_gib", "gc_paused", "import_libraries", "imports_section", "start", "wall_section"]
+           "host_rss_gib", "gc_paused", "import_libraries", "importing", "imports_section", "start", "wall_section"]

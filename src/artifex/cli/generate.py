@@ -74,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prefetch.start(args.checkpoint)  # the disk reads the weights while the libraries import
     request = request_from_args(args)
-    with timeline.gc_paused():  # its step limit is the process's first import of torch and diffusers
+    with timeline.importing():  # its step limit is the process's first import of torch and diffusers
         resolve_request(request)  # the request is checked before any time goes into loading weights
     config = build_config(args, args.preset)
     print(f"loading {args.model} ...", file=sys.stderr)
@@ -151,7 +151,7 @@ def cmd_batch(args) -> int:
     if args.output and len(prompts) > 1:
         raise InvalidRequestError("output", f"one path for {len(prompts)} prompts", "--output-dir DIR")
     requests = [dataclasses.replace(request_from_args(args), prompt=p) for p in prompts]
-    with timeline.gc_paused():  # the first request's step limit imports torch and diffusers
+    with timeline.importing():  # the first request's step limit imports torch and diffusers
         for r in requests:  # check every request before spending time on loading weights
             resolve_request(r)
     devices = tuple(d.strip() for d in args.devices.split(",")) if args.devices else None

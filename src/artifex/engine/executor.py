@@ -213,7 +213,7 @@ class LocalExecutor(Executor):
         t0, imported = time.perf_counter(), timeline.imports_s()
         with LOAD_LOCK:  # the libraries' lazy imports are not thread-safe either
             # torch and the engine's modules, the first time: the process's
-            with timeline.PROCESS.span("imports"), timeline.gc_paused():
+            with timeline.PROCESS.span("imports"), timeline.importing():
                 timeline.import_libraries()  # first, so that its groups hold the libraries and this one artifex's
                 with timeline.IMPORTS.span("artifex.engine"):
                     from artifex.engine.pipeline import Engine
