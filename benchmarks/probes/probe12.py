@@ -116,14 +116,22 @@ def summarize(importtime: str) -> dict:
     return out
 
 
+def save(res: dict) -> None:
+    """Written after each measurement: a run cut short still leaves what it measured."""
+    with open(f"{OUT}/probe12.json", "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def main() -> None:
     res = {"torch": None, "imports": []}
-    for lazy in ("on", "off", "on", "off", "on"):
+    # PROBE12_MODES: the ARTIFEX_LAZY_IMPORTS value of each import process, in order
+    for lazy in os.environ.get("PROBE12_MODES", "on,off,on,off,on").split(","):
         out, err, wall = child(IMPORTS, "-X", "importtime", env=os.environ | {"ARTIFEX_LAZY_IMPORTS": lazy})
         groups = json.loads(out.strip().splitlines()[-1]) if out.strip() else err[-800:]
         res["imports"].append({"lazy": lazy, "process_s": round(wall, 3), "groups": groups,
                                "profile": summarize(err)})
         print(lazy, round(wall, 2), groups, flush=True)
+        save(res)
     for _ in range(3):
         out, err, wall = child(TORCH_FIRST_GPU)
         res.setdefault("torch_first_gpu", []).append(json.loads(out) if out.strip() else err[-800:])
@@ -137,8 +145,7 @@ def main() -> None:
     import torch
     res["torch"] = torch.__version__
     res["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    with open(f"{OUT}/probe12.json", "w") as f:
-        json.dump(res, f, indent=1)
+    save(res)
     print(json.dumps({k: v for k, v in res.items() if k != "imports"}, indent=1))
 
 
