@@ -19,8 +19,11 @@
 #             fast_read+pinned@alloc,libraries+pinned --repeat 2 --pin-probe 8"; then the two runs of series 4
 #   series 6 (decoder warm-up, deferred diffusers packages; H100): setup FRC_ARGS=skip PROBE=probe11; runs
 #             ARGS="--user-budgets none,24GB" (no prime run: the device time left did not allow one)
-#   next:     setup FRC_ARGS=skip; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB --user-flags
-#             ARTIFEX_DECODE_WARM_UP=off"; runs ARGS="--user-server --user-budgets '' --no-user-repeat --diffusers off"
+#   series 7 (H200): setup FRC_ARGS=skip PROBE=probe12; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB
+#             --no-user-repeat --user-flags ARTIFEX_DECODE_WARM_UP=off"; runs ARGS="--user-server --user-budgets ''
+#             --no-user-repeat --diffusers off"
+#   next:     the pinned transformers 5.24.0 wheel carried too (the image has 5.17, which imports scikit-learn):
+#             .whl-a without PyAV plus that wheel fits one call; then the series 7 runs with the repeat row back
 set -euo pipefail
 unset PYTHONDONTWRITEBYTECODE  # the device sets it: every process would compile what it imports (LOG.md)
 # ... and the image's packages hold no bytecode and may not be writable: all bytecode goes to one folder that
