@@ -23,7 +23,8 @@
 #             --no-user-repeat --user-flags ARTIFEX_DECODE_WARM_UP=off"; runs ARGS="--user-server --user-budgets ''
 #             --no-user-repeat --diffusers off"
 #   next:     the pinned transformers 5.24.0 wheel carried too (the image has 5.17, which imports scikit-learn):
-#             .whl-a without PyAV plus that wheel fits one call; then the series 7 runs with the repeat row back
+#             put it in .whl-b (40 MB with fa3-fwd) so the runs use it, then the series 7 runs with the repeat row
+#             back, and probe12 in a last short call (python3 benchmarks/probes/probe12.py $OUT, same PYTHONPATH)
 set -euo pipefail
 unset PYTHONDONTWRITEBYTECODE  # the device sets it: every process would compile what it imports (LOG.md)
 # ... and the image's packages hold no bytecode and may not be writable: all bytecode goes to one folder that
