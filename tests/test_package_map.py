@@ -42,12 +42,19 @@ def test_the_map_is_the_original_then_read_from_disk_until_a_path_entry_changes(
 def test_the_function_is_restored_and_the_switch_leaves_it_alone(tmp_path, monkeypatch):
     before = importlib.metadata.packages_distributions
     with package_map.cached(tmp_path / "m.json"):
-        assert importlib.metadata.packages_distributions is not before
+        outer = importlib.metadata.packages_distributions
+        assert outer is not before
+        with package_map.cached(tmp_path / "inner.json"):  # nested (importing() in importing()): the outer answers
+            assert importlib.metadata.packages_distributions is outer
+            importlib.metadata.packages_distributions()
+        assert importlib.metadata.packages_distributions is outer
     assert importlib.metadata.packages_distributions is before
+    assert (tmp_path / "m.json").is_file() and not (tmp_path / "inner.json").exists()
     monkeypatch.setenv("ARTIFEX_LAZY_IMPORTS", "off")
-    with package_map.cached(tmp_path / "m.json"):
+    with package_map.cached(tmp_path / "off.json"):
         assert importlib.metadata.packages_distributions is before
-    assert not (tmp_path / "m.json").exists()
+        importlib.metadata.packages_distributions()
+    assert not (tmp_path / "off.json").exists()
 
 
 def test_an_unwritable_home_only_costs_the_time(tmp_path):

@@ -57,10 +57,10 @@ def read_env() -> Env:
 OFF_BY_DEFAULT = ("ARTIFEX_DECODE_WARM_UP",)
 
 
-def switch(name: str, default: str | None = None) -> bool:
+def switch(name: str) -> bool:
     """An on/off variable of ``VARIABLES``: True for on; any other value than on or off is an error naming both.
-    Unset: ``default``, else off for ``OFF_BY_DEFAULT`` and on for the others."""
-    value = (os.environ.get(name) or default or ("off" if name in OFF_BY_DEFAULT else "on")).strip().lower()
+    Unset: off for ``OFF_BY_DEFAULT``, on for the others."""
+    value = (os.environ.get(name) or ("off" if name in OFF_BY_DEFAULT else "on")).strip().lower()
     if value not in ("on", "off"):
         raise InvalidRequestError(name, f"is {value!r}", "on, off")
     return value == "on"

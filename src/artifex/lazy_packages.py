@@ -14,16 +14,16 @@ runs it, once, and then answers as the package always would. A submodule importe
 package as Python sets it, and the ``__init__``'s own imports of it find it in ``sys.modules``.
 
 ``transformers.models``' ``__init__`` builds transformers' registry of every model it ships by reading each
-model's source files (0.25 s of the import on the CPU machine); the UMT5 encoder and its tokenizer import their own
+model's source files; the UMT5 encoder and its tokenizer import their own
 packages without it. That ``__init__`` puts a lazy module in ``sys.modules`` in its own place: once it has run, the
 deferred module answers through that one.
 
 ``scipy.stats`` and ``scipy.integrate``, where scipy is installed, come in through the same classes: their
 single-file loader imports eight of diffusers' schedulers; several of those ``import scipy.stats`` for their beta
 sigmas (``scipy.stats.beta.ppf``, called when a scheduler is configured with ``use_beta_sigmas``), and the LMS
-scheduler takes ``from scipy import integrate`` for its coefficients (``integrate.quad`` in a step). Their
-``__init__``s took 0.49 s and 0.23 s of a 3.1 s import on the CPU machine; deferred, a scheduler that uses one runs
-it then.
+scheduler takes ``from scipy import integrate`` for its coefficients (``integrate.quad`` in a step). scipy.stats
+alone took 0.34 s of an eager import on the CPU machine (``benchmarks/probes/imports-cpu.json``); deferred, a
+scheduler that uses one runs it then.
 
 ``defer_packages()`` does this for ``DEFERRED_PACKAGES`` before diffusers' model classes are first imported
 (``timeline.import_libraries``); ``ARTIFEX_LAZY_IMPORTS=off`` turns it off. A package already imported, one that

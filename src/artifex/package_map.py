@@ -2,13 +2,14 @@
 
 diffusers calls it once at import (``diffusers.utils.import_utils``: the map from import names to the
 distributions that provide them), and it reads every installed distribution's file list: 0.95 s of a process's
-imports on the GPU image (211 distributions, ``benchmarks/probes/probe12-h200.json``), 0.12 s on the CPU machine
-(127). ``cached()`` puts in its place, for the duration of the block, a function that returns the map stored in
-``$ARTIFEX_HOME/package-map.json`` when nothing on ``sys.path`` changed since it was stored (the same interpreter,
-the same path entries, and each directory entry's modification time: installing, upgrading or removing a
-distribution adds or removes an entry of its site-packages directory), and otherwise computes the map, stores it
-and returns it. An unreadable or foreign file is computed again; a file that cannot be written only costs the
-time. ``ARTIFEX_LAZY_IMPORTS=off`` leaves the function alone.
+imports on the GPU image (211 distributions, ``benchmarks/probes/probe12-h200.json``), 0.15 s on the CPU machine
+(127, ``benchmarks/probes/imports-cpu.json``). ``cached()`` puts in its place, for the duration of the block, a
+function that returns the map stored in ``$ARTIFEX_HOME/package-map.json`` when nothing on ``sys.path`` changed
+since it was stored (the same interpreter, the same path entries, and each directory entry's modification time:
+installing, upgrading or removing a distribution adds or removes an entry of its site-packages directory), and
+otherwise computes the map, stores it and returns it. An unreadable or foreign file is computed again; a file that
+cannot be written only costs the time. Blocks nest: an inner one leaves the outer one's function in place.
+``ARTIFEX_LAZY_IMPORTS=off`` leaves the function alone.
 
 Torch-free: ``timeline.import_libraries`` uses it before torch is imported.
 """
@@ -65,8 +66,8 @@ def cached(path: Path) -> Iterator[None]:
     from artifex.env import switch
 
     original = importlib.metadata.packages_distributions
-    if not switch("ARTIFEX_LAZY_IMPORTS"):
-        yield
+    if not switch("ARTIFEX_LAZY_IMPORTS") or getattr(original, "artifex_cached", False):
+        yield  # off, or inside another block (``importing()`` nests): that block's function answers
         return
 
     def packages_distributions() -> dict:
@@ -77,6 +78,7 @@ def cached(path: Path) -> Iterator[None]:
             _write(path, state, mapping)
         return {name: list(dists) for name, dists in mapping.items()}  # the caller's own copy, as the original's
 
+    packages_distributions.artifex_cached = True
     importlib.metadata.packages_distributions = packages_distributions
     try:
         yield

@@ -287,8 +287,8 @@ def select(requested: str, device: torch.device, dtype: torch.dtype, shape: tupl
     for name, backend in BACKENDS.items():
         if not backend.in_auto:
             continue
-        ahead = [c for c in candidates if c in PREFERENCE[:PREFERENCE.index(name)]] if name in PREFERENCE else []
-        if name in COMPILES_PER_SHAPE and ahead:
+        if name in COMPILES_PER_SHAPE and (ahead := [c for c in candidates
+                                                     if c in PREFERENCE[:PREFERENCE.index(name)]]):
             left_out[name] = f"compiles for each shape; slower than {ahead[0]} at every Wan shape measured"
             continue
         if name in failed:
