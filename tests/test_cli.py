@@ -40,6 +40,7 @@ def test_generate_writes_mp4_with_progress(tmp_path, capsys):
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["config"]["max_batch_size"] == 2 and side["plan"]["cfg_batch"] == 2
     assert_wall_adds_up(side["wall"])
+    assert side["read_ahead"] == {"state": "skipped", "reason": "not a local diffusers-layout checkpoint directory"}
     assert "wall " in captured.err and "since the process started" in captured.err
 
 

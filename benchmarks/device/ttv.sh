@@ -22,9 +22,9 @@
 #   series 7 (H200): setup FRC_ARGS=skip PROBE=probe12; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB
 #             --no-user-repeat --user-flags ARTIFEX_DECODE_WARM_UP=off"; runs ARGS="--user-server --user-budgets ''
 #             --no-user-repeat --diffusers off"
-#   next:     the pinned transformers 5.24.0 wheel carried too (the image has 5.17, which imports scikit-learn):
-#             put it in .whl-b (40 MB with fa3-fwd) so the runs use it, then the series 7 runs with the repeat row
-#             back, and probe12 in a last short call (python3 benchmarks/probes/probe12.py $OUT, same PYTHONPATH)
+#   series 8 (read-ahead; the pinned transformers 5.24.0, not the image's 5.17): .whl-a = PyAV, diffusers, ftfy,
+#             importlib-metadata, wcwidth and transformers-5.24.0 (62 MB); .whl-b = fa3-fwd and the serve wheels.
+#             setup FRC_ARGS=skip PROBE=probe13; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB"
 set -euo pipefail
 unset PYTHONDONTWRITEBYTECODE  # the device sets it: every process would compile what it imports (LOG.md)
 # ... and the image's packages hold no bytecode and may not be writable: all bytecode goes to one folder that

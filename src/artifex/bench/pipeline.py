@@ -521,6 +521,7 @@ def cli_generate_run(spec, ckpt: Path, w, h, frames, steps, device, work: Path, 
             "wall": side["wall"], "timings_s": side["timings_s"],
             "load_timings_s": {k[5:]: v for k, v in side["wall"]["stages_s"].items() if k.startswith("load.")},
             "prefetch": side.get("prefetch"),
+            "read_ahead": side.get("read_ahead"),  # the weights read to the GPU while the libraries imported
             "tier": memory.get("tier"),
             # the decoder's warm-up beside the denoise: whether it had room, and what it did (seconds, or its error)
             "decode_warm_up_fits": memory.get("decode_warm_up_fits"), "decode_warm_up": side.get("decode_warm_up"),

@@ -22,7 +22,7 @@ from artifex.cli.common import (
 )
 from artifex.env import read_env
 from artifex.errors import InvalidRequestError
-from artifex.models import prefetch
+from artifex.models import prefetch, read_ahead
 from artifex.models.registry import MODELS
 
 DEMO_PROMPT = "a red kite flying over a golden beach at sunset, slow motion, cinematic"
@@ -74,9 +74,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prefetch.start(args.checkpoint)  # the disk reads the weights while the libraries import
     request = request_from_args(args)
-    with timeline.importing():  # its step limit is the process's first import of torch and diffusers
-        resolve_request(request)  # the request is checked before any time goes into loading weights
     config = build_config(args, args.preset)
+    read_ahead.start(args.checkpoint, config, single_files(args))  # and the GPU, once torch is imported
+    with timeline.importing():  # its step limit is the process's first import of diffusers
+        resolve_request(request)  # checked before the main thread spends any time on loading weights
     print(f"loading {args.model} ...", file=sys.stderr)
     executor = LocalExecutor()
     executor.load(args.model, checkpoint=args.checkpoint, config=config, single_files=single_files(args))
@@ -151,6 +152,9 @@ def cmd_batch(args) -> int:
     if args.output and len(prompts) > 1:
         raise InvalidRequestError("output", f"one path for {len(prompts)} prompts", "--output-dir DIR")
     requests = [dataclasses.replace(request_from_args(args), prompt=p) for p in prompts]
+    config = build_config(args, args.preset)
+    if not args.expert_pipeline:  # which splits the components over two devices
+        read_ahead.start(args.checkpoint, config, single_files(args))
     with timeline.importing():  # the first request's step limit imports torch and diffusers
         for r in requests:  # check every request before spending time on loading weights
             resolve_request(r)
@@ -159,7 +163,6 @@ def cmd_batch(args) -> int:
         raise InvalidRequestError("devices", f"needs two devices, got {args.devices!r}", "FIRST,SECOND")
     if devices and not args.expert_pipeline:
         raise InvalidRequestError("devices", "only used with --expert-pipeline")
-    config = build_config(args, args.preset)
     if args.expert_pipeline and requested_tier(config) == "auto":
         config = config.merged({"memory_tier": "resident"})  # each device holds half: no offload tier
     print(f"loading {args.model} ...", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from artifex import timeline
 from artifex.engine.decoders import decoder_report
 from artifex.env import read_env
-from artifex.models import prefetch
+from artifex.models import prefetch, read_ahead
 from artifex.sysinfo import device_info, versions
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ def build_sidecar(engine: Engine, request: GenerationRequest, r: GenerationResul
         # The process's time from its start to this mp4 closed, stage by stage (``artifex.timeline``).
         "wall": timeline.wall_section(engine.load_timings, r.timings),
         "prefetch": prefetch.report(),  # checkpoints read into the page cache during the imports (models.prefetch)
+        "read_ahead": read_ahead.report(),  # weights read to the GPU during the imports (models.read_ahead)
         "text_cache": text_cache_section(engine, s),
         "peak_memory": r.peak_memory,
         "versions": versions(),

@@ -42,7 +42,7 @@ from artifex.engine.video import Mp4Stream, to_uint8_frames
 from artifex.env import read_env, switch
 from artifex.errors import GenerationCancelled
 from artifex.kernels.fp8 import unquantized
-from artifex.models import prefetch
+from artifex.models import prefetch, read_ahead
 from artifex.models.loader import DTYPES, Components, load_components, resolve_checkpoint
 from artifex.models.lora import fuse_loras, parse_lora_specs
 from artifex.models.registry import ModelSpec, get_model
@@ -255,6 +255,7 @@ class Engine:
             components = load_components(spec, path, config.precision, single_files, devices=devices)
         finally:
             prefetch.stop_all()  # what it has not read yet the load has read itself
+            read_ahead.finish()  # what it read for a place the plan did not choose goes
         timings["checkpoint_check"] = components.timings.get("checkpoint_check", 0.0)
         timings["checkpoint_read"] = round(sum(v for k, v in components.timings.items() if k.startswith("read.")), 4)
         for w in components.info.warnings:

@@ -35,6 +35,7 @@ import torch
 
 from artifex.env import switch
 from artifex.errors import CheckpointError
+from artifex.models import read_ahead
 
 log = logging.getLogger("artifex")
 
@@ -330,13 +331,14 @@ def _read_chunked(file: _File, device: torch.device, threads: int, chunk: int) -
 
 def read_safetensors(files: list[Path], device: str | torch.device,
                      dtype_of: Callable[[str, torch.dtype], torch.dtype],
-                     threads: int = THREADS, chunk: int = CHUNK, chunked: bool | None = None, pin: bool = False
-                     ) -> dict[str, torch.Tensor]:
+                     threads: int = THREADS, chunk: int = CHUNK, chunked: bool | None = None, pin: bool = False,
+                     ahead: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor of ``files`` on ``device``, cast to ``dtype_of(name, dtype in the file)``. A name in two files
     is an error (shards of one model do not overlap). ``chunked`` (default: on a GPU) reads through buffers of
     ``chunk`` bytes; else each tensor is read into its own memory (a CPU's). ``pin``: on the CPU, that memory is
     pinned (where CUDA is present), every file's tensors packed together into chunks (``pack``); a tensor that
-    needs a cast is pinned later, by the placement."""
+    needs a cast is pinned later, by the placement. ``ahead``: a file the read-ahead (``read_ahead``) already read to
+    ``device`` is taken from it instead of read again (its tensors cast the same way)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -351,18 +353,24 @@ def read_safetensors(files: list[Path], device: str | torch.device,
         del flat
     out: dict[str, torch.Tensor] = {}
     for i, path in enumerate(files):
-        file = pinned[i] if pin else _File(path, device)
-        if pin:
-            pinned[i] = None
-        if file.size:
-            if device.type == "cuda" if chunked is None else chunked:
-                _read_chunked(file, device, threads, chunk)
-            else:
-                _read_cpu(file, threads)
-        for name, t in zip(file.names, file.tensors, strict=True):
+        held = read_ahead.take(path, device) if ahead and not pin else None
+        if held is not None:
+            names, tensors = held
+        else:
+            file = pinned[i] if pin else _File(path, device)
+            if pin:
+                pinned[i] = None
+            if file.size:
+                if device.type == "cuda" if chunked is None else chunked:
+                    _read_chunked(file, device, threads, chunk)
+                else:
+                    _read_cpu(file, threads)
+            names, tensors = file.names, file.tensors
+            del file
+        for name, t in zip(names, tensors, strict=True):
             if name in out:
                 raise CheckpointError(path, f"holds tensor {name!r}, which an earlier shard holds too")
             want = dtype_of(name, t.dtype)
             out[name] = t if want == t.dtype else t.to(want)
-        del file  # the uncast tensors of this file go before the next file's arrive
+        del names, tensors  # the uncast tensors of this file go before the next file's arrive
     return out
