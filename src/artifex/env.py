@@ -16,8 +16,8 @@ VARIABLES = {
     "ARTIFEX_PREFETCH": "on (default) or off: read a checkpoint directory's weight files into the page cache while "
                         "the libraries import (skipped when the host lacks the memory to keep them cached)",
     "ARTIFEX_READ_AHEAD": "on (default) or off: where the load will keep every component on the GPU, `artifex "
-                          "generate` and `batch` read a checkpoint directory's safetensors there on a thread while "
-                          "the libraries import (models/read_ahead.py)",
+                          "generate`, `batch` and `serve` (one model) read a checkpoint directory's safetensors "
+                          "there on a thread while the libraries import (models/read_ahead.py)",
     "ARTIFEX_FAST_READ": "on (default) or off: read a component's safetensors straight to the GPU it loads on "
                          "through pinned buffers on threads (off: diffusers' and transformers' own readers)",
     "ARTIFEX_PIN_REGISTER": "on (default) or off: pin host memory (offload tiers' CPU homes, read buffers) as "

@@ -17,7 +17,7 @@ from pathlib import Path
 from artifex.cli.common import add_config_flags, add_request_flags, config_flags
 from artifex.env import read_env
 from artifex.errors import InvalidRequestError
-from artifex.models import prefetch
+from artifex.models import prefetch, read_ahead
 
 log = logging.getLogger("artifex.serve")
 
@@ -222,6 +222,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("API token from %s", source)
     if not getattr(args, "ray", None) and settings.models:  # this process loads the first model: read it meanwhile
         prefetch.start(settings.checkpoints.get(settings.models[0]))
+        if len(settings.models) == 1:  # else another model's load may come first, and drop what it read
+            read_ahead.start(settings.checkpoints.get(settings.models[0]), config)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.info("environment: %s", {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "TOKENIZERS_PARALLELISM",
                                                                "CUDA_VISIBLE_DEVICES")})
