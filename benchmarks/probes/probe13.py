@@ -22,8 +22,12 @@ from pathlib import Path
 OUT = sys.argv[1] if len(sys.argv) > 1 else "/tmp/out"
 CKPT = sys.argv[2] if len(sys.argv) > 2 else open("/tmp/keep/ck").read().strip()
 REPEATS = int(os.environ.get("PROBE13_REPEATS", "3"))
+MODEL = os.environ.get("PROBE13_MODEL", "ti2v-5b")  # a dry run on the CPU: tiny-ti2v and PROBE13_DEVICE=cpu
+DEVICE = os.environ.get("PROBE13_DEVICE", "cuda")
+W, H = (int(v) for v in os.environ.get("PROBE13_SIZE", "1280x704").split("x"))
 SAME_WEIGHTS = """
 import json, sys, time
+from pathlib import Path
 from artifex.config import OptimizationConfig
 from artifex.models import read_ahead
 t0 = time.perf_counter()
@@ -33,26 +37,28 @@ timeline.import_libraries()
 import torch
 from artifex.models.loader import load_components
 from artifex.models.registry import get_model
-spec = get_model("ti2v-5b")
-devices = {r: "cuda:0" for r in ("transformer", "transformer_2", "vae", "text_encoder")}
+spec = get_model(sys.argv[2])
+devices = {r: sys.argv[3] for r in ("transformer", "transformer_2", "vae", "text_encoder")}
 def state(c):
     models = {"text_encoder": c.text_encoder, "vae": c.vae} | {f"expert{i}": e for i, e in enumerate(c.experts)}
     return {f"{k}.{n}": t for k, m in models.items() for n, t in m.state_dict().items()}
 t1 = time.perf_counter()
-ahead = state(load_components(spec, sys.argv[1], "bf16", devices=devices))
+ahead = state(load_components(spec, Path(sys.argv[1]), "bf16", devices=devices))
 load_ahead = time.perf_counter() - t1
 read_ahead.finish()
 report = read_ahead.report()
 t1 = time.perf_counter()
-plain = state(load_components(spec, sys.argv[1], "bf16", devices=devices))
-torch.cuda.synchronize()
+plain = state(load_components(spec, Path(sys.argv[1]), "bf16", devices=devices))
+if torch.cuda.is_available():
+    torch.cuda.synchronize()
 load_plain = time.perf_counter() - t1
 bad = [k for k in plain if k not in ahead or ahead[k].dtype != plain[k].dtype or ahead[k].device != plain[k].device
        or not torch.equal(ahead[k], plain[k])]
 print(json.dumps({"tensors": len(plain), "same_keys": ahead.keys() == plain.keys(), "mismatched": bad[:20],
                   "dtypes": sorted({str(t.dtype) for t in plain.values()}), "devices": sorted({str(t.device) for t in
                   ahead.values()}), "read_ahead": report, "load_taking_read_ahead_s": round(load_ahead, 3),
-                  "load_reading_itself_s": round(load_plain, 3), "gpu": torch.cuda.get_device_name()}))
+                  "load_reading_itself_s": round(load_plain, 3),
+                  "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}))
 """
 
 
@@ -68,21 +74,22 @@ def main() -> None:
     from artifex.models.registry import get_model
 
     res = {"command": f"probe13.py {OUT} {CKPT}", "checkpoint": CKPT, "repeats": REPEATS}
-    p = subprocess.run([sys.executable, "-c", SAME_WEIGHTS, CKPT], capture_output=True, text=True, timeout=600,
+    p = subprocess.run([sys.executable, "-c", SAME_WEIGHTS, CKPT, MODEL, "cuda:0" if DEVICE == "cuda" else DEVICE],
+                       capture_output=True, text=True, timeout=600,
                        env={**os.environ, "ARTIFEX_HOME": "/tmp/probe13-home"})
     res["same_weights"] = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {
         "error": p.stderr[-3000:]}
     save(res)
     print(json.dumps(res["same_weights"], indent=1)[:2000])
-    spec, work = get_model("ti2v-5b"), Path(tempfile.mkdtemp(prefix="probe13-"))
+    spec, work = get_model(MODEL), Path(tempfile.mkdtemp(prefix="probe13-"))
     res["runs"] = []
     # Its own caches (attention choice, package map, Triton kernels): the ttv series' first-on-machine row stays so.
     caches = {"ARTIFEX_HOME": "/tmp/probe13-home", "TRITON_CACHE_DIR": "/tmp/probe13-triton"}
-    warm = cli_generate_run(spec, Path(CKPT), 1280, 704, 17, 2, "cuda", work, name="warm-up", env=caches)
+    warm = cli_generate_run(spec, Path(CKPT), W, H, 17, 2, DEVICE, work, name="warm-up", env=caches)
     res["warm_up_run_s"] = warm["cli_wall_s"]  # fills those caches; not counted
     for k in range(REPEATS):
         for mode in ("on", "off"):
-            row = cli_generate_run(spec, Path(CKPT), 1280, 704, 17, 2, "cuda", work, name=f"read-ahead-{mode}-{k}",
+            row = cli_generate_run(spec, Path(CKPT), W, H, 17, 2, DEVICE, work, name=f"read-ahead-{mode}-{k}",
                                    env={"ARTIFEX_READ_AHEAD": mode, **caches})
             stages = row["wall"]["stages_s"]
             res["runs"].append({"mode": mode, "cli_wall_s": row["cli_wall_s"], "process_s": row["process_to_mp4_s"],
