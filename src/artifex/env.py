@@ -18,6 +18,8 @@ VARIABLES = {
     "ARTIFEX_READ_AHEAD": "on (default) or off: where the load will keep every component on the GPU, `artifex "
                           "generate`, `batch` and `serve` (one model) read a checkpoint directory's safetensors "
                           "there on a thread while the libraries import (models/read_ahead.py)",
+    "ARTIFEX_READ_AHEAD_THREADS": "reader threads of the read-ahead (default 4): more read faster, but each of their "
+                                  "GIL hand-overs slows the imports they overlap (benchmarks/probes/probe13-*.json)",
     "ARTIFEX_FAST_READ": "on (default) or off: read a component's safetensors straight to the GPU it loads on "
                          "through pinned buffers on threads (off: diffusers' and transformers' own readers)",
     "ARTIFEX_PIN_REGISTER": "on (default) or off: pin host memory (offload tiers' CPU homes, read buffers) as "
@@ -67,3 +69,14 @@ def switch(name: str) -> bool:
     if value not in ("on", "off"):
         raise InvalidRequestError(name, f"is {value!r}", "on, off")
     return value == "on"
+
+
+def positive_int(name: str, default: int) -> int:
+    """A whole-number variable of ``VARIABLES``: ``default`` when unset; anything but a positive integer is an
+    error naming it."""
+    value = (os.environ.get(name) or "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidRequestError(name, f"is {value!r}", "a positive integer")
+    return int(value)

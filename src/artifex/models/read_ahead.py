@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from artifex import timeline
-from artifex.env import switch
+from artifex.env import positive_int, switch
 
 log = logging.getLogger("artifex")
 
@@ -37,6 +37,11 @@ GIB = 2**30
 # needs (activations, the decode): a quarter of the card, at least RESERVE_MIN.
 RESERVE_FRACTION = 0.25
 RESERVE_MIN = 8 * GIB
+# The thread's reads: fewer and larger than the load's own (fast_read's 8 threads of 16 MiB), since each chunk's
+# Python work takes the GIL from the imports it overlaps (8 x 16 MiB slowed them by ~0.8 s on an H100 host:
+# benchmarks/probes/probe13-h100.json).
+THREADS = 4  # ARTIFEX_READ_AHEAD_THREADS
+CHUNK = 64 * 2**20
 # Component folders of a diffusers-layout checkpoint in load order, and the stem of their safetensors files.
 COMPONENTS = (("transformer", "diffusion_pytorch_model"), ("transformer_2", "diffusion_pytorch_model"),
               ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
@@ -116,6 +121,7 @@ class ReadAhead:
 
     def _run(self) -> None:
         try:
+            threads = positive_int("ARTIFEX_READ_AHEAD_THREADS", THREADS)
             self._plan()
             from artifex.models import fast_read
 
@@ -123,7 +129,8 @@ class ReadAhead:
             for path in self.files:
                 if self._stop.is_set():
                     break
-                state = fast_read.read_safetensors([path], self.device, lambda _name, dtype: dtype, ahead=False)
+                state = fast_read.read_safetensors([path], self.device, lambda _name, dtype: dtype, ahead=False,
+                                                   threads=threads, chunk=CHUNK)
                 with self._cond:
                     self._held[path] = (list(state), list(state.values()))
                     self.read_bytes += path.stat().st_size
