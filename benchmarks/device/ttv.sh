@@ -26,7 +26,7 @@
 #             importlib-metadata, wcwidth and transformers-5.24.0 (62 MB); .whl-b = fa3-fwd and the serve wheels.
 #             setup FRC_ARGS=skip PROBE=probe13; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB"; runs
 #             ARGS="--user-server --user-budgets '' --no-user-repeat --diffusers off" (it came on an H100)
-#   next:     an H200 series with the same calls (the read-ahead at 4 x 64 MiB: PROBE13_REPEATS=2 in the setup)
+#   next:     an H200 series with the same calls (probe13 in the setup also times 4 readers)
 set -euo pipefail
 unset PYTHONDONTWRITEBYTECODE  # the device sets it: every process would compile what it imports (LOG.md)
 # ... and the image's packages hold no bytecode and may not be writable: all bytecode goes to one folder that

@@ -18,7 +18,7 @@ VARIABLES = {
     "ARTIFEX_READ_AHEAD": "on (default) or off: where the load will keep every component on the GPU, `artifex "
                           "generate`, `batch` and `serve` (one model) read a checkpoint directory's safetensors "
                           "there on a thread while the libraries import (models/read_ahead.py)",
-    "ARTIFEX_READ_AHEAD_THREADS": "reader threads of the read-ahead (default 4): more read faster, but each of their "
+    "ARTIFEX_READ_AHEAD_THREADS": "reader threads of the read-ahead (default 8): more read faster, but each of their "
                                   "GIL hand-overs slows the imports they overlap (benchmarks/probes/probe13-*.json)",
     "ARTIFEX_FAST_READ": "on (default) or off: read a component's safetensors straight to the GPU it loads on "
                          "through pinned buffers on threads (off: diffusers' and transformers' own readers)",

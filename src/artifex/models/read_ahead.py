@@ -37,11 +37,10 @@ GIB = 2**30
 # needs (activations, the decode): a quarter of the card, at least RESERVE_MIN.
 RESERVE_FRACTION = 0.25
 RESERVE_MIN = 8 * GIB
-# The thread's reads: fewer and larger than the load's own (fast_read's 8 threads of 16 MiB), since each chunk's
-# Python work takes the GIL from the imports it overlaps (8 x 16 MiB slowed them by ~0.8 s on an H100 host:
-# benchmarks/probes/probe13-h100.json).
-THREADS = 4  # ARTIFEX_READ_AHEAD_THREADS
-CHUNK = 64 * 2**20
+# The thread's readers (ARTIFEX_READ_AHEAD_THREADS; fast_read's 16 MiB chunks). Each chunk's Python work takes the
+# GIL from the imports it overlaps: at 8 it slowed them by ~0.8 s on an H100 host, against 1.2-1.5 s it took off
+# the load (benchmarks/probes/probe13-h100-run1.json). Fewer readers are not measured yet (probe13's on-4-threads).
+THREADS = 8
 # Component folders of a diffusers-layout checkpoint in load order, and the stem of their safetensors files.
 COMPONENTS = (("transformer", "diffusion_pytorch_model"), ("transformer_2", "diffusion_pytorch_model"),
               ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
@@ -130,7 +129,7 @@ class ReadAhead:
                 if self._stop.is_set():
                     break
                 state = fast_read.read_safetensors([path], self.device, lambda _name, dtype: dtype, ahead=False,
-                                                   threads=threads, chunk=CHUNK)
+                                                   threads=threads)
                 with self._cond:
                     self._held[path] = (list(state), list(state.values()))
                     self.read_bytes += path.stat().st_size
