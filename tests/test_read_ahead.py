@@ -102,3 +102,28 @@ def test_no_read_ahead_without_a_local_diffusers_checkpoint(tmp_path):
     (tmp_path / "transformer").mkdir()
     assert read_ahead.why_not(tmp_path, OptimizationConfig()) is None
     assert "single-file" in read_ahead.why_not(tmp_path, OptimizationConfig(), {"vae": "x.safetensors"})
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "four", "1.5"])
+def test_a_bad_reader_count_is_refused_by_name(tiny_checkpoint, monkeypatch, value):
+    """ARTIFEX_READ_AHEAD_THREADS takes a positive integer; anything else fails the read-ahead (the load then reads
+    everything itself), naming the variable and what it takes."""
+    from artifex.env import positive_int
+    from artifex.errors import InvalidRequestError
+
+    monkeypatch.setenv("ARTIFEX_READ_AHEAD_THREADS", value)
+    with pytest.raises(InvalidRequestError, match="ARTIFEX_READ_AHEAD_THREADS.*positive integer"):
+        positive_int("ARTIFEX_READ_AHEAD_THREADS", 8)
+    read_ahead.start(tiny_checkpoint("tiny-ti2v"), OptimizationConfig(), device=CPU)._thread.join()
+    assert read_ahead.report()["state"] == "failed" and "ARTIFEX_READ_AHEAD_THREADS" in read_ahead.report()["error"]
+
+
+def test_the_reader_count_is_read_from_the_environment(tiny_checkpoint, monkeypatch):
+    from artifex.models import fast_read
+
+    seen = []
+    real = fast_read.read_safetensors
+    monkeypatch.setattr(fast_read, "read_safetensors", lambda *a, **k: seen.append(k["threads"]) or real(*a, **k))
+    monkeypatch.setenv("ARTIFEX_READ_AHEAD_THREADS", "3")
+    read_ahead.start(tiny_checkpoint("tiny-ti2v"), OptimizationConfig(), device=CPU)._thread.join()
+    assert seen and set(seen) == {3}
