@@ -222,7 +222,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("API token from %s", source)
     if not getattr(args, "ray", None) and settings.models:  # this process loads the first model: read it meanwhile
         prefetch.start(settings.checkpoints.get(settings.models[0]))
-        if len(settings.models) == 1:  # else another model's load may come first, and drop what it read
+        # Not for ranks of a layout (their own processes load), nor for several models (another's load may come
+        # first and drop what it read).
+        if not getattr(args, "layout", None) and len(settings.models) == 1:
             read_ahead.start(settings.checkpoints.get(settings.models[0]), config)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.info("environment: %s", {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "TOKENIZERS_PARALLELISM",
