@@ -127,3 +127,24 @@ def test_the_reader_count_is_read_from_the_environment(tiny_checkpoint, monkeypa
     monkeypatch.setenv("ARTIFEX_READ_AHEAD_THREADS", "3")
     read_ahead.start(tiny_checkpoint("tiny-ti2v"), OptimizationConfig(), device=CPU)._thread.join()
     assert seen and set(seen) == {3}
+
+
+@pytest.mark.parametrize("flags, models, reads_ahead", [({}, ("tiny-ti2v",), True),
+                                                        ({"layout": "2x1"}, ("tiny-ti2v",), False),
+                                                        ({"ray": "auto"}, ("tiny-ti2v",), False),
+                                                        ({}, ("tiny-ti2v", "tiny-t2v-moe"), False)])
+def test_serve_reads_ahead_only_where_its_own_process_loads_its_one_model(tiny_checkpoint, monkeypatch, flags,
+                                                                          models, reads_ahead):
+    """A server whose engines load in other processes (a layout's ranks, Ray actors) or that serves several models
+    starts no read-ahead: the weights would sit on a GPU that its ranks need, or be dropped by another load."""
+    import argparse
+
+    from artifex.cli.serve import start_reading
+    from artifex.models import prefetch
+
+    monkeypatch.setattr(prefetch, "start", lambda checkpoint: None)
+    started = []
+    monkeypatch.setattr(read_ahead, "start", lambda checkpoint, config: started.append(checkpoint))
+    settings = argparse.Namespace(models=models, checkpoints={m: tiny_checkpoint(m) for m in models})
+    start_reading(argparse.Namespace(**{"ray": None, "layout": None, **flags}), settings, OptimizationConfig())
+    assert started == ([settings.checkpoints[models[0]]] if reads_ahead else [])

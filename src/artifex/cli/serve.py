@@ -207,6 +207,19 @@ def build_serve_config(args: argparse.Namespace):
     return config, settings
 
 
+def start_reading(args: argparse.Namespace, settings, config) -> None:
+    """While the server starts and imports: the first model's checkpoint into the page cache (``prefetch``) where
+    this process loads it (not with Ray), and its weights onto the GPU (``read_ahead``) where this process keeps
+    them: not for the ranks of a layout (their own processes load), nor for several models (another's load may come
+    first and drop what it read)."""
+    if getattr(args, "ray", None) or not settings.models:
+        return
+    checkpoint = settings.checkpoints.get(settings.models[0])
+    prefetch.start(checkpoint)
+    if not getattr(args, "layout", None) and len(settings.models) == 1:
+        read_ahead.start(checkpoint, config)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from artifex.serve.auth import check_no_auth, resolve_token
     from artifex.serve.logs import setup_logging
@@ -220,12 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         token, source = resolve_token(settings.data_dir, settings.token_file)
         log.info("API token from %s", source)
-    if not getattr(args, "ray", None) and settings.models:  # this process loads the first model: read it meanwhile
-        prefetch.start(settings.checkpoints.get(settings.models[0]))
-        # Not for ranks of a layout (their own processes load), nor for several models (another's load may come
-        # first and drop what it read).
-        if not getattr(args, "layout", None) and len(settings.models) == 1:
-            read_ahead.start(settings.checkpoints.get(settings.models[0]), config)
+    start_reading(args, settings, config)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log.info("environment: %s", {k: os.environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "TOKENIZERS_PARALLELISM",
                                                                "CUDA_VISIBLE_DEVICES")})
