@@ -30,7 +30,6 @@ import json, sys, time
 from pathlib import Path
 from artifex.config import OptimizationConfig
 from artifex.models import read_ahead
-t0 = time.perf_counter()
 read_ahead.start(sys.argv[1], OptimizationConfig())
 from artifex import timeline
 timeline.import_libraries()

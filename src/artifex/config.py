@@ -313,6 +313,14 @@ class OptimizationConfig:
             lines.append(f"{f.name} = {json.dumps(v, allow_nan=False)}")
         return "\n".join(lines) + "\n"
 
+    def requested_tier(self) -> str:
+        """The memory tier the config asks for ("auto" unless a field names one)."""
+        if self.memory_tier != "auto":
+            return self.memory_tier
+        if self.offload_to_cpu:
+            return "model_offload"
+        return {"swap": "expert_swap", "resident": "resident"}.get(self.experts, "auto")
+
     def merged(self, overrides: dict[str, Any]) -> OptimizationConfig:
         """A copy with ``overrides`` applied; unknown keys are an error naming the allowed ones."""
         known = {f.name for f in fields(self)}

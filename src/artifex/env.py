@@ -18,8 +18,8 @@ VARIABLES = {
     "ARTIFEX_READ_AHEAD": "on (default) or off: where the load will keep every component on the GPU, `artifex "
                           "generate`, `batch` and `serve` (one model) read a checkpoint directory's safetensors "
                           "there on a thread while the libraries import (models/read_ahead.py)",
-    "ARTIFEX_READ_AHEAD_THREADS": "reader threads of the read-ahead (default 8): more read faster, but each of their "
-                                  "GIL hand-overs slows the imports they overlap (benchmarks/probes/probe13-*.json)",
+    "ARTIFEX_READ_AHEAD_THREADS": "reader threads of the read-ahead (default 8, fast_read's); at 8 the imports it "
+                                  "overlaps took ~0.8 s longer (benchmarks/probes/probe13-h100-run1.json)",
     "ARTIFEX_FAST_READ": "on (default) or off: read a component's safetensors straight to the GPU it loads on "
                          "through pinned buffers on threads (off: diffusers' and transformers' own readers)",
     "ARTIFEX_PIN_REGISTER": "on (default) or off: pin host memory (offload tiers' CPU homes, read buffers) as "

@@ -144,7 +144,6 @@ def _wall(result) -> str:
 
 def cmd_batch(args) -> int:
     from artifex.engine.executor import LocalExecutor
-    from artifex.engine.plan import requested_tier
     from artifex.engine.request import resolve_request
 
     prefetch.start(args.checkpoint)  # the disk reads the weights while the libraries import
@@ -163,7 +162,7 @@ def cmd_batch(args) -> int:
         raise InvalidRequestError("devices", f"needs two devices, got {args.devices!r}", "FIRST,SECOND")
     if devices and not args.expert_pipeline:
         raise InvalidRequestError("devices", "only used with --expert-pipeline")
-    if args.expert_pipeline and requested_tier(config) == "auto":
+    if args.expert_pipeline and config.requested_tier() == "auto":
         config = config.merged({"memory_tier": "resident"})  # each device holds half: no offload tier
     print(f"loading {args.model} ...", file=sys.stderr)
     executor = LocalExecutor()

@@ -23,7 +23,7 @@ from artifex.engine.memory import (
     tiers_for,
 )
 from artifex.engine.placement import on_demand
-from artifex.engine.plan import memory_budget, requested_tier
+from artifex.engine.plan import memory_budget
 from artifex.sysinfo import peak_bytes, reset_peak_memory
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class MemoryGuard:
         s = job.settings
         tier, tiling, ests, reasons = plan_memory(job.spec, eng.weights, s.width, s.height, s.frames,
                                                   eng.plan.cfg_batch, eng.plan.vae_tiling, self.dit_forward(job),
-                                                  budget, requested_tier(eng.config), eng.plan.vae_precision,
+                                                  budget, eng.config.requested_tier(), eng.plan.vae_precision,
                                                   eng.config.vae_tile_size)
         info = {"budget_gib": round(budget / 2**30, 2) if budget else None, "step_downs": [],
                 "predicted": {e.tier: round(e.peak_gib, 2) for e in ests}}

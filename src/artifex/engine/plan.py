@@ -63,15 +63,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def requested_tier(config: OptimizationConfig) -> str:
-    """The memory tier the config asks for ("auto" unless a field names one)."""
-    if config.memory_tier != "auto":
-        return config.memory_tier
-    if config.offload_to_cpu:
-        return "model_offload"
-    return {"swap": "expert_swap", "resident": "resident"}.get(config.experts, "auto")
-
-
 def memory_budget(config: OptimizationConfig, device: torch.device) -> int | None:
     """Bytes to plan for: vram_budget, else what the GPU has free; None on a CPU without a budget."""
     from artifex.engine.memory import parse_budget
@@ -89,7 +80,7 @@ def make_plan(spec: ModelSpec, config: OptimizationConfig, components) -> Plan:
 
     reasons = list(config.check_supported())
     device = resolve_device(config.device)
-    requested = requested_tier(config)
+    requested = config.requested_tier()
     cfg_batch = 2 if config.max_batch_size >= 2 else 1
     budget = memory_budget(config, device)
     if budget is not None and device.type == "cuda" and config.vram_budget:

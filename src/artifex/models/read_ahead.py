@@ -38,12 +38,12 @@ GIB = 2**30
 RESERVE_FRACTION = 0.25
 RESERVE_MIN = 8 * GIB
 # The thread's readers (ARTIFEX_READ_AHEAD_THREADS; fast_read's 16 MiB chunks). Each chunk's Python work takes the
-# GIL from the imports it overlaps: at 8 it slowed them by ~0.8 s on an H100 host, against 1.2-1.5 s it took off
-# the load (benchmarks/probes/probe13-h100-run1.json). Fewer readers are not measured yet (probe13's on-4-threads).
+# GIL from the imports it overlaps (likely; not profiled): at 8 the imports took ~0.8 s longer on an H100 host, and
+# the load 1.1-1.2 s less (benchmarks/probes/probe13-h100-run1.json). Fewer readers: not measured yet (probe13's
+# on-4-threads).
 THREADS = 8
-# Component folders of a diffusers-layout checkpoint in load order, and the stem of their safetensors files.
-COMPONENTS = (("transformer", "diffusion_pytorch_model"), ("transformer_2", "diffusion_pytorch_model"),
-              ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
+# Component folders of a diffusers-layout checkpoint in load order (the text encoder's is a transformers model).
+COMPONENTS = ("transformer", "transformer_2", "vae", "text_encoder")
 
 
 def enabled() -> bool:
@@ -62,7 +62,7 @@ def why_not(checkpoint, config, single_files: dict | None = None) -> str | None:
         return "device cpu"
     if config.vram_budget:
         return "vram_budget set: the tier may keep components in host memory"
-    if config.memory_tier not in ("auto", "resident") or config.offload_to_cpu or config.experts == "swap":
+    if config.requested_tier() not in ("auto", "resident"):
         return "an offload or swap tier asked for"
     if config.fp8_weights:
         return "fp8_weights: the experts are cast in host memory"
@@ -77,7 +77,7 @@ class ReadAhead:
     def __init__(self, root: Path, config, device=None):
         self.root, self.config = root, config
         self.device = device  # None: the config's GPU, once the thread finds one
-        self.files: list[Path] = []
+        self.sizes: dict[Path, int] = {}  # the files to read (in load order) and their bytes
         self.total = 0
         self.state, self.reason, self.error = "starting", None, None
         self.read_bytes = self.taken_bytes = self.dropped_bytes = 0
@@ -94,7 +94,7 @@ class ReadAhead:
     def _plan(self) -> None:
         import torch
 
-        from artifex.models.loader import weight_files
+        from artifex.models.loader import _DIFFUSERS_WEIGHTS, _TRANSFORMERS_WEIGHTS, weight_files
 
         if self.device is None:
             if not torch.cuda.is_available():
@@ -104,12 +104,13 @@ class ReadAhead:
             if device.type != "cuda" or (device.index or 0) >= torch.cuda.device_count():
                 raise _Skip(f"device {name}")
             self.device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-        files = [f.resolve() for folder, stem in COMPONENTS if (self.root / folder).is_dir()
-                 for f in weight_files(self.root / folder, stem)]
+        sizes = {f.resolve(): f.stat().st_size for folder in COMPONENTS if (self.root / folder).is_dir()
+                 for f in weight_files(self.root / folder,
+                                       _TRANSFORMERS_WEIGHTS if folder == "text_encoder" else _DIFFUSERS_WEIGHTS)}
         with self._cond:
-            self.files, self._planned = files, True
+            self.sizes, self._planned = sizes, True
             self._cond.notify_all()
-        self.total = sum(f.stat().st_size for f in files)
+        self.total = sum(sizes.values())
         if self.device.type != "cuda":  # a test's CPU
             return
         free, card = torch.cuda.mem_get_info(self.device)
@@ -125,14 +126,14 @@ class ReadAhead:
             from artifex.models import fast_read
 
             self.state = "reading"
-            for path in self.files:
+            for path, size in self.sizes.items():
                 if self._stop.is_set():
                     break
                 state = fast_read.read_safetensors([path], self.device, lambda _name, dtype: dtype, ahead=False,
                                                    threads=threads)
                 with self._cond:
                     self._held[path] = (list(state), list(state.values()))
-                    self.read_bytes += path.stat().st_size
+                    self.read_bytes += size
                     self._cond.notify_all()
                 del state
             self.state = "stopped" if self._stop.is_set() and self.read_bytes < self.total else "done"
@@ -152,14 +153,13 @@ class ReadAhead:
         this read-ahead does not hold it (another device, skipped, failed, a file it was not reading)."""
         path = Path(path).resolve()
         t0 = time.perf_counter()
-        with self._cond:
-            while not (self._planned or self._finished) or (path in self.files and path not in self._held
-                                                            and not self._finished):
+        with self._cond:  # until the file is read, or it never will be
+            while not (self._finished or self._planned and (path not in self.sizes or path in self._held)):
                 self._cond.wait()
             self.waited += time.perf_counter() - t0
-            if path not in self.files or self.device is None or device != self.device or path not in self._held:
+            if device != self.device or path not in self._held:
                 return None
-            self.taken_bytes += path.stat().st_size
+            self.taken_bytes += self.sizes[path]
             return self._held.pop(path)
 
     def finish(self) -> None:
@@ -167,14 +167,14 @@ class ReadAhead:
         self._stop.set()
         self._thread.join()
         with self._cond:
-            self.dropped_bytes = sum(p.stat().st_size for p in self._held)
+            self.dropped_bytes = sum(self.sizes[p] for p in self._held)
             self._held.clear()
         if self.dropped_bytes:
             log.info("read-ahead: %.1f GiB read to %s were not loaded there; dropped", self.dropped_bytes / GIB,
                      self.device)
 
     def report(self) -> dict:
-        out = {"state": self.state, "device": str(self.device) if self.device else None, "files": len(self.files),
+        out = {"state": self.state, "device": str(self.device) if self.device else None, "files": len(self.sizes),
                "gib": round(self.total / GIB, 3)}
         if self.reason:
             return out | {"reason": self.reason}
