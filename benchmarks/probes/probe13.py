@@ -8,8 +8,9 @@ on the TI2V-5B checkpoint the ttv setup saved:
 1. in a child process, the loader's GPU path (``load_components`` with every component on cuda) once taking the
    read-ahead's files and once reading them itself: every tensor compared (names, dtype, device, values);
 2. `artifex generate` (2 steps, 1280x704x17: the load does not depend on them) as fresh processes, the read-ahead
-   on (its default 8 threads), on with 4 threads and off, in turn, REPEATS each: the process wall from outside, the
-   sidecar's imports, load stages and read-ahead report (after one warm-up run that fills this probe's own caches).
+   on (its default 8 threads), on with 4 and with 2 threads, and off, in turn, REPEATS each: the process wall from
+   outside, the sidecar's imports, load stages and read-ahead report (after one warm-up run that fills this probe's
+   own caches).
 Usage: probe13.py OUT_DIR [CHECKPOINT]   (PROBE13_REPEATS, default 3). Writes OUT_DIR/probe13.json after each part.
 """
 import json
@@ -87,7 +88,7 @@ def main() -> None:
     warm = cli_generate_run(spec, Path(CKPT), W, H, 17, 2, DEVICE, work, name="warm-up", env=caches)
     res["warm_up_run_s"] = warm["cli_wall_s"]  # fills those caches; not counted
     modes = {"on": {"ARTIFEX_READ_AHEAD": "on"}, "on-4-threads": {"ARTIFEX_READ_AHEAD_THREADS": "4"},
-             "off": {"ARTIFEX_READ_AHEAD": "off"}}
+             "on-2-threads": {"ARTIFEX_READ_AHEAD_THREADS": "2"}, "off": {"ARTIFEX_READ_AHEAD": "off"}}
     for k in range(REPEATS):
         for mode, env in modes.items():
             row = cli_generate_run(spec, Path(CKPT), W, H, 17, 2, DEVICE, work, name=f"read-ahead-{mode}-{k}",
