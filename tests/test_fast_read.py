@@ -278,3 +278,47 @@ def test_allocator_settings_keep_the_environments_own(monkeypatch):
     fast_read._set_allocator("pinned_num_register_threads:8")
     assert seen == ["max_split_size_mb:512,pinned_use_cuda_host_register:True",
                     "expandable_segments:True,pinned_use_cuda_host_register:False", "pinned_num_register_threads:8"]
+
+
+def _mapped(ptr: int) -> bool:
+    """Whether ``ptr`` lies in one of this process's mappings (/proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+
+def test_huge_page_buffer_is_unregistered_while_still_mapped_once_no_tensor_views_it():
+    import gc
+
+    calls = []
+    mib = 2**20
+    buf = fast_read.huge_page_buffer(3 * mib + 5, lambda ptr, size: calls.append(("register", ptr, size)),
+                                     lambda ptr: calls.append(("unregister", ptr, _mapped(ptr))))
+    ptr = buf.data_ptr()
+    assert (buf.numel(), buf.dtype) == (3 * mib + 5, torch.uint8)
+    assert calls == [("register", ptr, 4 * mib)]  # whole 2 MiB pages
+    buf.fill_(3)
+    part = buf[2 * mib:2 * mib + 64].view(torch.int16)  # a view of it keeps the memory
+    del buf
+    gc.collect()
+    assert len(calls) == 1 and _mapped(ptr)
+    assert part.tolist() == [3 * 256 + 3] * 32
+    del part
+    gc.collect()
+    assert calls[1] == ("unregister", ptr, True)  # unlocked before the mapping went
+    assert not _mapped(ptr)
+
+
+def test_huge_page_buffer_whose_registration_fails_raises_and_unmaps_it():
+    seen = []
+
+    def refuse(ptr, size):
+        seen.append(ptr)
+        raise RuntimeError("cudaHostRegister of 2097152 bytes failed: out of memory")
+
+    with pytest.raises(RuntimeError, match="cudaHostRegister"):
+        fast_read.huge_page_buffer(100, refuse, lambda ptr: pytest.fail("nothing registered to undo"))
+    assert seen and not _mapped(seen[0])

@@ -26,7 +26,11 @@
 #             importlib-metadata, wcwidth and transformers-5.24.0 (62 MB); .whl-b = fa3-fwd and the serve wheels.
 #             setup FRC_ARGS=skip PROBE=probe13; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB"; runs
 #             ARGS="--user-server --user-budgets '' --no-user-repeat --diffusers off" (it came on an H100)
-#   next:     an H200 series with the same calls (probe13 in the setup also times 4 readers)
+#   next:     an H200 series (none was lent on 2026-12-08): setup FRC_ARGS=skip PROBE=probe13 (8, 4 and 2 readers)
+#             with PROBE13_REPEATS=1, then probe14 (huge-page pinning) and LOAD_WORK_DEVICE=cuda load_work.py in the
+#             same call; runs ARGS="--user-prime-steps 2 --user-budgets none,24GB --diffusers off --user-flags
+#             'ARTIFEX_PIN_HUGE_PAGES=on --vram-budget 24GB'"; runs ARGS="--user-server --user-budgets ''
+#             --no-user-repeat --user-flags '--steps 4 --guidance 1'" (diffusers' row here: the second call is full)
 set -euo pipefail
 unset PYTHONDONTWRITEBYTECODE  # the device sets it: every process would compile what it imports (LOG.md)
 # ... and the image's packages hold no bytecode and may not be writable: all bytecode goes to one folder that

@@ -24,6 +24,8 @@ VARIABLES = {
                          "through pinned buffers on threads (off: diffusers' and transformers' own readers)",
     "ARTIFEX_PIN_REGISTER": "on (default) or off: pin host memory (offload tiers' CPU homes, read buffers) as "
                             "ordinary pages registered with CUDA, not by cudaHostAlloc (off: torch's default)",
+    "ARTIFEX_PIN_HUGE_PAGES": "off (default) or on: pinned host memory of 64 MiB and more (an offload tier's "
+                              "homes) is 2 MiB transparent huge pages that Artifex registers with CUDA itself",
     "ARTIFEX_LAZY_IMPORTS": "on (default) or off: import only the diffusers model modules the Wan classes need, "
                             "transformers' model registry, scipy.stats and scipy.integrate when first used, and keep "
                             "importlib's package map on disk (off: diffusers imports all of its autoencoders, UNets "
@@ -59,7 +61,7 @@ def read_env() -> Env:
 
 
 # The on/off variables whose default is off (every other one defaults to on)
-OFF_BY_DEFAULT = ("ARTIFEX_DECODE_WARM_UP",)
+OFF_BY_DEFAULT = ("ARTIFEX_DECODE_WARM_UP", "ARTIFEX_PIN_HUGE_PAGES")
 
 
 def switch(name: str) -> bool:
