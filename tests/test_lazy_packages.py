@@ -1,5 +1,5 @@
 """Deferred package __init__s (artifex.lazy_packages): diffusers' model families, transformers' model registry and
-two of scipy's packages import only what is asked for."""
+three of scipy's packages import only what is asked for."""
 
 from __future__ import annotations
 
@@ -68,6 +68,24 @@ def test_star_import_and_missing_names_run_the_init(tmp_path, monkeypatch):
     assert scope["DOUBLE"] == 42 and runs == [1]
 
 
+def test_a_stand_in_function_runs_the_init_at_its_first_call_and_calls_the_real_one(tmp_path, monkeypatch):
+    runs = _package(tmp_path, "lzpkg_s", monkeypatch)
+    (tmp_path / "lzpkg_s" / "__init__.py").write_text(
+        "import builtins\nbuiltins.RUNS_lzpkg_s.append(1)\ndef double(x):\n    return 2 * x\n")
+    monkeypatch.setitem(lazy_packages.STAND_INS, "lzpkg_s", ("double", "missing"))
+    assert lazy_packages.defer("lzpkg_s")
+    from lzpkg_s import double, missing  # as a module-level ``from pkg import f``: nothing runs yet
+
+    assert runs == [] and lazy_packages.is_deferred("lzpkg_s")
+    assert double(21) == 42 and runs == [1]
+    assert double(5) == 10 and runs == [1]
+    import lzpkg_s
+
+    assert lzpkg_s.double is not double and lzpkg_s.double(4) == 8  # the package's own function now
+    with pytest.raises(AttributeError, match="lzpkg_s.*no attribute 'missing'"):
+        missing()
+
+
 def test_a_package_that_replaces_itself_answers_through_its_replacement(tmp_path, monkeypatch):
     """transformers' package __init__s put a lazy module in sys.modules in their own place."""
     pkg = tmp_path / "lzpkg_r"
@@ -122,6 +140,12 @@ from pathlib import Path
 components = load_components(get_model("tiny-ti2v"), Path(sys.argv[1]), "fp32")
 out = {"transformers_models": is_deferred("transformers.models"),
        "encoder": type(components.text_encoder).__name__}
+# before scipy.stats runs (it imports scipy.optimize)
+out["optimize_deferred"] = is_deferred("scipy.optimize")
+from transformers.loss import loss_for_object_detection as od  # its module-level linear_sum_assignment
+rows, cols = od.linear_sum_assignment([[4, 1, 3], [2, 0, 5], [3, 2, 2]])
+out["assignment"] = [rows.tolist(), cols.tolist()]
+out["optimize_after"] = is_deferred("scipy.optimize")
 from transformers.models import bert  # a name asked of it: the __init__ runs and its lazy module answers
 import transformers
 out["bert"] = bert.BertModel is transformers.BertModel
@@ -166,6 +190,9 @@ def test_diffusers_model_families_import_only_what_is_asked_for(switch, monkeypa
     # scheduler that uses them, which then gets what the eager import gives
     assert out["scipy_deferred"] == [switch == "on"] * 2 and out["scipy_after"] == [False, False]
     assert out["quad"] == pytest.approx(1 / 3)
+    # scipy.optimize, which transformers' losses take a function of at import, waits for that function's first call
+    assert out["optimize_deferred"] is (switch == "on") and out["optimize_after"] is False
+    assert out["assignment"] == [[0, 1, 2], [1, 0, 2]]
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(use_beta_sigmas=True)

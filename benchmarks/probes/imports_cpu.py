@@ -5,8 +5,10 @@ pinned set holds transformers 5.24. Each set named on the command line puts its 
 (installed with ``pip install --no-deps --target``); ``pinned`` adds none. For each set, fresh processes alternate
 ARTIFEX_LAZY_IMPORTS on and off (``--repeat`` each; the bytecode is compiled by a process before them), and one
 more process with the switch off runs under ``python -X importtime`` for the cumulative import time of the
-packages ``artifex.lazy_packages`` defers, and times ``importlib.metadata.packages_distributions()``.
-Usage: imports_cpu.py OUT.json NAME=DIR[:DIR...] ... [--repeat N]   (NAME=  with nothing: the pinned set alone)
+packages ``artifex.lazy_packages`` defers, and times ``importlib.metadata.packages_distributions()``. ``--eager PKG``
+adds a third mode beside on and off, in the same rotation: on, but PKG left out of the deferred packages (what
+deferring that one package saves).
+Usage: imports_cpu.py OUT.json NAME=DIR[:DIR...] ... [--repeat N] [--eager PKG]   (NAME= alone: the pinned set)
 """
 import argparse
 import json
@@ -19,8 +21,12 @@ import time
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
 CHILD = """
-import json, sys, time
+import json, os, sys, time
 t = time.perf_counter()
+from artifex import lazy_packages
+eager = os.environ.get("IMPORTS_CPU_EAGER")
+if eager:
+    lazy_packages.DEFERRED_PACKAGES = tuple(p for p in lazy_packages.DEFERRED_PACKAGES if p != eager)
 from artifex.timeline import import_libraries
 import_libraries()
 s = time.perf_counter() - t
@@ -30,12 +36,13 @@ print(json.dumps({"import_libraries_s": s, "transformers": sys.modules["transfor
                   "sklearn_imported": "sklearn" in sys.modules, "modules": len(sys.modules),
                   "distributions": len(list(md.distributions())), "packages_distributions_s": pd}))
 """
-DEFERRED = ("scipy.stats", "scipy.integrate", "transformers.models", "diffusers.models.transformers",
+DEFERRED = ("scipy.stats", "scipy.integrate", "scipy.optimize", "transformers.models", "diffusers.models.transformers",
             "diffusers.models.autoencoders", "diffusers.models.unets")
 
 
-def child(path: str, lazy: str, importtime: bool = False) -> tuple[dict, str]:
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (path, SRC) if p), "ARTIFEX_LAZY_IMPORTS": lazy}
+def child(path: str, lazy: str, importtime: bool = False, eager: str = "") -> tuple[dict, str]:
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (path, SRC) if p), "ARTIFEX_LAZY_IMPORTS": lazy,
+                        "IMPORTS_CPU_EAGER": eager}
     p = subprocess.run([sys.executable, *(["-X", "importtime"] if importtime else []), "-c", CHILD], env=env,
                        capture_output=True, text=True, timeout=300)
     if p.returncode:
@@ -57,6 +64,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("sets", nargs="+", help="NAME=DIR[:DIR...]")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--eager", default="", help="a deferred package to time as eagerly imported (mode on-but-PKG)")
     args = ap.parse_args()
     out_path, sets, repeat = args.out, args.sets, args.repeat
     res = {"device": "cpu", "command": " ".join(["imports_cpu.py", *sys.argv[1:]]), "date": time.strftime("%F"),
@@ -64,10 +72,12 @@ def main() -> None:
     for spec in sets:
         name, _, path = spec.partition("=")
         child(path, "on")  # compiles the bytecode of what this set adds
-        runs = {"on": [], "off": []}
+        modes = {"on": ("on", ""), "off": ("off", "")} | (
+            {f"on-but-{args.eager}": ("on", args.eager)} if args.eager else {})
+        runs = {mode: [] for mode in modes}
         for _ in range(repeat):
-            for lazy in ("on", "off"):
-                runs[lazy].append(child(path, lazy)[0])
+            for mode, (lazy, eager) in modes.items():
+                runs[mode].append(child(path, lazy, eager=eager)[0])
         info, err = child(path, "off", importtime=True)
         res["sets"][name] = {
             "pythonpath_extra": path, "transformers": info["transformers"], "distributions": info["distributions"],

@@ -27,10 +27,11 @@ VARIABLES = {
     "ARTIFEX_PIN_HUGE_PAGES": "off (default) or on: pinned host memory of 64 MiB and more (an offload tier's "
                               "homes) is 2 MiB transparent huge pages that Artifex registers with CUDA itself",
     "ARTIFEX_LAZY_IMPORTS": "on (default) or off: import only the diffusers model modules the Wan classes need, "
-                            "transformers' model registry, scipy.stats and scipy.integrate when first used, and keep "
-                            "importlib's package map on disk (off: diffusers imports all of its autoencoders, UNets "
-                            "and transformer models, transformers reads every model's files, the schedulers import "
-                            "those two, and the package map is built at each import)",
+                            "transformers' model registry, scipy.stats, scipy.integrate and scipy.optimize when first "
+                            "used, and keep importlib's package map on disk (off: diffusers imports all of its "
+                            "autoencoders, UNets and transformer models, transformers reads every model's files, the "
+                            "schedulers import scipy.stats and scipy.integrate, transformers' losses scipy.optimize, "
+                            "and the package map is built at each import)",
     "ARTIFEX_DECODE_WARM_UP": "off (default) or on: on a GPU, a process's first decode at a shape first meets its "
                               "kernels while the denoise runs (a few latent frames of random latents; it did not "
                               "pay on an H200: ttv-h200.json)",

@@ -1,5 +1,5 @@
 """Packages whose ``__init__`` runs only when something asks it for a name: diffusers' model families,
-transformers' model registry, and scipy.stats and scipy.integrate.
+transformers' model registry, and scipy.stats, scipy.integrate and scipy.optimize.
 
 Importing ``diffusers.models.autoencoders.autoencoder_kl_wan`` first runs ``diffusers/models/autoencoders/
 __init__.py``, which imports every autoencoder diffusers ships (~40); one of them imports
@@ -23,7 +23,10 @@ single-file loader imports eight of diffusers' schedulers; several of those ``im
 sigmas (``scipy.stats.beta.ppf``, called when a scheduler is configured with ``use_beta_sigmas``), and the LMS
 scheduler takes ``from scipy import integrate`` for its coefficients (``integrate.quad`` in a step). scipy.stats
 alone took 0.34 s of an eager import on the CPU machine (``benchmarks/probes/imports-cpu.json``); deferred, a
-scheduler that uses one runs it then.
+scheduler that uses one runs it then. scipy.optimize comes in through transformers' losses, which take one of its
+functions by name at import (``STAND_INS``): it gets a stand-in that runs the ``__init__`` at its first call (or
+scipy.stats runs it, which imports it). Left eager, it took 0.24 s more of ``import_libraries()`` on the CPU
+machine (medians 2.90 against 2.67 s, five fresh processes each, ``benchmarks/probes/imports-cpu-optimize.json``).
 
 ``defer_packages()`` does this for ``DEFERRED_PACKAGES`` before diffusers' model classes are first imported
 (``timeline.import_libraries``); ``ARTIFEX_LAZY_IMPORTS=off`` turns it off. A package already imported, one that
@@ -40,7 +43,12 @@ import types
 from artifex.env import switch
 
 DIFFUSERS_PACKAGES = ("diffusers.models.autoencoders", "diffusers.models.unets", "diffusers.models.transformers")
-DEFERRED_PACKAGES = (*DIFFUSERS_PACKAGES, "transformers.models", "scipy.stats", "scipy.integrate")
+DEFERRED_PACKAGES = (*DIFFUSERS_PACKAGES, "transformers.models", "scipy.stats", "scipy.integrate", "scipy.optimize")
+# Functions a deferred package hands out without running its ``__init__``: a stand-in that runs it at its first call
+# and calls the real one. transformers' model-loading module imports every loss it ships, and six object-detection
+# losses take ``from scipy.optimize import linear_sum_assignment`` at import (for training only); scipy.optimize's
+# __init__ brings scipy.linalg and scipy.sparse with it.
+STAND_INS = {"scipy.optimize": ("linear_sum_assignment",)}
 
 
 class _Deferred:
@@ -72,6 +80,22 @@ class _Deferred:
             return self.module.__dict__[attr]
         except KeyError:
             raise AttributeError(f"module {self.module.__name__!r} has no attribute {attr!r}") from None
+
+    def stand_in(self, attr: str):
+        """A function for the package's ``attr`` that runs the ``__init__`` (if nobody has) at its first call and
+        from then on calls what the package defines under that name."""
+        name = self.module.__name__
+
+        def call(*args, **kwargs):
+            real = self.getattr(attr)
+            if real is call:
+                raise AttributeError(f"module {name!r} has no attribute {attr!r}")
+            return real(*args, **kwargs)
+
+        call.__name__ = call.__qualname__ = attr
+        call.__module__ = name
+        call.__doc__ = f"{name}.{attr}, its package imported at the first call (artifex.lazy_packages)"
+        return call
 
     def _follow_replacement(self) -> None:
         """An ``__init__`` that replaces its module in ``sys.modules`` (transformers' lazy modules do) answers
@@ -108,6 +132,8 @@ def defer(name: str) -> bool:
     state = _Deferred(module, spec)
     module.__artifex_deferred__ = state
     module.__getattr__ = state.getattr  # module-level __getattr__ (PEP 562): only for names not in the module
+    for attr in STAND_INS.get(name, ()):
+        setattr(module, attr, state.stand_in(attr))  # the __init__ binds the real one over it when it runs
     sys.modules[name] = module
     parent, _, child = name.rpartition(".")
     if parent:
@@ -122,4 +148,4 @@ def defer_packages() -> list[str]:
     return [name for name in DEFERRED_PACKAGES if defer(name)]
 
 
-__all__ = ["DEFERRED_PACKAGES", "DIFFUSERS_PACKAGES", "defer", "defer_packages", "is_deferred"]
+__all__ = ["DEFERRED_PACKAGES", "DIFFUSERS_PACKAGES", "STAND_INS", "defer", "defer_packages", "is_deferred"]
