@@ -280,14 +280,26 @@ def test_allocator_settings_keep_the_environments_own(monkeypatch):
                     "expandable_segments:True,pinned_use_cuda_host_register:False", "pinned_num_register_threads:8"]
 
 
-def _mapped(ptr: int) -> bool:
-    """Whether ``ptr`` lies in one of this process's mappings (/proc/self/maps)."""
-    with open("/proc/self/maps") as f:
+def _mapping(ptr: int) -> set[str] | None:
+    """The VmFlags of the mapping of this process that holds ``ptr`` (/proc/self/smaps), or None where none does.
+    A huge-page buffer's mapping carries ``hg`` (madvised for huge pages), which no mapping made in its place
+    later has: so a freed buffer's address is told apart from a new mapping that reuses it."""
+    inside = False
+    with open("/proc/self/smaps") as f:
         for line in f:
-            lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
-            if lo <= ptr < hi:
-                return True
-    return False
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's header: lo-hi perms offset dev inode [path]
+                lo, hi = (int(v, 16) for v in head[0].split("-"))
+                inside = lo <= ptr < hi
+            elif inside and head[0] == "VmFlags:":
+                return set(head[1:])
+    return None
+
+
+def _gone(ptr: int, flags: set[str]) -> bool:
+    """Whether the mapping that had ``flags`` at ``ptr`` is gone (a later one there, without ``hg``, may be)."""
+    now = _mapping(ptr)
+    return now is None or ("hg" in flags and "hg" not in now)
 
 
 def test_huge_page_buffer_is_unregistered_while_still_mapped_once_no_tensor_views_it():
@@ -296,29 +308,32 @@ def test_huge_page_buffer_is_unregistered_while_still_mapped_once_no_tensor_view
     calls = []
     mib = 2**20
     buf = fast_read.huge_page_buffer(3 * mib + 5, lambda ptr, size: calls.append(("register", ptr, size)),
-                                     lambda ptr: calls.append(("unregister", ptr, _mapped(ptr))))
+                                     lambda ptr: calls.append(("unregister", ptr, _mapping(ptr))))
     ptr = buf.data_ptr()
+    flags = _mapping(ptr)
+    assert flags is not None
     assert (buf.numel(), buf.dtype) == (3 * mib + 5, torch.uint8)
     assert calls == [("register", ptr, 4 * mib)]  # whole 2 MiB pages
     buf.fill_(3)
     part = buf[2 * mib:2 * mib + 64].view(torch.int16)  # a view of it keeps the memory
     del buf
     gc.collect()
-    assert len(calls) == 1 and _mapped(ptr)
+    assert len(calls) == 1 and _mapping(ptr) == flags
     assert part.tolist() == [3 * 256 + 3] * 32
     del part
     gc.collect()
-    assert calls[1] == ("unregister", ptr, True)  # unlocked before the mapping went
-    assert not _mapped(ptr)
+    assert calls[1] == ("unregister", ptr, flags)  # unlocked while the mapping was still there
+    assert _gone(ptr, flags)
 
 
 def test_huge_page_buffer_whose_registration_fails_raises_and_unmaps_it():
     seen = []
 
     def refuse(ptr, size):
-        seen.append(ptr)
+        seen.append((ptr, _mapping(ptr)))
         raise RuntimeError("cudaHostRegister of 2097152 bytes failed: out of memory")
 
     with pytest.raises(RuntimeError, match="cudaHostRegister"):
         fast_read.huge_page_buffer(100, refuse, lambda ptr: pytest.fail("nothing registered to undo"))
-    assert seen and not _mapped(seen[0])
+    (ptr, flags), = seen
+    assert flags is not None and _gone(ptr, flags)

@@ -198,10 +198,10 @@ def pinned_buffer(nbytes: int) -> torch.Tensor:
     ``pin_by_registering`` says, in 2 MiB pages from ``HUGE_MIN`` bytes where ARTIFEX_PIN_HUGE_PAGES is on; where
     registering fails (e.g. a locked-memory limit), cudaHostAlloc from then on (torch does not free the pages of a
     registration it could not finish: one buffer's worth is lost then)."""
-    if (nbytes >= HUGE_MIN and not _HUGE["off"] and switch("ARTIFEX_PIN_HUGE_PAGES") and pin_by_registering()):
+    if nbytes >= HUGE_MIN and not _HUGE["off"] and switch("ARTIFEX_PIN_HUGE_PAGES") and pin_by_registering():
         try:
             return huge_page_buffer(nbytes)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:  # a refused registration, or no memory left to map
             log.warning("pinning in 2 MiB pages failed (%s); torch's pinned allocator from now on",
                         str(e).splitlines()[0])
             _HUGE["off"] = True
