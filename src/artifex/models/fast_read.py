@@ -189,7 +189,8 @@ def huge_page_buffer(nbytes: int, register=_cuda_register, unregister=_cuda_unre
         view.release()
         mm.close()
         raise
-    weakref.finalize(view, _release, mm, ptr, unregister)
+    # not at interpreter exit: the process's end gives the pages back (and CUDA may be gone by then)
+    weakref.finalize(view, _release, mm, ptr, unregister).atexit = False
     return buf[:nbytes]
 
 
