@@ -87,7 +87,8 @@ def sysfs(name: str) -> str | None:
 
 def main() -> None:
     src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p),
+           "ARTIFEX_PIN_HUGE_PAGES": "off"}  # the torch mode is torch's allocator whatever the caller's setting
     res = {"command": f"probe14.py {OUT}", "gib": GIB, "repeats": REPEATS,
            "thp": {"enabled": sysfs("enabled"), "defrag": sysfs("defrag")}, "runs": []}
     for k in range(REPEATS):

@@ -132,6 +132,12 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     raise CheckpointError(folder, f"holds no weights: expected {single.name} or {index.name}")
 
 
+def component_weight_files(folder: Path) -> list[Path]:
+    """``weight_files`` of a diffusers-layout component folder, by its role: the text encoder's is a transformers
+    model (``model``), the others diffusers models (``diffusion_pytorch_model``)."""
+    return weight_files(folder, _TRANSFORMERS_WEIGHTS if folder.name == "text_encoder" else _DIFFUSERS_WEIGHTS)
+
+
 def _check_weights(folder: Path, stem: str) -> int:
     """Check the weights of one component folder (single file or index + shards)."""
     return sum(check_safetensors(f) for f in weight_files(folder, stem))

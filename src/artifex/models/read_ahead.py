@@ -40,9 +40,9 @@ RESERVE_MIN = 8 * GIB
 # The thread's readers (ARTIFEX_READ_AHEAD_THREADS; fast_read's 16 MiB chunks). Each chunk's Python work takes the
 # GIL from the imports it overlaps (likely; not profiled): at 8 the imports took ~0.8 s longer on an H100 host, and
 # the load 1.1-1.2 s less (benchmarks/probes/probe13-h100-run1.json). Fewer readers: not measured yet (probe13's
-# on-4-threads).
+# on-4-threads and on-2-threads modes).
 THREADS = 8
-# Component folders of a diffusers-layout checkpoint in load order (the text encoder's is a transformers model).
+# Component folders of a diffusers-layout checkpoint in load order.
 COMPONENTS = ("transformer", "transformer_2", "vae", "text_encoder")
 
 
@@ -94,7 +94,7 @@ class ReadAhead:
     def _plan(self) -> None:
         import torch
 
-        from artifex.models.loader import _DIFFUSERS_WEIGHTS, _TRANSFORMERS_WEIGHTS, weight_files
+        from artifex.models.loader import component_weight_files
 
         if self.device is None:
             if not torch.cuda.is_available():
@@ -105,8 +105,7 @@ class ReadAhead:
                 raise _Skip(f"device {name}")
             self.device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         sizes = {f.resolve(): f.stat().st_size for folder in COMPONENTS if (self.root / folder).is_dir()
-                 for f in weight_files(self.root / folder,
-                                       _TRANSFORMERS_WEIGHTS if folder == "text_encoder" else _DIFFUSERS_WEIGHTS)}
+                 for f in component_weight_files(self.root / folder)}
         with self._cond:
             self.sizes, self._planned = sizes, True
             self._cond.notify_all()
